@@ -1,0 +1,322 @@
+"""Streaming RDB reader: each key with its RAW value bytes, for RESTORE.
+
+The file is mmapped read-only; every value handed out is a zero-copy memoryview
+slice of the map, so an RDB of many GB is never held in Python memory. Values are
+never decoded: their boundaries come from walking the encoding (rdb_values).
+
+Release every ``RdbKey.value`` view before closing the file: an mmap with live
+exports cannot be unmapped (``close`` then leaves the unmapping to the GC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from cachevault import rdb_format as f
+from cachevault.dump_payload import crc64
+from cachevault.errors import RdbFormatError
+from cachevault.rdb_format import read_len, read_string, truncated
+from cachevault.rdb_values import SUPPORTED_TYPES, skip_module_opcodes, skip_value, unsupported_type
+
+_CRC_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RdbKey:
+    db: int
+    key: bytes
+    type_byte: int
+    value: memoryview
+    expire_ms: int | None
+    offset: int  # offset of the type byte
+    idle: int | None = None  # LRU idle seconds (OP_IDLE), for RESTORE IDLETIME
+    freq: int | None = None  # LFU counter (OP_FREQ), for RESTORE FREQ
+
+
+@dataclass(frozen=True, slots=True)
+class RdbAux:
+    name: bytes
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RdbFunction:
+    code: bytes  # FUNCTION2 payload, for FUNCTION LOAD REPLACE
+
+
+@dataclass(frozen=True, slots=True)
+class RdbModuleSkipped:
+    db: int
+    key: bytes | None  # None for module AUX data
+    module_name: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    slot: int
+    keys: int
+    expires: int
+
+
+@dataclass(slots=True)
+class DbStats:
+    resize_keys: int | None = None  # RESIZEDB hint
+    resize_expires: int | None = None
+    keys: int = 0  # restorable keys actually read
+    expires: int = 0
+    module_keys: int = 0  # module values skipped (not counted in keys)
+
+
+RdbItem = RdbKey | RdbAux | RdbFunction | RdbModuleSkipped
+
+
+@dataclass(slots=True)
+class RdbSummary:
+    version: int
+    aux: dict[bytes, bytes]
+    functions: int
+    keys_per_db: dict[int, int]
+    expires_per_db: dict[int, int]
+    module_keys_skipped: int
+    modules_seen: list[str]
+    total_bytes: int
+    checksum: int
+    checksum_ok: bool  # True also when the writer disabled checksums (checksum == 0)
+    type_counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total_keys(self) -> int:
+        return sum(self.keys_per_db.values())
+
+
+class RdbFile:
+    """Context manager over an mmap of an RDB file; iterate it for keys and metadata."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as fh:
+            self.size = os.fstat(fh.fileno()).st_size
+            if self.size < f.HEADER_LEN:
+                raise RdbFormatError(
+                    f"not an RDB file: {self.size} bytes, the header needs {f.HEADER_LEN} (offset 0)",
+                    offset=0,
+                )
+            self._mm: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mm.madvise(mmap.MADV_SEQUENTIAL)
+        self._view: memoryview | None = memoryview(self._mm)
+        header = self._mm[: f.HEADER_LEN]
+        if header[:5] != f.MAGIC or not header[5:].isdigit():
+            self.close()
+            raise RdbFormatError(f"bad RDB magic {header!r} at offset 0", offset=0)
+        self.version = int(header[5:])
+        if not 1 <= self.version <= f.MAX_VERSION:
+            self.close()
+            raise RdbFormatError(
+                f"unsupported RDB version {self.version} at offset 5 (this reader knows 1..{f.MAX_VERSION})",
+                offset=5,
+            )
+        self._reset()
+
+    def _reset(self) -> None:
+        self.aux: dict[bytes, bytes] = {}
+        self.dbs: dict[int, DbStats] = {}
+        self.slot_info: list[SlotInfo] = []
+        self.functions = 0
+        self.module_keys_skipped = 0
+        self.modules_seen: set[str] = set()
+        self.type_counts: dict[int, int] = {}
+        self.checksum: int | None = None
+        self.checksum_ok: bool | None = None  # None until EOF was reached
+        self.complete = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._view is not None:
+            with contextlib.suppress(BufferError):
+                self._view.release()
+            self._view = None
+        if self._mm is not None:
+            # BufferError: the caller still holds value views; the map goes when they do.
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
+
+    def __enter__(self) -> RdbFile:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[RdbItem]:
+        if self._mm is None or self._view is None:
+            raise ValueError("RdbFile is closed")
+        self._reset()
+        buf, view, size = self._mm, self._view, self.size
+        version = self.version
+        pos = f.HEADER_LEN
+        db = 0
+        stats = self._db(0)
+        expire: int | None = None
+        idle: int | None = None
+        freq: int | None = None
+        type_counts = self.type_counts
+        for _ in range(size):  # bounded: every record consumes at least one byte
+            if pos >= size:
+                raise truncated(pos, 1, size)
+            op = buf[pos]
+            start = pos
+            pos += 1
+            if op < f.OP_SLOT_INFO:
+                if op not in SUPPORTED_TYPES:
+                    raise unsupported_type(op, start)
+                key, vstart = read_string(buf, pos, size)
+                if op == f.T_MODULE_2:
+                    mid, p = read_len(buf, vstart, size)
+                    pos = skip_module_opcodes(buf, p, size)
+                    name = f.module_name(mid)
+                    self.module_keys_skipped += 1
+                    self.modules_seen.add(name)
+                    stats.module_keys += 1
+                    yield RdbModuleSkipped(db, key, name, start)
+                else:
+                    pos = skip_value(buf, vstart, size, op)
+                    stats.keys += 1
+                    if expire is not None:
+                        stats.expires += 1
+                    type_counts[op] = type_counts.get(op, 0) + 1
+                    yield RdbKey(db, key, op, view[vstart:pos], expire, start, idle, freq)
+                expire = idle = freq = None
+            elif op == f.OP_EXPIRETIME_MS:
+                if pos + 8 > size:
+                    raise truncated(pos, 8, size)
+                # v9+ writes little endian; older files came from LE hosts in practice.
+                expire = int.from_bytes(buf[pos : pos + 8], "little", signed=True)
+                pos += 8
+            elif op == f.OP_EXPIRETIME:
+                if pos + 4 > size:
+                    raise truncated(pos, 4, size)
+                expire = int.from_bytes(buf[pos : pos + 4], "little", signed=True) * 1000
+                pos += 4
+            elif op == f.OP_SELECTDB:
+                db, pos = read_len(buf, pos, size)
+                stats = self._db(db)
+            elif op == f.OP_RESIZEDB:
+                stats.resize_keys, pos = read_len(buf, pos, size)
+                stats.resize_expires, pos = read_len(buf, pos, size)
+            elif op == f.OP_AUX:
+                name_b, pos = read_string(buf, pos, size)
+                value_b, pos = read_string(buf, pos, size)
+                self.aux[name_b] = value_b
+                if name_b == b"slot-info":  # Valkey cluster: "slot,keys,expires"
+                    self.slot_info.append(_parse_slot_info(value_b, start))
+                yield RdbAux(name_b, value_b)
+            elif op == f.OP_FUNCTION2:
+                code, pos = read_string(buf, pos, size)
+                self.functions += 1
+                yield RdbFunction(code)
+            elif op == f.OP_SLOT_INFO:
+                slot, pos = read_len(buf, pos, size)
+                keys, pos = read_len(buf, pos, size)
+                expires, pos = read_len(buf, pos, size)
+                self.slot_info.append(SlotInfo(slot, keys, expires))
+            elif op == f.OP_IDLE:
+                idle, pos = read_len(buf, pos, size)
+            elif op == f.OP_FREQ:
+                if pos >= size:
+                    raise truncated(pos, 1, size)
+                freq = buf[pos]
+                pos += 1
+            elif op == f.OP_MODULE_AUX:
+                mid, pos = read_len(buf, pos, size)
+                when_op, pos = read_len(buf, pos, size)
+                if when_op != f.MOD_UINT:
+                    raise RdbFormatError(f"bad module aux when-opcode {when_op} at offset {start}")
+                _, pos = read_len(buf, pos, size)  # when
+                pos = skip_module_opcodes(buf, pos, size)
+                name = f.module_name(mid)
+                self.modules_seen.add(name)
+                yield RdbModuleSkipped(db, None, name, start)
+            elif op == f.OP_FUNCTION_PRE_GA:
+                raise RdbFormatError(
+                    f"pre-GA function record (Redis 7.0 release candidate) at offset {start} "
+                    "is not supported",
+                    offset=start,
+                )
+            else:  # OP_EOF
+                self._finish(start, version)
+                return
+        raise truncated(pos, 1, size)
+
+    def _db(self, db: int) -> DbStats:
+        stats = self.dbs.get(db)
+        if stats is None:
+            stats = self.dbs[db] = DbStats()
+        return stats
+
+    def _finish(self, eof_at: int, version: int) -> None:
+        """Check the trailer: 8-byte LE CRC64 of everything up to and including the EOF byte."""
+        assert self._mm is not None and self._view is not None
+        end = eof_at + 1
+        if version >= 5:
+            if end + 8 > self.size:
+                raise truncated(end, 8, self.size)
+            expected = int.from_bytes(self._mm[end : end + 8], "little")
+            end += 8
+            self.checksum = expected
+            if expected == 0:  # writer ran with rdbchecksum no
+                self.checksum_ok = True
+            else:
+                crc = 0
+                for chunk_at in range(0, eof_at + 1, _CRC_CHUNK):
+                    with self._view[chunk_at : min(chunk_at + _CRC_CHUNK, eof_at + 1)] as chunk:
+                        crc = crc64(chunk, crc)
+                if crc != expected:
+                    raise RdbFormatError(
+                        f"RDB checksum mismatch at offset {eof_at + 1}: "
+                        f"file says {expected:016x}, content gives {crc:016x}",
+                        offset=eof_at + 1,
+                    )
+                self.checksum_ok = True
+        if end != self.size:
+            raise RdbFormatError(
+                f"{self.size - end} unexpected byte(s) after the RDB end at offset {end}", offset=end
+            )
+        self.complete = True
+
+
+def _parse_slot_info(value: bytes, offset: int) -> SlotInfo:
+    try:
+        slot, keys, expires = (int(x) for x in value.split(b","))
+    except ValueError:
+        raise RdbFormatError(f"bad slot-info aux {value!r} at offset {offset}", offset=offset) from None
+    return SlotInfo(slot, keys, expires)
+
+
+def scan_rdb(path: str | os.PathLike[str]) -> RdbSummary:
+    """One pass over an RDB: what is in it, and whether it is whole (raises otherwise)."""
+    with RdbFile(path) as rdb:
+        for item in rdb:
+            if isinstance(item, RdbKey):
+                item.value.release()  # so close() can unmap
+        return RdbSummary(
+            version=rdb.version,
+            aux=dict(rdb.aux),
+            functions=rdb.functions,
+            keys_per_db={db: s.keys for db, s in rdb.dbs.items() if s.keys},
+            expires_per_db={db: s.expires for db, s in rdb.dbs.items() if s.expires},
+            module_keys_skipped=rdb.module_keys_skipped,
+            modules_seen=sorted(rdb.modules_seen),
+            total_bytes=rdb.size,
+            checksum=rdb.checksum or 0,
+            checksum_ok=bool(rdb.checksum_ok),
+            type_counts=dict(rdb.type_counts),
+        )
