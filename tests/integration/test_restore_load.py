@@ -6,7 +6,6 @@ which are loaded into a standalone target and into 3- and 2-shard clusters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 import shutil
@@ -253,8 +252,9 @@ def test_cluster_restore_routes_by_slot(
     entries = _db0(all_entries)
     # The source holds db 1 as well; compare against a db-0-only copy of it.
     src_db0 = _start(tmp_path)
-    nodes = _make_cluster(tmp_path, shards)
+    nodes: list[Node] = []
     try:
+        nodes = _make_cluster(tmp_path, shards)
         load_entries(entries, _targets([src_db0], cluster=False), cluster_mode=False)
         targets = _targets(nodes, cluster=True)
         result = load_entries(entries, targets, cluster_mode=True, batch_keys=200)
@@ -335,8 +335,10 @@ def test_error_reply_names_the_key(tmp_path: Path, source: tuple[Node, list[Rest
 
 def test_functions_and_auth(tmp_path: Path, source: tuple[Node, list[RestoreEntry]]) -> None:
     _, entries = source
-    nodes = [_start(tmp_path), _start(tmp_path)]
+    nodes: list[Node] = []
     try:
+        nodes.append(_start(tmp_path))
+        nodes.append(_start(tmp_path))
         nodes[1].client().config_set("requirepass", "s3cret")
         code = b"#!lua name=cvlib\nredis.register_function('cv_hello', function() return 'hi' end)"
         targets = [TargetShard("127.0.0.1", nodes[0].port), TargetShard("127.0.0.1", nodes[1].port,
@@ -354,5 +356,4 @@ def test_functions_and_auth(tmp_path: Path, source: tuple[Node, list[RestoreEntr
         with pytest.raises(RestoreFailed, match="Authentication"):
             ShardLoader("127.0.0.1", nodes[1].port, password="wrong")
     finally:
-        with contextlib.suppress(Exception):
-            _stop(nodes)
+        _stop(nodes)
