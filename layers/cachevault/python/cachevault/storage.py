@@ -1,0 +1,360 @@
+"""S3 layout, streaming multipart upload, manifest and checksum helpers.
+
+Layout (ElastiCache export naming, shard index 1-based on 4 digits)::
+
+    snapshots/<name>/<name>-0001.rdb
+    snapshots/<name>/manifest.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from cachevault.errors import ChecksumMismatch, InvalidParameterValue, SnapshotNotFoundFault
+
+SNAPSHOTS_PREFIX = "snapshots/"
+MANIFEST_NAME = "manifest.json"
+MiB = 1 << 20
+MIN_PART_SIZE = 5 * MiB  # S3: every part but the last must be >= 5 MiB
+MAX_PARTS = 10_000
+DOWNLOAD_CHUNK = MiB
+
+# Snapshot names reach S3 keys: allow ElastiCache's alphabet plus the dots of
+# "automatic.<cache>-YYYY-MM-DD-HH-MM", and nothing that could leave the prefix.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+def check_snapshot_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise InvalidParameterValue(f"snapshot name {name!r} cannot be used in an S3 key")
+    return name
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that are empty, absolute or contain a ``..`` / ``.`` path segment."""
+    if not key or key.startswith("/") or "\\" in key or any(c < " " for c in key):
+        raise InvalidParameterValue(f"invalid S3 key {key!r}")
+    if any(seg in ("..", ".") for seg in key.split("/")):
+        raise InvalidParameterValue(f"S3 key {key!r} escapes its prefix")
+    return key
+
+
+def snapshot_prefix(snapshot: str) -> str:
+    return f"{SNAPSHOTS_PREFIX}{check_snapshot_name(snapshot)}/"
+
+
+def rdb_key(snapshot: str, shard_index: int) -> str:
+    if isinstance(shard_index, bool) or not isinstance(shard_index, int) or not 1 <= shard_index <= 9999:
+        raise InvalidParameterValue(f"shard index {shard_index!r} must be 1..9999")
+    return f"{snapshot_prefix(snapshot)}{snapshot}-{shard_index:04d}.rdb"
+
+
+def manifest_key(snapshot: str) -> str:
+    return f"{snapshot_prefix(snapshot)}{MANIFEST_NAME}"
+
+
+class S3MultipartWriter:
+    """File-like sink that uploads to S3 while the producer keeps writing.
+
+    Memory stays below ``(max_in_flight + 1) * part_size``: one part being filled plus at
+    most ``max_in_flight`` parts queued or uploading; ``write`` blocks (backpressure) when
+    all slots are taken. An upload error is re-raised by the next ``write``/``close``,
+    after the multipart upload has been aborted. Objects smaller than one part go up
+    with a single PUT (no multipart upload at all).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        *,
+        part_size: int = 16 * MiB,
+        max_in_flight: int = 2,
+        extra_args: dict[str, Any] | None = None,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise InvalidParameterValue(f"part_size must be >= {MIN_PART_SIZE} bytes")
+        if max_in_flight < 1:
+            raise InvalidParameterValue("max_in_flight must be >= 1")
+        self.client = client
+        self.bucket = bucket
+        self.key = check_key(key)
+        self.part_size = part_size
+        self.max_in_flight = max_in_flight
+        self.extra_args = dict(extra_args or {})
+        self.size = 0
+        self.upload_id: str | None = None
+        self.peak_buffered = 0  # observed high-water mark of bytes held, for tests/metrics
+        self._buf = bytearray()
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._lock = threading.Lock()
+        self._in_flight_bytes = 0
+        self._futures: list[Future[dict[str, Any]]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._error: BaseException | None = None
+        self._part_number = 0
+        self._state = "open"  # open -> closed | aborted
+
+    # -- producer side ---------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._check_usable()
+        view = memoryview(data).cast("B")
+        n = len(view)
+        pos = 0
+        while pos < n:
+            take = min(self.part_size - len(self._buf), n - pos)
+            self._buf += view[pos : pos + take]
+            pos += take
+            self._note_buffered()
+            if len(self._buf) == self.part_size:
+                self._submit(self._buf)
+                self._buf = bytearray()
+        self.size += n
+        return n
+
+    def close(self) -> dict[str, Any]:
+        """Finish the upload; returns ``{"etag", "parts", "size", "multipart"}``."""
+        self._check_usable()
+        try:
+            if self.upload_id is None:
+                # Never reached one full part: a single PUT, also for zero bytes.
+                resp = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._buf, **self.extra_args)
+                self._buf = bytearray()
+                self._state = "closed"
+                return {"etag": resp["ETag"], "parts": 1, "size": self.size, "multipart": False}
+            if self._buf:
+                self._submit(self._buf)
+                self._buf = bytearray()
+            parts = [f.result() for f in self._futures]  # re-raises a worker's error
+            self._raise_pending()
+            resp = self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])},
+            )
+        except BaseException:
+            self.abort()
+            raise
+        self._shutdown_pool()
+        self._state = "closed"
+        return {"etag": resp["ETag"], "parts": len(parts), "size": self.size, "multipart": True}
+
+    def abort(self) -> None:
+        """Drop everything: queued parts are cancelled, the multipart upload is aborted."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._buf = bytearray()
+        self._shutdown_pool(cancel=True)
+        if self.upload_id is not None:
+            with contextlib.suppress(ClientError):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+    def __enter__(self) -> S3MultipartWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.close()
+
+    # -- internals -------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._state != "open":
+            raise ValueError(f"S3MultipartWriter for {self.key} is {self._state}")
+        self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err = self._error
+            self.abort()
+            raise err
+
+    def _note_buffered(self) -> None:
+        with self._lock:
+            held = len(self._buf) + self._in_flight_bytes
+        self.peak_buffered = max(self.peak_buffered, held)
+
+    def _submit(self, part: bytearray) -> None:
+        if self.upload_id is None:
+            resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra_args)
+            self.upload_id = resp["UploadId"]
+            self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="s3-part")
+        if self._part_number >= MAX_PARTS:
+            raise InvalidParameterValue(f"{self.key}: more than {MAX_PARTS} parts; raise part_size")
+        # Backpressure: wait for a free slot, but wake up to notice a failed worker.
+        while not self._slots.acquire(timeout=0.5):
+            self._raise_pending()
+        self._raise_pending_releasing()
+        self._part_number += 1
+        with self._lock:
+            self._in_flight_bytes += len(part)
+        assert self._pool is not None
+        self._futures.append(self._pool.submit(self._upload_part, self._part_number, part))
+
+    def _raise_pending_releasing(self) -> None:
+        if self._error is not None:
+            self._slots.release()
+            self._raise_pending()
+
+    def _upload_part(self, number: int, part: bytearray) -> dict[str, Any]:
+        try:
+            resp = self.client.upload_part(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=part
+            )
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+            raise
+        finally:
+            with self._lock:
+                self._in_flight_bytes -= len(part)
+            self._slots.release()
+
+    def _shutdown_pool(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+
+def abort_incomplete_uploads(client: Any, bucket: str, prefix: str) -> int:
+    """Abort every multipart upload under ``prefix``; returns how many were aborted."""
+    prefix = _check_prefix(prefix)
+    aborted = 0
+    paginator = client.get_paginator("list_multipart_uploads")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for up in page.get("Uploads", []):
+            with contextlib.suppress(ClientError):  # already gone: that is the goal
+                client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                aborted += 1
+    return aborted
+
+
+def delete_prefix(client: Any, bucket: str, prefix: str) -> int:
+    """Delete every object under ``prefix`` (which must end with ``/``); returns the count."""
+    prefix = _check_prefix(prefix)
+    deleted = 0
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if not keys:
+            continue
+        resp = client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        if resp.get("Errors"):
+            first = resp["Errors"][0]
+            raise RuntimeError(f"delete under {prefix} failed for {first.get('Key')}: {first.get('Message')}")
+        deleted += len(keys)
+    return deleted
+
+
+def _check_prefix(prefix: str) -> str:
+    # An empty prefix would mean "the whole bucket"; a prefix without the trailing slash
+    # would also match siblings ("snapshots/a" matches "snapshots/ab/...").
+    check_key(prefix)
+    if not prefix.endswith("/"):
+        raise InvalidParameterValue(f"prefix {prefix!r} must end with '/'")
+    return prefix
+
+
+def write_manifest(
+    client: Any,
+    bucket: str,
+    snapshot: str,
+    manifest: dict[str, Any],
+    *,
+    extra_args: dict[str, Any] | None = None,
+) -> str:
+    key = manifest_key(snapshot)
+    body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **dict(extra_args or {}))
+    return key
+
+
+def read_manifest(client: Any, bucket: str, snapshot: str) -> dict[str, Any]:
+    key = manifest_key(snapshot)
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            msg = f"Snapshot {snapshot} has no manifest in s3://{bucket}/{key}"
+            raise SnapshotNotFoundFault(msg) from exc
+        raise
+    return json.loads(body)
+
+
+def verify_object(client: Any, bucket: str, key: str, sha256: str, size: int) -> dict[str, Any]:
+    """Stream the object back and recheck size and SHA-256; raises ``ChecksumMismatch``."""
+    resp = client.get_object(Bucket=bucket, Key=check_key(key))
+    if resp["ContentLength"] != size:
+        resp["Body"].close()
+        raise ChecksumMismatch(
+            f"s3://{bucket}/{key}: size {resp['ContentLength']} != expected {size}",
+            key=key,
+            size=resp["ContentLength"],
+            expected_size=size,
+        )
+    digest = hashlib.sha256()
+    got = 0
+    for chunk in resp["Body"].iter_chunks(DOWNLOAD_CHUNK):
+        digest.update(chunk)
+        got += len(chunk)
+    actual = digest.hexdigest()
+    if got != size or actual != sha256:
+        raise ChecksumMismatch(
+            f"s3://{bucket}/{key}: sha256 {actual} ({got} bytes) != expected {sha256} ({size} bytes)",
+            key=key,
+            sha256=actual,
+            expected_sha256=sha256,
+        )
+    return {"key": key, "size": got, "sha256": actual}
+
+
+def download_to_file(
+    client: Any, bucket: str, key: str, path: str | os.PathLike[str], expected_sha256: str | None = None
+) -> dict[str, Any]:
+    """Stream an object to ``path`` (via a ``.part`` file renamed at the end).
+
+    Returns ``{"size", "sha256"}``; on a checksum mismatch the partial file is removed and
+    ``ChecksumMismatch`` is raised.
+    """
+    dest = Path(path)
+    tmp = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    size = 0
+    resp = client.get_object(Bucket=bucket, Key=check_key(key))
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in resp["Body"].iter_chunks(DOWNLOAD_CHUNK):
+                digest.update(chunk)
+                fh.write(chunk)
+                size += len(chunk)
+        actual = digest.hexdigest()
+        if expected_sha256 is not None and actual != expected_sha256.lower():
+            raise ChecksumMismatch(
+                f"s3://{bucket}/{key}: sha256 {actual} != expected {expected_sha256}",
+                key=key,
+                sha256=actual,
+                expected_sha256=expected_sha256,
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"size": size, "sha256": actual}
