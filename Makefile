@@ -1,0 +1,52 @@
+# Quick start on a fresh machine: `make demo` and `make test`. Both bootstrap what is missing.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap redis venv test lint demo bench bench-capture bench-restore clean
+
+bootstrap: redis venv
+
+# Debian's redis-server/redis-tools (7.0.15) are the cache nodes of every local cache.
+redis:
+	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-check-rdb >/dev/null; then \
+	  echo "installing redis-server redis-tools (apt)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-tools >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/cfn-lint template.yaml
+
+test: bootstrap lint
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+demo: bootstrap
+	$(BIN)/cachevault demo
+
+# The 1 GB benchmarks: explicit, never part of `make test`.
+bench: bootstrap
+	$(BIN)/cachevault bench all --size-mb $${BENCH_SIZE_MB:-1024}
+
+bench-capture: bootstrap
+	$(BIN)/cachevault bench capture --size-mb $${BENCH_SIZE_MB:-1024}
+
+bench-restore: bootstrap
+	$(BIN)/cachevault bench restore --size-mb $${BENCH_SIZE_MB:-1024}
+
+clean:
+	-$(BIN)/cachevault local down 2>/dev/null
+	rm -rf .cachevault .pytest_cache .ruff_cache

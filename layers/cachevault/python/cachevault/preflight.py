@@ -1,0 +1,153 @@
+"""ElastiCache's snapshot constraints, one rule per function, each with its error code.
+
+Every rule runs before anything is touched (no lock, no record, no S3 object). A rule
+either passes, raises the ElastiCache fault a user of CreateSnapshot would get, or (for
+the memory headroom rule) returns a warning that is carried in the result and logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from cachevault.errors import (
+    InvalidParameterCombination,
+    InvalidReplicationGroupState,
+    SnapshotAlreadyExistsFault,
+    SnapshotFeatureNotSupportedFault,
+    SnapshotQuotaExceededFault,
+)
+from cachevault.timeutil import utcnow
+
+MANUAL_QUOTA_NODE_BASED = 20  # manual snapshots per node in a rolling 24 h (ElastiCache quota)
+MANUAL_QUOTA_SERVERLESS = 24  # manual snapshots per serverless cache in a rolling 24 h
+QUOTA_WINDOW = timedelta(hours=24)
+SNAPSHOT_ENGINES = ("redis", "valkey")
+
+
+@dataclass
+class SnapshotRequest:
+    snapshot_name: str
+    cache_name: str
+    source: str = "manual"  # ElastiCache SnapshotSource: manual | automated
+    source_node: str | None = None
+    final: bool = False
+
+
+@dataclass
+class PreflightContext:
+    request: SnapshotRequest
+    cache: dict[str, Any]
+    catalog: Any
+    # Memory facts of the nodes a snapshot may read: {node_id: {"used_memory", "maxmemory", ...}}
+    node_memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    reserved_memory_percent: int = 25
+    warnings: list[str] = field(default_factory=list)
+
+
+Rule = Callable[[PreflightContext], None]
+
+
+def engine_supports_snapshots(ctx: PreflightContext) -> None:
+    engine = str(ctx.cache.get("Engine", "")).lower()
+    if engine in SNAPSHOT_ENGINES:
+        return
+    if engine == "memcached" and ctx.cache.get("Kind") == "serverless":
+        return
+    raise SnapshotFeatureNotSupportedFault(
+        f"Snapshots are not supported for engine {engine!r} on a {ctx.cache.get('Kind', 'node-based')} "
+        "cache: only Redis OSS and Valkey caches (and serverless Memcached) can be snapshotted."
+    )
+
+
+def node_type_supports_snapshots(ctx: PreflightContext) -> None:
+    if ctx.cache.get("CacheNodeType") == "cache.t1.micro" and not ctx.cache.get("ClusterMode"):
+        raise SnapshotFeatureNotSupportedFault(
+            "Snapshots are not supported for node type cache.t1.micro when cluster mode is disabled."
+        )
+
+
+def cluster_level_only(ctx: PreflightContext) -> None:
+    if ctx.cache.get("ClusterMode") and ctx.request.source_node:
+        raise InvalidParameterCombination(
+            f"Cache {ctx.cache['CacheName']!r} has cluster mode enabled: snapshots are taken at the "
+            f"cluster level; a shard- or node-level request (source node {ctx.request.source_node!r}) "
+            "is not supported."
+        )
+
+
+def cache_is_healthy(ctx: PreflightContext) -> None:
+    status = ctx.cache.get("Status")
+    if status != "available":
+        raise InvalidReplicationGroupState(
+            f"Replication group {ctx.cache['CacheName']!r} is {status!r}; it must be 'available' to "
+            "take a snapshot."
+        )
+    locked_by = ctx.cache.get("LockedBy")
+    if locked_by:
+        raise InvalidReplicationGroupState(
+            f"Replication group {ctx.cache['CacheName']!r} is busy: {ctx.cache.get('LockedFor')} "
+            f"{locked_by!r} is in progress."
+        )
+
+
+def name_is_free(ctx: PreflightContext) -> None:
+    if ctx.catalog.find_snapshot(ctx.request.snapshot_name) is not None:
+        raise SnapshotAlreadyExistsFault(f"Snapshot {ctx.request.snapshot_name!r} already exists.")
+
+
+def within_quota(ctx: PreflightContext) -> None:
+    if ctx.request.source != "manual":
+        return  # ElastiCache's quota counts manual snapshots only
+    serverless = ctx.cache.get("Kind") == "serverless"
+    limit = MANUAL_QUOTA_SERVERLESS if serverless else MANUAL_QUOTA_NODE_BASED
+    recent = ctx.catalog.snapshots_created_since(
+        ctx.cache["CacheName"], utcnow() - QUOTA_WINDOW, source="manual"
+    )
+    if len(recent) >= limit:
+        scope = "serverless cache" if serverless else "node"
+        raise SnapshotQuotaExceededFault(
+            f"Replication group {ctx.cache['CacheName']!r} already has {len(recent)} manual snapshots "
+            f"in the last 24 hours; the quota is {limit} per {scope} per 24 hours.",
+            Limit=limit,
+            Count=len(recent),
+        )
+
+
+def memory_headroom(ctx: PreflightContext) -> None:
+    """Warn when the fork's copy-on-write may page: reserved memory below the configured share.
+
+    Reserved memory is what the node keeps outside the dataset limit: system memory minus
+    maxmemory (or minus used memory when no maxmemory is set).
+    """
+    pct = ctx.reserved_memory_percent
+    for node, mem in ctx.node_memory.items():
+        total = mem.get("total_system_memory") or 0
+        if not total:
+            continue
+        limit = mem.get("maxmemory") or mem.get("used_memory", 0)
+        reserved = max(total - limit, 0)
+        if reserved * 100 < pct * total:
+            ctx.warnings.append(
+                f"Node {node}: reserved memory is {reserved * 100 // total}% of {total} bytes, below "
+                f"reserved-memory-percent {pct}%; the snapshot's fork may page (copy-on-write)."
+            )
+
+
+RULES: tuple[Rule, ...] = (
+    engine_supports_snapshots,
+    node_type_supports_snapshots,
+    cluster_level_only,
+    cache_is_healthy,
+    name_is_free,
+    within_quota,
+    memory_headroom,
+)
+
+
+def run(ctx: PreflightContext, rules: tuple[Rule, ...] = RULES) -> list[str]:
+    for rule in rules:
+        rule(ctx)
+    return ctx.warnings

@@ -1,0 +1,441 @@
+"""The RestoreSnapshot state machine's steps, one function per Task state.
+
+Preflight stages every source RDB on local disk (streamed from S3, SHA-256 checked,
+scanned once) so every later decision rests on the file itself: its RDB version, its
+databases, its exact key counts. Nothing is written to any cache before the staged
+files are known good. ProvisionCache starts the new cache, seeded from the RDB files
+when the layout matches (redis-server loading at start-up is the fastest path);
+otherwise LoadShard streams each file into the target primaries with pre-packed
+RESTORE batches, routed by hash slot.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cachevault import caches, names, storage, topology
+from cachevault.aws import client
+from cachevault.catalog import Catalog
+from cachevault.dump_payload import restore_payload
+from cachevault.errors import (
+    InvalidParameterCombination,
+    InvalidParameterValue,
+    InvalidS3Location,
+    InvalidSnapshotState,
+    ReplicationGroupAlreadyExistsFault,
+)
+from cachevault.failures import failure_reason
+from cachevault.handler import logger, metrics
+from cachevault.rdb import RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, scan_rdb
+from cachevault.restore_load import RestoreEntry, TargetShard, load_entries, load_functions
+from cachevault.settings import Settings
+from cachevault.slots import even_split, format_slot_ranges, parse_slot_ranges
+from cachevault.timeutil import iso
+from cachevault.verify import verify_restore
+
+SAMPLES_PER_SOURCE = 40
+SAMPLE_MAX_PAYLOAD = 2048  # keep the state machine's payload small (256 KB limit)
+DATA_TIERING_NODE_FAMILY = "r6gd"
+
+
+def _staging_dir(settings: Settings, target: str) -> Path:
+    return settings.state_dir / "restore-staging" / target
+
+
+def _local_engine() -> tuple[str, str, int]:
+    """Engine of the nodes the local fleet starts (the restore target's engine)."""
+    engine, version = caches.local_engine()
+    return engine, version, topology.rdb_version_for(engine, version)
+
+
+# ---------------------------------------------------------------------------------- preflight
+def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
+    request = event.get("Request", event)
+    execution = event.get("ExecutionName", "")
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = names.cache_name(request.get("ReplicationGroupId", ""))
+    snapshot_name = request.get("SnapshotName")
+    arns = request.get("SnapshotArns") or []
+    if bool(snapshot_name) == bool(arns):
+        raise InvalidParameterCombination("Give exactly one of SnapshotName or SnapshotArns.")
+    _check_target_free(catalog, target)
+
+    snapshot: dict[str, Any] | None = None
+    if snapshot_name:
+        snapshot = catalog.get_snapshot(names.snapshot_name(snapshot_name, automatic=True))
+        if snapshot["SnapshotStatus"] != "available":
+            raise InvalidSnapshotState(
+                f"Snapshot {snapshot['SnapshotName']!r} is {snapshot['SnapshotStatus']!r}; only an "
+                "available snapshot can be restored."
+            )
+        bucket = snapshot.get("Bucket", settings.bucket)
+        manifest = storage.read_manifest(client("s3"), bucket, snapshot["SnapshotName"])
+        sources = [
+            {
+                "Bucket": bucket,
+                "Key": n["S3Key"],
+                "Sha256": n["Sha256"],
+                "Size": n["CacheSize"],
+                "Slots": n.get("Slots"),
+            }
+            for n in manifest["NodeSnapshots"]
+        ]
+        source_cluster = bool(manifest["ClusterMode"])
+        source_node_type = manifest.get("CacheNodeType") or ""
+        source_tiering = manifest.get("DataTiering") == "enabled"
+    else:
+        sources = [_s3_source(arn) for arn in arns]
+        source_cluster = any(s["Slots"] for s in sources)
+        source_node_type, source_tiering = "", False
+
+    cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
+    num_shards = int(request.get("NumNodeGroups") or (len(sources) if cluster_mode else 1))
+    replicas = int(request["ReplicasPerNodeGroup"]) if request.get("ReplicasPerNodeGroup") is not None else 1
+    node_type = request.get("CacheNodeType") or source_node_type or caches.DEFAULT_NODE_TYPE
+    caches.validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based")
+    _check_data_tiering(source_node_type, source_tiering, node_type)
+
+    # Reserve the target name and mark the snapshot before the (long) staging read.
+    catalog.register_cache(
+        {
+            "CacheName": target,
+            "Status": "creating",
+            "Managed": "local",
+            "RestoreExecution": execution,
+            "RestoreSource": snapshot_name or ",".join(arns),
+            "CacheNodeType": node_type,
+        }
+    )
+    if snapshot is not None:
+        catalog.update_snapshot(snapshot["SnapshotName"], expect_status="available", SnapshotStatus="restoring")
+        # Remembered on the cache so only this restore hands the snapshot back.
+        catalog.update_cache(target, SnapshotRestoring=snapshot["SnapshotName"])
+
+    staged = _stage_sources(settings, target, sources)
+    engine, version, max_rdb = _local_engine()
+    newest = max(s["RdbVersion"] for s in staged)
+    if newest > max_rdb:
+        raise InvalidParameterCombination(
+            f"The snapshot's RDB version {newest} is newer than the target engine {engine} {version} "
+            f"can load (RDB version {max_rdb} at most). Restore into a newer engine version."
+        )
+    dbs = sorted({int(db) for s in staged for db in s["KeysPerDb"]})
+    if cluster_mode and any(db != 0 for db in dbs):
+        raise InvalidParameterCombination(
+            "A snapshot holding several databases cannot be restored into a cluster-mode-enabled cache "
+            f"(cluster mode only has database 0); the snapshot has keys in databases {dbs}."
+        )
+    return {
+        "ReplicationGroupId": target,
+        "SnapshotName": snapshot["SnapshotName"] if snapshot else None,
+        "SourceClusterMode": source_cluster,
+        "ClusterMode": cluster_mode,
+        "NumNodeGroups": num_shards,
+        "ReplicasPerNodeGroup": replicas,
+        "CacheNodeType": node_type,
+        "Sources": staged,
+        "ExecutionName": execution,
+    }
+
+
+def _check_target_free(catalog: Catalog, target: str) -> None:
+    existing = catalog.find_cache(target)
+    if existing is None:
+        return
+    if existing.get("Status") == "failed" and existing.get("Managed") == "local":
+        # A failed earlier restore left only its record: a retry may take the name again.
+        caches.delete_local_cache(target, catalog.settings)
+        return
+    raise ReplicationGroupAlreadyExistsFault(f"Replication group {target!r} already exists.")
+
+
+def _target_cluster_mode(request: dict[str, Any], source_cluster: bool, sources: int) -> bool:
+    wanted = request.get("ClusterMode")
+    if wanted is None:
+        return source_cluster or int(request.get("NumNodeGroups") or 1) > 1
+    if wanted not in ("enabled", "disabled"):
+        raise InvalidParameterValue(f"ClusterMode must be enabled or disabled, not {wanted!r}.")
+    if wanted == "disabled" and source_cluster and not request.get("AllowClusterModeDisable"):
+        raise InvalidParameterCombination(
+            "The snapshot is of a cluster-mode-enabled cache; restoring it with cluster mode disabled "
+            "merges every shard into one node. ElastiCache refuses this; ask for it explicitly with "
+            "AllowClusterModeDisable (CLI: --allow-cluster-mode-disable)."
+        )
+    return wanted == "enabled"
+
+
+def _check_data_tiering(source_node_type: str, source_tiering: bool, target_node_type: str) -> None:
+    from_tiering = source_tiering or DATA_TIERING_NODE_FAMILY in source_node_type
+    if from_tiering and DATA_TIERING_NODE_FAMILY not in target_node_type:
+        raise InvalidParameterCombination(
+            f"A snapshot of a data tiering cache ({source_node_type or 'r6gd'}) can only be restored "
+            f"into a data tiering node type (cache.r6gd.*), not {target_node_type!r}."
+        )
+
+
+def _s3_source(arn: str) -> dict[str, Any]:
+    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``."""
+    if arn.startswith("arn:aws:s3:::"):
+        bucket, _, key = arn.removeprefix("arn:aws:s3:::").partition("/")
+    else:
+        parsed = urlparse(arn)
+        if parsed.scheme != "s3":
+            raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
+        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket or not key:
+        raise InvalidS3Location(f"{arn!r} names no object.")
+    try:
+        head = client("s3").head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        raise InvalidS3Location(f"No readable RDB at {arn}: {exc}") from exc
+    return {"Bucket": bucket, "Key": key, "Sha256": None, "Size": int(head["ContentLength"]), "Slots": None}
+
+
+def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    staging = _staging_dir(settings, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    staged = []
+    s3 = client("s3")
+    for index, source in enumerate(sources, start=1):
+        path = staging / f"{index:04d}.rdb"
+        storage.download_to_file(s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"])
+        summary = scan_rdb(path)
+        if not summary.checksum_ok:
+            raise InvalidParameterValue(f"{source['Key']}: the RDB's own CRC64 trailer does not match.")
+        staged.append(
+            {
+                **source,
+                "Path": str(path),
+                "Index": index,
+                "Slots": source["Slots"],
+                "RdbVersion": summary.version,
+                "KeysPerDb": {str(db): n for db, n in summary.keys_per_db.items()},
+                "ExpiresPerDb": {str(db): n for db, n in summary.expires_per_db.items()},
+                "KeyCount": summary.total_keys,
+                "Functions": len(summary.functions),
+                "ModuleKeysSkipped": summary.module_keys_skipped,
+            }
+        )
+    return staged
+
+
+# ---------------------------------------------------------------------------------- provision
+def provision_step(event: dict[str, Any]) -> dict[str, Any]:
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target, cluster_mode, shards = event["ReplicationGroupId"], event["ClusterMode"], event["NumNodeGroups"]
+    sources = event["Sources"]
+    seeded = _can_seed(event)
+    fleet = caches._fleet(settings)
+    layout = fleet.create_cache(
+        target,
+        cluster_mode=cluster_mode,
+        num_shards=shards,
+        replicas_per_shard=event["ReplicasPerNodeGroup"],
+        seed_rdbs=[Path(s["Path"]) for s in sources] if seeded else None,
+        detached=True,
+    )
+    record = caches.registry_record(
+        layout, node_type=event["CacheNodeType"], kind="node-based", data_tiering="r6gd" in event["CacheNodeType"]
+    )
+    record["Status"] = "creating"
+    catalog.update_cache(target, **{k: v for k, v in record.items() if k != "CacheName"})
+    targets = [
+        {"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in layout.shards
+    ]
+    tasks = [] if seeded else [{"Index": s["Index"], "Path": s["Path"]} for s in sources]
+    logger.info("target provisioned", target=target, seeded=seeded, shards=len(targets))
+    return {**event, "Seeded": seeded, "Targets": targets, "LoadTasks": tasks}
+
+
+def _can_seed(event: dict[str, Any]) -> bool:
+    """Seed from files when every target shard maps to exactly one source file."""
+    sources = event["Sources"]
+    if event["ClusterMode"] != event["SourceClusterMode"] or len(sources) != event["NumNodeGroups"]:
+        return False
+    if not event["ClusterMode"]:
+        return True
+    expected = [format_slot_ranges([r]) for r in even_split(len(sources))]
+    return [s["Slots"] for s in sources] == expected
+
+
+# ---------------------------------------------------------------------------------- load
+def _targets(event: dict[str, Any]) -> list[TargetShard]:
+    return [
+        TargetShard(t["Host"], int(t["Port"]), parse_slot_ranges(t["Slots"]) if t["Slots"] else ())
+        for t in event["Targets"]
+    ]
+
+
+def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Stream one staged RDB into the target primaries (routed by slot in cluster mode)."""
+    task = event["Task"]
+    targets = _targets(event)
+    functions: list[bytes] = []
+    skipped: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    per_target_ttl = [0] * len(targets)
+    with RdbFile(task["Path"]) as rdb:
+        version = rdb.version
+        sample_every = max(1, _key_count(event, task) // SAMPLES_PER_SOURCE)
+
+        def entries() -> Any:
+            seen = 0
+            for item in rdb:
+                if isinstance(item, RdbKey):
+                    payload = restore_payload(item.type_byte, item.value, version)
+                    small = len(payload) <= SAMPLE_MAX_PAYLOAD
+                    if seen % sample_every == 0 and len(samples) < SAMPLES_PER_SOURCE and small:
+                        samples.append(_sample(item.db, item.key, payload, item.expire_ms))
+                    seen += 1
+                    yield RestoreEntry(item.db, item.key, payload, item.expire_ms)
+                elif isinstance(item, RdbFunction):
+                    functions.append(bytes(item.code))
+                elif isinstance(item, RdbModuleSkipped):
+                    skipped.append({"Module": item.module_name, "Key": _text(item.key), "Offset": item.offset})
+
+        result = load_entries(entries(), targets, cluster_mode=event["ClusterMode"])
+    libraries = load_functions(functions, targets)
+    for i, stats in enumerate(result.targets):
+        per_target_ttl[i] = stats.keys_with_ttl
+    for module in skipped:
+        logger.warning("module value skipped", **module)
+    metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
+    return {
+        "Index": task["Index"],
+        "KeysPerTarget": result.keys_per_target,
+        "KeysWithTtlPerTarget": per_target_ttl,
+        "KeysExpiredSkipped": result.keys_expired_skipped,
+        "BytesSent": result.bytes_sent,
+        "Seconds": round(result.seconds, 3),
+        "FunctionLibraries": libraries,
+        "ModuleKeysSkipped": skipped,
+        "Samples": samples,
+    }
+
+
+def _key_count(event: dict[str, Any], task: dict[str, Any]) -> int:
+    return next(int(s["KeyCount"]) for s in event["Sources"] if s["Index"] == task["Index"])
+
+
+def _sample(db: int, key: bytes, payload: bytes, expire_ms: int | None) -> dict[str, Any]:
+    return {
+        "Db": db,
+        "Key": base64.b64encode(bytes(key)).decode(),
+        "Payload": base64.b64encode(payload).decode(),
+        "ExpireMs": expire_ms,
+    }
+
+
+def _text(key: bytes | None) -> str | None:
+    return None if key is None else bytes(key).decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------------- verify
+def verify_step(event: dict[str, Any]) -> dict[str, Any]:
+    targets = _targets(event)
+    if event["Seeded"]:
+        expected = [int(s["KeyCount"]) for s in event["Sources"]]
+        volatile = [sum(int(n) for n in s["ExpiresPerDb"].values()) for s in event["Sources"]]
+        samples = [e for s in event["Sources"] for e in _file_samples(s["Path"])]
+    else:
+        loads = event.get("LoadResults") or []
+        expected = [sum(r["KeysPerTarget"][i] for r in loads) for i in range(len(targets))]
+        volatile = [sum(r["KeysWithTtlPerTarget"][i] for r in loads) for i in range(len(targets))]
+        samples = [
+            RestoreEntry(
+                s["Db"], base64.b64decode(s["Key"]), base64.b64decode(s["Payload"]), s.get("ExpireMs")
+            )
+            for r in loads
+            for s in r["Samples"]
+        ]
+    report = verify_restore(
+        targets,
+        expected_keys_per_target=expected,
+        keys_with_ttl_per_target=volatile,
+        samples=samples,
+    )
+    report["KeysExpected"] = sum(expected)
+    logger.info("restore verified", target=event["ReplicationGroupId"], report=report)
+    return {k: v for k, v in event.items() if k != "LoadResults"} | {
+        "Verification": report,
+        "LoadSummary": _load_summary(event.get("LoadResults") or []),
+    }
+
+
+def _file_samples(path: str) -> list[RestoreEntry]:
+    samples: list[RestoreEntry] = []
+    with RdbFile(path) as rdb:
+        for item in rdb:
+            if isinstance(item, RdbKey):
+                payload = restore_payload(item.type_byte, item.value, rdb.version)
+                samples.append(RestoreEntry(item.db, bytes(item.key), payload, item.expire_ms))
+                if len(samples) >= SAMPLES_PER_SOURCE:
+                    break
+    return samples
+
+
+def _load_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "KeysLoaded": sum(sum(r["KeysPerTarget"]) for r in loads),
+        "KeysExpiredSkipped": sum(r["KeysExpiredSkipped"] for r in loads),
+        "BytesSent": sum(r["BytesSent"] for r in loads),
+        "FunctionLibraries": max((r["FunctionLibraries"] for r in loads), default=0),
+        "ModuleKeysSkipped": [m for r in loads for m in r["ModuleKeysSkipped"]],
+    }
+
+
+# ---------------------------------------------------------------------------------- finish
+def complete_step(event: dict[str, Any]) -> dict[str, Any]:
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = event["ReplicationGroupId"]
+    catalog.update_cache(target, Status="available", RestoreCompleteTime=iso())
+    if event.get("SnapshotName"):
+        catalog.update_snapshot(event["SnapshotName"], SnapshotStatus="available")
+        catalog.update_cache(target, SnapshotRestoring=None)
+    shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
+    metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)
+    return {
+        "ReplicationGroupId": target,
+        "Status": "available",
+        "SnapshotName": event.get("SnapshotName"),
+        "ClusterMode": event["ClusterMode"],
+        "NumNodeGroups": event["NumNodeGroups"],
+        "Seeded": event["Seeded"],
+        "Verification": event["Verification"],
+        "LoadSummary": event.get("LoadSummary"),
+    }
+
+
+def fail_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Undo what this execution made: stop the new cache's nodes, mark it failed, free the snapshot."""
+    state = event.get("State", event)
+    execution = event.get("ExecutionName", "")
+    request = state.get("Request", state)
+    error = state.get("Error") or {}
+    reason = failure_reason(error)
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = str(request.get("ReplicationGroupId", "")).lower()
+    cache = catalog.find_cache(target) if target else None
+    ours = bool(cache and execution and cache.get("RestoreExecution") == execution)
+    if ours:
+        fleet = caches._fleet(settings)
+        try:
+            fleet.destroy_cache(target)
+        except Exception:  # nothing was started yet
+            logger.info("no nodes to stop", target=target)
+        catalog.update_cache(target, Status="failed", FailureReason=reason, Endpoints=[], Nodes=[])
+        if cache.get("SnapshotRestoring"):
+            catalog.update_snapshot(cache["SnapshotRestoring"], SnapshotStatus="available")
+        shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
+        metrics.add_metric(name="RestoreFailures", unit="Count", value=1)
+    logger.error("restore failed", target=target, reason=reason, record_owned=ours)
+    return {"ReplicationGroupId": target, "Status": "failed" if ours else None, "FailureReason": reason}

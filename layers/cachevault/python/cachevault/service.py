@@ -1,0 +1,255 @@
+"""The control plane the CLI and the HTTP API share: start workflows, read the catalog.
+
+Long operations are state machine executions; this module starts them with a unique
+execution name, waits (bounded) until the catalog shows their record or the execution
+fails, and turns an execution's failure back into the ElastiCache error it carried.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from cachevault import errors, names, storage
+from cachevault.aws import client
+from cachevault.catalog import Catalog
+from cachevault.errors import CacheVaultError, InvalidParameterValue, InvalidSnapshotState
+from cachevault.settings import Settings
+from cachevault.stack import StackInfo
+
+CREATE_SNAPSHOT = "CreateSnapshotStateMachine"
+RESTORE_SNAPSHOT = "RestoreSnapshotStateMachine"
+TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def execution_name(kind: str, subject: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in subject)[:56]
+    return f"{kind}-{safe}-{uuid.uuid4().hex[:8]}"
+
+
+def error_from_execution(description: dict[str, Any]) -> CacheVaultError:
+    """The ElastiCache error a failed execution carried (Lambda error JSON in its cause)."""
+    code = description.get("error") or "States.Failed"
+    message = description.get("cause") or code
+    try:
+        parsed = json.loads(message)
+        message = parsed.get("errorMessage", message)
+        code = parsed.get("errorType", code)
+    except (TypeError, ValueError, AttributeError):
+        pass
+    cls = getattr(errors, code, None)
+    if isinstance(cls, type) and issubclass(cls, CacheVaultError):
+        return cls(message)
+    err = CacheVaultError(f"{code}: {message}")
+    err.code = code
+    return err
+
+
+class ControlPlane:
+    def __init__(self, stack: StackInfo, settings: Settings | None = None) -> None:
+        self.stack = stack
+        self.settings = settings or Settings.from_env()
+        self.catalog = Catalog(self.settings)
+        self.sfn = client("stepfunctions")
+
+    # ---- executions ---------------------------------------------------------------------
+    def start(self, machine: str, name: str, payload: dict[str, Any]) -> str:
+        response = self.sfn.start_execution(
+            stateMachineArn=self.stack.state_machine(machine), name=name, input=json.dumps(payload)
+        )
+        return response["executionArn"]
+
+    def describe_execution(self, arn: str) -> dict[str, Any]:
+        return self.sfn.describe_execution(executionArn=arn)
+
+    def wait_execution(
+        self,
+        arn: str,
+        *,
+        timeout_s: float,
+        on_tick: Callable[[], None] | None = None,
+        interval_s: float = 0.5,
+    ) -> dict[str, Any]:
+        """Poll until the execution ends; raise its error if it failed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            desc = self.describe_execution(arn)
+            if desc["status"] in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                raise CacheVaultError(f"Execution {arn} still {desc['status']} after {timeout_s:.0f} s.")
+            if on_tick:
+                on_tick()
+            time.sleep(interval_s)
+        if desc["status"] != "SUCCEEDED":
+            raise error_from_execution(desc)
+        return json.loads(desc.get("output") or "{}")
+
+    def _wait_started(self, arn: str, ready: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        """Return once ``ready()`` (the record exists); raise the execution's error if it fails first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            desc = self.describe_execution(arn)
+            if desc["status"] in TERMINAL:
+                if desc["status"] != "SUCCEEDED":
+                    raise error_from_execution(desc)
+                return
+            time.sleep(0.2)
+        raise CacheVaultError(f"Execution {arn} did not get past its preflight within {timeout_s:.0f} s.")
+
+    # ---- snapshots ----------------------------------------------------------------------
+    def create_snapshot(
+        self,
+        cache: str,
+        snapshot: str,
+        *,
+        source_node: str | None = None,
+        source: str = "manual",
+        final: bool = False,
+        poll_seconds: int | None = None,
+    ) -> dict[str, Any]:
+        """Start CreateSnapshot; returns the record once preflight passed (status creating)."""
+        automatic = source == "automated"
+        snapshot = names.snapshot_name(snapshot, automatic=automatic)
+        cache = names.cache_name(cache)
+        execution = execution_name("snapshot", snapshot)
+        payload = {
+            "SnapshotName": snapshot,
+            "ReplicationGroupId": cache,
+            "SnapshotSource": source,
+            "SourceNode": source_node,
+            "FinalSnapshot": final,
+            "PollSeconds": poll_seconds or 1,
+        }
+        arn = self.start(CREATE_SNAPSHOT, execution, payload)
+
+        def ours() -> bool:
+            record = self.catalog.find_snapshot(snapshot)
+            return record is not None and record.get("ExecutionName") == execution
+
+        self._wait_started(arn, ours)
+        record = self.catalog.get_snapshot(snapshot)
+        record["ExecutionArn"] = arn
+        return record
+
+    def wait_snapshot(
+        self, snapshot: str, *, timeout_s: float = 3600, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Until the snapshot leaves ``creating``; a failed snapshot raises with its reason."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record = self.catalog.get_snapshot(snapshot)
+            if progress:
+                progress(record)
+            if record["SnapshotStatus"] != "creating":
+                break
+            if time.monotonic() > deadline:
+                raise CacheVaultError(f"Snapshot {snapshot!r} still creating after {timeout_s:.0f} s.")
+            time.sleep(0.5)
+        if record["SnapshotStatus"] == "failed":
+            raise errors.CaptureFailed(
+                f"Snapshot {snapshot!r} failed: {record.get('FailureReason', 'unknown reason')}"
+            )
+        return record
+
+    def describe_snapshot(self, snapshot: str) -> dict[str, Any]:
+        return self.catalog.get_snapshot(names.snapshot_name(snapshot, automatic=True))
+
+    def list_snapshots(
+        self,
+        *,
+        cache: str | None = None,
+        source: str | None = None,
+        max_records: int = 50,
+        marker: str | None = None,
+    ) -> dict[str, Any]:
+        if source not in (None, "manual", "automated"):
+            raise InvalidParameterValue(f"SnapshotSource must be manual or automated, not {source!r}.")
+        items, next_marker = self.catalog.list_snapshots(
+            cache=names.cache_name(cache) if cache else None,
+            source=source,
+            max_records=max_records,
+            marker=marker,
+        )
+        page: dict[str, Any] = {"Snapshots": items}
+        if next_marker:
+            page["Marker"] = next_marker
+        return page
+
+    def delete_snapshot(self, snapshot: str) -> dict[str, Any]:
+        """Remove the RDBs and manifest from S3, then the record (ElastiCache DeleteSnapshot)."""
+        name = names.snapshot_name(snapshot, automatic=True)
+        record = self.catalog.get_snapshot(name)
+        if record["SnapshotStatus"] not in ("available", "failed"):
+            raise InvalidSnapshotState(
+                f"Snapshot {name!r} is {record['SnapshotStatus']!r}; only an available or failed snapshot "
+                "can be deleted."
+            )
+        self.catalog.update_snapshot(
+            name, expect_status=record["SnapshotStatus"], SnapshotStatus="deleting"
+        )
+        s3 = client("s3")
+        bucket = record.get("Bucket", self.settings.bucket)
+        prefix = storage.snapshot_prefix(name)
+        storage.abort_incomplete_uploads(s3, bucket, prefix)
+        storage.delete_prefix(s3, bucket, prefix)
+        self.catalog.delete_snapshot_record(name)
+        return {**record, "SnapshotStatus": "deleting"}
+
+    # ---- restore ------------------------------------------------------------------------
+    def restore(
+        self,
+        target: str,
+        *,
+        snapshot: str | None = None,
+        s3_sources: list[str] | None = None,
+        num_shards: int | None = None,
+        replicas: int | None = None,
+        node_type: str | None = None,
+        cluster_mode: str | None = None,
+        allow_cluster_mode_disable: bool = False,
+    ) -> tuple[str, str]:
+        """Start RestoreSnapshot; returns (execution ARN, target name) once preflight passed."""
+        target = names.cache_name(target)
+        payload: dict[str, Any] = {"ReplicationGroupId": target}
+        if snapshot:
+            payload["SnapshotName"] = names.snapshot_name(snapshot, automatic=True)
+        if s3_sources:
+            payload["SnapshotArns"] = list(s3_sources)
+        for key, value in (
+            ("NumNodeGroups", num_shards),
+            ("ReplicasPerNodeGroup", replicas),
+            ("CacheNodeType", node_type),
+            ("ClusterMode", cluster_mode),
+        ):
+            if value is not None:
+                payload[key] = value
+        if allow_cluster_mode_disable:
+            payload["AllowClusterModeDisable"] = True
+        execution = execution_name("restore", target)
+        arn = self.start(RESTORE_SNAPSHOT, execution, payload)
+
+        def ours() -> bool:
+            cache = self.catalog.find_cache(target)
+            return cache is not None and cache.get("RestoreExecution") == execution
+
+        self._wait_started(arn, ours)
+        return arn, target
+
+    def wait_restore(
+        self, arn: str, target: str, *, timeout_s: float = 3600, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        def tick() -> None:
+            if progress:
+                cache = self.catalog.find_cache(target)
+                if cache:
+                    progress(cache)
+
+        return self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)

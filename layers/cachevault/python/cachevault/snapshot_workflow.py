@@ -1,0 +1,358 @@
+"""The CreateSnapshot state machine's steps, one function per Task state.
+
+Each step takes the state's JSON and returns the next state's JSON; handlers under
+``functions/`` only wrap these. The catalog record is the source of truth a user
+watches (``snapshot describe``): every step moves it forward, MarkFailed moves it to
+``failed`` and removes what a failed snapshot left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cachevault import capture_runner, names, preflight, storage, topology
+from cachevault.aws import client
+from cachevault.catalog import Catalog
+from cachevault.errors import CaptureFailed, InvalidParameterValue
+from cachevault.failures import failure_reason
+from cachevault.handler import logger, metrics
+from cachevault.settings import Settings
+from cachevault.timeutil import iso
+
+DEFAULT_POLL_SECONDS = 2
+# A capture whose heartbeat is older than this is dead (its worker crashed or was killed).
+HEARTBEAT_TIMEOUT_S = 120
+
+
+def _catalog() -> Catalog:
+    return Catalog(Settings.from_env())
+
+
+def node_address(node: Any) -> str:
+    return f"{node.host}:{node.port}"
+
+
+def format_slots(ranges: list[tuple[int, int]]) -> str:
+    """ElastiCache's NodeGroupConfiguration.Slots text: ``0-5460`` or ``0-100,200-300``."""
+    return ",".join(f"{a}-{b}" for a, b in ranges)
+
+
+def cache_node_id(cache: dict[str, Any], address: str) -> str:
+    """ElastiCache-style CacheNodeId of a node (the registry knows it; else its address)."""
+    for node in cache.get("Nodes", []):
+        if node.get("Address") == address:
+            return node["CacheNodeId"]
+    return address
+
+
+def _resolve_source_node(cache: dict[str, Any], wanted: str | None) -> str | None:
+    if not wanted:
+        return None
+    for node in cache.get("Nodes", []):
+        if wanted.lower() in (node["CacheNodeId"].lower(), node.get("Address")):
+            return node["Address"]
+    if ":" in wanted:
+        return wanted
+    raise InvalidParameterValue(
+        f"Source node {wanted!r} is not a node of replication group {cache['CacheName']!r}."
+    )
+
+
+def _seeds(cache: dict[str, Any]) -> list[tuple[str, int]]:
+    seeds = []
+    for endpoint in cache.get("Endpoints", []):
+        host, _, port = endpoint.rpartition(":")
+        seeds.append((host, int(port)))
+    return seeds
+
+
+# ---------------------------------------------------------------------------------- steps
+def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Check every constraint, then create the record (``creating``) and take the lock."""
+    request = event.get("Request", event)
+    execution = event.get("ExecutionName", "")
+    source = request.get("SnapshotSource", "manual")
+    if source not in ("manual", "automated"):
+        raise InvalidParameterValue(f"SnapshotSource must be manual or automated, not {source!r}.")
+    snapshot = names.snapshot_name(request.get("SnapshotName", ""), automatic=source == "automated")
+    cache_name = names.cache_name(request.get("ReplicationGroupId", ""))
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    cache = catalog.get_cache(cache_name)
+    req = preflight.SnapshotRequest(
+        snapshot_name=snapshot,
+        cache_name=cache_name,
+        source=source,
+        source_node=request.get("SourceNode"),
+        final=bool(request.get("FinalSnapshot")),
+    )
+    ctx = preflight.PreflightContext(
+        request=req,
+        cache=cache,
+        catalog=catalog,
+        reserved_memory_percent=settings.reserved_memory_percent,
+    )
+    # Rules that need no node I/O first, so a bad request costs nothing.
+    for rule in preflight.RULES:
+        if rule is preflight.memory_headroom:
+            ctx.node_memory = _memory_of_candidates(cache, req)
+        rule(ctx)
+    for warning in ctx.warnings:
+        logger.warning(warning, snapshot=snapshot)
+    catalog.lock_cache(cache_name, owner=snapshot, operation="snapshot")
+    try:
+        catalog.create_snapshot(
+            {
+                "SnapshotName": snapshot,
+                "ReplicationGroupId": cache_name,
+                "SnapshotStatus": "creating",
+                "SnapshotSource": source,
+                "CacheNodeType": cache.get("CacheNodeType"),
+                "Engine": cache.get("Engine"),
+                "EngineVersion": cache.get("EngineVersion"),
+                "ClusterMode": bool(cache.get("ClusterMode")),
+                "DataTiering": cache.get("DataTiering", "disabled"),
+                "NumNodeGroups": cache.get("NumNodeGroups", 1),
+                "SnapshotCreateTime": iso(),
+                "FinalSnapshot": req.final,
+                "ExecutionName": execution,
+                "Warnings": ctx.warnings,
+                "Bucket": settings.bucket,
+                "NodeSnapshots": [],
+            }
+        )
+    except Exception:
+        catalog.unlock_cache(cache_name, owner=snapshot)
+        raise
+    return {
+        "SnapshotName": snapshot,
+        "ReplicationGroupId": cache_name,
+        "SnapshotSource": source,
+        "SourceNode": request.get("SourceNode"),
+        "FinalSnapshot": req.final,
+        "PollSeconds": int(request.get("PollSeconds") or DEFAULT_POLL_SECONDS),
+        "ExecutionName": execution,
+        "Warnings": ctx.warnings,
+    }
+
+
+def _memory_of_candidates(cache: dict[str, Any], req: preflight.SnapshotRequest) -> dict[str, dict[str, int]]:
+    """Memory facts of each node a snapshot may fork on (replicas; the primary when final)."""
+    topo = topology.discover(_seeds(cache))
+    facts = {}
+    for shard in topo.shards:
+        nodes = list(shard.replicas)
+        if req.final or not nodes:
+            nodes.append(shard.primary)
+        for node in nodes:
+            address = node_address(node)
+            facts[cache_node_id(cache, address)] = topology.node_memory(node.host, node.port)
+    return facts
+
+
+def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Re-read the topology now and pick each shard's source node."""
+    catalog = _catalog()
+    cache = catalog.get_cache(event["ReplicationGroupId"])
+    topo = topology.discover(_seeds(cache))
+    prefer = _resolve_source_node(cache, event.get("SourceNode"))
+    shards, node_snapshots = [], []
+    for index, shard in enumerate(topo.shards, start=1):
+        if prefer and topo.cluster_mode is False:
+            node = topology.choose_source(shard, prefer_node=prefer, allow_primary=True)
+        elif event.get("FinalSnapshot"):
+            node = shard.primary  # ElastiCache takes a final snapshot from the primary
+        else:
+            node = topology.choose_source(shard, allow_primary=True)
+        address = node_address(node)
+        slots = format_slots(shard.slots) if topo.cluster_mode else None
+        group_id = f"{index:04d}"
+        shards.append(
+            {
+                "ShardIndex": index,
+                "NodeGroupId": group_id,
+                "Slots": slots,
+                "Host": node.host,
+                "Port": node.port,
+                "CacheNodeId": cache_node_id(cache, address),
+                "Role": node.role,
+            }
+        )
+        entry: dict[str, Any] = {
+            "NodeGroupId": group_id,
+            "CacheNodeId": cache_node_id(cache, address),
+            "SourceRole": node.role,
+            "CaptureStatus": "pending",
+            "S3Key": storage.rdb_key(event["SnapshotName"], index),
+        }
+        if slots:
+            entry["NodeGroupConfiguration"] = {"NodeGroupId": group_id, "Slots": slots}
+        node_snapshots.append(entry)
+    catalog.update_snapshot(
+        event["SnapshotName"],
+        NodeSnapshots=node_snapshots,
+        NumNodeGroups=len(shards),
+        SlotsPerNodeGroup=[s["Slots"] for s in shards] if topo.cluster_mode else None,
+    )
+    logger.info("sources selected", snapshot=event["SnapshotName"], shards=shards)
+    return {**event, "Shards": shards}
+
+
+def start_capture_step(event: dict[str, Any]) -> dict[str, Any]:
+    shard = event["Shard"]
+    capture_runner.start(event["SnapshotName"], shard, Settings.from_env())
+    return {**event, "Capture": {"Done": False, "StartedAt": iso()}}
+
+
+def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
+    shard = event["Shard"]
+    record = _catalog().get_snapshot(event["SnapshotName"])
+    node = record["NodeSnapshots"][shard["ShardIndex"] - 1]
+    status = node.get("CaptureStatus")
+    if status == "failed":
+        raise CaptureFailed(
+            f"Capture of shard {shard['NodeGroupId']} from {shard['CacheNodeId']} failed: "
+            f"{node.get('CaptureError', 'unknown error')}"
+        )
+    if status == "running" and time.time() - float(node.get("Heartbeat", time.time())) > HEARTBEAT_TIMEOUT_S:
+        raise CaptureFailed(
+            f"Capture of shard {shard['NodeGroupId']} stopped reporting progress for over "
+            f"{HEARTBEAT_TIMEOUT_S} s; its worker is gone."
+        )
+    return {
+        **event,
+        "Capture": {
+            "Done": status == "done",
+            "Status": status,
+            "BytesCaptured": node.get("BytesCaptured", 0),
+            "RateBytesPerSecond": node.get("RateBytesPerSecond", 0),
+        },
+    }
+
+
+def finish_shard_step(event: dict[str, Any]) -> dict[str, Any]:
+    """The shard's object must exist with the size the capture counted; record it."""
+    shard = event["Shard"]
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    record = catalog.get_snapshot(event["SnapshotName"])
+    node = record["NodeSnapshots"][shard["ShardIndex"] - 1]
+    head = client("s3").head_object(Bucket=settings.bucket, Key=node["S3Key"])
+    if int(head["ContentLength"]) != int(node["Size"]):
+        raise CaptureFailed(
+            f"Shard {shard['NodeGroupId']}: object {node['S3Key']} has {head['ContentLength']} bytes, "
+            f"the capture sent {node['Size']}."
+        )
+    catalog.set_node_snapshot(
+        event["SnapshotName"],
+        shard["ShardIndex"] - 1,
+        {"CacheSize": str(node["Size"]), "SnapshotCreateTime": iso()},
+    )
+    metrics.add_metric(name="BytesCaptured", unit="Bytes", value=int(node["Size"]))
+    return {
+        "NodeGroupId": shard["NodeGroupId"],
+        "CacheNodeId": shard["CacheNodeId"],
+        "Size": int(node["Size"]),
+        "Sha256": node["Sha256"],
+        "S3Key": node["S3Key"],
+    }
+
+
+def write_manifest_step(event: dict[str, Any]) -> dict[str, Any]:
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    record = catalog.get_snapshot(event["SnapshotName"])
+    cache = catalog.get_cache(record["ReplicationGroupId"])
+    manifest = build_manifest(record, cache)
+    storage.write_manifest(client("s3"), settings.bucket, record["SnapshotName"], manifest)
+    catalog.update_snapshot(
+        record["SnapshotName"],
+        ManifestKey=storage.manifest_key(record["SnapshotName"]),
+        RdbVersion=manifest["RdbVersion"],
+    )
+    return {k: v for k, v in event.items() if k != "ShardResults"} | {
+        "ManifestKey": storage.manifest_key(record["SnapshotName"])
+    }
+
+
+def build_manifest(record: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    nodes = record["NodeSnapshots"]
+    return {
+        "FormatVersion": 1,
+        "SnapshotName": record["SnapshotName"],
+        "SnapshotSource": record["SnapshotSource"],
+        "SnapshotCreateTime": record["SnapshotCreateTime"],
+        "ReplicationGroupId": record["ReplicationGroupId"],
+        "Engine": cache.get("Engine"),
+        "EngineVersion": cache.get("EngineVersion"),
+        "RdbVersion": max(int(n.get("RdbVersion", 0)) for n in nodes),
+        "CacheNodeType": cache.get("CacheNodeType"),
+        "ClusterMode": bool(cache.get("ClusterMode")),
+        "DataTiering": cache.get("DataTiering", "disabled"),
+        "NumNodeGroups": len(nodes),
+        "Parameters": cache.get("Parameters", {}),
+        "NodeSnapshots": [
+            {
+                "NodeGroupId": n["NodeGroupId"],
+                "Slots": (n.get("NodeGroupConfiguration") or {}).get("Slots"),
+                "CacheNodeId": n["CacheNodeId"],
+                "SourceRole": n.get("SourceRole"),
+                "S3Key": n["S3Key"],
+                "CacheSize": int(n["Size"]),
+                "Sha256": n["Sha256"],
+                "RdbVersion": n.get("RdbVersion"),
+                "KeyCount": n.get("KeyCount"),
+                "KeysPerDb": n.get("KeysPerDb", {}),
+                "ReplicationId": n.get("ReplicationId"),
+                "ReplicationOffset": n.get("ReplicationOffset"),
+                "CaptureStartTime": n.get("CaptureStartTime"),
+                "CaptureEndTime": n.get("CaptureEndTime"),
+            }
+            for n in nodes
+        ],
+    }
+
+
+def mark_available_step(event: dict[str, Any]) -> dict[str, Any]:
+    catalog = _catalog()
+    record = catalog.get_snapshot(event["SnapshotName"])
+    total = sum(int(n.get("Size", 0)) for n in record["NodeSnapshots"])
+    catalog.update_snapshot(
+        event["SnapshotName"], expect_status="creating", SnapshotStatus="available", CacheSize=str(total)
+    )
+    catalog.unlock_cache(record["ReplicationGroupId"], owner=event["SnapshotName"])
+    metrics.add_metric(name="SnapshotsCreated", unit="Count", value=1)
+    logger.info("snapshot available", snapshot=event["SnapshotName"], bytes=total)
+    return {
+        "SnapshotName": event["SnapshotName"],
+        "ReplicationGroupId": record["ReplicationGroupId"],
+        "SnapshotStatus": "available",
+        "CacheSize": total,
+        "Warnings": event.get("Warnings", []),
+    }
+
+
+def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Fail the record this execution created (never someone else's), clean S3, unlock."""
+    state = event.get("State", event)
+    execution = event.get("ExecutionName", "")
+    request = state.get("Request", state)
+    error = state.get("Error") or {}
+    reason = failure_reason(error)
+    name = str(request.get("SnapshotName", "")).lower()
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    record = catalog.find_snapshot(name) if name else None
+    ours = record is not None and record.get("ExecutionName") == execution and execution
+    if ours:
+        capture_runner.cancel(name)
+        s3 = client("s3")
+        prefix = storage.snapshot_prefix(name)
+        storage.abort_incomplete_uploads(s3, settings.bucket, prefix)
+        storage.delete_prefix(s3, settings.bucket, prefix)
+        catalog.update_snapshot(name, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso())
+        catalog.unlock_cache(record["ReplicationGroupId"], owner=name)
+        metrics.add_metric(name="SnapshotFailures", unit="Count", value=1)
+    logger.error("snapshot failed", snapshot=name, reason=reason, record_owned=bool(ours))
+    return {**state, "SnapshotStatus": "failed" if ours else None, "FailureReason": reason}

@@ -1,0 +1,106 @@
+"""Where the deployed resources are: the local embedded AWS, LocalStack, or real AWS.
+
+The local server (``cachevault local up``) writes ``<state_dir>/local/stack.json`` with
+its endpoint and the physical names the deployer created from template.yaml. Without it
+the names come from the CloudFormation stack's resources (LocalStack or AWS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cachevault.settings import Settings
+
+STACK_NAME = os.environ.get("CACHEVAULT_STACK", "cachevault")
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@dataclass
+class StackInfo:
+    bucket: str
+    snapshots_table: str
+    caches_table: str
+    idempotency_table: str
+    state_machines: dict[str, str]  # logical id -> ARN
+    functions: dict[str, str] = field(default_factory=dict)  # logical id -> function name
+    endpoint_url: str | None = None
+    pid: int | None = None
+
+    def state_machine(self, logical_id: str) -> str:
+        return self.state_machines[logical_id]
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "SNAPSHOT_BUCKET": self.bucket,
+            "SNAPSHOTS_TABLE": self.snapshots_table,
+            "CACHES_TABLE": self.caches_table,
+            "IDEMPOTENCY_TABLE": self.idempotency_table,
+        }
+        if self.endpoint_url:
+            env["AWS_ENDPOINT_URL"] = self.endpoint_url
+        return env
+
+    def apply(self) -> None:
+        """Point this process's boto3 clients and Settings at the stack."""
+        os.environ.update(self.env())
+        if self.endpoint_url:
+            for name, value in FAKE_CREDENTIALS.items():
+                os.environ.setdefault(name, value)
+            os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def from_deployed(stack: Any, endpoint_url: str | None = None, pid: int | None = None) -> StackInfo:
+    """From the local deployer's DeployedStack."""
+    return StackInfo(
+        bucket=stack.buckets["SnapshotBucket"],
+        snapshots_table=stack.tables["SnapshotsTable"],
+        caches_table=stack.tables["CachesTable"],
+        idempotency_table=stack.tables["IdempotencyTable"],
+        state_machines=dict(stack.state_machines),
+        functions={lid: f.name for lid, f in stack.functions.items()},
+        endpoint_url=endpoint_url,
+        pid=pid,
+    )
+
+
+def local_stack_file(settings: Settings | None = None) -> Path:
+    return (settings or Settings.from_env()).state_dir / "local" / "stack.json"
+
+
+def save_local(info: StackInfo, settings: Settings | None = None) -> Path:
+    path = local_stack_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(info), indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_local(settings: Settings | None = None) -> StackInfo | None:
+    path = local_stack_file(settings)
+    if not path.exists():
+        return None
+    return StackInfo(**json.loads(path.read_text()))
+
+
+def from_cloudformation(stack_name: str = STACK_NAME) -> StackInfo:
+    """Physical names of a stack deployed with ``sam deploy`` (LocalStack or AWS)."""
+    from cachevault.aws import client
+
+    cfn = client("cloudformation")
+    resources: dict[str, str] = {}
+    for page in cfn.get_paginator("list_stack_resources").paginate(StackName=stack_name):
+        for res in page["StackResourceSummaries"]:
+            resources[res["LogicalResourceId"]] = res["PhysicalResourceId"]
+    return StackInfo(
+        bucket=resources["SnapshotBucket"],
+        snapshots_table=resources["SnapshotsTable"],
+        caches_table=resources["CachesTable"],
+        idempotency_table=resources["IdempotencyTable"],
+        state_machines={k: v for k, v in resources.items() if k.endswith("StateMachine")},
+        functions={k: v for k, v in resources.items() if k.endswith("Function")},
+    )
