@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 import redis
 from cachevault.errors import InvalidParameterCombination, RestoreFailed
-from cachevault.restore_load import RestoreEntry, ShardLoader, TargetShard, load_entries, load_functions
+from cachevault.rdb import RdbFile
+from cachevault.restore_load import (
+    RestoreEntry,
+    ShardLoader,
+    TargetShard,
+    entries_from_rdb,
+    load_entries,
+    load_functions,
+)
 from cachevault.slots import even_split, key_slot
 from cachevault.verify import cache_digest, combined_digest, verify_restore
 
@@ -318,7 +326,9 @@ def test_error_reply_names_the_key(tmp_path: Path, source: tuple[Node, list[Rest
     try:
         targets = _targets([target], cluster=False)
         with pytest.raises(RestoreFailed) as err:
-            load_entries([*good[:20], bad, *good[20:]], targets, cluster_mode=False, batch_keys=7)
+            load_entries(
+                [*good[:20], bad, *good[20:]], targets, cluster_mode=False, batch_keys=7, max_inflight=3
+            )
         assert "broken:key" in str(err.value)
         assert err.value.details["Key"] == "broken:key"
         assert "checksum" in err.value.details["ServerMessage"]
@@ -357,3 +367,27 @@ def test_functions_and_auth(tmp_path: Path, source: tuple[Node, list[RestoreEntr
             ShardLoader("127.0.0.1", nodes[1].port, password="wrong")
     finally:
         _stop(nodes)
+
+
+def test_rdb_file_streams_into_target(tmp_path: Path, source: tuple[Node, list[RestoreEntry]]) -> None:
+    """The real seam: SAVE on the source, read the RDB with cachevault.rdb, RESTORE it."""
+    src, entries = source
+    sc = src.client()
+    sc.function_load("#!lua name=srclib\nredis.register_function('src_fn', function() return 7 end)", True)
+    sc.save()
+    rdb_path = Path(sc.config_get("dir")["dir"]) / sc.config_get("dbfilename")["dbfilename"]
+    target = _start(tmp_path)
+    try:
+        targets = _targets([target], cluster=False)
+        functions: list[bytes] = []
+        with RdbFile(rdb_path) as rdb:
+            result = load_entries(
+                entries_from_rdb(rdb, rdb.version, functions=functions), targets, cluster_mode=False
+            )
+        assert result.keys_loaded == len(entries)
+        assert len(functions) == 1
+        load_functions(functions, targets)
+        assert target.client().fcall("src_fn", 0) == 7
+        assert cache_digest([("127.0.0.1", target.port)]) == cache_digest([("127.0.0.1", src.port)])
+    finally:
+        _stop([target])
