@@ -91,6 +91,7 @@ def run(
     snapshot: str, shard: dict[str, Any], catalog: Catalog, s3: Any, bucket: str, raise_errors: bool = False
 ) -> None:
     index = int(shard["ShardIndex"]) - 1
+    group = shard["NodeGroupId"]
     key = storage.rdb_key(snapshot, index + 1)
     last_report = 0.0
 
@@ -102,9 +103,9 @@ def run(
         if now - last_report < PROGRESS_INTERVAL_S:
             return
         last_report = now
-        catalog.set_node_snapshot(
+        catalog.set_capture_progress(
             snapshot,
-            index,
+            group,
             {
                 "BytesCaptured": progress.bytes,
                 "RateBytesPerSecond": int(progress.rate_bps),
@@ -114,9 +115,9 @@ def run(
 
     try:
         keys = _keys_per_db(shard["Host"], int(shard["Port"]))
-        catalog.set_node_snapshot(
+        catalog.set_capture_progress(
             snapshot,
-            index,
+            group,
             {
                 "CaptureStatus": "running",
                 "CaptureStartTime": iso(),
@@ -127,9 +128,9 @@ def run(
         )
         with storage.S3MultipartWriter(s3, bucket, key, extra_args=_encryption()) as writer:
             result = capture_rdb(shard["Host"], int(shard["Port"]), writer.write, progress=report)
-        catalog.set_node_snapshot(
+        catalog.set_capture_progress(
             snapshot,
-            index,
+            group,
             {
                 "CaptureStatus": "done",
                 "CaptureEndTime": iso(),
@@ -148,8 +149,8 @@ def run(
     except Exception as exc:  # recorded for PollCapture; the state machine decides what follows
         logger.exception("capture failed", snapshot=snapshot, shard=index + 1)
         try:
-            catalog.set_node_snapshot(
-                snapshot, index, {"CaptureStatus": "failed", "CaptureError": str(exc), "Heartbeat": time.time()}
+            catalog.set_capture_progress(
+                snapshot, group, {"CaptureStatus": "failed", "CaptureError": str(exc), "Heartbeat": time.time()}
             )
         except Exception:  # the record itself may be gone (snapshot deleted)
             logger.exception("could not record the capture failure", snapshot=snapshot)

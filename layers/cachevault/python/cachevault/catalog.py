@@ -83,6 +83,7 @@ class Catalog:
         db = dynamodb or aws.resource("dynamodb")
         self.snapshots = db.Table(self.settings.snapshots_table)
         self.caches = db.Table(self.settings.caches_table)
+        self.progress = db.Table(self.settings.progress_table)
 
     # ---- cache registry -------------------------------------------------------------
     def register_cache(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -182,21 +183,31 @@ class Catalog:
             expect=("SnapshotStatus", expect_status) if expect_status else None,
         )
 
-    def set_node_snapshot(self, name: str, index: int, fields: dict[str, Any]) -> None:
-        """Update one entry of NodeSnapshots in place (progress of one shard's capture)."""
-        names = {"#n": "NodeSnapshots"}
-        sets = []
-        values = {}
-        for i, (field, value) in enumerate(fields.items()):
-            names[f"#f{i}"] = field
-            values[f":v{i}"] = _dynamo(value)
-            sets.append(f"#n[{int(index)}].#f{i} = :v{i}")
-        self.snapshots.update_item(
-            Key={"SnapshotName": name},
-            UpdateExpression="SET " + ", ".join(sets),
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
+    # ---- capture progress: one item per (snapshot, shard), one writer each ----------------
+    def set_capture_progress(self, name: str, node_group_id: str, fields: dict[str, Any]) -> None:
+        self.progress.update_item(
+            Key={"SnapshotName": name, "NodeGroupId": node_group_id},
+            **_set_expression(fields),
         )
+
+    def capture_progress(self, name: str) -> dict[str, dict[str, Any]]:
+        """NodeGroupId -> the capture's progress fields."""
+        page = self.progress.query(KeyConditionExpression=Key("SnapshotName").eq(name), ConsistentRead=True)
+        return {i["NodeGroupId"]: _plain(i) for i in page.get("Items", [])}
+
+    def delete_capture_progress(self, name: str) -> None:
+        for group in self.capture_progress(name):
+            self.progress.delete_item(Key={"SnapshotName": name, "NodeGroupId": group})
+
+    def describe_snapshot(self, name: str) -> dict[str, Any]:
+        """The record with live capture progress merged into NodeSnapshots while creating."""
+        record = self.get_snapshot(name)
+        if record.get("SnapshotStatus") == "creating":
+            progress = self.capture_progress(name)
+            for node in record.get("NodeSnapshots", []):
+                node.update(progress.get(node["NodeGroupId"], {}))
+                node.pop("SnapshotName", None)
+        return record
 
     def delete_snapshot_record(self, name: str) -> None:
         self.snapshots.delete_item(Key={"SnapshotName": name})
@@ -274,6 +285,20 @@ def _scan_all(table: Any) -> Iterator[dict[str, Any]]:
         yield from (_plain(i) for i in page.get("Items", []))
 
 
+def _set_expression(fields: dict[str, Any]) -> dict[str, Any]:
+    names, values, sets = {}, {}, []
+    for i, (field, value) in enumerate(fields.items()):
+        names[f"#u{i}"] = field
+        values[f":u{i}"] = _dynamo(value)
+        sets.append(f"#u{i} = :u{i}")
+    return {
+        "UpdateExpression": "SET " + ", ".join(sets),
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
+    }
+
+
+# Placeholders use the "u" prefix: boto3's condition builder numbers its own "#n0"/":v0".
 def _update(
     table: Any,
     key: dict[str, Any],
@@ -284,12 +309,12 @@ def _update(
 ) -> None:
     sets, removes, names, values = [], [], {}, {}
     for i, (field, value) in enumerate(fields.items()):
-        names[f"#f{i}"] = field
+        names[f"#u{i}"] = field
         if value is None:
-            removes.append(f"#f{i}")
+            removes.append(f"#u{i}")
         else:
-            values[f":v{i}"] = _dynamo(value)
-            sets.append(f"#f{i} = :v{i}")
+            values[f":u{i}"] = _dynamo(value)
+            sets.append(f"#u{i} = :u{i}")
     expr = []
     if sets:
         expr.append("SET " + ", ".join(sets))

@@ -218,7 +218,7 @@ def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]
                 "KeysPerDb": {str(db): n for db, n in summary.keys_per_db.items()},
                 "ExpiresPerDb": {str(db): n for db, n in summary.expires_per_db.items()},
                 "KeyCount": summary.total_keys,
-                "Functions": len(summary.functions),
+                "Functions": summary.functions,
                 "ModuleKeysSkipped": summary.module_keys_skipped,
             }
         )

@@ -145,7 +145,7 @@ class ControlPlane:
         """Until the snapshot leaves ``creating``; a failed snapshot raises with its reason."""
         deadline = time.monotonic() + timeout_s
         while True:
-            record = self.catalog.get_snapshot(snapshot)
+            record = self.catalog.describe_snapshot(snapshot)
             if progress:
                 progress(record)
             if record["SnapshotStatus"] != "creating":
@@ -160,7 +160,7 @@ class ControlPlane:
         return record
 
     def describe_snapshot(self, snapshot: str) -> dict[str, Any]:
-        return self.catalog.get_snapshot(names.snapshot_name(snapshot, automatic=True))
+        return self.catalog.describe_snapshot(names.snapshot_name(snapshot, automatic=True))
 
     def list_snapshots(
         self,

@@ -17,6 +17,7 @@ class Settings:
     bucket: str
     snapshots_table: str
     caches_table: str
+    progress_table: str
     idempotency_table: str
     state_dir: Path
     region: str
@@ -29,6 +30,7 @@ class Settings:
             bucket=env.get("SNAPSHOT_BUCKET", "cachevault-snapshots"),
             snapshots_table=env.get("SNAPSHOTS_TABLE", "cachevault-snapshots"),
             caches_table=env.get("CACHES_TABLE", "cachevault-caches"),
+            progress_table=env.get("CAPTURE_PROGRESS_TABLE", "cachevault-capture-progress"),
             idempotency_table=env.get("IDEMPOTENCY_TABLE", "cachevault-idempotency"),
             state_dir=Path(env.get("CACHEVAULT_HOME", Path.cwd() / ".cachevault")),
             region=env.get("AWS_REGION", env.get("AWS_DEFAULT_REGION", "us-east-1")),

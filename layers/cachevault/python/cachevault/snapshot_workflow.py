@@ -207,9 +207,8 @@ def start_capture_step(event: dict[str, Any]) -> dict[str, Any]:
 
 def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
     shard = event["Shard"]
-    record = _catalog().get_snapshot(event["SnapshotName"])
-    node = record["NodeSnapshots"][shard["ShardIndex"] - 1]
-    status = node.get("CaptureStatus")
+    node = _catalog().capture_progress(event["SnapshotName"]).get(shard["NodeGroupId"], {})
+    status = node.get("CaptureStatus", "pending")
     if status == "failed":
         raise CaptureFailed(
             f"Capture of shard {shard['NodeGroupId']} from {shard['CacheNodeId']} failed: "
@@ -232,45 +231,65 @@ def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish_shard_step(event: dict[str, Any]) -> dict[str, Any]:
-    """The shard's object must exist with the size the capture counted; record it."""
+    """The shard's object must exist with the size the capture counted."""
     shard = event["Shard"]
     settings = Settings.from_env()
-    catalog = Catalog(settings)
-    record = catalog.get_snapshot(event["SnapshotName"])
-    node = record["NodeSnapshots"][shard["ShardIndex"] - 1]
-    head = client("s3").head_object(Bucket=settings.bucket, Key=node["S3Key"])
+    node = Catalog(settings).capture_progress(event["SnapshotName"])[shard["NodeGroupId"]]
+    key = storage.rdb_key(event["SnapshotName"], shard["ShardIndex"])
+    head = client("s3").head_object(Bucket=settings.bucket, Key=key)
     if int(head["ContentLength"]) != int(node["Size"]):
         raise CaptureFailed(
-            f"Shard {shard['NodeGroupId']}: object {node['S3Key']} has {head['ContentLength']} bytes, "
+            f"Shard {shard['NodeGroupId']}: object {key} has {head['ContentLength']} bytes, "
             f"the capture sent {node['Size']}."
         )
-    catalog.set_node_snapshot(
-        event["SnapshotName"],
-        shard["ShardIndex"] - 1,
-        {"CacheSize": str(node["Size"]), "SnapshotCreateTime": iso()},
-    )
     metrics.add_metric(name="BytesCaptured", unit="Bytes", value=int(node["Size"]))
     return {
         "NodeGroupId": shard["NodeGroupId"],
         "CacheNodeId": shard["CacheNodeId"],
         "Size": int(node["Size"]),
         "Sha256": node["Sha256"],
-        "S3Key": node["S3Key"],
+        "S3Key": key,
     }
 
 
+# What a finished capture contributes to its NodeSnapshots entry (ElastiCache names first).
+_CAPTURE_FIELDS = (
+    "Size",
+    "Sha256",
+    "RdbVersion",
+    "KeyCount",
+    "KeysPerDb",
+    "ReplicationId",
+    "ReplicationOffset",
+    "CaptureStartTime",
+    "CaptureEndTime",
+    "CaptureSeconds",
+    "CaptureMode",
+)
+
+
 def write_manifest_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Fold each shard's capture result into NodeSnapshots, then write manifest.json."""
     settings = Settings.from_env()
     catalog = Catalog(settings)
     record = catalog.get_snapshot(event["SnapshotName"])
+    progress = catalog.capture_progress(record["SnapshotName"])
+    for node in record["NodeSnapshots"]:
+        result = progress[node["NodeGroupId"]]
+        node.update({k: result[k] for k in _CAPTURE_FIELDS if k in result})
+        node["CacheSize"] = str(result["Size"])
+        node["SnapshotCreateTime"] = result.get("CaptureEndTime")
+        node["CaptureStatus"] = "done"
     cache = catalog.get_cache(record["ReplicationGroupId"])
     manifest = build_manifest(record, cache)
     storage.write_manifest(client("s3"), settings.bucket, record["SnapshotName"], manifest)
     catalog.update_snapshot(
         record["SnapshotName"],
+        NodeSnapshots=record["NodeSnapshots"],
         ManifestKey=storage.manifest_key(record["SnapshotName"]),
         RdbVersion=manifest["RdbVersion"],
     )
+    catalog.delete_capture_progress(record["SnapshotName"])
     return {k: v for k, v in event.items() if k != "ShardResults"} | {
         "ManifestKey": storage.manifest_key(record["SnapshotName"])
     }
@@ -352,6 +371,7 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
         storage.abort_incomplete_uploads(s3, settings.bucket, prefix)
         storage.delete_prefix(s3, settings.bucket, prefix)
         catalog.update_snapshot(name, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso())
+        catalog.delete_capture_progress(name)
         catalog.unlock_cache(record["ReplicationGroupId"], owner=name)
         metrics.add_metric(name="SnapshotFailures", unit="Count", value=1)
     logger.error("snapshot failed", snapshot=name, reason=reason, record_owned=bool(ours))

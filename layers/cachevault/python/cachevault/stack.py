@@ -24,6 +24,7 @@ class StackInfo:
     bucket: str
     snapshots_table: str
     caches_table: str
+    progress_table: str
     idempotency_table: str
     state_machines: dict[str, str]  # logical id -> ARN
     functions: dict[str, str] = field(default_factory=dict)  # logical id -> function name
@@ -38,6 +39,7 @@ class StackInfo:
             "SNAPSHOT_BUCKET": self.bucket,
             "SNAPSHOTS_TABLE": self.snapshots_table,
             "CACHES_TABLE": self.caches_table,
+            "CAPTURE_PROGRESS_TABLE": self.progress_table,
             "IDEMPOTENCY_TABLE": self.idempotency_table,
         }
         if self.endpoint_url:
@@ -59,6 +61,7 @@ def from_deployed(stack: Any, endpoint_url: str | None = None, pid: int | None =
         bucket=stack.buckets["SnapshotBucket"],
         snapshots_table=stack.tables["SnapshotsTable"],
         caches_table=stack.tables["CachesTable"],
+        progress_table=stack.tables["CaptureProgressTable"],
         idempotency_table=stack.tables["IdempotencyTable"],
         state_machines=dict(stack.state_machines),
         functions={lid: f.name for lid, f in stack.functions.items()},
@@ -100,6 +103,7 @@ def from_cloudformation(stack_name: str = STACK_NAME) -> StackInfo:
         bucket=resources["SnapshotBucket"],
         snapshots_table=resources["SnapshotsTable"],
         caches_table=resources["CachesTable"],
+        progress_table=resources["CaptureProgressTable"],
         idempotency_table=resources["IdempotencyTable"],
         state_machines={k: v for k, v in resources.items() if k.endswith("StateMachine")},
         functions={k: v for k, v in resources.items() if k.endswith("Function")},

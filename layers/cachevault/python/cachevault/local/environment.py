@@ -1,0 +1,100 @@
+"""The whole local product in one object: embedded AWS + template.yaml deployed + env applied.
+
+Used three ways: by the ``cachevault local up`` server process, by ``cachevault demo``
+(server mode on a free loopback port, inside the demo's own process) and by the tests
+(in-process ``mock_aws``). In every case the real handlers under ``functions/`` run
+when the state machines call them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cachevault import stack as stack_info
+from cachevault.local.embedded import InProcessAWS, ServerAWS
+from cachevault.local.redis_process import free_port
+from cachevault.settings import Settings
+
+
+def find_template() -> Path:
+    """template.yaml of this checkout (or CACHEVAULT_TEMPLATE)."""
+    explicit = os.environ.get("CACHEVAULT_TEMPLATE")
+    if explicit:
+        return Path(explicit).resolve()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "template.yaml"
+        if candidate.exists() and (parent / "functions").is_dir():
+            return candidate
+    raise FileNotFoundError("template.yaml not found: set CACHEVAULT_TEMPLATE to the SAM template of cachevault")
+
+
+class LocalEnvironment:
+    def __init__(
+        self,
+        *,
+        server: bool,
+        port: int | None = None,
+        state_dir: Path | None = None,
+        log_level: str = "INFO",
+    ) -> None:
+        self.server = server
+        self.log_level = log_level
+        self.port = port
+        self.state_dir = Path(state_dir or Settings.from_env().state_dir).resolve()
+        self.aws: InProcessAWS | ServerAWS | None = None
+        self.deployed: Any = None
+        self.info: stack_info.StackInfo | None = None
+        self._saved_env: dict[str, str | None] = {}
+
+    def start(self) -> stack_info.StackInfo:
+        self._set_env("CACHEVAULT_HOME", str(self.state_dir))
+        # No X-Ray daemon here: Powertools' Tracer would only discard subsegments noisily.
+        self._set_env("POWERTOOLS_TRACE_DISABLED", "true")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.server:
+            self.aws = ServerAWS(port=self.port or free_port()).start()
+            endpoint = self.aws.endpoint_url
+        else:
+            self.aws = InProcessAWS().start()
+            endpoint = None
+        try:
+            self.deployed = self.aws.deploy(find_template(), parameter_overrides={"LogLevel": self.log_level})
+            self.info = stack_info.from_deployed(self.deployed, endpoint_url=endpoint, pid=os.getpid())
+            for name, value in self.info.env().items():
+                self._set_env(name, value)
+            if endpoint:
+                for name, value in stack_info.FAKE_CREDENTIALS.items():
+                    self._set_env(name, value)
+                self._set_env("AWS_DEFAULT_REGION", self.aws.region)
+        except BaseException:
+            self.stop()
+            raise
+        return self.info
+
+    def _set_env(self, name: str, value: str | None) -> None:
+        self._saved_env.setdefault(name, os.environ.get(name))
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+    def stop(self) -> None:
+        if self.aws is not None:
+            self.aws.stop()
+            self.aws = None
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env.clear()
+
+    def __enter__(self) -> LocalEnvironment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
