@@ -115,6 +115,8 @@ def create_local_cache(
         num_shards=num_shards,
         replicas_per_shard=replicas,
         seed_rdbs=seed_rdbs,
+        # A cache lives until it is deleted, not until the process that made it exits.
+        detached=True,
     )
     try:
         record = registry_record(layout, node_type=node_type, kind=kind, data_tiering=data_tiering)

@@ -253,3 +253,23 @@ class ControlPlane:
                     progress(cache)
 
         return self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)
+
+    # ---- caches -------------------------------------------------------------------------
+    def delete_cache(self, cache: str, *, final_snapshot: str | None = None) -> dict[str, Any]:
+        """DeleteReplicationGroup; with a final snapshot the cache goes only once it is available."""
+        from cachevault import caches
+
+        name = names.cache_name(cache)
+        record = self.catalog.get_cache(name)
+        if record.get("LockedBy"):
+            raise errors.InvalidReplicationGroupState(
+                f"Replication group {name!r} is busy: {record.get('LockedFor')} {record['LockedBy']!r} is in "
+                "progress; delete it when that has finished."
+            )
+        result: dict[str, Any] = {"CacheName": name, "Status": "deleting"}
+        if final_snapshot:
+            self.create_snapshot(name, final_snapshot, final=True)
+            # A failed final snapshot raises here: the cache stays, and the error says why.
+            result["FinalSnapshot"] = self.wait_snapshot(names.snapshot_name(final_snapshot))
+        caches.delete_local_cache(name, self.settings)
+        return result

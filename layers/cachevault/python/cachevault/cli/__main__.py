@@ -1,0 +1,5 @@
+"""``python -m cachevault.cli``."""
+
+from cachevault.cli import main
+
+raise SystemExit(main())

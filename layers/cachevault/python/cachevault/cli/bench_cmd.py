@@ -1,0 +1,41 @@
+"""cachevault bench capture|restore|all: ratios against anchors measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cachevault.cli.output import add_json_flag, emit
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks against redis-cli --rdb and redis-server start-up load")
+    bench.add_argument("kind", choices=["capture", "restore", "all"])
+    bench.add_argument(
+        "--size-mb",
+        type=int,
+        action="append",
+        default=None,
+        dest="sizes",
+        help="dataset size in MB (repeat for several; default 1024)",
+    )
+    bench.add_argument("--workdir", type=Path, default=None, help="where datasets and RDBs go (default: a temp dir)")
+    add_json_flag(bench)
+    bench.set_defaults(func=cmd_bench, operation="Bench")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cachevault.bench_report import run_bench  # heavy imports only for this command
+
+    sizes = args.sizes or [1024]
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        results = run_bench(args.kind, sizes, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="cachevault-bench-") as tmp:
+            results = run_bench(args.kind, sizes, Path(tmp))
+    if args.json:
+        emit(args, results)
+    return 0

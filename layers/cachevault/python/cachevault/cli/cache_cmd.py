@@ -1,0 +1,121 @@
+"""cachevault cache create|list|describe|delete: the cache registry and local caches."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cachevault import caches
+from cachevault.cli import context
+from cachevault.cli.output import add_json_flag, emit, table
+
+
+def register(sub: Any) -> None:
+    cache = sub.add_parser("cache", help="create, list, describe and delete caches")
+    verbs = cache.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    create = verbs.add_parser("create", help="start a local cache of real redis-server nodes and register it")
+    create.add_argument("name", help="ReplicationGroupId (1-40 chars, letters, digits, hyphens)")
+    create.add_argument("--cluster-mode", choices=["enabled", "disabled"], default="disabled")
+    create.add_argument(
+        "--num-node-groups",
+        "--shards",
+        type=int,
+        default=None,
+        dest="shards",
+        help="shards (cluster mode enabled; default 3 there, 1 otherwise)",
+    )
+    create.add_argument("--replicas-per-node-group", "--replicas", type=int, default=1, dest="replicas")
+    create.add_argument("--cache-node-type", default=caches.DEFAULT_NODE_TYPE, dest="node_type")
+    create.add_argument("--kind", choices=list(caches.KINDS), default="node-based")
+    create.add_argument("--data-tiering", action="store_true", help="label the cache as data tiering (r6gd)")
+    add_json_flag(create)
+    create.set_defaults(func=cmd_create, operation="CreateReplicationGroup")
+
+    lst = verbs.add_parser("list", help="every registered cache")
+    add_json_flag(lst)
+    lst.set_defaults(func=cmd_list, operation="DescribeReplicationGroups")
+
+    describe = verbs.add_parser("describe", help="a cache with its live topology (shards, slots, replicas)")
+    describe.add_argument("name")
+    add_json_flag(describe)
+    describe.set_defaults(func=cmd_describe, operation="DescribeReplicationGroups")
+
+    delete = verbs.add_parser("delete", help="stop a cache's nodes and remove it from the registry")
+    delete.add_argument("name")
+    delete.add_argument(
+        "--final-snapshot",
+        "--final-snapshot-identifier",
+        dest="final_snapshot",
+        default=None,
+        help="take this snapshot from the primary first; the cache is deleted only if it succeeds",
+    )
+    add_json_flag(delete)
+    delete.set_defaults(func=cmd_delete, operation="DeleteReplicationGroup")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    cluster = args.cluster_mode == "enabled"
+    shards = args.shards or (3 if cluster else 1)
+    record = caches.create_local_cache(
+        args.name,
+        cluster_mode=cluster,
+        num_shards=shards,
+        replicas=args.replicas,
+        node_type=args.node_type,
+        kind=args.kind,
+        data_tiering=args.data_tiering,
+        settings=control.settings,
+    )
+    emit(
+        args, {"ReplicationGroup": record}, _describe_text(caches.describe_cache(record["CacheName"], control.settings))
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    rows = control.catalog.list_caches()
+    emit(
+        args,
+        {"ReplicationGroups": rows},
+        table(
+            rows, ["CacheName", "Status", "Engine", "EngineVersion", "ClusterMode", "NumNodeGroups", "CacheNodeType"]
+        ),
+    )
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    record = caches.describe_cache(args.name, control.settings)
+    emit(args, {"ReplicationGroup": record}, _describe_text(record))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    result = control.delete_cache(args.name, final_snapshot=args.final_snapshot)
+    human = f"deleted {result['CacheName']}"
+    if args.final_snapshot:
+        final = result["FinalSnapshot"]
+        human += f" after final snapshot {final['SnapshotName']} ({final['SnapshotStatus']})"
+    emit(args, {"ReplicationGroup": result}, human)
+    return 0
+
+
+def _describe_text(cache: dict[str, Any]) -> str:
+    lines = [
+        f"{cache['CacheName']}: {cache.get('Status')}  {cache.get('Engine')} {cache.get('EngineVersion')}  "
+        f"cluster mode {'enabled' if cache.get('ClusterMode') else 'disabled'}  {cache.get('CacheNodeType')}",
+    ]
+    for group in cache.get("NodeGroups", []):
+        slots = f" slots {group['Slots']}" if group.get("Slots") else ""
+        lines.append(f"  shard {group['NodeGroupId']}{slots}: primary {group['Primary']}")
+        for replica in group["Replicas"]:
+            state = "up" if replica["LinkUp"] else "DOWN"
+            lines.append(f"    replica {replica['Address']} link {state} lag {replica['LagBytes']} B")
+    if cache.get("TopologyError"):
+        lines.append(f"  topology unavailable: {cache['TopologyError']}")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""cachevault snapshot create|list|describe|delete (ElastiCache's snapshot API)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cachevault.cli import context
+from cachevault.cli.output import ProgressLine, add_json_flag, emit, human_bytes, table
+
+
+def register(sub: Any) -> None:
+    snapshot = sub.add_parser("snapshot", help="create, list, describe and delete snapshots")
+    verbs = snapshot.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    create = verbs.add_parser("create", help="snapshot a cache (from a replica), streamed to S3")
+    create.add_argument("cache", help="ReplicationGroupId")
+    create.add_argument("name", help="SnapshotName")
+    create.add_argument("--source-node", default=None, help="CacheNodeId or host:port (cluster mode disabled only)")
+    create.add_argument("--wait", action="store_true", help="wait until available, showing progress")
+    add_json_flag(create)
+    create.set_defaults(func=cmd_create, operation="CreateSnapshot")
+
+    lst = verbs.add_parser("list", help="snapshots, newest first per cache")
+    lst.add_argument("--cache", default=None, help="only this ReplicationGroupId")
+    lst.add_argument("--source", choices=["manual", "automated"], default=None, help="SnapshotSource")
+    lst.add_argument("--max-records", type=int, default=50, help="page size (20-100)")
+    lst.add_argument("--marker", default=None, help="the Marker of the previous page")
+    add_json_flag(lst)
+    lst.set_defaults(func=cmd_list, operation="DescribeSnapshots")
+
+    describe = verbs.add_parser("describe", help="one snapshot; shows capture progress while creating")
+    describe.add_argument("name")
+    add_json_flag(describe)
+    describe.set_defaults(func=cmd_describe, operation="DescribeSnapshots")
+
+    delete = verbs.add_parser("delete", help="delete a snapshot and its S3 objects")
+    delete.add_argument("name")
+    add_json_flag(delete)
+    delete.set_defaults(func=cmd_delete, operation="DeleteSnapshot")
+
+
+def progress_text(record: dict[str, Any]) -> str:
+    nodes = record.get("NodeSnapshots", [])
+    done = sum(1 for n in nodes if n.get("CaptureStatus") == "done")
+    captured = sum(int(n.get("BytesCaptured", 0)) for n in nodes)
+    rate = sum(int(n.get("RateBytesPerSecond", 0)) for n in nodes if n.get("CaptureStatus") == "running")
+    return (
+        f"{record['SnapshotName']}: {record['SnapshotStatus']}  shards {done}/{len(nodes) or '?'}  "
+        f"{human_bytes(captured)} captured  {human_bytes(rate)}/s"
+    )
+
+
+def wait_with_progress(control: Any, name: str) -> dict[str, Any]:
+    line = ProgressLine()
+    try:
+        return control.wait_snapshot(name, progress=lambda r: line.update(progress_text(r)))
+    finally:
+        line.done()
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    record = control.create_snapshot(args.cache, args.name, source_node=args.source_node)
+    for warning in record.get("Warnings", []):
+        print(f"warning: {warning}")
+    if args.wait:
+        record = wait_with_progress(control, record["SnapshotName"])
+    emit(args, {"Snapshot": record}, _summary(record))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    page = control.list_snapshots(
+        cache=args.cache, source=args.source, max_records=args.max_records, marker=args.marker
+    )
+    rows = [
+        {**s, "Size": human_bytes(int(s.get("CacheSize") or 0)), "Shards": len(s.get("NodeSnapshots", []))}
+        for s in page["Snapshots"]
+    ]
+    human = table(
+        rows,
+        [
+            "SnapshotName",
+            "ReplicationGroupId",
+            "SnapshotStatus",
+            "SnapshotSource",
+            "Shards",
+            "Size",
+            "SnapshotCreateTime",
+        ],
+    )
+    if page.get("Marker"):
+        human += f"\nmore: --marker {page['Marker']}"
+    emit(args, page, human)
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    record = control.describe_snapshot(args.name)
+    emit(args, {"Snapshot": record}, _summary(record))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    record = control.delete_snapshot(args.name)
+    emit(args, {"Snapshot": record}, f"deleted {record['SnapshotName']}")
+    return 0
+
+
+def _summary(record: dict[str, Any]) -> str:
+    lines = [
+        progress_text(record)
+        if record["SnapshotStatus"] == "creating"
+        else f"{record['SnapshotName']}: {record['SnapshotStatus']}  {record.get('SnapshotSource')}  "
+        f"from {record.get('ReplicationGroupId')}  {human_bytes(int(record.get('CacheSize') or 0))}"
+    ]
+    for node in record.get("NodeSnapshots", []):
+        slots = (node.get("NodeGroupConfiguration") or {}).get("Slots")
+        lines.append(
+            f"  {node['NodeGroupId']}: {node.get('CacheNodeId')} ({node.get('SourceRole')})"
+            + (f" slots {slots}" if slots else "")
+            + f"  {human_bytes(int(node.get('Size') or node.get('BytesCaptured') or 0))}  {node.get('S3Key', '')}"
+        )
+    if record.get("FailureReason"):
+        lines.append(f"  failed: {record['FailureReason']}")
+    return "\n".join(lines)
