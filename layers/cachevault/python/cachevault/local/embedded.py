@@ -35,7 +35,7 @@ DEFAULT_REGION = "us-east-1"
 _FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
-class _EnvPatch:
+class EnvPatch:
     """Sets/unsets process env vars and puts the old values back."""
 
     def __init__(self) -> None:
@@ -65,7 +65,7 @@ class InProcessAWS:
     def __init__(self, region: str = DEFAULT_REGION) -> None:
         self.region = region
         self._mock: Any = None
-        self._env = _EnvPatch()
+        self._env = EnvPatch()
 
     def start(self) -> InProcessAWS:
         from moto import mock_aws
@@ -107,7 +107,7 @@ class ServerAWS:
         self.port = port
         self.region = region
         self._server: Any = None
-        self._env = _EnvPatch()
+        self._env = EnvPatch()
         self._previous_sfn: bool = False
 
     @property

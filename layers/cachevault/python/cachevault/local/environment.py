@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cachevault import stack as stack_info
-from cachevault.local.embedded import InProcessAWS, ServerAWS
+from cachevault.local.embedded import EnvPatch, InProcessAWS, ServerAWS
 from cachevault.local.redis_process import free_port
 from cachevault.settings import Settings
 
@@ -47,7 +47,7 @@ class LocalEnvironment:
         self.aws: InProcessAWS | ServerAWS | None = None
         self.deployed: Any = None
         self.info: stack_info.StackInfo | None = None
-        self._saved_env: dict[str, str | None] = {}
+        self._env = EnvPatch()
 
     def start(self) -> stack_info.StackInfo:
         self._set_env("CACHEVAULT_HOME", str(self.state_dir))
@@ -75,22 +75,13 @@ class LocalEnvironment:
         return self.info
 
     def _set_env(self, name: str, value: str | None) -> None:
-        self._saved_env.setdefault(name, os.environ.get(name))
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+        self._env.set(name, value)
 
     def stop(self) -> None:
         if self.aws is not None:
             self.aws.stop()
             self.aws = None
-        for name, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._saved_env.clear()
+        self._env.restore()
 
     def __enter__(self) -> LocalEnvironment:
         self.start()
