@@ -14,6 +14,7 @@ from typing import Any
 
 from cachevault.errors import (
     InvalidParameterCombination,
+    InvalidParameterValue,
     InvalidReplicationGroupState,
     SnapshotAlreadyExistsFault,
     SnapshotFeatureNotSupportedFault,
@@ -78,6 +79,22 @@ def cluster_level_only(ctx: PreflightContext) -> None:
         )
 
 
+def source_node_is_member(ctx: PreflightContext) -> None:
+    """A named source node must belong to the cache, checked before a record exists."""
+    wanted = ctx.request.source_node
+    nodes = ctx.cache.get("Nodes") or []
+    if not wanted or not nodes:
+        return  # a cache registered by endpoints only: SelectSources checks the live topology
+    for node in nodes:
+        if wanted.lower() == str(node.get("CacheNodeId", "")).lower() or wanted == node.get("Address"):
+            return
+    known = ", ".join(str(n.get("CacheNodeId")) for n in nodes)
+    raise InvalidParameterValue(
+        f"Source node {wanted!r} is not a node of replication group {ctx.cache['CacheName']!r} "
+        f"(its nodes: {known})."
+    )
+
+
 def cache_is_healthy(ctx: PreflightContext) -> None:
     status = ctx.cache.get("Status")
     if status != "available":
@@ -140,6 +157,7 @@ RULES: tuple[Rule, ...] = (
     engine_supports_snapshots,
     node_type_supports_snapshots,
     cluster_level_only,
+    source_node_is_member,
     cache_is_healthy,
     name_is_free,
     within_quota,
