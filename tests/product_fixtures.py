@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,16 @@ class Product:
     def bucket(self) -> str:
         return self.settings.bucket
 
+    @cached_property
+    def s3(self) -> Any:
+        return client("s3")  # one client: making one costs ~50 ms of model loading
+
     def s3_keys(self, prefix: str = "") -> list[str]:
-        listing = client("s3").list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
         return sorted(o["Key"] for o in listing.get("Contents", []))
 
     def multipart_uploads(self) -> list[str]:
-        listing = client("s3").list_multipart_uploads(Bucket=self.bucket)
+        listing = self.s3.list_multipart_uploads(Bucket=self.bucket)
         return [u["Key"] for u in listing.get("Uploads", [])]
 
 
@@ -105,7 +110,7 @@ def check_rdb(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def download(product: Product, key: str, path: Path) -> Path:
-    client("s3").download_file(product.bucket, key, str(path))
+    product.s3.download_file(product.bucket, key, str(path))
     return path
 
 
