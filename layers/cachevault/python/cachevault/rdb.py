@@ -20,7 +20,7 @@ from types import TracebackType
 from cachevault import rdb_format as f
 from cachevault.dump_payload import crc64
 from cachevault.errors import RdbFormatError
-from cachevault.rdb_format import read_len, read_string, truncated
+from cachevault.rdb_format import read_len, read_string, skip_string, truncated
 from cachevault.rdb_values import SUPPORTED_TYPES, skip_module_opcodes, skip_value, unsupported_type
 
 _CRC_CHUNK = 64 << 20
@@ -74,6 +74,8 @@ class DbStats:
 
 
 RdbItem = RdbKey | RdbAux | RdbFunction | RdbModuleSkipped
+# (db, key, type_byte, value_start, value_end, expire_ms, offset, idle, freq): see iter_raw.
+RawKey = tuple[int, bytes, int, int, int, int | None, int, int | None, int | None]
 
 
 @dataclass(slots=True)
@@ -109,6 +111,7 @@ class RdbFile:
                 )
             self._mm: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._mm.madvise(mmap.MADV_SEQUENTIAL)
+        self._dropped = 0
         self._view: memoryview | None = memoryview(self._mm)
         header = self._mm[: f.HEADER_LEN]
         if header[:5] != f.MAGIC or not header[5:].isdigit():
@@ -124,6 +127,7 @@ class RdbFile:
         self._reset()
 
     def _reset(self) -> None:
+        self._dropped = 0
         self.aux: dict[bytes, bytes] = {}
         self.dbs: dict[int, DbStats] = {}
         self.slot_info: list[SlotInfo] = []
@@ -134,6 +138,26 @@ class RdbFile:
         self.checksum: int | None = None
         self.checksum_ok: bool | None = None  # None until EOF was reached
         self.complete = False
+
+    @property
+    def view(self) -> memoryview:
+        """The whole file as a memoryview (slice it with iter_raw's offsets)."""
+        if self._view is None:
+            raise ValueError("RdbFile is closed")
+        return self._view
+
+    def drop_pages(self, end: int) -> None:
+        """Unmap already-read pages before ``end`` from this process (MADV_DONTNEED).
+
+        The file is mapped read-only, so this only drops them from our RSS (the page cache
+        keeps them; touching them again re-reads). Keeps RSS bounded on many-GB files.
+        """
+        if self._mm is None:
+            return
+        end -= end % mmap.PAGESIZE
+        if end > self._dropped:
+            self._mm.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
+            self._dropped = end
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -157,10 +181,27 @@ class RdbFile:
 
     # -- reading ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[RdbItem]:
+        if self._view is None:
+            raise ValueError("RdbFile is closed")
+        view = self._view
+        for item in self.iter_raw():
+            if type(item) is tuple:
+                db, key, op, vstart, vend, expire, start, idle, freq = item
+                yield RdbKey(db, key, op, view[vstart:vend], expire, start, idle, freq)
+            else:
+                yield item  # type: ignore[misc]
+
+    def iter_raw(self) -> Iterator[RawKey | RdbAux | RdbFunction | RdbModuleSkipped]:
+        """Like iterating the file, but a key is a plain tuple of offsets (the hot path).
+
+        ``(db, key, type_byte, value_start, value_end, expire_ms, offset, idle, freq)``: the
+        value is ``file.view[value_start:value_end]``. No object per key but the tuple and
+        the key bytes, so a loader can copy the value straight from the map.
+        """
         if self._mm is None or self._view is None:
             raise ValueError("RdbFile is closed")
         self._reset()
-        buf, view, size = self._mm, self._view, self.size
+        buf, size = self._mm, self.size
         version = self.version
         pos = f.HEADER_LEN
         db = 0
@@ -169,6 +210,7 @@ class RdbFile:
         idle: int | None = None
         freq: int | None = None
         type_counts = self.type_counts
+        supported = SUPPORTED_TYPES
         for _ in range(size):  # bounded: every record consumes at least one byte
             if pos >= size:
                 raise truncated(pos, 1, size)
@@ -176,10 +218,26 @@ class RdbFile:
             start = pos
             pos += 1
             if op < f.OP_SLOT_INFO:
-                if op not in SUPPORTED_TYPES:
+                if op not in supported:
                     raise unsupported_type(op, start)
-                key, vstart = read_string(buf, pos, size)
-                if op == f.T_MODULE_2:
+                # Keys are nearly always short raw strings: read those inline.
+                b = buf[pos] if pos < size else 0xFF
+                if b < 0x40 and pos + 1 + b <= size:
+                    vstart = pos + 1 + b
+                    key = buf[pos + 1 : vstart]
+                else:
+                    key, vstart = read_string(buf, pos, size)
+                if op == f.T_STRING:
+                    b = buf[vstart] if vstart < size else 0xFF
+                    if b < 0x40:
+                        pos = vstart + 1 + b
+                    elif b < 0x80 and vstart + 1 < size:
+                        pos = vstart + 2 + (((b & 0x3F) << 8) | buf[vstart + 1])
+                    else:
+                        pos = skip_string(buf, vstart, size)
+                    if pos > size:
+                        pos = skip_string(buf, vstart, size)  # raises with the exact offset
+                elif op == f.T_MODULE_2:
                     mid, p = read_len(buf, vstart, size)
                     pos = skip_module_opcodes(buf, p, size)
                     name = f.module_name(mid)
@@ -187,13 +245,15 @@ class RdbFile:
                     self.modules_seen.add(name)
                     stats.module_keys += 1
                     yield RdbModuleSkipped(db, key, name, start)
+                    expire = idle = freq = None
+                    continue
                 else:
                     pos = skip_value(buf, vstart, size, op)
-                    stats.keys += 1
-                    if expire is not None:
-                        stats.expires += 1
-                    type_counts[op] = type_counts.get(op, 0) + 1
-                    yield RdbKey(db, key, op, view[vstart:pos], expire, start, idle, freq)
+                stats.keys += 1
+                if expire is not None:
+                    stats.expires += 1
+                type_counts[op] = type_counts.get(op, 0) + 1
+                yield (db, key, op, vstart, pos, expire, start, idle, freq)
                 expire = idle = freq = None
             elif op == f.OP_EXPIRETIME_MS:
                 if pos + 8 > size:
@@ -276,9 +336,11 @@ class RdbFile:
                 self.checksum_ok = True
             else:
                 crc = 0
+                self._dropped = 0  # a second pass over the map: drop behind it again
                 for chunk_at in range(0, eof_at + 1, _CRC_CHUNK):
                     with self._view[chunk_at : min(chunk_at + _CRC_CHUNK, eof_at + 1)] as chunk:
                         crc = crc64(chunk, crc)
+                    self.drop_pages(chunk_at)  # keep RSS bounded on many-GB files
                 if crc != expected:
                     raise RdbFormatError(
                         f"RDB checksum mismatch at offset {eof_at + 1}: "

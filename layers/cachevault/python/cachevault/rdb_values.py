@@ -43,9 +43,55 @@ def _fixed(pos: int, n: int, size: int) -> int:
     return pos + n
 
 
-def _skip_strings(buf: Buffer, pos: int, size: int, count: int) -> int:
+def _skip_strings_checked(buf: Buffer, pos: int, size: int, count: int) -> int:
     for _ in range(count):
         pos = skip_string(buf, pos, size)
+    return pos
+
+
+def _skip_strings(buf: Buffer, pos: int, size: int, count: int) -> int:
+    """Skip ``count`` RDB strings: the hot loop of hashtable sets/hashes and big lists.
+
+    Short raw strings (6- and 14-bit lengths: nearly every element) are skipped inline
+    without a call per element; any other encoding takes skip_string. Bounds are checked
+    once at the end (an mmap raises IndexError past its end); on any problem the checked
+    walk runs again from the start to raise the error with its exact offset.
+    """
+    start = pos
+    try:
+        for _ in range(count):
+            b = buf[pos]
+            if b < 0x40:
+                pos += 1 + b
+            elif b < 0x80:
+                pos += 2 + (((b & 0x3F) << 8) | buf[pos + 1])
+            else:
+                pos = skip_string(buf, pos, size)
+    except (IndexError, RdbFormatError):
+        pos = size + 1
+    if pos > size:
+        return _skip_strings_checked(buf, start, size, count)
+    return pos
+
+
+def _skip_members_doubles(buf: Buffer, pos: int, size: int, count: int) -> int:
+    """ZSET_2 (skiplist) members: string + 8-byte binary double each, inline like _skip_strings."""
+    start = pos
+    try:
+        for _ in range(count):
+            b = buf[pos]
+            if b < 0x40:
+                pos += 9 + b
+            elif b < 0x80:
+                pos += 10 + (((b & 0x3F) << 8) | buf[pos + 1])
+            else:
+                pos = skip_string(buf, pos, size) + 8
+    except (IndexError, RdbFormatError):
+        pos = size + 1
+    if pos > size:  # the checked walk raises with the exact offset
+        pos = start
+        for _ in range(count):
+            pos = _fixed(skip_string(buf, pos, size), 8, size)
     return pos
 
 
@@ -61,9 +107,7 @@ def skip_value(buf: Buffer, pos: int, size: int, type_byte: int) -> int:
         return _skip_strings(buf, pos, size, 2 * n)
     if type_byte == f.T_ZSET_2:
         n, pos = read_len(buf, pos, size)
-        for _ in range(n):
-            pos = _fixed(skip_string(buf, pos, size), 8, size)  # member + binary double
-        return pos
+        return _skip_members_doubles(buf, pos, size, n)  # member + binary double
     if type_byte == f.T_ZSET:
         n, pos = read_len(buf, pos, size)
         for _ in range(n):
