@@ -8,6 +8,7 @@ engine, version, cluster mode, node type label, data tiering, kind, endpoints, n
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
     ReplicationGroupAlreadyExistsFault,
+    ReplicationGroupNotFoundFault,
 )
 from cachevault.settings import Settings
 
@@ -132,7 +134,10 @@ def delete_local_cache(name: str, settings: Settings | None = None) -> None:
     catalog = Catalog(settings)
     cache = catalog.get_cache(names.cache_name(name))
     if cache.get("Managed") == "local":
-        _fleet(settings).destroy_cache(cache["CacheName"])
+        # No nodes left on disk is fine: a failed restore already stopped them and kept
+        # only its record (status failed), which must still be deletable and reusable.
+        with contextlib.suppress(ReplicationGroupNotFoundFault):
+            _fleet(settings).destroy_cache(cache["CacheName"])
     catalog.delete_cache(cache["CacheName"])
 
 

@@ -1,0 +1,483 @@
+"""RestoreSnapshot end to end: the real state machine, handlers, S3, DynamoDB and redis-server nodes.
+
+Snapshots are made with the product's own CreateSnapshot (``ControlPlane.create_snapshot``)
+and restored with ``ControlPlane.restore``; every comparison is against what the source
+cache held when it was snapshotted: DEBUG DIGEST (per shard for the same layout, combined
+over the primaries otherwise), FUNCTION LIST on every target primary, absolute expiry
+times, stream consumer groups and their pending entries. Each test also checks what the
+catalog says afterwards and that the snapshot's S3 objects were not touched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from cachevault import caches, datagen, storage
+from cachevault.aws import client
+from cachevault.errors import RestoreFailed
+from cachevault.local.redis_process import process_alive
+from cachevault.slots import SlotRouter, key_slot
+from cachevault.verify import cache_digest, combined_digest
+
+from tests.product_fixtures import Product, connect, sync_replicas, wait_until
+
+LIBRARY = """#!lua name=cvtest
+redis.register_function('cvt_get', function(keys, args) return redis.call('GET', keys[1]) end)
+redis.register_function{function_name='cvt_len', callback=function(keys, args)
+  return redis.call('STRLEN', keys[1]) end, flags={'no-writes'}}
+"""
+TTL_KEYS = 60  # strings with an expiry, checked one by one with PEXPIRETIME
+STREAMS = 6
+
+
+# ------------------------------------------------------------------------------ helpers
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def _primaries(cache: dict[str, Any]) -> list[str]:
+    return list(cache["Endpoints"])
+
+
+def _write_rich(product: Product, cache: dict[str, Any], seed: int) -> list[bytes]:
+    """Every core type (small and large encodings), TTLs, streams with groups + PEL, a library.
+
+    Keys go straight to the primary owning their slot. Returns the keys with an expiry.
+    """
+    layout = product.fleet.get_cache(cache["CacheName"])
+    router = SlotRouter([[s.slot_range()] for s in layout.shards]) if layout.cluster_mode else None
+    conns = [connect(p) for p in _primaries(cache)]
+    pipes = [c.pipeline(transaction=False) for c in conns]
+    rnd = os.urandom
+
+    def pipe(key: bytes) -> Any:
+        return pipes[router.shard_of(key) if router else 0]
+
+    ttl_keys: list[bytes] = []
+    far = int(time.time() * 1000) + 3_600_000
+    for i in range(1500):
+        key = b"s:%d:%d" % (seed, i)
+        if i % 25 == 0 and len(ttl_keys) < TTL_KEYS:
+            pipe(key).set(key, rnd(40), pxat=far + i * 7)
+            ttl_keys.append(key)
+        elif i % 3 == 0:
+            pipe(key).set(key, i * 1000)  # int-encoded
+        else:
+            pipe(key).set(key, rnd(20 + i % 300))
+    for i in range(200):
+        key = b"h:%d:%d" % (seed, i)
+        fields = 200 if i % 20 == 0 else 6  # hashtable vs listpack
+        pipe(key).hset(key, mapping={b"f%d" % f: rnd(12) for f in range(fields)})
+        key = b"l:%d:%d" % (seed, i)
+        pipe(key).rpush(key, *[rnd(10) for _ in range(30 if i % 10 else 400)])
+        key = b"is:%d:%d" % (seed, i)
+        pipe(key).sadd(key, *range(i, i + 40))  # intset
+        key = b"st:%d:%d" % (seed, i)
+        pipe(key).sadd(key, *[rnd(16) for _ in range(5 if i % 10 else 300)])
+        key = b"z:%d:%d" % (seed, i)
+        pipe(key).zadd(key, {rnd(8): j * 0.5 for j in range(8 if i % 10 else 300)})
+    for i in range(30):  # hashtags: many keys in one slot
+        key = b"{user%d}:profile:%d" % (seed, i)
+        pipe(key).hset(key, mapping={"name": f"n{i}", "age": i})
+    for p in pipes:
+        p.execute()
+    for i in range(STREAMS):
+        key = b"x:%d:%d" % (seed, i)
+        target = conns[router.shard_of(key) if router else 0]
+        for j in range(50):
+            target.xadd(key, {"n": j, "v": rnd(16)})
+        target.xgroup_create(key, "grp", id="0")
+        target.xreadgroup("grp", "consumer-1", {key: ">"}, count=17)  # 17 pending entries
+        target.xgroup_create(key, "grp2", id="$")
+    for c in conns:
+        c.function_load(LIBRARY, replace=True)
+        c.close()
+    return ttl_keys
+
+
+@dataclass
+class Source:
+    """What a source cache held when it was snapshotted (the cache may be gone since)."""
+
+    snapshot: str
+    cache_name: str
+    cluster_mode: bool
+    shards: int
+    digests: list[str]
+    keys: int
+    functions: Any
+    expiries: dict[bytes, int]
+    groups: dict[bytes, list[tuple[bytes, int]]]
+    s3_objects: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def combined(self) -> str:
+        return combined_digest(self.digests)
+
+
+def _function_list(address: str) -> dict[bytes, tuple[bytes, list[tuple[Any, ...]], bytes]]:
+    """FUNCTION LIST WITHCODE as library -> (engine, functions, code).
+
+    A library keeps its functions in a dict, so their listing order differs between two
+    processes: they are sorted here.
+    """
+    conn = connect(address)
+    try:
+        libraries = conn.function_list(withcode=True)
+    finally:
+        conn.close()
+    out = {}
+    for raw in libraries:
+        lib = dict(zip(raw[::2], raw[1::2], strict=True))
+        functions = sorted(
+            (f[b"name"], f[b"description"], tuple(sorted(f[b"flags"])))
+            for f in (dict(zip(fn[::2], fn[1::2], strict=True)) for fn in lib[b"functions"])
+        )
+        out[lib[b"library_name"]] = (lib[b"engine"], functions, lib[b"library_code"])
+    return out
+
+
+def _run_on_owner(addresses: list[str], key: bytes, call: Callable[[redis.Redis], Any]) -> Any:
+    """Run ``call`` on the primary that holds ``key`` (exactly one must)."""
+    found = []
+    for address in addresses:
+        conn = connect(address)
+        try:
+            if conn.exists(key):
+                found.append(call(conn))
+        except redis.exceptions.MovedError:
+            pass  # a cluster node answers for its own slots only
+        finally:
+            conn.close()
+    assert len(found) == 1, f"{key!r} is on {len(found)} primaries"
+    return found[0]
+
+
+def _expiries(addresses: list[str], keys: list[bytes]) -> dict[bytes, int]:
+    return {k: _run_on_owner(addresses, k, lambda c, k=k: c.execute_command("PEXPIRETIME", k)) for k in keys}
+
+
+def _groups(addresses: list[str], seed: int) -> dict[bytes, list[tuple[bytes, int]]]:
+    out = {}
+    for i in range(STREAMS):
+        key = b"x:%d:%d" % (seed, i)
+        info = _run_on_owner(addresses, key, lambda c, k=key: c.xinfo_groups(k))
+        out[key] = sorted((g["name"], int(g["pending"])) for g in info)
+    return out
+
+
+def _s3_objects(product: Product, snapshot: str) -> dict[str, tuple[str, int]]:
+    """ETag and size of every object of a snapshot (restoring must leave them as they are)."""
+    bucket = product.control.catalog.get_snapshot(snapshot).get("Bucket") or product.bucket
+    listing = client("s3").list_objects_v2(Bucket=bucket, Prefix=storage.snapshot_prefix(snapshot))
+    return {o["Key"]: (o["ETag"], int(o["Size"])) for o in listing.get("Contents", [])}
+
+
+def _misplaced_keys(product: Product, name: str) -> list[tuple[str, bytes]]:
+    """Keys a cluster primary holds in a slot it does not own (clients could never reach them)."""
+    layout = product.fleet.get_cache(name)
+    wrong = []
+    for shard in layout.shards:
+        lo, hi = shard.slot_range() or (0, 0)
+        conn = connect(f"{shard.primary.host}:{shard.primary.port}")
+        try:
+            wrong += [(shard.shard_id, k) for k in conn.scan_iter(count=1000) if not lo <= key_slot(k) <= hi]
+        finally:
+            conn.close()
+    return wrong
+
+
+def _keycount(addresses: list[str]) -> int:
+    total = 0
+    for address in addresses:
+        conn = connect(address)
+        try:
+            total += conn.dbsize()
+        finally:
+            conn.close()
+    return total
+
+
+def _make_source(
+    product: Product, prefix: str, *, cluster_mode: bool, shards: int, seed: int, node_type: str | None = None
+) -> Source:
+    name = f"{prefix}-src"
+    extra = {"node_type": node_type} if node_type else {}
+    cache = caches.create_local_cache(
+        name, cluster_mode=cluster_mode, num_shards=shards, replicas=1, settings=product.settings, **extra
+    )
+    ttl_keys = _write_rich(product, cache, seed)
+    primaries = _primaries(cache)
+    for p in primaries:
+        sync_replicas(p, 1)
+    source = Source(
+        snapshot=f"{prefix}-snap",
+        cache_name=cache["CacheName"],
+        cluster_mode=cluster_mode,
+        shards=shards,
+        digests=cache_digest([_host_port(p) for p in primaries]),
+        keys=_keycount(primaries),
+        functions=_function_list(primaries[0]),
+        expiries=_expiries(primaries, ttl_keys),
+        groups=_groups(primaries, seed),
+    )
+    assert b"cvtest" in source.functions
+    assert all(_function_list(p) == source.functions for p in primaries)
+    product.control.create_snapshot(cache["CacheName"], source.snapshot)
+    record = product.control.wait_snapshot(source.snapshot, timeout_s=60)
+    assert record["SnapshotStatus"] == "available"
+    source.s3_objects = _s3_objects(product, source.snapshot)
+    assert len([k for k in source.s3_objects if k.endswith(".rdb")]) == shards
+    return source
+
+
+def _delete_cache(product: Product, name: str) -> None:
+    if product.control.catalog.find_cache(name) is not None:
+        caches.delete_local_cache(name, product.settings)
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def standalone(product: Product) -> Iterator[Source]:
+    """A cluster-mode-disabled snapshot whose source cache is deleted right after the snapshot.
+
+    Every restore from it therefore also proves that restoring needs only the snapshot.
+    """
+    source = _make_source(product, "rsa", cluster_mode=False, shards=1, seed=11)
+    caches.delete_local_cache(source.cache_name, product.settings)
+    yield source
+
+
+@pytest.fixture(scope="module")
+def clustered(product: Product) -> Iterator[Source]:
+    source = _make_source(product, "rsc", cluster_mode=True, shards=3, seed=22)
+    yield source
+    _delete_cache(product, source.cache_name)
+
+
+@pytest.fixture
+def targets(product: Product) -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for name in made:
+        _delete_cache(product, name)
+
+
+def _restore(product: Product, made: list[str], target: str, **kwargs: Any) -> tuple[dict[str, Any], float]:
+    made.append(target)
+    started = time.monotonic()
+    arn, name = product.control.restore(target, **kwargs)
+    output = product.control.wait_restore(arn, name, timeout_s=120)
+    return output, time.monotonic() - started
+
+
+def _check_restored(product: Product, source: Source, target: str, *, shards: int, cluster: bool) -> list[str]:
+    """Everything a restore must give back, compared with the source as snapshotted."""
+    record = product.control.catalog.get_cache(target)
+    assert record["Status"] == "available"
+    assert record["NumNodeGroups"] == shards
+    assert record["ClusterMode"] is cluster
+    primaries = _primaries(record)
+    assert len(primaries) == shards
+    digests = cache_digest([_host_port(p) for p in primaries])
+    if shards == source.shards and cluster == source.cluster_mode:
+        assert digests == source.digests  # same layout: shard for shard
+    assert combined_digest(digests) == source.combined
+    assert _keycount(primaries) == source.keys
+    if cluster:
+        assert _misplaced_keys(product, target) == []
+    for p in primaries:
+        assert _function_list(p) == source.functions, f"FUNCTION LIST differs on {p}"
+    assert _expiries(primaries, list(source.expiries)) == source.expiries  # ABSTTL: same deadlines
+    seed = int(next(iter(source.groups)).split(b":")[1])
+    assert _groups(primaries, seed) == source.groups
+    # Restoring never changes the snapshot.
+    snapshot = product.control.describe_snapshot(source.snapshot)
+    assert snapshot["SnapshotStatus"] == "available"
+    assert _s3_objects(product, source.snapshot) == source.s3_objects
+    return primaries
+
+
+# ------------------------------------------------------------------------------ 1: round trips
+def test_cluster_disabled_to_same_is_seeded_without_the_source_cache(
+    product: Product, standalone: Source, targets: list[str]
+) -> None:
+    assert product.control.catalog.find_cache(standalone.cache_name) is None  # source deleted
+    assert product.fleet._read(standalone.cache_name) is None
+    output, seconds = _restore(product, targets, "rt-same", snapshot=standalone.snapshot)
+    assert output["Seeded"] is True
+    assert output["Status"] == "available" and output["ClusterMode"] is False
+    assert output["Verification"]["Mismatches"] == []
+    assert output["Verification"]["KeysExpected"] == standalone.keys
+    _check_restored(product, standalone, "rt-same", shards=1, cluster=False)
+    record = product.control.catalog.get_cache("rt-same")
+    assert record["ReplicasPerNodeGroup"] == 1
+    replica = next(n["Address"] for n in record["Nodes"] if n["Role"] == "replica")
+    sync_replicas(record["Endpoints"][0], 1)
+    assert cache_digest([_host_port(replica)]) == standalone.digests
+    print(f"restore cluster-disabled -> same (seeded): {seconds:.2f} s")
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_three_shards_to_other_shard_count(
+    product: Product, clustered: Source, targets: list[str], shards: int
+) -> None:
+    target = f"rt-{shards}"
+    output, seconds = _restore(product, targets, target, snapshot=clustered.snapshot, num_shards=shards, replicas=0)
+    assert output["Seeded"] is False
+    assert output["NumNodeGroups"] == shards and output["ClusterMode"] is True
+    assert output["LoadSummary"]["KeysLoaded"] == clustered.keys
+    assert output["Verification"]["Mismatches"] == []
+    _check_restored(product, clustered, target, shards=shards, cluster=True)
+    print(f"restore 3 -> {shards} shards (network): {seconds:.2f} s")
+
+
+def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, targets: list[str]) -> None:
+    output, seconds = _restore(
+        product, targets, "rt-up", snapshot=standalone.snapshot, num_shards=3, replicas=0, cluster_mode="enabled"
+    )
+    assert output["Seeded"] is False and output["ClusterMode"] is True
+    primaries = _check_restored(product, standalone, "rt-up", shards=3, cluster=True)
+    # Each key sits on the primary that owns its slot: the cluster answers without MOVED.
+    host, port = _host_port(primaries[0])
+    rc = redis.RedisCluster(host=host, port=port, socket_timeout=30)
+    try:
+        assert rc.get(b"s:11:3") == b"3000"
+        assert rc.fcall("cvt_get", 1, b"s:11:3") == b"3000"
+    finally:
+        rc.close()
+    print(f"restore cluster-disabled -> 3 shards: {seconds:.2f} s")
+
+
+def test_three_shards_to_cluster_disabled_when_asked(
+    product: Product, clustered: Source, targets: list[str]
+) -> None:
+    output, seconds = _restore(
+        product,
+        targets,
+        "rt-down",
+        snapshot=clustered.snapshot,
+        cluster_mode="disabled",
+        allow_cluster_mode_disable=True,
+        replicas=0,
+    )
+    assert output["Seeded"] is False and output["ClusterMode"] is False
+    primaries = _check_restored(product, clustered, "rt-down", shards=1, cluster=False)
+    conn = connect(primaries[0])
+    try:
+        assert conn.info("cluster")["cluster_enabled"] == 0
+    finally:
+        conn.close()
+    print(f"restore 3 shards -> cluster-disabled: {seconds:.2f} s")
+
+
+# ------------------------------------------------------------------------------ 3: --from-s3
+def test_seed_from_an_rdb_redis_server_made(product: Product, new_cache: Any, targets: list[str]) -> None:
+    cache = new_cache("ext", replicas=0)
+    primary = cache["Endpoints"][0]
+    _write_rich(product, cache, seed=33)
+    conn = connect(primary)
+    try:
+        conn.save()
+        data_dir = Path(conn.config_get("dir")["dir"]) / conn.config_get("dbfilename")["dbfilename"]
+        digest, keys = conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
+    finally:
+        conn.close()
+    # Not under imports/: objects there start an import (a restore) by themselves.
+    client("s3").upload_file(str(data_dir), product.bucket, "external/dump.rdb")
+    output, _ = _restore(product, targets, "rt-s3", s3_sources=[f"s3://{product.bucket}/external/dump.rdb"])
+    assert output["Status"] == "available" and output["SnapshotName"] is None
+    record = product.control.catalog.get_cache("rt-s3")
+    assert record["Status"] == "available"
+    target = connect(record["Endpoints"][0])
+    try:
+        assert target.dbsize() == keys
+        assert target.execute_command("DEBUG", "DIGEST") == digest
+    finally:
+        target.close()
+
+
+# ------------------------------------------------------------------------------ 4: failure mid-load
+def _entered(product: Product, arn: str, state: str) -> bool:
+    history = product.control.sfn.get_execution_history(executionArn=arn, maxResults=1000)["events"]
+    return any(
+        e.get("stateEnteredEventDetails", {}).get("name") == state
+        for e in history
+        if e["type"].endswith("StateEntered")
+    )
+
+
+def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
+    product: Product, new_cache: Any, targets: list[str]
+) -> None:
+    cache = new_cache("big", replicas=0)
+    primary = cache["Endpoints"][0]
+    host, port = _host_port(primary)
+    datagen.generate(host, port, 24, seed=5)
+    conn = connect(primary)
+    try:
+        digest = conn.execute_command("DEBUG", "DIGEST")
+    finally:
+        conn.close()
+    product.control.create_snapshot(cache["CacheName"], "big-snap")
+    product.control.wait_snapshot("big-snap", timeout_s=60)
+    objects = _s3_objects(product, "big-snap")
+
+    targets.append("rt-kill")
+    arn, name = product.control.restore("rt-kill", snapshot="big-snap", num_shards=2, replicas=0)
+    record = wait_until(
+        lambda: (c := product.control.catalog.find_cache(name)) and c.get("Nodes") and c,
+        timeout=60,
+        what="the target's nodes to be provisioned",
+    )
+    layout = product.fleet.get_cache(name)
+    pids = [n.pid for n in layout.nodes]
+    assert pids and all(process_alive(pid) for pid in pids)
+    victim = next(n for n in record["Nodes"] if n["Role"] == "primary" and n["NodeGroupId"] == "0002")
+    other = next(n for n in record["Nodes"] if n["Role"] == "primary" and n["NodeGroupId"] == "0001")
+    # Hold the victim's writes so the load is certainly under way when the node dies.
+    pause = connect(victim["Address"])
+    try:
+        pause.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+    finally:
+        pause.close()
+    wait_until(lambda: _entered(product, arn, "LoadShard"), timeout=30, what="LoadShard to start")
+    # Mid-load: the other primary already holds restored keys.
+    wait_until(lambda: _keycount([other["Address"]]) > 0, timeout=30, what="keys on the other primary")
+    # While a restore reads it the snapshot shows restoring; the half-loaded cache is not available.
+    assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "restoring"
+    assert product.control.catalog.get_cache(name)["Status"] == "creating"
+    killed = product.fleet.kill_node(victim["CacheNodeId"])
+    assert not process_alive(killed.pid)
+
+    with pytest.raises(RestoreFailed) as failure:
+        product.control.wait_restore(arn, name, timeout_s=60)
+    assert failure.value.code == "RestoreFailed"
+    assert victim["Address"] in str(failure.value)  # names the node that went away
+
+    failed = product.control.catalog.get_cache(name)
+    assert failed["Status"] == "failed"
+    assert failed["FailureReason"].startswith("RestoreFailed: ")
+    assert failed["Nodes"] == [] and failed["Endpoints"] == []
+    assert not any(process_alive(pid) for pid in pids)  # every node of the target stopped
+    assert product.fleet._read(name) is None
+    assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "available"
+    assert _s3_objects(product, "big-snap") == objects
+
+    output, seconds = _restore(product, targets, "rt-kill", snapshot="big-snap", num_shards=2, replicas=0)
+    assert output["Status"] == "available"
+    record = product.control.catalog.get_cache(name)
+    assert record["Status"] == "available" and "FailureReason" not in record
+    digests = cache_digest([_host_port(p) for p in record["Endpoints"]])
+    assert combined_digest(digests) == combined_digest([digest])
+    assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "available"
+    assert _s3_objects(product, "big-snap") == objects
+    print(f"retry restore of a 24 MB dataset into 2 shards: {seconds:.2f} s")
