@@ -88,7 +88,9 @@ def _no_record(product: Product, snapshot: str) -> None:
     assert product.control.catalog.find_snapshot(snapshot.lower()) is None
 
 
-def _insert_snapshots(product: Product, cache: str, count: int, *, source: str = "manual", age_h: float = 0) -> None:
+def _insert_snapshots(
+    product: Product, cache: str, count: int, *, source: str = "manual", age_h: float = 0, node: str = ""
+) -> None:
     for i in range(count):
         created = utcnow() - timedelta(hours=age_h, minutes=i + 1)
         name = f"automatic.{cache}-{i}-{int(age_h)}" if source == "automated" else f"{cache}-old{int(age_h)}-{i}"
@@ -99,7 +101,7 @@ def _insert_snapshots(product: Product, cache: str, count: int, *, source: str =
                 "SnapshotStatus": "available",
                 "SnapshotSource": source,
                 "SnapshotCreateTime": iso(created),
-                "NodeSnapshots": [],
+                "NodeSnapshots": [{"NodeGroupId": "0001", "CacheNodeId": node}] if node else [],
             }
         )
 
@@ -156,12 +158,24 @@ def test_manual_quota_per_node_based_cache(product: Product, new_cache: Any) -> 
     cache = new_cache("quota", replicas=1)
     name = cache["CacheName"]
     fill(cache["Endpoints"][0], keys=100)
-    _insert_snapshots(product, name, 20)
-    _insert_snapshots(product, name, 5, age_h=25)  # outside the rolling window
-    _insert_snapshots(product, name, 3, source="automated")  # automated ones do not count
+    replica = f"{name}-0001-002"  # the only replica: the node the next snapshot would read
+    _insert_snapshots(product, name, 20, node=replica)
+    _insert_snapshots(product, name, 5, age_h=25, node=replica)  # outside the rolling window
+    _insert_snapshots(product, name, 3, source="automated", node=replica)  # automated ones do not count
 
     err = _refused(product, name, "one-too-many", SnapshotQuotaExceededFault, "20 manual snapshots")
-    assert "already has 20 manual snapshots in the last 24 hours; the quota is 20 per node" in err.message
+    assert f"already has 20 manual snapshots from node {replica} in the last 24 hours" in err.message
+    assert "the quota is 20 per node per 24 hours" in err.message
+    _no_record(product, "one-too-many")
+
+    # The quota is per node: the primary has none of those 20, so a snapshot read from it is allowed.
+    primary_ctx = preflight.PreflightContext(
+        request=preflight.SnapshotRequest("from-primary", name),
+        cache=product.control.catalog.get_cache(name),
+        catalog=product.control.catalog,
+        source_nodes=[f"{name}-0001-001"],
+    )
+    preflight.within_quota(primary_ctx)
     _no_record(product, "one-too-many")
 
     # The quota is for manual snapshots: the automatic one still runs, for real.
@@ -274,11 +288,12 @@ def test_low_reserved_memory_warns_but_snapshots(product: Product, new_cache: An
     started = product.control.create_snapshot(cache["CacheName"], "tight")
     record = product.control.wait_snapshot("tight", timeout_s=60)
     assert record["SnapshotStatus"] == "available"
-    replicas = sorted(n["CacheNodeId"] for n in cache["Nodes"] if n["Role"] == "replica")
-    assert len(record["Warnings"]) == 2
-    for warning, node in zip(sorted(record["Warnings"]), replicas, strict=True):
-        assert warning.startswith(f"Node {node}: reserved memory is 10%")
-        assert "reserved-memory-percent 25%" in warning
+    # The warning names the node whose fork is at risk: the replica the snapshot read.
+    source = record["NodeSnapshots"][0]["CacheNodeId"]
+    assert source in {n["CacheNodeId"] for n in cache["Nodes"] if n["Role"] == "replica"}
+    assert len(record["Warnings"]) == 1
+    assert record["Warnings"][0].startswith(f"Node {source}: reserved memory is 10%")
+    assert "reserved-memory-percent 25%" in record["Warnings"][0]
     assert started["Warnings"] == record["Warnings"]
     output = product.control.wait_execution(started["ExecutionArn"], timeout_s=30)
     assert output["Warnings"] == record["Warnings"]

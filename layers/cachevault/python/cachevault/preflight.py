@@ -44,6 +44,8 @@ class PreflightContext:
     catalog: Any
     # Memory facts of the nodes a snapshot may read: {node_id: {"used_memory", "maxmemory", ...}}
     node_memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    # CacheNodeIds the snapshot will read (one per shard), predicted from the live topology.
+    source_nodes: list[str] = field(default_factory=list)
     reserved_memory_percent: int = 25
     warnings: list[str] = field(default_factory=list)
 
@@ -116,21 +118,36 @@ def name_is_free(ctx: PreflightContext) -> None:
 
 
 def within_quota(ctx: PreflightContext) -> None:
+    """ElastiCache's rolling 24 h quota: per source node (node-based), per cache (serverless)."""
     if ctx.request.source != "manual":
         return  # ElastiCache's quota counts manual snapshots only
-    serverless = ctx.cache.get("Kind") == "serverless"
-    limit = MANUAL_QUOTA_SERVERLESS if serverless else MANUAL_QUOTA_NODE_BASED
-    recent = ctx.catalog.snapshots_created_since(
-        ctx.cache["CacheName"], utcnow() - QUOTA_WINDOW, source="manual"
-    )
-    if len(recent) >= limit:
-        scope = "serverless cache" if serverless else "node"
-        raise SnapshotQuotaExceededFault(
-            f"Replication group {ctx.cache['CacheName']!r} already has {len(recent)} manual snapshots "
-            f"in the last 24 hours; the quota is {limit} per {scope} per 24 hours.",
-            Limit=limit,
-            Count=len(recent),
-        )
+    name = ctx.cache["CacheName"]
+    recent = ctx.catalog.snapshots_created_since(name, utcnow() - QUOTA_WINDOW, source="manual")
+    if ctx.cache.get("Kind") == "serverless":
+        if len(recent) >= MANUAL_QUOTA_SERVERLESS:
+            raise SnapshotQuotaExceededFault(
+                f"Replication group {name!r} already has {len(recent)} manual snapshots in the last 24 hours; "
+                f"the quota is {MANUAL_QUOTA_SERVERLESS} per serverless cache per 24 hours.",
+                Limit=MANUAL_QUOTA_SERVERLESS,
+                Count=len(recent),
+            )
+        return
+    # Without a predicted source (no live topology), every recent snapshot counts: never too lenient.
+    for node in ctx.source_nodes or [None]:
+        used = [s for s in recent if node is None or node in _source_nodes(s)]
+        if len(used) >= MANUAL_QUOTA_NODE_BASED:
+            where = f"node {node}" if node else "its nodes"
+            raise SnapshotQuotaExceededFault(
+                f"Replication group {name!r} already has {len(used)} manual snapshots from {where} in the "
+                f"last 24 hours; the quota is {MANUAL_QUOTA_NODE_BASED} per node per 24 hours.",
+                Limit=MANUAL_QUOTA_NODE_BASED,
+                Count=len(used),
+                CacheNodeId=node,
+            )
+
+
+def _source_nodes(snapshot: dict[str, Any]) -> set[str]:
+    return {str(n.get("CacheNodeId")) for n in snapshot.get("NodeSnapshots", [])}
 
 
 def memory_headroom(ctx: PreflightContext) -> None:

@@ -94,9 +94,13 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         reserved_memory_percent=settings.reserved_memory_percent,
     )
     # Rules that need no node I/O first, so a bad request costs nothing.
+    serverless = cache.get("Kind") == "serverless"
     for rule in preflight.RULES:
-        if rule is preflight.memory_headroom:
-            ctx.node_memory = _memory_of_candidates(cache, req)
+        # The per-node quota and the memory check need the nodes the snapshot will read:
+        # discover them once, when the first rule needing them comes.
+        needs_nodes = rule is preflight.memory_headroom or (rule is preflight.within_quota and not serverless)
+        if needs_nodes and not ctx.source_nodes:
+            _predict_sources(ctx)
         rule(ctx)
     for warning in ctx.warnings:
         logger.warning(warning, snapshot=snapshot)
@@ -137,18 +141,29 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _memory_of_candidates(cache: dict[str, Any], req: preflight.SnapshotRequest) -> dict[str, dict[str, int]]:
-    """Memory facts of each node a snapshot may fork on (replicas; the primary when final)."""
+def _predict_sources(ctx: preflight.PreflightContext) -> None:
+    """The node each shard's capture will read (as SelectSources will pick it) and its memory."""
+    cache, req = ctx.cache, ctx.request
     topo = topology.discover(_seeds(cache))
-    facts = {}
+    prefer = _resolve_source_node(cache, req.source_node)
+    for _, node in pick_sources(topo, prefer=prefer, final=req.final):
+        node_id = cache_node_id(cache, node_address(node))
+        ctx.source_nodes.append(node_id)
+        ctx.node_memory[node_id] = topology.node_memory(node.host, node.port)
+
+
+def pick_sources(topo: Any, *, prefer: str | None, final: bool) -> list[tuple[Any, Any]]:
+    """(shard, node) per shard: the named node, the primary for a final snapshot, else the healthiest replica."""
+    picks = []
     for shard in topo.shards:
-        nodes = list(shard.replicas)
-        if req.final or not nodes:
-            nodes.append(shard.primary)
-        for node in nodes:
-            address = node_address(node)
-            facts[cache_node_id(cache, address)] = topology.node_memory(node.host, node.port)
-    return facts
+        if prefer and not topo.cluster_mode:
+            node = topology.choose_source(shard, prefer_node=prefer, allow_primary=True)
+        elif final:
+            node = shard.primary  # ElastiCache takes a final snapshot from the primary
+        else:
+            node = topology.choose_source(shard, allow_primary=True)
+        picks.append((shard, node))
+    return picks
 
 
 def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
@@ -158,13 +173,8 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
     topo = topology.discover(_seeds(cache))
     prefer = _resolve_source_node(cache, event.get("SourceNode"))
     shards, node_snapshots = [], []
-    for index, shard in enumerate(topo.shards, start=1):
-        if prefer and topo.cluster_mode is False:
-            node = topology.choose_source(shard, prefer_node=prefer, allow_primary=True)
-        elif event.get("FinalSnapshot"):
-            node = shard.primary  # ElastiCache takes a final snapshot from the primary
-        else:
-            node = topology.choose_source(shard, allow_primary=True)
+    picks = pick_sources(topo, prefer=prefer, final=bool(event.get("FinalSnapshot")))
+    for index, (shard, node) in enumerate(picks, start=1):
         address = node_address(node)
         slots = format_slots(shard.slots) if topo.cluster_mode else None
         group_id = f"{index:04d}"
