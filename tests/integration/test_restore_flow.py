@@ -299,6 +299,7 @@ def _check_restored(product: Product, source: Source, target: str, *, shards: in
     assert _expiries(primaries, list(source.expiries)) == source.expiries  # ABSTTL: same deadlines
     seed = int(next(iter(source.groups)).split(b":")[1])
     assert _groups(primaries, seed) == source.groups
+    assert not (product.settings.state_dir / "restore-staging" / target).exists()  # staged RDBs removed
     # Restoring never changes the snapshot.
     snapshot = product.control.describe_snapshot(source.snapshot)
     assert snapshot["SnapshotStatus"] == "available"
@@ -326,18 +327,21 @@ def test_cluster_disabled_to_same_is_seeded_without_the_source_cache(
     print(f"restore cluster-disabled -> same (seeded): {seconds:.2f} s")
 
 
-@pytest.mark.parametrize("shards", [2, 4])
-def test_three_shards_to_other_shard_count(
+@pytest.mark.parametrize("shards", [2, 3, 4])
+def test_three_shards_to_any_shard_count(
     product: Product, clustered: Source, targets: list[str], shards: int
 ) -> None:
+    """3 -> 3 is seeded from the files (same slot layout); 3 -> 2 and 3 -> 4 go over the network."""
     target = f"rt-{shards}"
     output, seconds = _restore(product, targets, target, snapshot=clustered.snapshot, num_shards=shards, replicas=0)
-    assert output["Seeded"] is False
+    seeded = shards == clustered.shards
+    assert output["Seeded"] is seeded
     assert output["NumNodeGroups"] == shards and output["ClusterMode"] is True
-    assert output["LoadSummary"]["KeysLoaded"] == clustered.keys
+    if not seeded:
+        assert output["LoadSummary"]["KeysLoaded"] == clustered.keys
     assert output["Verification"]["Mismatches"] == []
     _check_restored(product, clustered, target, shards=shards, cluster=True)
-    print(f"restore 3 -> {shards} shards (network): {seconds:.2f} s")
+    print(f"restore 3 -> {shards} shards ({'seeded' if seeded else 'network'}): {seconds:.2f} s")
 
 
 def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, targets: list[str]) -> None:
@@ -468,6 +472,7 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
     assert failed["FailureReason"].startswith("RestoreFailed: ")
     assert failed["Nodes"] == [] and failed["Endpoints"] == []
     assert not any(process_alive(pid) for pid in pids)  # every node of the target stopped
+    assert not (product.settings.state_dir / "restore-staging" / name).exists()
     assert product.fleet._read(name) is None
     assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "available"
     assert _s3_objects(product, "big-snap") == objects
