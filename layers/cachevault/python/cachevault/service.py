@@ -22,6 +22,7 @@ from cachevault.stack import StackInfo
 
 CREATE_SNAPSHOT = "CreateSnapshotStateMachine"
 RESTORE_SNAPSHOT = "RestoreSnapshotStateMachine"
+DELETE_CACHE = "DeleteCacheStateMachine"
 TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
 
 Progress = Callable[[dict[str, Any]], None]
@@ -255,8 +256,21 @@ class ControlPlane:
         return self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)
 
     # ---- caches -------------------------------------------------------------------------
-    def delete_cache(self, cache: str, *, final_snapshot: str | None = None) -> dict[str, Any]:
-        """DeleteReplicationGroup; with a final snapshot the cache goes only once it is available."""
+    def delete_cache(
+        self,
+        cache: str,
+        *,
+        final_snapshot: str | None = None,
+        progress: Progress | None = None,
+        timeout_s: float = 3 * 3600,
+        poll_seconds: int = 1,
+    ) -> dict[str, Any]:
+        """DeleteReplicationGroup; with a final snapshot the cache goes only once it is available.
+
+        Without a final snapshot the nodes stop here, synchronously. With one, the
+        DeleteCache state machine runs (snapshot from the primaries, then delete) and this
+        waits for it: a failed snapshot raises its reason and the cache stays.
+        """
         from cachevault import caches
 
         name = names.cache_name(cache)
@@ -266,10 +280,33 @@ class ControlPlane:
                 f"Replication group {name!r} is busy: {record.get('LockedFor')} {record['LockedBy']!r} is in "
                 "progress; delete it when that has finished."
             )
-        result: dict[str, Any] = {"CacheName": name, "Status": "deleting"}
-        if final_snapshot:
-            self.create_snapshot(name, final_snapshot, final=True)
-            # A failed final snapshot raises here: the cache stays, and the error says why.
-            result["FinalSnapshot"] = self.wait_snapshot(names.snapshot_name(final_snapshot))
-        caches.delete_local_cache(name, self.settings)
+        if not final_snapshot:
+            caches.delete_local_cache(name, self.settings)
+            return {"CacheName": name, "Status": "deleted"}
+        snapshot = names.snapshot_name(final_snapshot)
+        existing = self.catalog.find_snapshot(snapshot)
+        if existing is not None and not (
+            existing.get("SnapshotStatus") == "failed"
+            and existing.get("FinalSnapshot")
+            and existing.get("ReplicationGroupId") == name
+        ):
+            # Refused before anything starts; a failed final snapshot of this cache is replaced.
+            raise errors.SnapshotAlreadyExistsFault(f"Snapshot {snapshot!r} already exists.")
+        payload = {
+            "ReplicationGroupId": name,
+            "FinalSnapshotIdentifier": snapshot,
+            "PollSeconds": poll_seconds,
+            "MaxPolls": max(1, int(timeout_s / max(poll_seconds, 1))),
+        }
+        arn = self.start(DELETE_CACHE, execution_name("delete", name), payload)
+
+        def tick() -> None:
+            if progress:
+                current = self.catalog.find_snapshot(snapshot)
+                if current is not None:
+                    creating = current["SnapshotStatus"] == "creating"
+                    progress(self.catalog.describe_snapshot(snapshot) if creating else current)
+
+        result = self.wait_execution(arn, timeout_s=timeout_s + 60, on_tick=tick)
+        result["ExecutionArn"] = arn
         return result

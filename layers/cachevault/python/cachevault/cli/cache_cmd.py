@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cachevault import caches
+from cachevault import caches, scheduler
 from cachevault.cli import context
 from cachevault.cli.output import add_json_flag, emit, table
 
@@ -29,8 +29,15 @@ def register(sub: Any) -> None:
     create.add_argument("--cache-node-type", default=caches.DEFAULT_NODE_TYPE, dest="node_type")
     create.add_argument("--kind", choices=list(caches.KINDS), default="node-based")
     create.add_argument("--data-tiering", action="store_true", help="label the cache as data tiering (r6gd)")
+    _backup_options(create)
     add_json_flag(create)
     create.set_defaults(func=cmd_create, operation="CreateReplicationGroup")
+
+    modify = verbs.add_parser("modify", help="change a cache's automatic backup settings")
+    modify.add_argument("name")
+    _backup_options(modify)
+    add_json_flag(modify)
+    modify.set_defaults(func=cmd_modify, operation="ModifyReplicationGroup")
 
     lst = verbs.add_parser("list", help="every registered cache")
     add_json_flag(lst)
@@ -54,10 +61,27 @@ def register(sub: Any) -> None:
     delete.set_defaults(func=cmd_delete, operation="DeleteReplicationGroup")
 
 
+def _backup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--snapshot-retention-limit",
+        dest="retention",
+        default=None,
+        help=f"days to keep automatic snapshots (0 = automatic backups off, at most {scheduler.RETENTION_MAX_DAYS})",
+    )
+    parser.add_argument(
+        "--snapshot-window",
+        dest="window",
+        default=None,
+        help="daily UTC window for the automatic snapshot, hh24:mi-hh24:mi, at least 60 minutes (e.g. 05:00-06:00)",
+    )
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     control = context.control_plane()
     cluster = args.cluster_mode == "enabled"
     shards = args.shards or (3 if cluster else 1)
+    # Validated before any node starts: a bad window costs nothing.
+    backups = scheduler.backup_fields(None, retention_limit=args.retention, window=args.window)
     record = caches.create_local_cache(
         args.name,
         cluster_mode=cluster,
@@ -66,6 +90,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         node_type=args.node_type,
         kind=args.kind,
         data_tiering=args.data_tiering,
+        extra=backups,
         settings=control.settings,
     )
     emit(
@@ -94,9 +119,23 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_modify(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    record = scheduler.modify_backup_settings(
+        control.catalog, args.name, retention_limit=args.retention, window=args.window
+    )
+    retention = record.get("SnapshotRetentionLimit", 0)
+    human = f"{record['CacheName']}: automatic backups " + (
+        f"kept {retention} day(s), window {record.get('SnapshotWindow')} UTC" if retention else "off"
+    )
+    emit(args, {"ReplicationGroup": record}, human)
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     control = context.control_plane()
-    result = control.delete_cache(args.name, final_snapshot=args.final_snapshot)
+    progress = None if args.json else _final_snapshot_progress()
+    result = control.delete_cache(args.name, final_snapshot=args.final_snapshot, progress=progress)
     human = f"deleted {result['CacheName']}"
     if args.final_snapshot:
         final = result["FinalSnapshot"]
@@ -105,11 +144,30 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _final_snapshot_progress() -> Any:
+    """Prints the final snapshot's progress line whenever it changes (stderr, human mode)."""
+    import sys
+
+    last: list[str] = []
+
+    def show(record: dict[str, Any]) -> None:
+        captured = sum(int(n.get("BytesCaptured") or n.get("Size") or 0) for n in record.get("NodeSnapshots", []))
+        line = f"final snapshot {record['SnapshotName']}: {record['SnapshotStatus']} {captured / 1e6:.1f} MB"
+        if not last or last[-1] != line:
+            last.append(line)
+            print(line, file=sys.stderr, flush=True)
+
+    return show
+
+
 def _describe_text(cache: dict[str, Any]) -> str:
     lines = [
         f"{cache['CacheName']}: {cache.get('Status')}  {cache.get('Engine')} {cache.get('EngineVersion')}  "
         f"cluster mode {'enabled' if cache.get('ClusterMode') else 'disabled'}  {cache.get('CacheNodeType')}",
     ]
+    if cache.get("SnapshotRetentionLimit"):
+        days, window = cache["SnapshotRetentionLimit"], cache.get("SnapshotWindow")
+        lines.append(f"  automatic backups: kept {days} day(s), window {window} UTC")
     for group in cache.get("NodeGroups", []):
         slots = f" slots {group['Slots']}" if group.get("Slots") else ""
         lines.append(f"  shard {group['NodeGroupId']}{slots}: primary {group['Primary']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from cachevault import stack as stack_info
@@ -25,6 +26,13 @@ def register(sub: Any) -> None:
     status = verbs.add_parser("status", help="is it running, where, and which local caches exist")
     add_json_flag(status)
     status.set_defaults(func=cmd_status, operation="LocalStatus")
+    fire = verbs.add_parser("fire-schedule", help="deliver one firing of a template schedule to its target now")
+    fire.add_argument(
+        "name", help="rule name, or a unique part of it (e.g. SchedulerFunction or SchedulerFunction-Tick)"
+    )
+    fire.add_argument("--time", default=None, help="the event's time (ISO 8601, UTC if no offset; default now)")
+    add_json_flag(fire)
+    fire.set_defaults(func=cmd_fire_schedule, operation="FireSchedule")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -63,3 +71,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     emit(args, payload, human)
     return 0
+
+
+def cmd_fire_schedule(args: argparse.Namespace) -> int:
+    context.quiet_libraries()
+    info = context.resolve_stack()
+    if info.endpoint_url is None:
+        raise context.NotRunning("fire-schedule needs the local embedded AWS: start it with `cachevault local up`.")
+    info.apply()
+    result = fire_deployed_schedule(info, args.name, at=args.time)
+    human = f"fired {result['Schedule']} at {result['Time']} -> {result.get('ExecutionArn') or result['Target']}"
+    if result.get("FunctionError"):
+        human += f"\n{result['FunctionError']}: {result.get('Payload')}"
+    elif result.get("Payload") is not None:
+        human += "\n" + json.dumps(result["Payload"], indent=2)
+    emit(args, result, human)
+    return 1 if result.get("FunctionError") else 0
+
+
+def fire_deployed_schedule(info: stack_info.StackInfo, name: str, *, at: str | None = None) -> dict[str, Any]:
+    """Fire a schedule as the running local service deployed it.
+
+    The server mirrors every template schedule into its EventBridge (rule + target), so
+    the rule and target read back from there are exactly what its ticker fires; this
+    delivers one firing through the same ``fire_schedule`` against its endpoint.
+    """
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from cachevault.aws import client
+    from cachevault.errors import InvalidParameterValue
+    from cachevault.local.deployer import DeployedStack, ScheduleInfo
+    from cachevault.local.schedules import fire_schedule
+    from cachevault.timeutil import parse_iso
+
+    events = client("events")
+    rules = [r for page in events.get_paginator("list_rules").paginate() for r in page["Rules"]]
+    rules = [r for r in rules if r.get("ScheduleExpression")]
+    matches = [r for r in rules if r["Name"] == name] or [
+        r for r in rules if r["Name"].endswith(f"-{name}") or f"-{name}-" in r["Name"]
+    ]
+    if len(matches) != 1:
+        known = ", ".join(sorted(r["Name"] for r in rules)) or "(none)"
+        what = "no schedule" if not matches else "more than one schedule"
+        raise InvalidParameterValue(f"{what} matches {name!r}; schedules: {known}")
+    rule = matches[0]
+    target = events.list_targets_by_rule(Rule=rule["Name"])["Targets"][0]
+    try:
+        when = parse_iso(at) if at else datetime.now(UTC)
+    except ValueError as exc:
+        raise InvalidParameterValue(f"--time {at!r} is not an ISO 8601 time.") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    schedule = ScheduleInfo(
+        name=rule["Name"],
+        logical_id="",
+        expression=rule["ScheduleExpression"],
+        target_arn=target["Arn"],
+        input=target.get("Input"),
+        enabled=rule.get("State") == "ENABLED",
+    )
+    region = info.env().get("AWS_DEFAULT_REGION") or client("sts").meta.region_name
+    account = client("sts").get_caller_identity()["Account"]
+    stack = DeployedStack(
+        stack_name=stack_info.STACK_NAME,
+        region=region,
+        account_id=account,
+        template_path=Path("template.yaml"),
+        endpoint_url=info.endpoint_url,
+    )
+    fired = fire_schedule(stack, schedule, now=when)
+    return {
+        "Schedule": schedule.name,
+        "Time": when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Target": schedule.target_arn,
+        "ExecutionArn": fired.execution_arn,
+        "Payload": fired.payload,
+        "FunctionError": fired.function_error,
+    }
