@@ -44,17 +44,18 @@ def _key(kind: str, service: str) -> tuple[str, ...]:
     )
 
 
-def client(service: str) -> Any:
-    key = _key("client", service)
+def _cached(kind: str, service: str) -> Any:
+    key = _key(kind, service)
     with _lock:
         if key not in _cache:
-            _cache[key] = session().client(service, config=_RETRIES)
+            make = session().client if kind == "client" else session().resource
+            _cache[key] = make(service, config=_RETRIES)
         return _cache[key]
+
+
+def client(service: str) -> Any:
+    return _cached("client", service)
 
 
 def resource(service: str) -> Any:
-    key = _key("resource", service)
-    with _lock:
-        if key not in _cache:
-            _cache[key] = session().resource(service, config=_RETRIES)
-        return _cache[key]
+    return _cached("resource", service)
