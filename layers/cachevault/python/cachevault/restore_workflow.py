@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cachevault import caches, names, storage, topology
+from cachevault import caches, events, names, storage, topology
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.dump_payload import restore_payload
@@ -402,6 +402,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
         catalog.update_cache(target, SnapshotRestoring=None)
     shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
     metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)
+    events.restore_status(events.RESTORE_COMPLETED, target, Status="available", SnapshotName=event.get("SnapshotName"))
     return {
         "ReplicationGroupId": target,
         "Status": "available",
@@ -437,5 +438,6 @@ def fail_step(event: dict[str, Any]) -> dict[str, Any]:
             catalog.update_snapshot(cache["SnapshotRestoring"], SnapshotStatus="available")
         shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
         metrics.add_metric(name="RestoreFailures", unit="Count", value=1)
+        events.restore_status(events.RESTORE_FAILED, target, Status="failed", FailureReason=reason)
     logger.error("restore failed", target=target, reason=reason, record_owned=ours)
     return {"ReplicationGroupId": target, "Status": "failed" if ours else None, "FailureReason": reason}

@@ -255,6 +255,50 @@ class ControlPlane:
 
         return self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)
 
+    # ---- copy / export (ElastiCache CopySnapshot) ----------------------------------------
+    COPY_SNAPSHOT = "CopySnapshotStateMachine"
+
+    def copy_snapshot(
+        self,
+        source: str,
+        target: str,
+        target_bucket: str | None = None,
+        *,
+        wait: bool = False,
+        timeout_s: float = 3600,
+    ) -> dict[str, Any]:
+        """Copy SOURCE to a new catalog snapshot TARGET, or export its RDBs to ``target_bucket``.
+
+        Returns once the CopySnapshot execution accepted the request (refusals raise their
+        ElastiCache error here; the source shows ``copying``), or with ``wait`` once it ended.
+        """
+        source = names.snapshot_name(source, automatic=True)
+        target = names.snapshot_name(target)
+        payload: dict[str, Any] = {"SourceSnapshotName": source, "TargetSnapshotName": target}
+        if target_bucket:
+            payload["TargetBucket"] = target_bucket
+        execution = execution_name("copy", target)
+        arn = self.start(self.COPY_SNAPSHOT, execution, payload)
+
+        def accepted() -> bool:
+            record = self.catalog.find_snapshot(source)
+            return record is not None and record.get("CopyExecution") == execution
+
+        self._wait_started(arn, accepted)
+        result: dict[str, Any] = {
+            "SourceSnapshotName": source,
+            "TargetSnapshotName": target,
+            "TargetBucket": target_bucket,
+            "Mode": "export" if target_bucket else "copy",
+            "SnapshotStatus": "copying",
+        }
+        if wait:
+            result.update(self.wait_execution(arn, timeout_s=timeout_s))
+        if not target_bucket:
+            result["Snapshot"] = self.catalog.get_snapshot(target)
+        result["ExecutionArn"] = arn
+        return result
+
     # ---- caches -------------------------------------------------------------------------
     def delete_cache(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cachevault import capture_runner, names, preflight, storage, topology
+from cachevault import capture_runner, events, names, preflight, storage, topology
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CaptureFailed, InvalidParameterValue
@@ -353,6 +353,7 @@ def mark_available_step(event: dict[str, Any]) -> dict[str, Any]:
     catalog.unlock_cache(record["ReplicationGroupId"], owner=event["SnapshotName"])
     metrics.add_metric(name="SnapshotsCreated", unit="Count", value=1)
     logger.info("snapshot available", snapshot=event["SnapshotName"], bytes=total)
+    events.snapshot_status(events.SNAPSHOT_CREATED, record, SnapshotStatus="available", CacheSize=str(total))
     return {
         "SnapshotName": event["SnapshotName"],
         "ReplicationGroupId": record["ReplicationGroupId"],
@@ -384,5 +385,6 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
         catalog.delete_capture_progress(name)
         catalog.unlock_cache(record["ReplicationGroupId"], owner=name)
         metrics.add_metric(name="SnapshotFailures", unit="Count", value=1)
+        events.snapshot_status(events.SNAPSHOT_CREATION_FAILED, record, SnapshotStatus="failed", FailureReason=reason)
     logger.error("snapshot failed", snapshot=name, reason=reason, record_owned=bool(ours))
     return {**state, "SnapshotStatus": "failed" if ours else None, "FailureReason": reason}

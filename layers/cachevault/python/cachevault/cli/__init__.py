@@ -10,12 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cachevault.cli import bench_cmd, cache_cmd, demo_cmd, local_cmd, restore_cmd, snapshot_cmd
+from cachevault.cli import bench_cmd, cache_cmd, demo_cmd, import_cmd, local_cmd, restore_cmd, snapshot_cmd
 from cachevault.cli.output import fail
 from cachevault.errors import CacheVaultError
 
 # Each module adds its subcommands; adding a command group is one line here.
-COMMAND_GROUPS = (local_cmd, cache_cmd, snapshot_cmd, restore_cmd, bench_cmd, demo_cmd)
+COMMAND_GROUPS = (local_cmd, cache_cmd, snapshot_cmd, restore_cmd, import_cmd, bench_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

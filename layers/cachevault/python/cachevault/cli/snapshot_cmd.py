@@ -1,4 +1,4 @@
-"""cachevault snapshot create|list|describe|delete (ElastiCache's snapshot API)."""
+"""cachevault snapshot create|list|describe|delete|copy (ElastiCache's snapshot API)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def register(sub: Any) -> None:
     delete.add_argument("name")
     add_json_flag(delete)
     delete.set_defaults(func=cmd_delete, operation="DeleteSnapshot")
+
+    copy = verbs.add_parser("copy", help="copy a snapshot in the catalog, or export its RDBs to your S3 bucket")
+    copy.add_argument("source", help="SourceSnapshotName")
+    copy.add_argument("target", help="TargetSnapshotName (the export's object names: TARGET-0001.rdb ...)")
+    copy.add_argument("--target-bucket", default=None, help="export to this S3 bucket instead of the catalog")
+    copy.add_argument("--wait", action="store_true", help="wait until the copy or export has finished")
+    add_json_flag(copy)
+    copy.set_defaults(func=cmd_copy, operation="CopySnapshot")
 
 
 def progress_text(record: dict[str, Any]) -> str:
@@ -108,6 +116,21 @@ def cmd_delete(args: argparse.Namespace) -> int:
     control = context.control_plane()
     record = control.delete_snapshot(args.name)
     emit(args, {"Snapshot": record}, f"deleted {record['SnapshotName']}")
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    result = control.copy_snapshot(args.source, args.target, args.target_bucket, wait=args.wait)
+    if result["Mode"] == "export":
+        where = f"s3://{result['TargetBucket']}/"
+        objects = [o["Key"] for o in result.get("Objects", [])] or [f"{result['TargetSnapshotName']}-*.rdb"]
+        human = f"exported {result['SourceSnapshotName']} to " + ", ".join(where + o for o in objects)
+    else:
+        human = _summary(result["Snapshot"])
+    if result.get("SnapshotStatus") == "copying":
+        human += f"\n{result['SourceSnapshotName']} is copying; watch it with: cachevault snapshot describe"
+    emit(args, result, human)
     return 0
 
 
