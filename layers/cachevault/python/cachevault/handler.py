@@ -7,6 +7,7 @@ structured logging, tracing and metrics, in the order Powertools' scaffold uses.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,23 +16,44 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from cachevault.timeutil import parse_iso, utcnow
+
 # A step that records no metric is normal; Powertools would warn on every such call.
 warnings.filterwarnings("ignore", message="No application metrics to publish")
 
 logger = Logger()
 tracer = Tracer()
-metrics = Metrics()
+# Explicit namespace: this module may be imported (e.g. by the CLI) before any function
+# environment is applied, and Powertools reads the namespace only at construction.
+metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "CacheVault"))
 
 Step = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def execution_name(event: Any) -> str | None:
+    """The Step Functions execution a step runs in (the state machines pass ``ExecutionName``)."""
+    if not isinstance(event, dict):
+        return None
+    value = event.get("ExecutionName")
+    return str(value) if value else None
+
+
 def step_handler(step: Step, *, correlation_id_path: str | None = None) -> Callable[..., Any]:
+    """``correlation_id_path`` is the fallback: a step invoked with an ``ExecutionName``
+    (every Task of the state machines) logs under that execution name, so one execution's
+    lines can be followed across all of its functions."""
     name = step.__name__
 
     @logger.inject_lambda_context(correlation_id_path=correlation_id_path, clear_state=True)
     @tracer.capture_lambda_handler
     @metrics.log_metrics
     def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+        execution = execution_name(event)
+        if execution:
+            logger.set_correlation_id(execution)
+            tracer.put_annotation(key="ExecutionName", value=execution)
+            # Metadata, not a dimension: one value per execution would explode the metric count.
+            metrics.add_metadata(key="ExecutionName", value=execution)
         logger.debug("step input", step=name, event=event)
         try:
             return step(event)
@@ -41,3 +63,12 @@ def step_handler(step: Step, *, correlation_id_path: str | None = None) -> Calla
 
     lambda_handler.__name__ = f"{name}_handler"
     return lambda_handler
+
+
+def record_duration(metric: str, started_iso: str | None) -> float | None:
+    """Seconds from an ISO timestamp (a record's start time) to now, as a metric."""
+    if not started_iso:
+        return None
+    seconds = max(0.0, (utcnow() - parse_iso(started_iso)).total_seconds())
+    metrics.add_metric(name=metric, unit=MetricUnit.Seconds, value=round(seconds, 3))
+    return seconds

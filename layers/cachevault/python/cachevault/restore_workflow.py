@@ -29,7 +29,7 @@ from cachevault.errors import (
     ReplicationGroupAlreadyExistsFault,
 )
 from cachevault.failures import failure_reason
-from cachevault.handler import logger, metrics
+from cachevault.handler import logger, metrics, record_duration
 from cachevault.rdb import RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, scan_rdb
 from cachevault.restore_load import RestoreEntry, TargetShard, load_entries, load_functions
 from cachevault.settings import Settings
@@ -402,6 +402,8 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
         catalog.update_cache(target, SnapshotRestoring=None)
     shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
     metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)
+    # Request to available: the target's record is made by the restore's preflight.
+    record_duration("RestoreDuration", (catalog.find_cache(target) or {}).get("CacheCreateTime"))
     events.restore_status(events.RESTORE_COMPLETED, target, Status="available", SnapshotName=event.get("SnapshotName"))
     return {
         "ReplicationGroupId": target,

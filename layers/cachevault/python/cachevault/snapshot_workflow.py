@@ -16,7 +16,7 @@ from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CaptureFailed, InvalidParameterValue
 from cachevault.failures import failure_reason
-from cachevault.handler import logger, metrics
+from cachevault.handler import logger, metrics, record_duration
 from cachevault.settings import Settings
 from cachevault.timeutil import iso
 
@@ -253,6 +253,7 @@ def finish_shard_step(event: dict[str, Any]) -> dict[str, Any]:
             f"the capture sent {node['Size']}."
         )
     metrics.add_metric(name="BytesCaptured", unit="Bytes", value=int(node["Size"]))
+    metrics.add_metric(name="CaptureDuration", unit="Seconds", value=float(node.get("CaptureSeconds", 0)))
     return {
         "NodeGroupId": shard["NodeGroupId"],
         "CacheNodeId": shard["CacheNodeId"],
@@ -352,6 +353,7 @@ def mark_available_step(event: dict[str, Any]) -> dict[str, Any]:
     )
     catalog.unlock_cache(record["ReplicationGroupId"], owner=event["SnapshotName"])
     metrics.add_metric(name="SnapshotsCreated", unit="Count", value=1)
+    record_duration("SnapshotDuration", record.get("SnapshotCreateTime"))  # request to available
     logger.info("snapshot available", snapshot=event["SnapshotName"], bytes=total)
     events.snapshot_status(events.SNAPSHOT_CREATED, record, SnapshotStatus="available", CacheSize=str(total))
     return {

@@ -17,6 +17,13 @@ from cachevault.settings import Settings
 
 STACK_NAME = os.environ.get("CACHEVAULT_STACK", "cachevault")
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+STATE_MACHINE_ENV_SUFFIX = "_STATE_MACHINE_ARN"
+
+
+def state_machine_logical_id(env_name: str) -> str:
+    """``RESTORE_SNAPSHOT_STATE_MACHINE_ARN`` -> ``RestoreSnapshotStateMachine``."""
+    stem = env_name.removesuffix(STATE_MACHINE_ENV_SUFFIX)
+    return "".join(part.capitalize() for part in stem.split("_") if part) + "StateMachine"
 
 
 @dataclass
@@ -45,6 +52,30 @@ class StackInfo:
         if self.endpoint_url:
             env["AWS_ENDPOINT_URL"] = self.endpoint_url
         return env
+
+    @classmethod
+    def from_env(cls) -> StackInfo:
+        """Inside a deployed function: names from its environment (Globals + its own).
+
+        State machines come from ``<NAME>_STATE_MACHINE_ARN`` variables, keyed by the
+        template's logical id (``CREATE_SNAPSHOT_STATE_MACHINE_ARN`` ->
+        ``CreateSnapshotStateMachine``), the ids the control plane starts them by.
+        """
+        settings = Settings.from_env()
+        machines = {
+            state_machine_logical_id(name): value
+            for name, value in os.environ.items()
+            if name.endswith(STATE_MACHINE_ENV_SUFFIX) and value
+        }
+        return cls(
+            bucket=settings.bucket,
+            snapshots_table=settings.snapshots_table,
+            caches_table=settings.caches_table,
+            progress_table=settings.progress_table,
+            idempotency_table=settings.idempotency_table,
+            state_machines=machines,
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+        )
 
     def apply(self) -> None:
         """Point this process's boto3 clients and Settings at the stack."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from cachevault import stack as stack_info
@@ -26,6 +27,11 @@ def register(sub: Any) -> None:
     status = verbs.add_parser("status", help="is it running, where, and which local caches exist")
     add_json_flag(status)
     status.set_defaults(func=cmd_status, operation="LocalStatus")
+    invoke = verbs.add_parser("invoke", help="run one function with an event, like `sam local invoke`")
+    invoke.add_argument("function", metavar="FUNCTION", help="logical id (SnapshotPreflightFunction) or functions/ dir")
+    invoke.add_argument("--event", "-e", type=Path, help="JSON event file (e.g. events/snapshot_preflight.json)")
+    add_json_flag(invoke)  # the result is JSON either way; this makes errors JSON too
+    invoke.set_defaults(func=cmd_invoke, operation="Invoke")
     fire = verbs.add_parser("fire-schedule", help="deliver one firing of a template schedule to its target now")
     fire.add_argument(
         "name", help="rule name, or a unique part of it (e.g. SchedulerFunction or SchedulerFunction-Tick)"
@@ -149,3 +155,17 @@ def fire_deployed_schedule(info: stack_info.StackInfo, name: str, *, at: str | N
         "Payload": fired.payload,
         "FunctionError": fired.function_error,
     }
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    """The handler's JSON result on stdout; on a function error its error JSON and exit 1."""
+    from cachevault.local import invoke
+    from cachevault.local.environment import find_template
+
+    info = context.resolve_stack()
+    info.apply()
+    context.quiet_libraries()
+    name = invoke.resolve_function(args.function, info.functions, find_template())
+    result = invoke.invoke(name, invoke.load_event(args.event))
+    print(json.dumps(result.payload, indent=2, default=str))
+    return 1 if result.function_error else 0
