@@ -30,8 +30,8 @@ from cachevault.errors import (
 )
 from cachevault.failures import failure_reason
 from cachevault.handler import logger, metrics, record_duration
-from cachevault.rdb import RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, scan_rdb
-from cachevault.restore_load import RestoreEntry, TargetShard, load_entries, load_functions
+from cachevault.rdb import RdbFile, RdbKey, scan_rdb
+from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
 from cachevault.slots import even_split, format_slot_ranges, parse_slot_ranges
 from cachevault.timeutil import iso
@@ -277,44 +277,31 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
     """Stream one staged RDB into the target primaries (routed by slot in cluster mode)."""
     task = event["Task"]
     targets = _targets(event)
-    functions: list[bytes] = []
-    skipped: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
-    per_target_ttl = [0] * len(targets)
-    with RdbFile(task["Path"]) as rdb:
-        version = rdb.version
-        sample_every = max(1, _key_count(event, task) // SAMPLES_PER_SOURCE)
 
-        def entries() -> Any:
-            seen = 0
-            for item in rdb:
-                if isinstance(item, RdbKey):
-                    payload = restore_payload(item.type_byte, item.value, version)
-                    small = len(payload) <= SAMPLE_MAX_PAYLOAD
-                    if seen % sample_every == 0 and len(samples) < SAMPLES_PER_SOURCE and small:
-                        samples.append(_sample(item.db, item.key, payload, item.expire_ms))
-                    seen += 1
-                    yield RestoreEntry(item.db, item.key, payload, item.expire_ms)
-                elif isinstance(item, RdbFunction):
-                    functions.append(bytes(item.code))
-                elif isinstance(item, RdbModuleSkipped):
-                    skipped.append({"Module": item.module_name, "Key": _text(item.key), "Offset": item.offset})
+    def keep_sample(entry: RestoreEntry) -> None:
+        if len(samples) < SAMPLES_PER_SOURCE and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
+            samples.append(_sample(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
 
-        result = load_entries(entries(), targets, cluster_mode=event["ClusterMode"])
-    libraries = load_functions(functions, targets)
-    for i, stats in enumerate(result.targets):
-        per_target_ttl[i] = stats.keys_with_ttl
+    result = load_rdb_file(
+        task["Path"],
+        targets,
+        cluster_mode=event["ClusterMode"],
+        sample_every=max(1, _key_count(event, task) // SAMPLES_PER_SOURCE),
+        on_sample=keep_sample,
+    )
+    skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
     for module in skipped:
         logger.warning("module value skipped", **module)
     metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
     return {
         "Index": task["Index"],
         "KeysPerTarget": result.keys_per_target,
-        "KeysWithTtlPerTarget": per_target_ttl,
+        "KeysWithTtlPerTarget": [t.keys_with_ttl for t in result.targets],
         "KeysExpiredSkipped": result.keys_expired_skipped,
         "BytesSent": result.bytes_sent,
         "Seconds": round(result.seconds, 3),
-        "FunctionLibraries": libraries,
+        "FunctionLibraries": result.function_libraries_loaded,
         "ModuleKeysSkipped": skipped,
         "Samples": samples,
     }
