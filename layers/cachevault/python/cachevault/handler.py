@@ -21,11 +21,12 @@ from cachevault.timeutil import parse_iso, utcnow
 # A step that records no metric is normal; Powertools would warn on every such call.
 warnings.filterwarnings("ignore", message="No application metrics to publish")
 
-logger = Logger()
-tracer = Tracer()
-# Explicit namespace: this module may be imported (e.g. by the CLI) before any function
-# environment is applied, and Powertools reads the namespace only at construction.
-metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "CacheVault"))
+# Explicit service and namespace: this module may be imported (by the CLI, a test) before
+# any function environment is applied, and Powertools reads them only at construction.
+SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME", "cachevault")
+logger = Logger(service=SERVICE)
+tracer = Tracer(service=SERVICE)
+metrics = Metrics(service=SERVICE, namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "CacheVault"))
 
 Step = Callable[[dict[str, Any]], dict[str, Any]]
 
