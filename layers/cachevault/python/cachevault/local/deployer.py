@@ -186,6 +186,7 @@ class _Deployer:
             "AWS::DynamoDB::Table": self._table,
             "AWS::Serverless::SimpleTable": self._simple_table,
             "AWS::Events::Rule": self._events_rule,
+            "AWS::Events::EventBus": self._event_bus,
             "AWS::Scheduler::Schedule": self._scheduler_schedule,
         }
         for lid in self._order():
@@ -210,6 +211,8 @@ class _Deployer:
             depends_on = res.get("DependsOn") or []
             depends_on = [depends_on] if isinstance(depends_on, str) else list(depends_on)
             found = references(res.get("Properties") or {}) | set(depends_on)
+            if res.get("Type") == "AWS::Serverless::Function":
+                found |= references(self.globals_fn)  # Globals.Function applies to every function
             deps[lid] = {d for d in found if d in self.resources and d != lid}
         order: list[str] = []
         done: set[str] = set()
@@ -446,6 +449,19 @@ class _Deployer:
                 raise
             scheduler.update_schedule(**args)
 
+    def _event_bus(self, lid: str, raw_props: dict[str, Any]) -> None:
+        name = self._name(lid, raw_props, "Name", 256)
+        events = self.client("events")
+        try:
+            events.describe_event_bus(Name=name)
+        except ClientError:
+            events.create_event_bus(Name=name)
+        self.ctx.refs[lid] = name
+        self.ctx.attrs[(lid, "Arn")] = (
+            f"arn:{self.ctx.partition}:events:{self.stack.region}:{self.stack.account_id}:event-bus/{name}"
+        )
+        self.ctx.attrs[(lid, "Name")] = name
+
     def _events_rule(self, lid: str, raw_props: dict[str, Any]) -> None:
         props = resolve(raw_props, self.ctx)
         name = self._name(lid, raw_props, "Name")
@@ -564,6 +580,17 @@ class _Deployer:
         status = (props.get("VersioningConfiguration") or {}).get("Status")
         if status:
             s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": status})
+        encryption = props.get("BucketEncryption")
+        if encryption:
+            s3.put_bucket_encryption(
+                Bucket=name,
+                ServerSideEncryptionConfiguration={
+                    "Rules": [_encryption_rule(r) for r in encryption["ServerSideEncryptionConfiguration"]]
+                },
+            )
+        public_access = props.get("PublicAccessBlockConfiguration")
+        if public_access:
+            s3.put_public_access_block(Bucket=name, PublicAccessBlockConfiguration=public_access)
         self.ctx.refs[lid] = name
         self.ctx.attrs[(lid, "Arn")] = f"arn:{self.ctx.partition}:s3:::{name}"
         self.ctx.attrs[(lid, "DomainName")] = f"{name}.s3.amazonaws.com"
@@ -692,6 +719,16 @@ def _schedule_enabled(props: dict[str, Any]) -> bool:
     if "State" in props:
         return str(props["State"]).upper() == "ENABLED"
     return str(props.get("Enabled", True)).lower() != "false"
+
+
+def _encryption_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    """CloudFormation's bucket encryption rule in the S3 API's spelling."""
+    api: dict[str, Any] = {}
+    if "ServerSideEncryptionByDefault" in rule:
+        api["ApplyServerSideEncryptionByDefault"] = rule["ServerSideEncryptionByDefault"]
+    if "BucketKeyEnabled" in rule:
+        api["BucketKeyEnabled"] = bool(rule["BucketKeyEnabled"])
+    return api
 
 
 def _placeholder_zip() -> bytes:
