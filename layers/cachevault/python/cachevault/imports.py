@@ -58,12 +58,7 @@ logger = logging.getLogger(__name__)
 
 
 def table_name(settings: Settings | None = None) -> str:
-    """IMPORTS_TABLE, else the caches table's stack name with ``-imports`` (the template's name)."""
-    explicit = os.environ.get("IMPORTS_TABLE")
-    if explicit:
-        return explicit
-    caches = (settings or Settings.from_env()).caches_table
-    return caches[: -len("-caches")] + "-imports" if caches.endswith("-caches") else "cachevault-imports"
+    return (settings or Settings.from_env()).imports_table
 
 
 def _table(settings: Settings | None = None) -> Any:

@@ -19,6 +19,7 @@ class Settings:
     caches_table: str
     progress_table: str
     idempotency_table: str
+    imports_table: str
     state_dir: Path
     region: str
     reserved_memory_percent: int
@@ -32,6 +33,7 @@ class Settings:
             caches_table=env.get("CACHES_TABLE", "cachevault-caches"),
             progress_table=env.get("CAPTURE_PROGRESS_TABLE", "cachevault-capture-progress"),
             idempotency_table=env.get("IDEMPOTENCY_TABLE", "cachevault-idempotency"),
+            imports_table=env.get("IMPORTS_TABLE", "cachevault-imports"),
             state_dir=Path(env.get("CACHEVAULT_HOME", Path.cwd() / ".cachevault")),
             region=env.get("AWS_REGION", env.get("AWS_DEFAULT_REGION", "us-east-1")),
             reserved_memory_percent=int(env.get("RESERVED_MEMORY_PERCENT", "25")),

@@ -37,6 +37,7 @@ class StackInfo:
     functions: dict[str, str] = field(default_factory=dict)  # logical id -> function name
     endpoint_url: str | None = None
     pid: int | None = None
+    imports_table: str = ""
 
     def state_machine(self, logical_id: str) -> str:
         return self.state_machines[logical_id]
@@ -49,6 +50,8 @@ class StackInfo:
             "CAPTURE_PROGRESS_TABLE": self.progress_table,
             "IDEMPOTENCY_TABLE": self.idempotency_table,
         }
+        if self.imports_table:
+            env["IMPORTS_TABLE"] = self.imports_table
         if self.endpoint_url:
             env["AWS_ENDPOINT_URL"] = self.endpoint_url
         return env
@@ -73,6 +76,7 @@ class StackInfo:
             caches_table=settings.caches_table,
             progress_table=settings.progress_table,
             idempotency_table=settings.idempotency_table,
+            imports_table=settings.imports_table,
             state_machines=machines,
             endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
         )
@@ -94,6 +98,7 @@ def from_deployed(stack: Any, endpoint_url: str | None = None, pid: int | None =
         caches_table=stack.tables["CachesTable"],
         progress_table=stack.tables["CaptureProgressTable"],
         idempotency_table=stack.tables["IdempotencyTable"],
+        imports_table=stack.tables.get("ImportsTable", ""),
         state_machines=dict(stack.state_machines),
         functions={lid: f.name for lid, f in stack.functions.items()},
         endpoint_url=endpoint_url,
@@ -136,6 +141,7 @@ def from_cloudformation(stack_name: str = STACK_NAME) -> StackInfo:
         caches_table=resources["CachesTable"],
         progress_table=resources["CaptureProgressTable"],
         idempotency_table=resources["IdempotencyTable"],
+        imports_table=resources.get("ImportsTable", ""),
         state_machines={k: v for k, v in resources.items() if k.endswith("StateMachine")},
         functions={k: v for k, v in resources.items() if k.endswith("Function")},
     )
