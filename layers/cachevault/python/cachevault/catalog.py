@@ -118,13 +118,17 @@ class Catalog:
         self.caches.delete_item(Key={"CacheName": name})
 
     def lock_cache(self, name: str, owner: str, operation: str) -> None:
-        """Take the cache's operation lock; a second operation gets a clear error."""
+        """Take the cache's operation lock; a second operation gets a clear error.
+
+        Not re-entrant: owners are snapshot names, and two requests for the same name
+        are two operations. Were the lock taken again by the same owner, the request
+        that loses the name race would release the winner's lock on its way out.
+        """
         try:
             self.caches.update_item(
                 Key={"CacheName": name},
                 UpdateExpression="SET LockedBy = :o, LockedFor = :op, LockedAt = :t",
-                ConditionExpression=Attr("CacheName").exists()
-                & (Attr("LockedBy").not_exists() | Attr("LockedBy").eq(owner)),
+                ConditionExpression=Attr("CacheName").exists() & Attr("LockedBy").not_exists(),
                 ExpressionAttributeValues={":o": owner, ":op": operation, ":t": iso()},
             )
         except ClientError as err:

@@ -60,10 +60,13 @@ def _resolve_source_node(cache: dict[str, Any], wanted: str | None) -> str | Non
 
 
 def _seeds(cache: dict[str, Any]) -> list[tuple[str, int]]:
-    seeds = []
-    for endpoint in cache.get("Endpoints", []):
-        host, _, port = endpoint.rpartition(":")
-        seeds.append((host, int(port)))
+    """The endpoints, then every known node: with the primary down (or failed over), the
+    topology is still read from a replica, which tells whether its master link is up."""
+    seeds: list[tuple[str, int]] = []
+    for address in [*cache.get("Endpoints", []), *(n.get("Address", "") for n in cache.get("Nodes", []))]:
+        host, _, port = address.rpartition(":")
+        if host and (host, int(port)) not in seeds:
+            seeds.append((host, int(port)))
     return seeds
 
 
@@ -106,6 +109,10 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         logger.warning(warning, snapshot=snapshot)
     catalog.lock_cache(cache_name, owner=snapshot, operation="snapshot")
     try:
+        # Again under the lock: a snapshot that ran between the check above and the lock
+        # counts now (only the lock holder adds records; its record was written when it
+        # started, so even an eventually consistent ByCache index has it by now).
+        preflight.within_quota(ctx)
         catalog.create_snapshot(
             {
                 "SnapshotName": snapshot,

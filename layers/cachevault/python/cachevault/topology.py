@@ -386,10 +386,14 @@ def choose_source(shard: Shard, prefer_node: str | None = None, *, allow_primary
         return min(healthy, key=lambda r: r.lag_bytes if r.lag_bytes is not None else 1 << 62)
     if allow_primary and shard.primary.link_up:
         return shard.primary
+    # Name the replicas and why: a replica without its master link refuses SYNC with
+    # -NOMASTERLINK, so the operator learns what a capture would have hit.
+    unlinked = [r.endpoint for r in shard.replicas]
     raise InvalidReplicationGroupState(
         f"shard {shard.shard_id} has no healthy replica"
+        + (f" (master link down or unreachable, -NOMASTERLINK: {', '.join(unlinked)})" if unlinked else "")
         + ("" if allow_primary else " (capturing from the primary was not allowed)")
-        + ("" if shard.primary.link_up else " and its primary is down"),
+        + ("" if shard.primary.link_up else f" and its primary is down ({shard.primary.endpoint})"),
         shard_id=shard.shard_id,
     )
 
