@@ -10,11 +10,11 @@ Faults are injected where they happen in real life: on the redis-server nodes
 service side (moto's S3 backend answering an error or cutting a download short), so the
 product's own clients, retries and cleanup are what is under test.
 
-moto limitation found here (documented in ``serialized_dynamodb``): moto's in-process
-DynamoDB does not serialize writes to one item, so two conditional writes racing from
-two threads can both succeed (measured: 3-29 % of 8-thread rounds). Real DynamoDB
-serializes per item; the concurrency tests put that guarantee back into the emulator
-rather than weaken the product's conditional writes.
+moto limitation found here: moto's DynamoDB does not serialize writes to one item, so two
+conditional writes racing from two threads could both succeed (measured: 3-29 % of
+8-thread rounds). Real DynamoDB serializes per item; the embedded AWS puts that guarantee
+back (``local.lambda_runtime._patch_dynamodb_item_atomicity``) rather than the product
+weakening its conditional writes.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from cachevault.errors import (
 )
 from cachevault.local.redis_process import free_port
 from cachevault.timeutil import iso, utcnow
-from moto.dynamodb.models import DynamoDBBackend
 from moto.s3.exceptions import S3ClientError
 from moto.s3.models import S3Backend
 
@@ -310,27 +309,6 @@ def test_s3_throttling_on_upload_part_aborts_the_multipart_upload(
 
 
 # ------------------------------------------------------------------------------ 4: concurrency
-@pytest.fixture
-def serialized_dynamodb(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Give moto's DynamoDB the per-item atomicity real DynamoDB has.
-
-    moto 5.2.1's ``DynamoDBBackend.update_item`` reads the item, evaluates the condition,
-    then mutates it, with nothing held in between; two threads can both pass a
-    ``LockedBy not_exists`` condition (and a scan can iterate a dict another thread
-    grows). One lock around every item operation restores DynamoDB's semantics; the
-    product's conditional writes are unchanged.
-    """
-    lock = threading.RLock()
-    for name in ("put_item", "update_item", "delete_item", "get_item", "query", "scan", "transact_write_items"):
-        real = getattr(DynamoDBBackend, name)
-
-        def locked(self: DynamoDBBackend, *args: Any, _real: Callable[..., Any] = real, **kwargs: Any) -> Any:
-            with lock:
-                return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(DynamoDBBackend, name, locked)
-
-
 def _insert_manual(product: Product, cache: str, count: int, node: str) -> None:
     for i in range(count):
         product.control.catalog.create_snapshot(
@@ -391,9 +369,7 @@ class CreatingWatcher:
         self._thread.join(timeout=10)
 
 
-def test_concurrent_requests_one_at_a_time_within_quota(
-    product: Product, new_cache: Any, serialized_dynamodb: None
-) -> None:
+def test_concurrent_requests_one_at_a_time_within_quota(product: Product, new_cache: Any) -> None:
     cache = new_cache("conc", replicas=1)
     name = cache["CacheName"]
     fill(cache["Endpoints"][0], keys=500)

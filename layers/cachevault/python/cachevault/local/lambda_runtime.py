@@ -365,6 +365,7 @@ def install(runtime: LambdaRuntime = RUNTIME) -> None:
         LambdaFunction._invoke_lambda = _invoke_lambda
         LambdaFunction.invoke = invoke
         _patch_state_machine_clone()
+        _patch_dynamodb_item_atomicity()
 
 
 def uninstall() -> None:
@@ -405,6 +406,31 @@ def _patch_state_machine_clone() -> None:
 
     StateMachineInstance.__deepcopy__ = __deepcopy__
     StateMachineInstance._cachevault_clone_fix = True
+
+
+def _patch_dynamodb_item_atomicity() -> None:
+    """Give moto 5.2.1's DynamoDB the per-item atomicity real DynamoDB has.
+
+    ``DynamoDBBackend.update_item`` reads the item, evaluates the condition, then mutates
+    it with nothing held in between: two threads (a Map state's branches, concurrent
+    requests) could both pass a ``LockedBy not_exists`` condition, and a scan could iterate
+    a dict another thread grows. One lock around every item operation restores DynamoDB's
+    semantics, so the product's conditional writes mean locally what they mean on AWS.
+    """
+    from moto.dynamodb.models import DynamoDBBackend
+
+    if getattr(DynamoDBBackend, "_cachevault_atomic", False):
+        return
+    lock = threading.RLock()
+    for name in ("put_item", "update_item", "delete_item", "get_item", "query", "scan", "transact_write_items"):
+        real = getattr(DynamoDBBackend, name)
+
+        def locked(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            with lock:
+                return _real(self, *args, **kwargs)
+
+        setattr(DynamoDBBackend, name, locked)
+    DynamoDBBackend._cachevault_atomic = True
 
 
 def _save_logs(fn: Any, logs: str) -> None:
