@@ -13,8 +13,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from cachevault import credentials as creds_mod
 from cachevault import names, topology
+from cachevault.aws import client
 from cachevault.catalog import Catalog
+from cachevault.credentials import Credentials
 from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
@@ -44,9 +47,11 @@ def local_engine() -> tuple[str, str]:
     return engine, version
 
 
-def registry_record(layout: Any, *, node_type: str, kind: str, data_tiering: bool) -> dict[str, Any]:
+def registry_record(
+    layout: Any, *, node_type: str, kind: str, data_tiering: bool, credentials: Credentials | None = None
+) -> dict[str, Any]:
     primary = layout.shards[0].primary
-    engine, version, rdb_version = topology.engine_info(primary.host, primary.port)
+    engine, version, rdb_version = topology.engine_info(primary.host, primary.port, credentials=credentials)
     nodes = []
     for index, shard in enumerate(layout.shards, start=1):
         group = f"{index:04d}"
@@ -102,31 +107,156 @@ def create_local_cache(
     seed_rdbs: list[Path] | None = None,
     extra: dict[str, Any] | None = None,
     settings: Settings | None = None,
+    auth_secret_arn: str | None = None,
+    auth_password: str | None = None,
+    auth_username: str | None = None,
+    tls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Start the nodes, then register the cache; a half-made cache is never left registered."""
+    """Start the nodes, then register the cache; a half-made cache is never left registered.
+
+    ``auth_password`` stores the password in Secrets Manager (``cachevault/<name>/auth``)
+    and starts the nodes with ``requirepass`` (plus an ACL user ``auth_username``);
+    ``auth_secret_arn`` uses an existing secret. ``tls`` (cert_file, key_file, ca_file)
+    makes TLS-only nodes; the registry records ``TransitEncryptionEnabled`` and the CA.
+    """
     settings = settings or Settings.from_env()
     name = names.cache_name(name)
     validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind=kind)
+    if auth_secret_arn and auth_password:
+        raise InvalidParameterCombination("Give --auth-secret-arn or --auth-password, not both.")
     catalog = Catalog(settings)
     if catalog.find_cache(name) is not None:
         raise ReplicationGroupAlreadyExistsFault(f"Replication group {name!r} already exists.")
-    fleet = _fleet(settings)
-    layout = fleet.create_cache(
-        name,
-        cluster_mode=cluster_mode,
-        num_shards=num_shards,
-        replicas_per_shard=replicas,
-        seed_rdbs=seed_rdbs,
-        # A cache lives until it is deleted, not until the process that made it exits.
-        detached=True,
-    )
+    security: dict[str, Any] = {}
+    if tls:
+        security.update(TransitEncryptionEnabled=True, TlsCaBundle=tls["ca_file"])
+    if auth_password:
+        security.update(AuthSecretArn=_create_secret(name, auth_username, auth_password), AuthSecretManaged=True)
+    elif auth_secret_arn:
+        security["AuthSecretArn"] = auth_secret_arn
     try:
-        record = registry_record(layout, node_type=node_type, kind=kind, data_tiering=data_tiering)
+        creds = creds_mod.for_cache(security)
+        fleet = _fleet(settings)
+        layout = fleet.create_cache(
+            name,
+            cluster_mode=cluster_mode,
+            num_shards=num_shards,
+            replicas_per_shard=replicas,
+            seed_rdbs=seed_rdbs,
+            # A cache lives until it is deleted, not until the process that made it exits.
+            detached=True,
+            password=creds.password,
+            username=creds.username,
+            tls=tls,
+        )
+    except Exception:
+        _delete_managed_secret(security)
+        raise
+    try:
+        record = registry_record(
+            layout, node_type=node_type, kind=kind, data_tiering=data_tiering, credentials=creds
+        )
+        record.update(security)
         record.update(extra or {})
         return catalog.register_cache(record)
     except Exception:
         fleet.destroy_cache(name)
+        _delete_managed_secret(security)
         raise
+
+
+def _create_secret(cache: str, username: str | None, password: str) -> str:
+    resp = client("secretsmanager").create_secret(
+        Name=f"cachevault/{cache}/auth",
+        SecretString=creds_mod.secret_document(username, password),
+        Description=f"AUTH credentials of cache {cache} (created by cachevault cache create)",
+    )
+    return str(resp["ARN"])
+
+
+def _delete_managed_secret(record: dict[str, Any]) -> None:
+    if record.get("AuthSecretManaged") and record.get("AuthSecretArn"):
+        with contextlib.suppress(Exception):  # already gone is fine
+            client("secretsmanager").delete_secret(
+                SecretId=record["AuthSecretArn"], ForceDeleteWithoutRecovery=True
+            )
+
+
+def _parse_endpoint(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidParameterValue(f"Endpoint {text!r} must be host:port.")
+    return host, int(port)
+
+
+def register_external_cache(
+    name: str,
+    endpoints: list[str],
+    *,
+    auth_secret_arn: str | None = None,
+    auth_parameter_name: str | None = None,
+    auth_username: str | None = None,
+    transit_encryption: bool = False,
+    tls_ca_bundle: str | None = None,
+    cluster_mode: bool | None = None,
+    node_type: str = DEFAULT_NODE_TYPE,
+    kind: str = "node-based",
+    data_tiering: bool = False,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Register a user's own Redis/Valkey (``Managed: external``) after reading its topology.
+
+    The nodes are reached with the credentials the secret/parameter holds; the shape
+    (shards, replicas, node ids) comes from the live topology, so preflight and capture
+    work exactly as for a local cache. cachevault never stops or deletes such nodes.
+    """
+    settings = settings or Settings.from_env()
+    name = names.cache_name(name)
+    if kind not in KINDS:
+        raise InvalidParameterValue(f"Kind must be one of {', '.join(KINDS)}, not {kind!r}.")
+    if auth_secret_arn and auth_parameter_name:
+        raise InvalidParameterCombination("Give AuthSecretArn or AuthParameterName, not both.")
+    seeds = [_parse_endpoint(e) for e in endpoints]
+    if not seeds:
+        raise InvalidParameterValue("At least one --endpoint host:port is required.")
+    catalog = Catalog(settings)
+    if catalog.find_cache(name) is not None:
+        raise ReplicationGroupAlreadyExistsFault(f"Replication group {name!r} already exists.")
+    security: dict[str, Any] = {}
+    if auth_secret_arn:
+        security["AuthSecretArn"] = auth_secret_arn
+    if auth_parameter_name:
+        security["AuthParameterName"] = auth_parameter_name
+    if auth_username:
+        security["AuthUsername"] = auth_username
+    if transit_encryption or tls_ca_bundle:
+        security["TransitEncryptionEnabled"] = True
+        if tls_ca_bundle:
+            security["TlsCaBundle"] = tls_ca_bundle
+    creds = creds_mod.for_cache(security)
+    topo = topology.discover(seeds, credentials=creds)
+    if cluster_mode is not None and cluster_mode != topo.cluster_mode:
+        state = "enabled" if topo.cluster_mode else "disabled"
+        raise InvalidParameterCombination(f"The nodes report cluster mode {state}, not what was given.")
+    layout = _Layout(name, topo)
+    record = registry_record(layout, node_type=node_type, kind=kind, data_tiering=data_tiering, credentials=creds)
+    record["Endpoints"] = [f"{h}:{p}" for h, p in seeds]
+    record["Managed"] = "external"
+    record.update(security)
+    return catalog.register_cache(record)
+
+
+class _Layout:
+    """The slice of a fleet layout registry_record reads, built from a live topology."""
+
+    def __init__(self, name: str, topo: Any) -> None:
+        self.name = name
+        self.cluster_mode = topo.cluster_mode
+        self.shards = topo.shards
+        for shard in topo.shards:
+            for node in shard.nodes:
+                # Node ids ElastiCache style when the cluster gives none (cluster mode off).
+                node.node_id = node.node_id or f"{node.host}:{node.port}"
 
 
 def delete_local_cache(name: str, settings: Settings | None = None) -> None:
@@ -138,6 +268,7 @@ def delete_local_cache(name: str, settings: Settings | None = None) -> None:
         # only its record (status failed), which must still be deletable and reusable.
         with contextlib.suppress(ReplicationGroupNotFoundFault):
             _fleet(settings).destroy_cache(cache["CacheName"])
+    _delete_managed_secret(cache)
     catalog.delete_cache(cache["CacheName"])
 
 
@@ -147,7 +278,7 @@ def describe_cache(name: str, settings: Settings | None = None) -> dict[str, Any
     cache = Catalog(settings).get_cache(names.cache_name(name))
     seeds = [(e.rpartition(":")[0], int(e.rpartition(":")[2])) for e in cache.get("Endpoints", [])]
     try:
-        topo = topology.discover(seeds)
+        topo = topology.discover(seeds, credentials=creds_mod.for_cache(cache))
     except Exception as exc:  # describe must still answer for a cache that is down
         cache["NodeGroups"] = []
         cache["TopologyError"] = str(exc)

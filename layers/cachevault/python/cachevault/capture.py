@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import anycrc
 
+from cachevault.credentials import Credentials, TlsError, merge
 from cachevault.errors import CaptureFailed
 
 EOF_MARK_LEN = 40  # diskless transfers end with a 40-byte random marker announced up front
@@ -215,6 +216,7 @@ def capture_rdb(
     progress: Callable[[CaptureProgress], None] | None = None,
     rdb_only: bool = True,
     use_psync: bool = True,
+    credentials: Credentials | None = None,
 ) -> CaptureResult:
     """Stream a point-in-time RDB of ``host:port`` into ``sink``.
 
@@ -226,16 +228,19 @@ def capture_rdb(
     write = _resolve_sink(sink)
     notes: list[str] = []
     started = time.monotonic()
+    creds = merge(credentials, username, password)
     try:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
+        # TLS when the cache has transit encryption: the stream is then read through the
+        # SSL layer (recv_into works the same on an SSLSocket).
+        sock = creds.connect(host, port, connect_timeout)
+    except TlsError as exc:
+        raise CaptureFailed(f"{node}: {exc}", node=node) from exc
     except OSError as exc:
         raise CaptureFailed(f"{node}: cannot connect: {exc}", node=node) from exc
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock, node)
-        if password is not None:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            _fail_on_error(conn.command(*auth), node, "AUTH")
+        if creds.auth_args is not None:
+            _fail_on_error(conn.command(*creds.auth_args), node, "AUTH")
         if rdb_only:
             line = conn.command("REPLCONF", "rdb-only", "1")
             if line.startswith(b"-"):

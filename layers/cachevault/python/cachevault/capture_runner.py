@@ -21,10 +21,12 @@ from typing import Any
 
 import redis
 
-from cachevault import storage
+from cachevault import credentials as creds_mod
+from cachevault import encryption, storage
 from cachevault.aws import client
 from cachevault.capture import CaptureProgress, capture_rdb
 from cachevault.catalog import Catalog
+from cachevault.credentials import Credentials
 from cachevault.errors import CaptureFailed
 from cachevault.handler import logger
 from cachevault.settings import Settings
@@ -52,12 +54,16 @@ def start(snapshot: str, shard: dict[str, Any], settings: Settings) -> None:
     # Clients are made now, inside the invocation: the worker outlives the handler's
     # environment (endpoint, credentials) in the local runtime.
     catalog, s3 = Catalog(settings), client("s3")
+    # Resolved here by cache name (the payload never carries a secret), passed by reference.
+    cache = shard.get("ReplicationGroupId") or catalog.get_snapshot(snapshot)["ReplicationGroupId"]
+    credentials = creds_mod.for_cache_name(cache, catalog)
     if _inline():
-        run(snapshot, shard, catalog, s3, settings.bucket, raise_errors=True)
+        run(snapshot, shard, catalog, s3, settings.bucket, raise_errors=True, credentials=credentials)
         return
     worker = threading.Thread(
         target=run,
         args=(snapshot, shard, catalog, s3, settings.bucket),
+        kwargs={"credentials": credentials},
         name=f"capture-{snapshot}-{key[1]}",
         daemon=True,
     )
@@ -78,8 +84,10 @@ def cancel(snapshot: str) -> None:
             _cancelled.discard(snapshot)
 
 
-def _keys_per_db(host: str, port: int) -> dict[str, int]:
-    conn = redis.Redis(host=host, port=port, socket_timeout=10, socket_connect_timeout=5)
+def _keys_per_db(host: str, port: int, credentials: Credentials = creds_mod.NONE) -> dict[str, int]:
+    conn = redis.Redis(
+        host=host, port=port, socket_timeout=10, socket_connect_timeout=5, **credentials.redis_kwargs()
+    )
     try:
         keyspace = conn.info("keyspace")
     finally:
@@ -88,7 +96,13 @@ def _keys_per_db(host: str, port: int) -> dict[str, int]:
 
 
 def run(
-    snapshot: str, shard: dict[str, Any], catalog: Catalog, s3: Any, bucket: str, raise_errors: bool = False
+    snapshot: str,
+    shard: dict[str, Any],
+    catalog: Catalog,
+    s3: Any,
+    bucket: str,
+    raise_errors: bool = False,
+    credentials: Credentials = creds_mod.NONE,
 ) -> None:
     index = int(shard["ShardIndex"]) - 1
     group = shard["NodeGroupId"]
@@ -114,7 +128,7 @@ def run(
         )
 
     try:
-        keys = _keys_per_db(shard["Host"], int(shard["Port"]))
+        keys = _keys_per_db(shard["Host"], int(shard["Port"]), credentials)
         catalog.set_capture_progress(
             snapshot,
             group,
@@ -127,7 +141,9 @@ def run(
             },
         )
         with storage.S3MultipartWriter(s3, bucket, key, extra_args=_encryption()) as writer:
-            result = capture_rdb(shard["Host"], int(shard["Port"]), writer.write, progress=report)
+            result = capture_rdb(
+                shard["Host"], int(shard["Port"]), writer.write, progress=report, credentials=credentials
+            )
         catalog.set_capture_progress(
             snapshot,
             group,
@@ -163,7 +179,4 @@ def _inline() -> bool:
 
 
 def _encryption() -> dict[str, str]:
-    kms_key = os.environ.get("SNAPSHOT_KMS_KEY_ID")
-    if kms_key:
-        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key}
-    return {"ServerSideEncryption": "AES256"}
+    return encryption.s3_args()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import time
 from binascii import crc_hqx
@@ -28,6 +29,7 @@ from typing import Any
 import hiredis
 import redis
 
+from cachevault.credentials import Credentials, Tls, TlsError
 from cachevault.dump_payload import TYPE_BYTE_CRC, crc64_calc, restore_payload
 from cachevault.errors import InvalidParameterCombination, InvalidParameterValue, RestoreFailed
 from cachevault.rdb import RdbFile, RdbFunction, RdbKey, RdbModuleSkipped
@@ -58,11 +60,16 @@ class TargetShard:
     port: int
     slots: Sequence[SlotRange] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: Tls | None = None  # transit encryption: the server certificate is verified
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.username, self.password, self.tls)
 
 
 @dataclass(slots=True)
@@ -140,6 +147,7 @@ class ShardLoader:
         timeout: float = 300.0,
         cluster: bool = False,
         max_inflight: int = 1,
+        tls: Tls | None = None,
     ) -> None:
         if batch_bytes < 1 or batch_keys < 1 or max_inflight < 1:
             raise InvalidParameterValue("batch_bytes, batch_keys and max_inflight must be positive")
@@ -160,12 +168,7 @@ class ShardLoader:
         self._db = 0
         self._closed = False
         self._started = time.perf_counter()
-        try:
-            self._sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            message = f"Cannot connect to target {self.address}: {exc}"
-            raise RestoreFailed(message, Target=self.address) from exc
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = _connect(Credentials(username, password, tls), host, port, timeout, self.address)
         if password is not None:
             args = ("AUTH", username, password) if username else ("AUTH", password)
             reply = self._call(hiredis.pack_command(args))
@@ -370,6 +373,7 @@ def load_entries(
                     timeout=timeout,
                     cluster=cluster_mode,
                     max_inflight=max_inflight,
+                    tls=t.tls,
                 )
             )
         adds = [loader.add for loader in loaders]
@@ -435,8 +439,7 @@ def load_functions(
         client = redis.Redis(
             host=t.host,
             port=t.port,
-            username=t.username,
-            password=t.password,
+            **t.credentials.redis_kwargs(),
             socket_timeout=timeout,
             socket_connect_timeout=min(timeout, 10.0),
         )
@@ -491,11 +494,10 @@ class _Pipe:
         self._pending: deque[Batch] = deque()  # submitted, replies not yet all read
         self._rbuf = bytearray()
         self._max = max_batches
-        try:
-            self._sock = socket.create_connection((target.host, target.port), timeout=timeout)
-        except OSError as exc:
-            raise RestoreFailed(f"Cannot connect to target {self.address}: {exc}", Target=self.address) from exc
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = _connect(target.credentials, target.host, target.port, timeout, self.address)
+        # An SSLSocket refuses MSG_DONTWAIT: over TLS, pump() flips the socket non-blocking instead.
+        self._tls = target.tls is not None
+        self._timeout = timeout
         if target.password is not None:
             user, password = target.username, target.password
             auth = hiredis.pack_command(("AUTH", user, password) if user else ("AUTH", password))
@@ -518,6 +520,9 @@ class _Pipe:
 
     def pump(self) -> None:
         """Send what the socket accepts now and take in the replies that have arrived; never blocks."""
+        if self._tls:
+            self._pump_tls()
+            return
         out, sock = self._out, self._sock
         try:
             while out:
@@ -545,6 +550,41 @@ class _Pipe:
                 raise RestoreFailed(f"Target {self.address} closed the connection", Target=self.address)
             self._rbuf += data
             self._settle(block=False)
+
+    def _pump_tls(self) -> None:
+        """pump() over TLS: the same moves with the socket briefly non-blocking."""
+        out, sock = self._out, self._sock
+        sock.setblocking(False)
+        try:
+            try:
+                while out:
+                    head = out[0]
+                    sent = sock.send(head)
+                    if sent == len(head):
+                        out.popleft()
+                        head.release()
+                    else:
+                        out[0] = head[sent:]
+                        head.release()
+                        break
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise RestoreFailed(f"Sending to {self.address} failed: {exc}", Target=self.address) from exc
+            if not self._pending:
+                return
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                raise RestoreFailed(f"Reading from {self.address} failed: {exc}", Target=self.address) from exc
+        finally:
+            sock.settimeout(self._timeout)
+        if not data:
+            raise RestoreFailed(f"Target {self.address} closed the connection", Target=self.address)
+        self._rbuf += data
+        self._settle(block=False)
 
     def drain(self) -> None:
         """Send everything and wait for every reply; RestoreFailed on any error reply."""
@@ -622,6 +662,15 @@ class _Pipe:
             FailedKeys=[_show_key(k) for k, _ in errors[:20]],
             FailedCount=len(errors),
         )
+
+
+def _connect(creds: Credentials, host: str, port: int, timeout: float, address: str) -> socket.socket:
+    try:
+        return creds.connect(host, port, timeout)
+    except TlsError as exc:
+        raise RestoreFailed(f"Cannot connect to target {address}: {exc}", Target=address) from exc
+    except OSError as exc:
+        raise RestoreFailed(f"Cannot connect to target {address}: {exc}", Target=address) from exc
 
 
 def _ok_prefix(buf: bytearray, limit: int) -> bool:

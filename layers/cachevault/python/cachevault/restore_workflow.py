@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cachevault import caches, events, names, storage, topology
+from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.dump_payload import restore_payload
@@ -64,6 +65,8 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     if bool(snapshot_name) == bool(arns):
         raise InvalidParameterCombination("Give exactly one of SnapshotName or SnapshotArns.")
     _check_target_free(catalog, target)
+    security = creds_mod.security_fields(request)  # names of secrets only, checked before any write
+    creds_mod.fleet_tls(security)
 
     snapshot: dict[str, Any] | None = None
     if snapshot_name:
@@ -109,6 +112,7 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
             "RestoreExecution": execution,
             "RestoreSource": snapshot_name or ",".join(arns),
             "CacheNodeType": node_type,
+            **security,
         }
     )
     if snapshot is not None:
@@ -189,6 +193,7 @@ def _s3_source(arn: str) -> dict[str, Any]:
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
     if not bucket or not key:
         raise InvalidS3Location(f"{arn!r} names no object.")
+    storage.check_key(key)  # no "..", absolute or percent-encoded escapes
     try:
         head = client("s3").head_object(Bucket=bucket, Key=key)
     except Exception as exc:
@@ -233,8 +238,13 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     sources = event["Sources"]
     seeded = _can_seed(event)
     fleet = caches._fleet(settings)
+    cache = catalog.get_cache(target)
+    creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
     layout = fleet.create_cache(
         target,
+        password=creds.password,
+        username=creds.username,
+        tls=creds_mod.fleet_tls(cache),
         cluster_mode=cluster_mode,
         num_shards=shards,
         replicas_per_shard=event["ReplicasPerNodeGroup"],
@@ -242,7 +252,11 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         detached=True,
     )
     record = caches.registry_record(
-        layout, node_type=event["CacheNodeType"], kind="node-based", data_tiering="r6gd" in event["CacheNodeType"]
+        layout,
+        node_type=event["CacheNodeType"],
+        kind="node-based",
+        data_tiering="r6gd" in event["CacheNodeType"],
+        credentials=creds,
     )
     record["Status"] = "creating"
     catalog.update_cache(target, **{k: v for k, v in record.items() if k != "CacheName"})
@@ -267,8 +281,18 @@ def _can_seed(event: dict[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------------------- load
 def _targets(event: dict[str, Any]) -> list[TargetShard]:
+    # The target's AUTH/TLS from its registry record (the Map passes the name, never a secret).
+    name = event.get("ReplicationGroupId")
+    creds = creds_mod.for_cache_name(name) if name else creds_mod.NONE
     return [
-        TargetShard(t["Host"], int(t["Port"]), parse_slot_ranges(t["Slots"]) if t["Slots"] else ())
+        TargetShard(
+            t["Host"],
+            int(t["Port"]),
+            parse_slot_ranges(t["Slots"]) if t["Slots"] else (),
+            creds.username,
+            creds.password,
+            creds.tls,
+        )
         for t in event["Targets"]
     ]
 

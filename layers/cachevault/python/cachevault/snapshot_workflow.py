@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cachevault import capture_runner, events, names, preflight, storage, topology
+from cachevault import capture_runner, encryption, events, names, preflight, storage, topology
+from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CaptureFailed, InvalidParameterValue
@@ -151,12 +152,13 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
 def _predict_sources(ctx: preflight.PreflightContext) -> None:
     """The node each shard's capture will read (as SelectSources will pick it) and its memory."""
     cache, req = ctx.cache, ctx.request
-    topo = topology.discover(_seeds(cache))
+    credentials = creds_mod.for_cache(cache)  # resolved per step: never in the payload
+    topo = topology.discover(_seeds(cache), credentials=credentials)
     prefer = _resolve_source_node(cache, req.source_node)
     for _, node in pick_sources(topo, prefer=prefer, final=req.final):
         node_id = cache_node_id(cache, node_address(node))
         ctx.source_nodes.append(node_id)
-        ctx.node_memory[node_id] = topology.node_memory(node.host, node.port)
+        ctx.node_memory[node_id] = topology.node_memory(node.host, node.port, credentials=credentials)
 
 
 def pick_sources(topo: Any, *, prefer: str | None, final: bool) -> list[tuple[Any, Any]]:
@@ -177,7 +179,7 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
     """Re-read the topology now and pick each shard's source node."""
     catalog = _catalog()
     cache = catalog.get_cache(event["ReplicationGroupId"])
-    topo = topology.discover(_seeds(cache))
+    topo = topology.discover(_seeds(cache), credentials=creds_mod.for_cache(cache))
     prefer = _resolve_source_node(cache, event.get("SourceNode"))
     shards, node_snapshots = [], []
     picks = pick_sources(topo, prefer=prefer, final=bool(event.get("FinalSnapshot")))
@@ -300,7 +302,9 @@ def write_manifest_step(event: dict[str, Any]) -> dict[str, Any]:
         node["CaptureStatus"] = "done"
     cache = catalog.get_cache(record["ReplicationGroupId"])
     manifest = build_manifest(record, cache)
-    storage.write_manifest(client("s3"), settings.bucket, record["SnapshotName"], manifest)
+    storage.write_manifest(
+        client("s3"), settings.bucket, record["SnapshotName"], manifest, extra_args=encryption.s3_args()
+    )
     catalog.update_snapshot(
         record["SnapshotName"],
         NodeSnapshots=record["NodeSnapshots"],

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote
 
 from botocore.exceptions import ClientError
 
@@ -45,7 +46,8 @@ def check_key(key: str) -> str:
     """Refuse keys that are empty, absolute or contain a ``..`` / ``.`` path segment."""
     if not key or key.startswith("/") or "\\" in key or any(c < " " for c in key):
         raise InvalidParameterValue(f"invalid S3 key {key!r}")
-    if any(seg in ("..", ".") for seg in key.split("/")):
+    # Percent-decoded too: a layer that URL-decodes keys must not turn %2e%2e into "..".
+    if any(seg in ("..", ".") for seg in (*key.split("/"), *unquote(key).split("/"))):
         raise InvalidParameterValue(f"S3 key {key!r} escapes its prefix")
     return key
 

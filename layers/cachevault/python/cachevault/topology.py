@@ -20,6 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from cachevault.credentials import Credentials, Tls, merge
 from cachevault.errors import InvalidParameterValue, InvalidReplicationGroupState
 
 PRIMARY = "primary"
@@ -85,9 +86,19 @@ class Topology:
 
 @dataclass(frozen=True)
 class _Auth:
-    password: str | None
+    password: str | None = field(repr=False)
     username: str | None
     timeout: float
+    tls: Tls | None = None
+
+    @property
+    def creds(self) -> Credentials:
+        return Credentials(self.username, self.password, self.tls)
+
+
+def _auth(password: str | None, username: str | None, timeout: float, credentials: Credentials | None) -> _Auth:
+    creds = merge(credentials, username, password)
+    return _Auth(creds.password, creds.username, timeout, creds.tls)
 
 
 @contextlib.contextmanager
@@ -95,8 +106,7 @@ def _connect(host: str, port: int, auth: _Auth) -> Iterator[redis.Redis]:
     client = redis.Redis(
         host=host,
         port=port,
-        password=auth.password,
-        username=auth.username,
+        **auth.creds.redis_kwargs(),  # AUTH user/password and TLS (certificate checked)
         socket_timeout=auth.timeout,
         socket_connect_timeout=auth.timeout,
         retry=Retry(NoBackoff(), 0),  # a dead node must cost one timeout, not a backoff series
@@ -123,11 +133,12 @@ def discover(
     password: str | None = None,
     username: str | None = None,
     timeout: float = 5.0,
+    credentials: Credentials | None = None,
 ) -> Topology:
     """The topology seen from the first reachable seed."""
     if not seed_endpoints:
         raise InvalidParameterValue("at least one seed endpoint is required")
-    auth = _Auth(password, username, timeout)
+    auth = _auth(password, username, timeout, credentials)
     errors: list[str] = []
     for host, port in seed_endpoints:
         try:
@@ -441,9 +452,10 @@ def engine_info(
     password: str | None = None,
     username: str | None = None,
     timeout: float = 5.0,
+    credentials: Credentials | None = None,
 ) -> tuple[str, str, int]:
     """(engine, version, max RDB version the node accepts)."""
-    with _connect(host, port, _Auth(password, username, timeout)) as client:
+    with _connect(host, port, _auth(password, username, timeout, credentials)) as client:
         engine, version = engine_from_info(client.info("server"))
     return engine, version, rdb_version_for(engine, version)
 
@@ -455,9 +467,10 @@ def node_memory(
     password: str | None = None,
     username: str | None = None,
     timeout: float = 5.0,
+    credentials: Credentials | None = None,
 ) -> dict[str, Any]:
     """used_memory, maxmemory (0 = unlimited), total_system_memory, in bytes, and the policy."""
-    with _connect(host, port, _Auth(password, username, timeout)) as client:
+    with _connect(host, port, _auth(password, username, timeout, credentials)) as client:
         info = client.info("memory")
     return {
         "used_memory": int(info["used_memory"]),

@@ -36,8 +36,7 @@ def _client(t: TargetShard, db: int, timeout: float) -> redis.Redis:
         host=t.host,
         port=t.port,
         db=db,
-        username=t.username,
-        password=t.password,
+        **t.credentials.redis_kwargs(),  # AUTH and TLS as the target needs
         socket_timeout=timeout,
         socket_connect_timeout=min(timeout, 10.0),
     )

@@ -30,8 +30,30 @@ def register(sub: Any) -> None:
     create.add_argument("--kind", choices=list(caches.KINDS), default="node-based")
     create.add_argument("--data-tiering", action="store_true", help="label the cache as data tiering (r6gd)")
     _backup_options(create)
+    _security_options(create)
+    create.add_argument(
+        "--auth-password",
+        default=None,
+        help="start the nodes with this AUTH password, kept in Secrets Manager (cachevault/NAME/auth); "
+        "'-' reads it from stdin",
+    )
+    create.add_argument("--tls-cert-file", default=None, help="local TLS-only nodes: server certificate (PEM)")
+    create.add_argument("--tls-key-file", default=None, help="local TLS-only nodes: its private key (PEM)")
     add_json_flag(create)
     create.set_defaults(func=cmd_create, operation="CreateReplicationGroup")
+
+    reg = verbs.add_parser("register", help="register your own Redis/Valkey (Managed: external) by its endpoints")
+    reg.add_argument("name", help="ReplicationGroupId (1-40 chars, letters, digits, hyphens)")
+    reg.add_argument("--endpoint", action="append", required=True, help="host:port of a node (repeatable)")
+    reg.add_argument("--cluster-mode", choices=["enabled", "disabled"], default=None, help="checked against the nodes")
+    reg.add_argument("--cache-node-type", "--node-type", default=caches.DEFAULT_NODE_TYPE, dest="node_type")
+    reg.add_argument("--kind", choices=list(caches.KINDS), default="node-based")
+    reg.add_argument("--data-tiering", action="store_true")
+    reg.add_argument("--auth-parameter-name", default=None, help="SSM SecureString holding the credentials")
+    reg.add_argument("--transit-encryption", action="store_true", help="connect over TLS")
+    _security_options(reg)
+    add_json_flag(reg)
+    reg.set_defaults(func=cmd_register, operation="CreateReplicationGroup")
 
     modify = verbs.add_parser("modify", help="change a cache's automatic backup settings")
     modify.add_argument("name")
@@ -59,6 +81,24 @@ def register(sub: Any) -> None:
     )
     add_json_flag(delete)
     delete.set_defaults(func=cmd_delete, operation="DeleteReplicationGroup")
+
+
+def _security_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--auth-secret-arn",
+        default=None,
+        help='Secrets Manager secret: {"username": ..., "password": ...} or a bare password',
+    )
+    parser.add_argument("--auth-username", default=None, help="ACL user name (when the secret names none)")
+    parser.add_argument("--tls-ca-file", default=None, help="CA bundle (PEM) checking the nodes' certificates")
+
+
+def _password(value: str | None) -> str | None:
+    if value != "-":
+        return value
+    import sys
+
+    return sys.stdin.readline().rstrip("\n") or None
 
 
 def _backup_options(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +131,43 @@ def cmd_create(args: argparse.Namespace) -> int:
         kind=args.kind,
         data_tiering=args.data_tiering,
         extra=backups,
+        settings=control.settings,
+        auth_secret_arn=args.auth_secret_arn,
+        auth_password=_password(args.auth_password),
+        auth_username=args.auth_username,
+        tls=_local_tls(args),
+    )
+    emit(
+        args, {"ReplicationGroup": record}, _describe_text(caches.describe_cache(record["CacheName"], control.settings))
+    )
+    return 0
+
+
+def _local_tls(args: argparse.Namespace) -> dict[str, str] | None:
+    files = {"cert_file": args.tls_cert_file, "key_file": args.tls_key_file, "ca_file": args.tls_ca_file}
+    if not any(files.values()):
+        return None
+    if not all(files.values()):
+        from cachevault.errors import InvalidParameterCombination
+
+        raise InvalidParameterCombination("TLS nodes need --tls-cert-file, --tls-key-file and --tls-ca-file.")
+    return files
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    control = context.control_plane()
+    record = caches.register_external_cache(
+        args.name,
+        args.endpoint,
+        auth_secret_arn=args.auth_secret_arn,
+        auth_parameter_name=args.auth_parameter_name,
+        auth_username=args.auth_username,
+        transit_encryption=args.transit_encryption,
+        tls_ca_bundle=args.tls_ca_file,
+        cluster_mode=None if args.cluster_mode is None else args.cluster_mode == "enabled",
+        node_type=args.node_type,
+        kind=args.kind,
+        data_tiering=args.data_tiering,
         settings=control.settings,
     )
     emit(

@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from cachevault.credentials import Tls
 from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
@@ -94,6 +95,7 @@ class CacheLayout:
     engine: str = "redis"
     engine_version: str = ""
     password: str | None = None
+    tls: dict[str, str] | None = None  # cert_file, key_file, ca_file: TLS-only nodes
     status: str = "available"
     detached: bool = False
     owner_pid: int | None = None
@@ -176,8 +178,19 @@ class Fleet:
         seed_rdbs: list[Path] | None = None,
         password: str | None = None,
         detached: bool = False,
+        tls: Mapping[str, str] | None = None,
+        username: str | None = None,
     ) -> CacheLayout:
-        """Start every node, wire replication (and the cluster bus), return when healthy."""
+        """Start every node, wire replication (and the cluster bus), return when healthy.
+
+        ``password`` sets ``requirepass`` (and ``masterauth``); with ``username`` an ACL user
+        of that name gets the same password and every permission. ``tls`` (``cert_file``,
+        ``key_file``, ``ca_file``) makes every node TLS-only.
+        """
+        if username:
+            if not password:
+                raise InvalidParameterCombination("an ACL user needs a password")
+            config = {**(config or {}), "user": [username, "on", f">{password}", "~*", "&*", "+@all"]}
         self._validate(name, cluster_mode, num_shards, replicas_per_shard, seed_rdbs)
         cache_dir = self.caches_dir / name
         try:
@@ -189,6 +202,7 @@ class Fleet:
             cluster_mode=cluster_mode,
             shards=[],
             password=password,
+            tls=dict(tls) if tls else None,
             status="creating",
             detached=detached,
             owner_pid=os.getpid(),
@@ -271,6 +285,7 @@ class Fleet:
                 config=config,
                 rdb_file=rdb,
                 password=layout.password,
+                tls=layout.tls,
                 timeout=self.ready_timeout,
             )
             started.append(node)
@@ -310,10 +325,12 @@ class Fleet:
         return f"{name}-{shard + 1:04d}-{member + 1:03d}"
 
     def _client(self, node: NodeAddr, layout: CacheLayout, timeout: float = 10.0) -> redis.Redis:
+        tls = Tls(ca_file=layout.tls["ca_file"]).redis_kwargs() if layout.tls else {}
         return redis.Redis(
             host=node.host,
             port=node.port,
             password=layout.password,
+            **tls,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=no_retry(),
@@ -426,6 +443,7 @@ class Fleet:
         path = self._layout_path(layout.name)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(layout.to_dict(), indent=2))
+        tmp.chmod(0o600)  # holds the nodes' password when the cache has AUTH
         os.replace(tmp, path)  # readers never see half a file
 
     def _read(self, name: str) -> CacheLayout | None:
@@ -459,7 +477,7 @@ class Fleet:
         layout = self._read(cache_dir.name)
         if layout is not None:
             for n in layout.nodes:
-                nodes[n.pid] = RedisProcess(n.host, n.port, n.pid, Path(n.data_dir), layout.password)
+                nodes[n.pid] = RedisProcess(n.host, n.port, n.pid, Path(n.data_dir), layout.password, _ca(layout))
         for sub in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
             found = node_from_dir(sub)
             if found is not None:
@@ -487,7 +505,7 @@ class Fleet:
     def kill_node(self, node_id: str) -> NodeAddr:
         """SIGKILL one node (fault injection); the cache keeps describing it."""
         layout, node = self.find_node(node_id)
-        RedisProcess(node.host, node.port, node.pid, Path(node.data_dir), layout.password).kill()
+        RedisProcess(node.host, node.port, node.pid, Path(node.data_dir), layout.password, _ca(layout)).kill()
         return node
 
     def node_alive(self, node: NodeAddr) -> bool:
@@ -514,6 +532,10 @@ class Fleet:
                 shutil.rmtree(cache_dir, ignore_errors=True)
                 reaped.append(cache_dir.name)
         return reaped
+
+
+def _ca(layout: CacheLayout) -> str | None:
+    return layout.tls["ca_file"] if layout.tls else None
 
 
 def _any_node_running(cache_dir: Path) -> bool:

@@ -27,6 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from cachevault.credentials import Tls
 from cachevault.errors import CacheVaultError
 
 HOST = "127.0.0.1"
@@ -215,16 +216,19 @@ class RedisProcess:
     pid: int
     data_dir: Path
     password: str | None = None
+    tls_ca: str | None = None  # set: the node listens on TLS only (port 0), verified against this CA
 
     @property
     def endpoint(self) -> tuple[str, int]:
         return (self.host, self.port)
 
     def client(self, *, timeout: float = 10.0, **kwargs: Any) -> redis.Redis:
+        tls = Tls(ca_file=self.tls_ca).redis_kwargs() if self.tls_ca else {}
         return redis.Redis(
             host=self.host,
             port=self.port,
             password=self.password,
+            **tls,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=no_retry(),
@@ -324,12 +328,15 @@ def start_node(
     config: Mapping[str, Any] | None = None,
     rdb_file: Path | None = None,
     password: str | None = None,
+    tls: Mapping[str, str] | None = None,
     timeout: float = 60.0,
 ) -> RedisProcess:
     """Start a node in ``data_dir`` on a free port, optionally loading ``rdb_file``.
 
     Returns when the node answers PING with its dataset loaded. ``timeout`` bounds the
-    wait (large seed RDBs load at roughly 150 MB/s).
+    wait (large seed RDBs load at roughly 150 MB/s). ``tls`` (``cert_file``, ``key_file``,
+    ``ca_file``) makes a TLS-only node: ``tls-port`` on the free port, plaintext ``port 0``,
+    replication and cluster bus over TLS too.
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -347,8 +354,10 @@ def start_node(
         if password:
             settings["requirepass"] = password
             settings["masterauth"] = password
+        if tls:
+            settings.update(_tls_config(port, tls))
         settings.update(config or {})
-        (data_dir / CONFIG_NAME).write_text(render_config(settings))
+        _write_private(data_dir / CONFIG_NAME, render_config(settings))
         (data_dir / LOG_NAME).unlink(missing_ok=True)
         (data_dir / "nodes.conf").unlink(missing_ok=True)
         with open(data_dir / STDERR_NAME, "wb") as stderr:
@@ -363,7 +372,7 @@ def start_node(
                 start_new_session=True,
             )
         _CHILDREN[proc.pid] = proc
-        node = RedisProcess(HOST, port, proc.pid, data_dir, password)
+        node = RedisProcess(HOST, port, proc.pid, data_dir, password, tls["ca_file"] if tls else None)
         try:
             wait_ready(node, timeout)
             return node
@@ -385,12 +394,36 @@ def node_from_dir(data_dir: Path) -> RedisProcess | None:
         return None
     port = None
     password = None
+    tls_ca = None
     for line in conf:
         key, _, value = line.partition(" ")
-        if key == "port":
+        if key in ("port", "tls-port") and int(value):  # a TLS-only node has port 0
             port = int(value)
+        elif key == "tls-ca-cert-file":
+            tls_ca = value.strip('"')
         elif key == "requirepass":
             password = value.strip('"')
     if port is None:
         return None
-    return RedisProcess(HOST, port, pid, data_dir.resolve(), password)
+    return RedisProcess(HOST, port, pid, data_dir.resolve(), password, tls_ca)
+
+
+def _tls_config(port: int, tls: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "port": 0,  # no plaintext listener at all
+        "tls-port": port,
+        "tls-cert-file": tls["cert_file"],
+        "tls-key-file": tls["key_file"],
+        "tls-ca-cert-file": tls["ca_file"],
+        "tls-auth-clients": "no",  # server-authenticated TLS, clients prove themselves with AUTH
+        "tls-replication": "yes",
+        "tls-cluster": "yes",
+    }
+
+
+def _write_private(path: Path, text: str) -> None:
+    """The config may hold requirepass / ACL users: readable by the owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)

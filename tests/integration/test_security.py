@@ -1,0 +1,381 @@
+"""Security defaults end to end: AUTH/ACL users, credentials from Secrets Manager / SSM that
+never leak, a least-privilege backup user, TLS-only nodes, SSE on every object, input
+validation. Real redis-server nodes, the real state machines, embedded AWS (moto).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from cachevault import caches, capture_runner, credentials, encryption, names, storage
+from cachevault.aws import client
+from cachevault.capture import capture_rdb
+from cachevault.catalog import Catalog
+from cachevault.credentials import Credentials, Tls
+from cachevault.errors import CaptureFailed, InvalidParameterValue, InvalidReplicationGroupState
+from cachevault.handler import logger
+from cachevault.local.deployer import deploy
+from cachevault.local.environment import find_template
+from cachevault.service import RESTORE_SNAPSHOT
+
+from tests.product_fixtures import Product, wait_until
+from tests.tls_fixtures import TlsFiles, make_tls_files
+
+# What the product's backup user needs on every node (measured below with INFO commandstats).
+BACKUP_ACL = ["-@all", "+replconf", "+sync", "+psync", "+ping", "+info", "+cluster|shards", "+cluster|nodes"]
+CAPTURE_ONLY_ACL = ["-@all", "+replconf", "+sync", "+psync", "+ping"]
+
+
+def _client(address: str, creds: Credentials) -> redis.Redis:
+    host, _, port = address.rpartition(":")
+    return redis.Redis(host=host, port=int(port), socket_timeout=30, **creds.redis_kwargs())
+
+
+def _fill(address: str, creds: Credentials, keys: int = 500) -> None:
+    conn = _client(address, creds)
+    try:
+        pipe = conn.pipeline(transaction=False)
+        for i in range(keys):
+            pipe.set(f"k:{i}", secrets.token_bytes(32))
+            if i % 4 == 0:
+                pipe.hset(f"h:{i}", mapping={"a": i, "b": secrets.token_hex(4)})
+        pipe.execute()
+        assert conn.execute_command("WAIT", 1, 10000) >= 1  # replicas caught up
+    finally:
+        conn.close()
+
+
+def _digest(address: str, creds: Credentials) -> tuple[str, int]:
+    conn = _client(address, creds)
+    try:
+        return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
+    finally:
+        conn.close()
+
+
+def _restore(product: Product, target: str, snapshot: str, **security: Any) -> dict[str, Any]:
+    payload = {"ReplicationGroupId": target, "SnapshotName": snapshot, **security}
+    arn = product.control.start(RESTORE_SNAPSHOT, f"restore-{target}", payload)
+    product.control.wait_restore(arn, target, timeout_s=90)
+    return product.control.catalog.get_cache(target)
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def captured_logs() -> Any:
+    handler = _Capture()
+    handler.setFormatter(logger.registered_formatter)
+    inner = logger._logger
+    level = inner.level
+    inner.addHandler(handler)
+    inner.setLevel(logging.DEBUG)  # step inputs are logged at DEBUG: they must be clean too
+    try:
+        yield handler
+    finally:
+        inner.removeHandler(handler)
+        inner.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+def _everything_recorded(product: Product, snapshot: str) -> str:
+    """Execution histories, catalog tables and the manifest, as one text."""
+    sfn = client("stepfunctions")
+    texts: list[str] = []
+    for arn in product.env.info.state_machines.values():
+        for execution in sfn.list_executions(stateMachineArn=arn)["executions"]:
+            history = sfn.get_execution_history(executionArn=execution["executionArn"], maxResults=1000)
+            texts.append(json.dumps(history["events"], default=str))
+    dynamodb = client("dynamodb")
+    for table in dynamodb.list_tables()["TableNames"]:
+        texts.append(json.dumps(dynamodb.scan(TableName=table)["Items"], default=str))
+    texts.append(json.dumps(storage.read_manifest(product.s3, product.bucket, snapshot)))
+    return "\n".join(texts)
+
+
+# ------------------------------------------------------------------------------ AUTH
+def test_auth_cache_snapshot_and_restore_never_show_the_password(product: Product, captured_logs: _Capture) -> None:
+    password = "pw-" + secrets.token_hex(12)
+    cache = caches.create_local_cache(
+        "sec-auth", auth_password=password, auth_username="admin", settings=product.settings
+    )
+    try:
+        assert cache["AuthSecretArn"].split(":secret:")[1].startswith("cachevault/sec-auth/auth")
+        assert password not in json.dumps(cache, default=str)
+        creds = credentials.for_cache(cache)
+        assert (creds.username, creds.password) == ("admin", password)
+        assert password not in repr(creds) and "***" in repr(creds)
+        primary = cache["Endpoints"][0]
+        with pytest.raises(redis.AuthenticationError):  # the nodes really require AUTH
+            _client(primary, credentials.NONE).ping()
+        _fill(primary, creds)
+
+        product.control.create_snapshot("sec-auth", "sec-auth-snap")
+        record = product.control.wait_snapshot("sec-auth-snap", timeout_s=60)
+        assert record["SnapshotStatus"] == "available"
+        assert record["NodeSnapshots"][0]["SourceRole"] == "replica"
+
+        restored = _restore(product, "sec-auth-copy", "sec-auth-snap", AuthSecretArn=cache["AuthSecretArn"])
+        assert restored["Status"] == "available" and restored["AuthSecretArn"] == cache["AuthSecretArn"]
+        target = restored["Endpoints"][0]
+        with pytest.raises(redis.AuthenticationError):  # the restored cache is protected too
+            _client(target, credentials.NONE).ping()
+        assert _digest(target, creds) == _digest(primary, creds)
+
+        logs = "\n".join(captured_logs.lines)
+        assert "sec-auth-snap" in logs  # the steps did log (at DEBUG, with their inputs)
+        assert password not in logs
+        recorded = _everything_recorded(product, "sec-auth-snap")
+        assert cache["AuthSecretArn"] in recorded  # the reference is there, the value is not
+        assert password not in recorded
+    finally:
+        for name in ("sec-auth-copy", "sec-auth"):
+            if product.control.catalog.find_cache(name):
+                caches.delete_local_cache(name, product.settings)
+    # The secret cachevault made for the cache goes with it.
+    listed = client("secretsmanager").list_secrets()["SecretList"]
+    assert not [s for s in listed if s["Name"] == "cachevault/sec-auth/auth"]
+
+
+def test_least_privilege_backup_user_from_ssm(product: Product) -> None:
+    admin = "adm-" + secrets.token_hex(8)
+    cache = caches.create_local_cache("sec-acl", auth_password=admin, settings=product.settings)
+    backup_pw = "bk-" + secrets.token_hex(8)
+    try:
+        addresses = [n["Address"] for n in cache["Nodes"]]
+        admin_creds = Credentials(None, admin)
+        _fill(cache["Endpoints"][0], admin_creds)
+        for address in addresses:  # ACL users are per node
+            conn = _client(address, admin_creds)
+            try:
+                conn.execute_command("ACL", "SETUSER", "backup", "reset", "on", f">{backup_pw}", *BACKUP_ACL)
+                conn.execute_command("CONFIG", "RESETSTAT")
+            finally:
+                conn.close()
+        client("ssm").put_parameter(
+            Name="/cachevault/sec-acl/backup",
+            Type="SecureString",
+            Value=json.dumps({"username": "backup", "password": backup_pw}),
+        )
+        external = caches.register_external_cache(
+            "sec-acl-ext",
+            [cache["Endpoints"][0]],
+            auth_parameter_name="/cachevault/sec-acl/backup",
+            settings=product.settings,
+        )
+        assert external["Managed"] == "external" and external["NumNodeGroups"] == 1
+        product.control.create_snapshot("sec-acl-ext", "sec-acl-snap")
+        record = product.control.wait_snapshot("sec-acl-snap", timeout_s=60)
+        assert record["SnapshotStatus"] == "available"
+
+        # What the backup user really ran, per node (commandstats was reset just before).
+        used: dict[str, set[str]] = {}
+        for address in addresses:
+            conn = _client(address, admin_creds)
+            try:
+                stats = conn.info("commandstats")
+            finally:
+                conn.close()
+            used[address] = {name.removeprefix("cmdstat_") for name, s in stats.items() if s["calls"] > 0}
+        source = record["NodeSnapshots"][0]["CacheNodeId"]  # an external node's id is its address
+        assert source in addresses
+        allowed = {"auth", "hello", "replconf", "psync", "sync", "ping", "info", "cluster|shards", "cluster|nodes"}
+        # Not the backup user's: our CONFIG RESETSTAT, and the replicas' own REPLCONF ACKs
+        # on the primary. HELLO/AUTH need no permission. Measured on the source replica:
+        # auth, hello, info, replconf, psync; on the primary: hello, info.
+        assert used[source] >= {"replconf", "psync", "info"}
+        assert all(u - {"config|resetstat"} <= allowed for u in used.values()), used
+        assert not any("psync" in u or "sync" in u for a, u in used.items() if a != source)  # no primary fork
+
+        # The capture alone needs even less: no INFO, no CLUSTER.
+        conn = _client(source, admin_creds)
+        try:
+            conn.execute_command("ACL", "SETUSER", "capture", "reset", "on", f">{backup_pw}", *CAPTURE_ONLY_ACL)
+        finally:
+            conn.close()
+        host, _, port = source.rpartition(":")
+        sink = bytearray()
+        result = capture_rdb(host, int(port), sink.extend, credentials=Credentials("capture", backup_pw))
+        assert result.size == len(sink) > 0 and result.crc64_verified
+        with pytest.raises(InvalidReplicationGroupState, match=r"NOPERM|permission"):
+            # ... but discovery with that user is refused: INFO is what it lacks.
+            from cachevault import topology
+
+            topology.discover([(host, int(port))], credentials=Credentials("capture", backup_pw))
+    finally:
+        product.control.catalog.delete_cache("sec-acl-ext")  # external: nothing stopped
+        caches.delete_local_cache("sec-acl", product.settings)
+
+
+# ------------------------------------------------------------------------------ TLS
+def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_files: TlsFiles) -> None:
+    password = "tls-" + secrets.token_hex(8)
+    cache = caches.create_local_cache(
+        "sec-tls", tls=tls_files.fleet(), auth_password=password, settings=product.settings
+    )
+    try:
+        assert cache["TransitEncryptionEnabled"] is True
+        creds = credentials.for_cache(cache)
+        assert creds.tls is not None and creds.tls.ca_file == tls_files.ca_file
+        primary = cache["Endpoints"][0]
+        with pytest.raises(redis.ConnectionError):  # no plaintext listener: port 0
+            _client(primary, Credentials(None, password)).ping()
+        _fill(primary, creds)
+
+        product.control.create_snapshot("sec-tls", "sec-tls-snap")
+        record = product.control.wait_snapshot("sec-tls-snap", timeout_s=60)
+        assert record["SnapshotStatus"] == "available"
+
+        restored = _restore(
+            product,
+            "sec-tls-copy",
+            "sec-tls-snap",
+            AuthSecretArn=cache["AuthSecretArn"],
+            TransitEncryptionEnabled=True,
+            TlsCaBundle=tls_files.ca_file,
+            TlsCertificateFile=tls_files.cert_file,
+            TlsKeyFile=tls_files.key_file,
+        )
+        target = restored["Endpoints"][0]
+        assert _digest(target, creds) == _digest(primary, creds)
+        with pytest.raises(redis.ConnectionError):
+            _client(target, Credentials(None, password)).ping()
+
+        # A CA that did not sign the nodes' certificate is refused, clearly.
+        with pytest.raises(InvalidReplicationGroupState, match="certificate verify failed"):
+            caches.register_external_cache(
+                "sec-tls-bad",
+                [primary],
+                auth_secret_arn=cache["AuthSecretArn"],
+                tls_ca_bundle=tls_files.other_ca_file,
+                settings=product.settings,
+            )
+        assert product.control.catalog.find_cache("sec-tls-bad") is None
+        host, _, port = primary.rpartition(":")
+        wrong = Credentials(None, password, Tls(ca_file=tls_files.other_ca_file))
+        with pytest.raises(CaptureFailed, match=re.escape("TLS certificate of 127.0.0.1 refused")):
+            capture_rdb(host, int(port), bytearray().extend, credentials=wrong)
+    finally:
+        for name in ("sec-tls-copy", "sec-tls"):
+            if product.control.catalog.find_cache(name):
+                caches.delete_local_cache(name, product.settings)
+
+
+# ------------------------------------------------------------------------------ encryption at rest
+def test_objects_sse_s3_by_default_and_sse_kms_with_the_parameter(
+    product: Product, new_cache: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = new_cache("sec-sse", replicas=1)
+    _fill(cache["Endpoints"][0], credentials.NONE, keys=200)
+    product.control.create_snapshot(cache["CacheName"], "sec-sse-snap")
+    assert product.control.wait_snapshot("sec-sse-snap", timeout_s=60)["SnapshotStatus"] == "available"
+    keys = product.s3_keys(storage.snapshot_prefix("sec-sse-snap"))
+    assert len(keys) == 2  # the shard RDB and the manifest
+    for key in keys:
+        assert product.s3.head_object(Bucket=product.bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
+    # The template deployed with SnapshotEncryption=SSE-KMS hands its functions the key.
+    key_id = client("kms").create_key(Description="cachevault snapshots")["KeyMetadata"]["KeyId"]
+    deployed = deploy(
+        find_template(),
+        stack_name="cvkms",
+        parameter_overrides={"SnapshotEncryption": "SSE-KMS", "KmsKeyId": key_id, "LogLevel": "WARNING"},
+    )
+    function = deployed.function_name("CaptureStartFunction")
+    env = client("lambda").get_function_configuration(FunctionName=function)["Environment"]["Variables"]
+    assert env["SNAPSHOT_ENCRYPTION"] == "SSE-KMS" and env["SNAPSHOT_KMS_KEY_ID"] == key_id
+    monkeypatch.setenv("SNAPSHOT_ENCRYPTION", env["SNAPSHOT_ENCRYPTION"])
+    monkeypatch.setenv("SNAPSHOT_KMS_KEY_ID", env["SNAPSHOT_KMS_KEY_ID"])
+
+    # A real capture (and a manifest) written with that environment.
+    catalog = Catalog(product.settings)
+    replica = next(n for n in cache["Nodes"] if n["Role"] == "replica")["Address"]
+    host, _, port = replica.rpartition(":")
+    shard = {"ShardIndex": 1, "NodeGroupId": "0001", "Host": host, "Port": int(port)}
+    capture_runner.run("sec-kms-snap", shard, catalog, product.s3, product.bucket, raise_errors=True)
+    storage.write_manifest(product.s3, product.bucket, "sec-kms-snap", {"x": 1}, extra_args=encryption.s3_args())
+    try:
+        for key in (storage.rdb_key("sec-kms-snap", 1), storage.manifest_key("sec-kms-snap")):
+            head = product.s3.head_object(Bucket=product.bucket, Key=key)
+            assert head["ServerSideEncryption"] == "aws:kms"
+            assert key_id in head["SSEKMSKeyId"]
+    finally:
+        storage.delete_prefix(product.s3, product.bucket, storage.snapshot_prefix("sec-kms-snap"))
+        catalog.delete_capture_progress("sec-kms-snap")
+
+
+# ------------------------------------------------------------------------------ input validation
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "%2e%2e", "snap..x", "-x", "x-", "a--b", "", "x" * 256])
+def test_snapshot_names_follow_elasticache_rules(bad: str) -> None:
+    with pytest.raises(InvalidParameterValue):
+        names.snapshot_name(bad)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "snapshots/../caches.json",
+        "../x.rdb",
+        "/etc/passwd",
+        "snapshots/./x",
+        "snapshots/%2e%2e/other/x.rdb",
+        "imports/%2E%2E/%2e%2e/x.rdb",
+        "snapshots\\..\\x",
+        "",
+    ],
+)
+def test_s3_keys_cannot_escape_their_prefix(key: str) -> None:
+    with pytest.raises(InvalidParameterValue):
+        storage.check_key(key)
+
+
+def test_requests_refuse_bad_names_and_inline_secrets(product: Product) -> None:
+    with pytest.raises(InvalidParameterValue):
+        product.control.create_snapshot("../x", "ok-name")
+    with pytest.raises(InvalidParameterValue):
+        caches.create_local_cache("Bad_Name", settings=product.settings)
+    with pytest.raises(InvalidParameterValue, match="never inline"):
+        credentials.security_fields({"ReplicationGroupId": "x", "AuthToken": "hunter2"})
+    restore = product.control.start(
+        RESTORE_SNAPSHOT,
+        "restore-bad-s3",
+        {"ReplicationGroupId": "sec-bad-s3", "SnapshotArns": ["s3://b/%2e%2e/x.rdb"]},
+    )
+    done = wait_until(
+        lambda: (d := product.control.describe_execution(restore))["status"] != "RUNNING" and d,
+        30,
+        "the restore to fail",
+    )
+    assert done["status"] == "SUCCEEDED" or done["status"] == "FAILED"
+    cache = product.control.catalog.find_cache("sec-bad-s3")
+    assert cache is None or cache["Status"] == "failed"
+    assert "escapes its prefix" in json.dumps(done, default=str) + json.dumps(cache or {}, default=str)
+
+
+def test_unreadable_secret_is_a_clear_error(product: Product) -> None:
+    with pytest.raises(InvalidParameterValue, match="Cannot read the cache's credentials"):
+        credentials.for_cache({"AuthSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:cachevault/none"})
+    client("secretsmanager").create_secret(Name="cachevault/sec-badjson", SecretString='{"user": "x"}')
+    arn = client("secretsmanager").describe_secret(SecretId="cachevault/sec-badjson")["ARN"]
+    with pytest.raises(InvalidParameterValue, match='non-empty "password"') as info:
+        credentials.for_cache({"AuthSecretArn": arn})
+    assert '"x"' not in str(info.value)
+    assert Path(__file__).exists()

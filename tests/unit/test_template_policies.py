@@ -1,0 +1,166 @@
+"""IAM in template.yaml is scoped to named resources (checked on the SAM-expanded template).
+
+The template is expanded by the SAM translator (through cfn-lint, offline), so SAM policy
+templates (DynamoDBCrudPolicy ...) are checked as the statements they become. A statement
+whose resource is any bucket / any ARN (``*``) must be on the allow-list below, each with
+the reason AWS or the feature leaves no narrower choice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cfnlint.decode import decode
+from cfnlint.template.transforms._sam import Transform
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
+
+# (role, first action) -> why a wildcard resource is unavoidable.
+WILDCARD_ALLOWED = {
+    # Export to a bucket the user names at run time (snapshot copy --target-bucket):
+    # the bucket is unknown at deploy time.
+    ("SnapshotCopyPreflightFunctionRole", "s3:ListBucket"): "export: check the user's bucket",
+    ("SnapshotCopyObjectFunctionRole", "s3:PutObject"): "export: write into the user's bucket",
+    ("SnapshotCopyFailFunctionRole", "s3:DeleteObject"): "export: remove a half-made export",
+    ("ApiFunctionRole", "s3:GetObject"): "export checks from the HTTP API (bucket exists, name free)",
+}
+# AWS managed policies SAM attaches: CloudWatch Logs (per-function log groups are created
+# by Lambda on first write) and X-Ray (PutTraceSegments has no resource-level permission).
+MANAGED_ALLOWED = {
+    "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
+    "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
+}
+CREDENTIAL_READERS = {
+    "SnapshotPreflightFunctionRole",
+    "SnapshotSelectSourcesFunctionRole",
+    "CaptureStartFunctionRole",
+    "RestorePreflightFunctionRole",
+    "RestoreProvisionFunctionRole",
+    "RestoreLoadShardFunctionRole",
+    "RestoreVerifyFunctionRole",
+}
+
+
+def _text(value: Any) -> str:
+    """A resource as text: Fn::Sub variables filled with their names, Refs as <Name>."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "Ref" in value:
+        return f"<{value['Ref']}>"
+    if isinstance(value, dict) and "Fn::GetAtt" in value:
+        att = value["Fn::GetAtt"]
+        return f"<{att[0] if isinstance(att, list) else att}>"
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        sub = value["Fn::Sub"]
+        template, names = (sub, {}) if isinstance(sub, str) else (sub[0], sub[1])
+        for name, val in names.items():
+            template = template.replace("${" + name + "}", _text(val))
+        return template
+    if isinstance(value, dict) and "Fn::If" in value:
+        return " | ".join(_text(v) for v in value["Fn::If"][1:])
+    return str(value)
+
+
+def _wildcard(resource: str) -> bool:
+    if resource.strip() == "*":
+        return True
+    parts = resource.split(":", 5)
+    # arn:partition:service:region:account:resource - a resource part starting with "*"
+    # (any bucket, any function ...) is not scoped to a named resource.
+    return len(parts) == 6 and parts[5].startswith("*")
+
+
+@pytest.fixture(scope="module")
+def expanded() -> dict[str, Any]:
+    saved = os.environ.get("AWS_DEFAULT_REGION")
+    try:
+        template, matches = decode(str(TEMPLATE))
+        assert not matches, matches
+        transform = Transform(str(TEMPLATE), template, "us-east-1")
+        errors = transform.transform_template()
+        assert not errors, errors
+        return transform.template()
+    finally:  # the SAM transform sets AWS_DEFAULT_REGION process-wide
+        if saved is None:
+            os.environ.pop("AWS_DEFAULT_REGION", None)
+        else:
+            os.environ["AWS_DEFAULT_REGION"] = saved
+
+
+def _statements(resources: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(role logical id, statement) for inline role policies and AWS::IAM::Policy resources."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for lid, res in resources.items():
+        props = res.get("Properties") or {}
+        if res["Type"] == "AWS::IAM::Role":
+            for policy in props.get("Policies") or []:
+                out += [(lid, st) for st in policy["PolicyDocument"]["Statement"]]
+        elif res["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+            for role in props.get("Roles") or []:
+                out += [(_text(role).strip("<>"), st) for st in props["PolicyDocument"]["Statement"]]
+    return out
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_every_statement_names_its_resources(expanded: dict[str, Any]) -> None:
+    statements = _statements(expanded["Resources"])
+    assert len(statements) > 50  # the whole product was expanded, not an empty template
+    offenders = []
+    for role, st in statements:
+        actions = _listed(st["Action"])
+        assert "*" not in actions and not any(a.endswith(":*") for a in actions), (role, actions)
+        if st["Effect"] != "Allow":
+            continue
+        wild = [r for r in map(_text, _listed(st["Resource"])) if _wildcard(r)]
+        if wild and (role, actions[0]) not in WILDCARD_ALLOWED:
+            offenders.append((role, actions, wild))
+    assert offenders == []
+
+
+def test_only_known_managed_policies(expanded: dict[str, Any]) -> None:
+    attached = {
+        arn
+        for res in expanded["Resources"].values()
+        if res["Type"] == "AWS::IAM::Role"
+        for arn in (res["Properties"].get("ManagedPolicyArns") or [])
+    }
+    assert attached and attached <= MANAGED_ALLOWED
+
+
+def test_secrets_are_read_only_by_the_steps_that_connect_to_nodes(expanded: dict[str, Any]) -> None:
+    readers: dict[str, set[str]] = {}
+    for role, st in _statements(expanded["Resources"]):
+        for action in _listed(st["Action"]):
+            if action in ("secretsmanager:GetSecretValue", "ssm:GetParameter"):
+                readers.setdefault(action, set()).add(role)
+                for resource in map(_text, _listed(st["Resource"])):
+                    assert ":secret:cachevault/" in resource or ":parameter/cachevault/" in resource, resource
+    assert readers["secretsmanager:GetSecretValue"] == CREDENTIAL_READERS
+    assert readers["ssm:GetParameter"] == CREDENTIAL_READERS
+
+
+def test_bucket_encrypted_private_and_tls_only() -> None:
+    template, _ = decode(str(TEMPLATE))
+    resources = template["Resources"]
+    bucket = resources["SnapshotBucket"]["Properties"]
+    rule = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
+    assert rule["SSEAlgorithm"] == {"Fn::If": ["UseKms", "aws:kms", "AES256"]}
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    policies = [r for r in resources.values() if r["Type"] == "AWS::S3::BucketPolicy"]
+    denies = [
+        st
+        for p in policies
+        if p["Properties"]["Bucket"] == {"Ref": "SnapshotBucket"}
+        for st in p["Properties"]["PolicyDocument"]["Statement"]
+        if st["Effect"] == "Deny"
+    ]
+    assert any(st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for st in denies)
+    env = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["SNAPSHOT_ENCRYPTION"] == {"Ref": "SnapshotEncryption"}
+    assert "SNAPSHOT_KMS_KEY_ID" in env
