@@ -29,7 +29,7 @@ from typing import Any
 import hiredis
 import redis
 
-from cachevault.credentials import Credentials, Tls, TlsError
+from cachevault.credentials import Credentials, Tls
 from cachevault.dump_payload import TYPE_BYTE_CRC, crc64_calc, restore_payload
 from cachevault.errors import InvalidParameterCombination, InvalidParameterValue, RestoreFailed
 from cachevault.rdb import RdbFile, RdbFunction, RdbKey, RdbModuleSkipped
@@ -132,6 +132,128 @@ def _show_key(key: bytes | int) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+# recv/send on a non-blocking socket: nothing to do right now (an SSLSocket says so with SSLWant*).
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class _Conn:
+    """One raw socket to one target primary, shared by ShardLoader and _Pipe.
+
+    Every socket failure becomes RestoreFailed naming the target, the same way for both loaders.
+    """
+
+    def __init__(self, creds: Credentials, host: str, port: int, timeout: float) -> None:
+        self.address = f"{host}:{port}"
+        self.timeout = timeout
+        # An SSLSocket refuses MSG_DONTWAIT: over TLS the caller flips the socket non-blocking instead.
+        self.tls = creds.tls is not None
+        self._dontwait = 0 if self.tls else socket.MSG_DONTWAIT
+        try:
+            self.sock = creds.connect(host, port, timeout)
+        except OSError as exc:  # TlsError is an OSError too
+            raise RestoreFailed(f"Cannot connect to target {self.address}: {exc}", Target=self.address) from exc
+
+    def auth(self, username: str | None, password: str) -> None:
+        """AUTH before any other command; a refusal (or a dead socket) closes the connection."""
+        args = ("AUTH", username, password) if username else ("AUTH", password)
+        reader = hiredis.Reader()
+        try:
+            self.sendall(hiredis.pack_command(args))
+            while (reply := reader.gets()) is False:  # bounded: recv() raises on close or timeout
+                reader.feed(self.recv())
+        except RestoreFailed:
+            self.close()
+            raise
+        if isinstance(reply, hiredis.ReplyError):
+            self.close()
+            raise RestoreFailed(f"Authentication to {self.address} failed: {reply}", Target=self.address)
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise self._failed("Sending to", exc) from exc
+
+    def recv(self) -> bytes:
+        """Block (up to the socket timeout) for the next bytes from the target."""
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except OSError as exc:
+            raise self._failed("Reading from", exc) from exc
+        return self._data(data)
+
+    def send_ready(self, out: deque[memoryview]) -> None:
+        """Send from the front of ``out`` what the socket accepts right now; never blocks."""
+        sock, flags = self.sock, self._dontwait
+        try:
+            while out:
+                head = out[0]
+                sent = sock.send(head, flags)
+                if sent == len(head):
+                    out.popleft()
+                    head.release()
+                else:
+                    out[0] = head[sent:]
+                    head.release()
+                    break
+        except _WOULD_BLOCK:
+            pass
+        except OSError as exc:
+            raise self._failed("Sending to", exc) from exc
+
+    def recv_ready(self) -> bytes | None:
+        """The bytes that have arrived, None when nothing has yet; never blocks."""
+        try:
+            data = self.sock.recv(_RECV_SIZE, self._dontwait)
+        except _WOULD_BLOCK:
+            return None
+        except OSError as exc:
+            raise self._failed("Reading from", exc) from exc
+        return self._data(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _data(self, data: bytes) -> bytes:
+        if not data:
+            raise RestoreFailed(f"Target {self.address} closed the connection", Target=self.address)
+        return data
+
+    def _failed(self, what: str, exc: OSError) -> RestoreFailed:
+        return RestoreFailed(f"{what} {self.address} failed: {exc}", Target=self.address)
+
+
+def _replies_failed(address: str, errors: list[tuple[bytes | int, str]]) -> RestoreFailed:
+    """The fault for a batch with error replies, pinned on the first failing key (or SELECT)."""
+    label, message = errors[0]
+    what = "SELECT" if isinstance(label, int) else "RESTORE"
+    return RestoreFailed(
+        f"{what} failed on {address} for {len(errors)} command(s); first: key "
+        f"{_show_key(label)!r}: {message}",
+        Target=address,
+        Key=_show_key(label),
+        ServerMessage=message,
+        FailedKeys=[_show_key(k) for k, _ in errors[:20]],
+        FailedCount=len(errors),
+    )
+
+
+def _cluster_db_refused(address: str, db: int) -> InvalidParameterCombination:
+    return InvalidParameterCombination(
+        f"Target {address} is a cluster (database 0 only) but the snapshot has keys in "
+        f"database {db}: a multi-database snapshot cannot be restored into cluster mode"
+    )
+
+
+def _check_targets(targets: Sequence[TargetShard], cluster_mode: bool) -> None:
+    if not targets:
+        raise InvalidParameterValue("No target shard to restore into")
+    if not cluster_mode and len(targets) != 1:
+        raise InvalidParameterCombination(
+            f"A non-cluster restore has exactly one target primary, got {len(targets)}"
+        )
+
+
 class ShardLoader:
     """One raw connection to one target primary, RESTOREs sent in pre-packed batches."""
 
@@ -151,11 +273,9 @@ class ShardLoader:
     ) -> None:
         if batch_bytes < 1 or batch_keys < 1 or max_inflight < 1:
             raise InvalidParameterValue("batch_bytes, batch_keys and max_inflight must be positive")
-        self.address = f"{host}:{port}"
         self._batch_bytes = batch_bytes
         self._batch_keys = batch_keys
         self._cluster = cluster
-        self._stats = LoadStats(self.address)
         self._reader = hiredis.Reader()
         self._batch = bytearray()
         # One label per command in the batch: the key for RESTORE, the db number for SELECT,
@@ -168,13 +288,11 @@ class ShardLoader:
         self._db = 0
         self._closed = False
         self._started = time.perf_counter()
-        self._sock = _connect(Credentials(username, password, tls), host, port, timeout, self.address)
+        self._conn = _Conn(Credentials(username, password, tls), host, port, timeout)
+        self.address = self._conn.address
+        self._stats = LoadStats(self.address)
         if password is not None:
-            args = ("AUTH", username, password) if username else ("AUTH", password)
-            reply = self._call(hiredis.pack_command(args))
-            if isinstance(reply, hiredis.ReplyError):
-                self.close()
-                raise RestoreFailed(f"Authentication to {self.address} failed: {reply}", Target=self.address)
+            self._conn.auth(username, password)
 
     # -- public -------------------------------------------------------------------------
 
@@ -214,7 +332,7 @@ class ShardLoader:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._sock.close()
+            self._conn.close()
 
     def __enter__(self) -> ShardLoader:
         return self
@@ -226,10 +344,7 @@ class ShardLoader:
 
     def _select(self, db: int) -> None:
         if self._cluster:
-            raise InvalidParameterCombination(
-                f"Target {self.address} is a cluster (database 0 only) but the snapshot has keys in "
-                f"database {db}: a multi-database snapshot cannot be restored into cluster mode"
-            )
+            raise _cluster_db_refused(self.address, db)
         self._batch += hiredis.pack_command(("SELECT", db))
         self._labels.append(db)
         self._db = db
@@ -241,7 +356,7 @@ class ShardLoader:
         self._batch, self._labels, self._batch_ttl = bytearray(), [], 0
         # Packing of `batch` overlapped the server's work on the in-flight one; only now wait.
         self._await_inflight(self._max_inflight - 1)
-        self._sendall(batch)
+        self._conn.sendall(batch)
         self._inflight.append((labels, ttl))
         self._stats.bytes_sent += len(batch)
         self._stats.batches += 1
@@ -254,31 +369,10 @@ class ShardLoader:
         self._send_batch()
         self._await_inflight(self._max_inflight - 1)
         for part in (head, payload, _RESTORE_TAIL):
-            self._sendall(part)
+            self._conn.sendall(part)
         self._inflight.append(([key], int(has_ttl)))
         self._stats.bytes_sent += len(head) + size + len(_RESTORE_TAIL)
         self._stats.batches += 1
-
-    def _sendall(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._sock.sendall(data)
-        except OSError as exc:
-            raise RestoreFailed(f"Sending to {self.address} failed: {exc}", Target=self.address) from exc
-
-    def _recv_into_reader(self) -> None:
-        try:
-            data = self._sock.recv(_RECV_SIZE)
-        except OSError as exc:
-            raise RestoreFailed(f"Reading from {self.address} failed: {exc}", Target=self.address) from exc
-        if not data:
-            raise RestoreFailed(f"Target {self.address} closed the connection", Target=self.address)
-        self._reader.feed(data)
-
-    def _call(self, packed: bytes) -> Any:
-        self._sendall(packed)
-        while (reply := self._reader.gets()) is False:
-            self._recv_into_reader()
-        return reply
 
     def _await_inflight(self, keep: int) -> None:
         while len(self._inflight) > keep:
@@ -286,12 +380,12 @@ class ShardLoader:
             self._read_replies(labels, ttl)
 
     def _read_replies(self, labels: list[bytes | int], ttl: int) -> None:
-        reader = self._reader
+        reader, recv = self._reader, self._conn.recv
         errors: list[tuple[bytes | int, str]] = []
         restored = 0
         for label in labels:  # bounded: exactly one reply per command sent
             while (reply := reader.gets()) is False:
-                self._recv_into_reader()
+                reader.feed(recv())
             if isinstance(reply, hiredis.ReplyError):
                 errors.append((label, str(reply)))
             elif not isinstance(label, int):
@@ -299,17 +393,7 @@ class ShardLoader:
         self._stats.keys_loaded += restored
         self._stats.keys_with_ttl += ttl
         if errors:
-            label, message = errors[0]
-            what = "SELECT" if isinstance(label, int) else "RESTORE"
-            raise RestoreFailed(
-                f"{what} failed on {self.address} for {len(errors)} command(s); first: key "
-                f"{_show_key(label)!r}: {message}",
-                Target=self.address,
-                Key=_show_key(label),
-                ServerMessage=message,
-                FailedKeys=[_show_key(k) for k, _ in errors[:20]],
-                FailedCount=len(errors),
-            )
+            raise _replies_failed(self.address, errors)
 
 
 def entries_from_rdb(
@@ -350,12 +434,7 @@ def load_entries(
     would delete them anyway). ``progress(keys_seen, keys_expired_skipped)`` is called every
     ``progress_every`` entries and once at the end.
     """
-    if not targets:
-        raise InvalidParameterValue("No target shard to restore into")
-    if not cluster_mode and len(targets) != 1:
-        raise InvalidParameterCombination(
-            f"A non-cluster restore has exactly one target primary, got {len(targets)}"
-        )
+    _check_targets(targets, cluster_mode)
     owners = SlotRouter([t.slots for t in targets]).owners if cluster_mode else None
     clock = now_ms or (lambda: time.time_ns() // 1_000_000)
     started = time.perf_counter()
@@ -488,27 +567,15 @@ class _Pipe:
     """
 
     def __init__(self, target: TargetShard, timeout: float, max_batches: int = 2) -> None:
-        self.address = target.address
+        self._conn = _Conn(target.credentials, target.host, target.port, timeout)
+        self.address = self._conn.address
         self.stats = LoadStats(self.address)
         self._out: deque[memoryview] = deque()  # unsent bytes, in order
         self._pending: deque[Batch] = deque()  # submitted, replies not yet all read
         self._rbuf = bytearray()
         self._max = max_batches
-        self._sock = _connect(target.credentials, target.host, target.port, timeout, self.address)
-        # An SSLSocket refuses MSG_DONTWAIT: over TLS, pump() flips the socket non-blocking instead.
-        self._tls = target.tls is not None
-        self._timeout = timeout
         if target.password is not None:
-            user, password = target.username, target.password
-            auth = hiredis.pack_command(("AUTH", user, password) if user else ("AUTH", password))
-            self.submit(([auth], [b"AUTH"], 0))
-            try:
-                self.drain()
-            except RestoreFailed as exc:
-                self.close()
-                message = f"Authentication to {self.address} failed: {exc}"
-                raise RestoreFailed(message, Target=self.address) from exc
-            self.stats = LoadStats(self.address)
+            self._conn.auth(target.username, target.password)
 
     def submit(self, batch: Batch) -> None:
         while len(self._pending) >= self._max:  # bounded: each round settles one batch or raises
@@ -520,71 +587,18 @@ class _Pipe:
 
     def pump(self) -> None:
         """Send what the socket accepts now and take in the replies that have arrived; never blocks."""
-        if self._tls:
-            self._pump_tls()
-            return
-        out, sock = self._out, self._sock
+        conn = self._conn
+        if conn.tls:  # see _Conn: over TLS the socket is non-blocking for this call only
+            conn.sock.setblocking(False)
         try:
-            while out:
-                head = out[0]
-                sent = sock.send(head, socket.MSG_DONTWAIT)
-                if sent == len(head):
-                    out.popleft()
-                    head.release()
-                else:
-                    out[0] = head[sent:]
-                    head.release()
-                    break
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            raise RestoreFailed(f"Sending to {self.address} failed: {exc}", Target=self.address) from exc
-        if self._pending:
-            try:
-                data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                raise RestoreFailed(f"Reading from {self.address} failed: {exc}", Target=self.address) from exc
-            if not data:
-                raise RestoreFailed(f"Target {self.address} closed the connection", Target=self.address)
+            conn.send_ready(self._out)
+            data = conn.recv_ready() if self._pending else None
+        finally:
+            if conn.tls:
+                conn.sock.settimeout(conn.timeout)
+        if data is not None:
             self._rbuf += data
             self._settle(block=False)
-
-    def _pump_tls(self) -> None:
-        """pump() over TLS: the same moves with the socket briefly non-blocking."""
-        out, sock = self._out, self._sock
-        sock.setblocking(False)
-        try:
-            try:
-                while out:
-                    head = out[0]
-                    sent = sock.send(head)
-                    if sent == len(head):
-                        out.popleft()
-                        head.release()
-                    else:
-                        out[0] = head[sent:]
-                        head.release()
-                        break
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                raise RestoreFailed(f"Sending to {self.address} failed: {exc}", Target=self.address) from exc
-            if not self._pending:
-                return
-            try:
-                data = sock.recv(_RECV_SIZE)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                raise RestoreFailed(f"Reading from {self.address} failed: {exc}", Target=self.address) from exc
-        finally:
-            sock.settimeout(self._timeout)
-        if not data:
-            raise RestoreFailed(f"Target {self.address} closed the connection", Target=self.address)
-        self._rbuf += data
-        self._settle(block=False)
 
     def drain(self) -> None:
         """Send everything and wait for every reply; RestoreFailed on any error reply."""
@@ -596,26 +610,14 @@ class _Pipe:
         for view in self._out:
             view.release()
         self._out.clear()
-        self._sock.close()
+        self._conn.close()
 
     def _flush_out(self) -> None:
-        out = self._out
-        try:
-            while out:
-                view = out.popleft()
-                self._sock.sendall(view)
-                view.release()
-        except OSError as exc:
-            raise RestoreFailed(f"Sending to {self.address} failed: {exc}", Target=self.address) from exc
-
-    def _recv(self) -> bytes:
-        try:
-            data = self._sock.recv(_RECV_SIZE)
-        except OSError as exc:
-            raise RestoreFailed(f"Reading from {self.address} failed: {exc}", Target=self.address) from exc
-        if not data:
-            raise RestoreFailed(f"Target {self.address} closed the connection", Target=self.address)
-        return data
+        out, sendall = self._out, self._conn.sendall
+        while out:
+            view = out.popleft()
+            sendall(view)
+            view.release()
 
     def _settle(self, *, block: bool) -> None:
         """Retire answered batches from the front. All ``+OK`` is checked by comparing bytes."""
@@ -629,7 +631,7 @@ class _Pipe:
             if len(rbuf) < want:
                 if not block:
                     return
-                rbuf += self._recv()
+                rbuf += self._conn.recv()
                 continue
             del rbuf[:want]
             pending.popleft()
@@ -646,31 +648,12 @@ class _Pipe:
         errors: list[tuple[bytes | int, str]] = []
         for label in labels:  # bounded: exactly one reply per command sent
             while (reply := reader.gets()) is False:
-                reader.feed(self._recv())
+                reader.feed(self._conn.recv())
             if isinstance(reply, hiredis.ReplyError):
                 errors.append((label, str(reply)))
         if not errors:
             raise RestoreFailed(f"Unexpected replies from {self.address}", Target=self.address)
-        label, message = errors[0]
-        what = "SELECT" if isinstance(label, int) else "RESTORE"
-        raise RestoreFailed(
-            f"{what} failed on {self.address} for {len(errors)} command(s); first: key "
-            f"{_show_key(label)!r}: {message}",
-            Target=self.address,
-            Key=_show_key(label),
-            ServerMessage=message,
-            FailedKeys=[_show_key(k) for k, _ in errors[:20]],
-            FailedCount=len(errors),
-        )
-
-
-def _connect(creds: Credentials, host: str, port: int, timeout: float, address: str) -> socket.socket:
-    try:
-        return creds.connect(host, port, timeout)
-    except TlsError as exc:
-        raise RestoreFailed(f"Cannot connect to target {address}: {exc}", Target=address) from exc
-    except OSError as exc:
-        raise RestoreFailed(f"Cannot connect to target {address}: {exc}", Target=address) from exc
+        raise _replies_failed(self.address, errors)
 
 
 def _ok_prefix(buf: bytearray, limit: int) -> bool:
@@ -707,12 +690,7 @@ def load_rdb_file(
     ``restore_functions``, loaded on every target after the keys (FUNCTION LOAD REPLACE).
     Module values are skipped and listed in ``LoadResult.modules_skipped``.
     """
-    if not targets:
-        raise InvalidParameterValue("No target shard to restore into")
-    if not cluster_mode and len(targets) != 1:
-        raise InvalidParameterCombination(
-            f"A non-cluster restore has exactly one target primary, got {len(targets)}"
-        )
+    _check_targets(targets, cluster_mode)
     if batch_bytes < 1 or batch_keys < 1:
         raise InvalidParameterValue("batch_bytes and batch_keys must be positive")
     owners = SlotRouter([t.slots for t in targets]).owners if cluster_mode else None
@@ -825,10 +803,7 @@ def _pack_rdb(
                 i = owners[crc_hqx(key, 0) & 16383]
         if db != dbs[i]:
             if cluster_mode:
-                raise InvalidParameterCombination(
-                    f"Target {pipes[i].address} is a cluster (database 0 only) but the snapshot has "
-                    f"keys in database {db}: a multi-database snapshot cannot be restored into cluster mode"
-                )
+                raise _cluster_db_refused(pipes[i].address, db)
             batches[i] += hiredis.pack_command(("SELECT", db))
             labels[i].append(db)
             dbs[i] = db
