@@ -415,6 +415,25 @@ def entries_from_rdb(
 ProgressCallback = Callable[[int, int], None]
 
 
+def _tick(
+    seen: int,
+    expired: int,
+    next_tick: int,
+    every: int,
+    clock: Callable[[], int],
+    progress: ProgressCallback | None,
+) -> tuple[int, int]:
+    """Every ``every`` keys of a load loop: the next tick, a fresh clock, a progress report.
+
+    The clock is re-read only now and then: keys expiring mid-load are still accounted
+    for through LoadStats.keys_with_ttl.
+    """
+    now = clock()
+    if progress is not None:
+        progress(seen, expired)
+    return next_tick + every, now
+
+
 def load_entries(
     entries: Iterable[RestoreEntry],
     targets: Sequence[TargetShard],
@@ -463,12 +482,7 @@ def load_entries(
         for entry in entries:
             seen += 1
             if seen >= next_tick:
-                # Re-read the clock only now and then: keys expiring mid-load are still
-                # accounted for through LoadStats.keys_with_ttl.
-                next_tick += progress_every
-                now = clock()
-                if progress is not None:
-                    progress(seen, expired)
+                next_tick, now = _tick(seen, expired, next_tick, progress_every, clock, progress)
             exp = entry.expire_ms
             if exp is not None and exp <= now:
                 expired += 1
@@ -784,12 +798,7 @@ def _pack_rdb(
             on_sample(RestoreEntry(db, key, restore_payload(op, view[vstart:vend], version), expire))
         seen += 1
         if seen >= next_tick:
-            # Re-read the clock only now and then: keys expiring mid-load are still
-            # accounted for through LoadStats.keys_with_ttl.
-            next_tick += progress_every
-            now = clock()
-            if progress is not None:
-                progress(seen, expired)
+            next_tick, now = _tick(seen, expired, next_tick, progress_every, clock, progress)
         if expire is not None and expire <= now:
             expired += 1
             continue
