@@ -96,7 +96,7 @@ def handle_error(exc: Exception) -> Response:
     status = int(err.http_status)
     kind = "Sender" if status < 500 else "Receiver"
     metrics.add_metric(name=f"Api{'Client' if status < 500 else 'Server'}Errors", unit=MetricUnit.Count, value=1)
-    logger.info("request refused", code=err.code, status=status, message=err.message)
+    logger.info("request refused", code=err.code, status=status, reason=err.message)
     request_id = app.lambda_context.aws_request_id if app.lambda_context else None
     return _json(status, {"Error": {**err.to_dict(), "Type": kind}, "RequestId": request_id})
 
