@@ -7,6 +7,7 @@ redis-server processes) that are destroyed after the test.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from cachevault import caches
+from cachevault import caches, storage
 from cachevault.aws import client
 from cachevault.local.environment import LocalEnvironment
 from cachevault.local.fleet import Fleet
@@ -78,14 +79,49 @@ def new_cache(product: Product) -> Iterator[Callable[..., dict[str, Any]]]:
         return caches.create_local_cache(name, settings=product.settings, **kwargs)
 
     yield make
-    for name in created:
+    delete_caches(product, created)
+
+
+def delete_caches(product: Product, names: list[str]) -> None:
+    """Teardown of the caches a test made (those it already deleted are skipped)."""
+    for name in names:
         if product.control.catalog.find_cache(name) is not None:
             caches.delete_local_cache(name, product.settings)
 
 
-def connect(endpoint: str, **kwargs: Any) -> redis.Redis:
+def host_port(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
-    return redis.Redis(host=host, port=int(port), socket_timeout=60, **kwargs)
+    return host, int(port)
+
+
+def connect(endpoint: str, **kwargs: Any) -> redis.Redis:
+    host, port = host_port(endpoint)
+    return redis.Redis(host=host, port=port, socket_timeout=60, **kwargs)
+
+
+def node_digest(endpoint: str) -> tuple[Any, int]:
+    """DEBUG DIGEST and DBSIZE of a live node."""
+    conn = connect(endpoint)
+    try:
+        return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
+    finally:
+        conn.close()
+
+
+def nothing_left(product: Product, snapshot: str) -> None:
+    """No object and no unfinished multipart upload of ``snapshot`` is left in the bucket."""
+    prefix = storage.snapshot_prefix(snapshot)
+    assert product.s3_keys(prefix) == []
+    assert [k for k in product.multipart_uploads() if k.startswith(prefix)] == []
+
+
+def object_sha256(s3: Any, bucket: str, key: str) -> str:
+    """SHA-256 of an S3 object, read in 1 MiB chunks."""
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: body.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def node_addresses(cache: dict[str, Any], role: str) -> list[str]:
@@ -96,11 +132,7 @@ def digest_of_rdb(path: Path, workdir: Path) -> tuple[str, int]:
     """Start a throwaway redis-server on an RDB file: its DEBUG DIGEST and DBSIZE."""
     node = start_node(workdir, rdb_file=path)
     try:
-        conn = node.client()
-        try:
-            return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
-        finally:
-            conn.close()
+        return node_digest(f"{node.host}:{node.port}")
     finally:
         node.stop()
 

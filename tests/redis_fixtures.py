@@ -19,11 +19,16 @@ from cachevault.local.redis_process import RedisProcess, start_node
 _names = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def redis_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path_factory.mktemp("fleet"))
+def own_fleet(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Fleet]:
+    """Body of a fleet fixture: a Fleet under a fresh tmp dir, every node stopped at teardown."""
+    fleet = Fleet(tmp_path_factory.mktemp(name))
     yield fleet
     fleet.stop_all()
+
+
+@pytest.fixture(scope="session")
+def redis_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    yield from own_fleet(tmp_path_factory, "fleet")
 
 
 @pytest.fixture

@@ -48,8 +48,11 @@ from tests.product_fixtures import (
     digest_of_rdb,
     download,
     fill,
+    host_port,
     node_addresses,
+    node_digest,
     node_id_at,
+    nothing_left,
     slow_down_saves,
     sync_replicas,
     wait_until,
@@ -57,25 +60,6 @@ from tests.product_fixtures import (
 
 
 # ------------------------------------------------------------------------------ helpers
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
-def _digest(address: str) -> tuple[str, int]:
-    conn = connect(address)
-    try:
-        return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
-    finally:
-        conn.close()
-
-
-def _nothing_left(product: Product, snapshot: str) -> None:
-    prefix = storage.snapshot_prefix(snapshot)
-    assert product.s3_keys(prefix) == []
-    assert [k for k in product.multipart_uploads() if k.startswith(prefix)] == []
-
-
 def _unlocked(product: Product, cache: str) -> bool:
     return "LockedBy" not in product.control.catalog.get_cache(cache)
 
@@ -86,7 +70,7 @@ def _assert_failed_cleanly(product: Product, cache: str, snapshot: str, *, reaso
     record = product.control.describe_snapshot(snapshot)
     assert record["SnapshotStatus"] == "failed"
     assert reason in record["FailureReason"], record["FailureReason"]
-    _nothing_left(product, snapshot)
+    nothing_left(product, snapshot)
     assert _unlocked(product, cache)
     assert product.control.catalog.capture_progress(snapshot) == {}
     return record
@@ -133,7 +117,7 @@ def _streaming(product: Product, snapshot: str, min_bytes: int = 1) -> bool:
 def _big_cache(product: Product, new_cache: Any, prefix: str, *, replicas: int, mb: int, seed: int) -> dict[str, Any]:
     cache = new_cache(prefix, replicas=replicas)
     primary = cache["Endpoints"][0]
-    datagen.generate(*_host_port(primary), mb, seed=seed)
+    datagen.generate(*host_port(primary), mb, seed=seed)
     sync_replicas(primary, replicas)
     return cache
 
@@ -150,7 +134,7 @@ def test_failover_during_capture_fails_cleanly_and_retry_reads_the_new_topology(
     """
     cache = _big_cache(product, new_cache, "fo", replicas=2, mb=20, seed=31)
     old_primary = cache["Endpoints"][0]
-    digest = _digest(old_primary)
+    digest = node_digest(old_primary)
     source, promoted = node_addresses(cache, "replica")
     slow_down_saves([source], max(1, 6_000_000 // digest[1]))  # a ~6 s save on the source
 
@@ -168,7 +152,7 @@ def test_failover_during_capture_fails_cleanly_and_retry_reads_the_new_topology(
     slow_down_saves([source], 0)
     wait_until(lambda: _no_save_running([source]), 20, "the cut save on the old source to end")
     sync_replicas(promoted, 2)  # both repointed nodes are linked replicas of the new primary
-    topo = topology.discover([_host_port(old_primary)])
+    topo = topology.discover([host_port(old_primary)])
     assert topo.shards[0].primary.endpoint == promoted
     assert {r.endpoint for r in topo.shards[0].replicas if r.link_up} == {old_primary, source}
 
@@ -193,7 +177,7 @@ def test_primary_down_is_refused_before_anything_is_written(product: Product, ne
     message = str(refused.value)
     assert "NOMASTERLINK" in message and "primary" in message and "down" in message, message
     assert product.control.catalog.find_snapshot("nml-snap") is None
-    _nothing_left(product, "nml-snap")
+    nothing_left(product, "nml-snap")
     assert _unlocked(product, cache["CacheName"])
 
 
@@ -204,7 +188,7 @@ def test_master_link_lost_after_source_selection_fails_with_nomasterlink(
     primary = cache["Endpoints"][0]
     fill(primary, keys=500)
     sync_replicas(primary, 1)
-    digest = _digest(primary)
+    digest = node_digest(primary)
     [replica] = node_addresses(cache, "replica")
     real_start = capture_runner.start
 
@@ -289,7 +273,7 @@ def test_s3_throttling_on_upload_part_aborts_the_multipart_upload(
     product: Product, new_cache: Any, s3_faults: S3Faults, tmp_path: Path
 ) -> None:
     cache = _big_cache(product, new_cache, "s3f", replicas=1, mb=20, seed=41)  # > one 16 MiB part
-    digest = _digest(cache["Endpoints"][0])
+    digest = node_digest(cache["Endpoints"][0])
     # S3 throttles every part of this snapshot: botocore's retries run out (standard mode, 5 tries).
     s3_faults.upload_part_errors["snapshots/s3f-snap/"] = ("SlowDown", -1)
     started = time.monotonic()
@@ -457,7 +441,7 @@ def test_quota_is_rechecked_under_the_lock(
     name = cache["CacheName"]
     fill(cache["Endpoints"][0], keys=300)
     sync_replicas(cache["Endpoints"][0], 1)
-    digest = _digest(cache["Endpoints"][0])
+    digest = node_digest(cache["Endpoints"][0])
     replica_id = node_id_at(cache, node_addresses(cache, "replica")[0])
     _insert_manual(product, name, 19, replica_id)
     lock_hooks["qlate-late"] = lambda: product.control.catalog.create_snapshot(
@@ -475,7 +459,7 @@ def test_quota_is_rechecked_under_the_lock(
         product.control.create_snapshot(name, "qlate-late")  # its rules passed with 19 < 20
     assert product.control.catalog.find_snapshot("qlate-meanwhile") is not None  # the hook ran
     assert product.control.catalog.find_snapshot("qlate-late") is None
-    _nothing_left(product, "qlate-late")
+    nothing_left(product, "qlate-late")
     assert _unlocked(product, name)
 
     # One old snapshot leaves the window: exactly one more fits, and runs for real.
@@ -489,7 +473,7 @@ def test_duplicate_name_racing_in_does_not_release_the_running_snapshots_lock(
 ) -> None:
     cache = _big_cache(product, new_cache, "dupl", replicas=1, mb=4, seed=43)
     name = cache["CacheName"]
-    digest = _digest(cache["Endpoints"][0])
+    digest = node_digest(cache["Endpoints"][0])
     slow_down_saves(node_addresses(cache, "replica"), max(1, 3_000_000 // digest[1]))  # ~3 s capture
     record_made = threading.Event()
     twin_waiting = threading.Event()
@@ -533,7 +517,7 @@ def test_interrupted_staging_download_fails_the_restore_before_any_write(
     cache = new_cache("rsf", replicas=0)
     primary = cache["Endpoints"][0]
     fill(primary, keys=1500)
-    digest = _digest(primary)
+    digest = node_digest(primary)
     product.control.create_snapshot(cache["CacheName"], "rsf-snap")
     snapshot = product.control.wait_snapshot("rsf-snap", timeout_s=60)
     size = int(snapshot["CacheSize"])
@@ -563,7 +547,7 @@ def test_interrupted_staging_download_fails_the_restore_before_any_write(
         output = product.control.wait_restore(arn, target, timeout_s=60)
         assert output["Status"] == "available"
         restored = product.control.catalog.get_cache(target)
-        assert _digest(restored["Endpoints"][0]) == digest
+        assert node_digest(restored["Endpoints"][0]) == digest
         assert product.control.describe_snapshot("rsf-snap")["SnapshotStatus"] == "available"
     finally:
         if product.control.catalog.find_cache("rsf-target") is not None:

@@ -32,6 +32,8 @@ from cachevault.local.redis_process import (
 from cachevault.slots import key_slot
 from redis.cluster import ClusterNode, RedisCluster
 
+from tests.redis_fixtures import own_fleet
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -57,9 +59,7 @@ def _pids_gone(nodes: list[NodeAddr]) -> bool:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path_factory.mktemp("fleet-tests"))
-    yield fleet
-    fleet.stop_all()
+    yield from own_fleet(tmp_path_factory, "fleet-tests")
 
 
 @pytest.fixture(scope="module")

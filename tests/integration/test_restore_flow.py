@@ -26,7 +26,7 @@ from cachevault.local.redis_process import process_alive
 from cachevault.slots import SlotRouter, key_slot
 from cachevault.verify import cache_digest, combined_digest
 
-from tests.product_fixtures import Product, connect, sync_replicas, wait_until
+from tests.product_fixtures import Product, connect, host_port, sync_replicas, wait_until
 
 LIBRARY = """#!lua name=cvtest
 redis.register_function('cvt_get', function(keys, args) return redis.call('GET', keys[1]) end)
@@ -38,11 +38,6 @@ STREAMS = 6
 
 
 # ------------------------------------------------------------------------------ helpers
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
 def _primaries(cache: dict[str, Any]) -> list[str]:
     return list(cache["Endpoints"])
 
@@ -223,7 +218,7 @@ def _make_source(
         cache_name=cache["CacheName"],
         cluster_mode=cluster_mode,
         shards=shards,
-        digests=cache_digest([_host_port(p) for p in primaries]),
+        digests=cache_digest([host_port(p) for p in primaries]),
         keys=_keycount(primaries),
         functions=_function_list(primaries[0]),
         expiries=_expiries(primaries, ttl_keys),
@@ -287,7 +282,7 @@ def _check_restored(product: Product, source: Source, target: str, *, shards: in
     assert record["ClusterMode"] is cluster
     primaries = _primaries(record)
     assert len(primaries) == shards
-    digests = cache_digest([_host_port(p) for p in primaries])
+    digests = cache_digest([host_port(p) for p in primaries])
     if shards == source.shards and cluster == source.cluster_mode:
         assert digests == source.digests  # same layout: shard for shard
     assert combined_digest(digests) == source.combined
@@ -323,7 +318,7 @@ def test_cluster_disabled_to_same_is_seeded_without_the_source_cache(
     assert record["ReplicasPerNodeGroup"] == 1
     replica = next(n["Address"] for n in record["Nodes"] if n["Role"] == "replica")
     sync_replicas(record["Endpoints"][0], 1)
-    assert cache_digest([_host_port(replica)]) == standalone.digests
+    assert cache_digest([host_port(replica)]) == standalone.digests
     print(f"restore cluster-disabled -> same (seeded): {seconds:.2f} s")
 
 
@@ -351,7 +346,7 @@ def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, 
     assert output["Seeded"] is False and output["ClusterMode"] is True
     primaries = _check_restored(product, standalone, "rt-up", shards=3, cluster=True)
     # Each key sits on the primary that owns its slot: the cluster answers without MOVED.
-    host, port = _host_port(primaries[0])
+    host, port = host_port(primaries[0])
     rc = redis.RedisCluster(host=host, port=port, socket_timeout=30)
     try:
         assert rc.get(b"s:11:3") == b"3000"
@@ -424,7 +419,7 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
 ) -> None:
     cache = new_cache("big", replicas=0)
     primary = cache["Endpoints"][0]
-    host, port = _host_port(primary)
+    host, port = host_port(primary)
     datagen.generate(host, port, 24, seed=5)
     conn = connect(primary)
     try:
@@ -481,7 +476,7 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
     assert output["Status"] == "available"
     record = product.control.catalog.get_cache(name)
     assert record["Status"] == "available" and "FailureReason" not in record
-    digests = cache_digest([_host_port(p) for p in record["Endpoints"]])
+    digests = cache_digest([host_port(p) for p in record["Endpoints"]])
     assert combined_digest(digests) == combined_digest([digest])
     assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "available"
     assert _s3_objects(product, "big-snap") == objects

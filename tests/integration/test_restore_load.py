@@ -12,14 +12,16 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from cachevault.errors import InvalidParameterCombination, RestoreFailed
 from cachevault.rdb import RdbFile
 from cachevault.restore_load import (
+    LoadResult,
     RestoreEntry,
     ShardLoader,
     TargetShard,
@@ -31,6 +33,17 @@ from cachevault.slots import even_split, key_slot
 from cachevault.verify import cache_digest, combined_digest, verify_restore
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def _verify_all(targets: Sequence[TargetShard], result: LoadResult, entries: list[RestoreEntry]) -> dict[str, Any]:
+    """verify_restore of a finished load, every entry sampled."""
+    return verify_restore(
+        targets,
+        expected_keys_per_target=result.keys_per_target,
+        keys_with_ttl_per_target=[t.keys_with_ttl for t in result.targets],
+        samples=entries,
+        sample_limit=len(entries),
+    )
 
 
 # -- tiny local fleet helper (start/stop by PID) ---------------------------------------------
@@ -221,13 +234,7 @@ def test_standalone_restore_is_identical(tmp_path: Path, source: tuple[Node, lis
         assert target.client(1).get("db1:key") == b"in db one"
         # Keys with TTL keep their expiry.
         assert 0 < target.client().pttl("ttl:5") <= 3_600_005
-        report = verify_restore(
-            targets,
-            expected_keys_per_target=result.keys_per_target,
-            keys_with_ttl_per_target=[t.keys_with_ttl for t in result.targets],
-            samples=entries,
-            sample_limit=len(entries),
-        )
+        report = _verify_all(targets, result, entries)
         assert report["SampledKeys"] == len(entries)
         assert report["Mismatches"] == []
         assert report["KeyCounts"] == [
@@ -299,13 +306,7 @@ def test_cluster_restore_routes_by_slot(
         node_digests = cache_digest([("127.0.0.1", n.port) for n in nodes])
         assert len(set(node_digests)) == shards
         assert combined_digest(node_digests) == cache_digest([("127.0.0.1", src_db0.port)])[0]
-        report = verify_restore(
-            targets,
-            expected_keys_per_target=result.keys_per_target,
-            keys_with_ttl_per_target=[t.keys_with_ttl for t in result.targets],
-            samples=entries,
-            sample_limit=len(entries),
-        )
+        report = _verify_all(targets, result, entries)
         assert report["Mismatches"] == [] and report["SampledKeys"] == len(entries)
         assert [k["Actual"] for k in report["KeyCounts"]] == result.keys_per_target
 

@@ -26,7 +26,7 @@ from cachevault.errors import (
     ReplicationGroupAlreadyExistsFault,
 )
 
-from tests.product_fixtures import Product, connect, fill, fill_cluster, sync_replicas
+from tests.product_fixtures import Product, connect, delete_caches, fill, fill_cluster, sync_replicas
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "rdb"
 
@@ -75,9 +75,7 @@ def _nothing_healthy_left(product: Product, target: str) -> dict[str, Any] | Non
 def targets(product: Product) -> Iterator[list[str]]:
     made: list[str] = []
     yield made
-    for name in made:
-        if product.control.catalog.find_cache(name) is not None:
-            caches.delete_local_cache(name, product.settings)
+    delete_caches(product, made)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import pytest
-from cachevault import caches, imports
+from cachevault import imports
 from cachevault.aws import client
 from cachevault.errors import ImportNotFoundFault, InvalidParameterValue
 from cachevault.local.redis_process import start_node
 
 from tests.integration.test_events import EventListener, bus_listener
-from tests.product_fixtures import Product, connect, fill, wait_until
+from tests.product_fixtures import Product, connect, delete_caches, fill, node_digest, wait_until
 
 __all__ = ["bus_listener"]  # the module-scoped fixture, shared with test_events
 
@@ -57,9 +57,7 @@ def seed_rdb(tmp_path_factory: pytest.TempPathFactory) -> SeedRdb:
 def cleanup(product: Product) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
-    for name in names:
-        if product.control.catalog.find_cache(name) is not None:
-            caches.delete_local_cache(name, product.settings)
+    delete_caches(product, names)
 
 
 def _upload(product: Product, key: str, body: bytes, **metadata: str) -> float:
@@ -96,14 +94,6 @@ def _settled(product: Product, key: str, timeout: float = 60) -> dict[str, Any]:
     )
 
 
-def _digest(endpoint: str) -> tuple[bytes, int]:
-    conn = connect(endpoint)
-    try:
-        return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
-    finally:
-        conn.close()
-
-
 # ------------------------------------------------------------------------------ the happy path
 def test_uploaded_rdb_becomes_a_cache_with_the_same_data(
     product: Product, seed_rdb: SeedRdb, bus_listener: EventListener, cleanup: list[str]
@@ -123,7 +113,7 @@ def test_uploaded_rdb_becomes_a_cache_with_the_same_data(
     assert cache["Status"] == "available"
     assert cache["RestoreSource"] == f"arn:aws:s3:::{product.bucket}/imports/seeded-cache.rdb"
     assert cache["RestoreExecution"] == done["ExecutionName"]
-    assert _digest(cache["Endpoints"][0]) == (seed_rdb.digest, seed_rdb.keys)
+    assert node_digest(cache["Endpoints"][0]) == (seed_rdb.digest, seed_rdb.keys)
     event = bus_listener.one("Restore Completed", ReplicationGroupId="seeded-cache")
     assert event["RestoreSource"] == cache["RestoreSource"]
     assert imports.describe_import("seeded-cache", product.settings)["ImportId"] == done["ImportId"]
@@ -139,7 +129,7 @@ def test_metadata_name_wins_and_a_redelivery_starts_nothing(
     assert done["Status"] == "available", done
     assert done["CacheName"] == "from-metadata" and done["NameSource"] == "metadata"
     assert product.control.catalog.find_cache("whatever-name") is None
-    assert _digest(product.control.catalog.get_cache("from-metadata")["Endpoints"][0])[1] == seed_rdb.keys
+    assert node_digest(product.control.catalog.get_cache("from-metadata")["Endpoints"][0])[1] == seed_rdb.keys
 
     # S3 delivers at least once: the same notification again (URL-encoded key, as S3 sends
     # it) through the deployed function is recognised and starts no second restore.

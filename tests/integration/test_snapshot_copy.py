@@ -26,7 +26,7 @@ from cachevault.errors import (
 )
 
 from tests.integration.test_events import EventListener, bus_listener
-from tests.product_fixtures import Product, connect, fill, slow_down_saves, sync_replicas
+from tests.product_fixtures import Product, fill, node_digest, object_sha256, slow_down_saves, sync_replicas
 
 __all__ = ["bus_listener"]  # the module-scoped fixture, shared with test_events
 
@@ -38,22 +38,6 @@ class Source:
     cache: dict[str, Any]
     snapshot: dict[str, Any]
     digest: tuple[bytes, int]
-
-
-def _digest(endpoint: str) -> tuple[bytes, int]:
-    conn = connect(endpoint)
-    try:
-        return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
-    finally:
-        conn.close()
-
-
-def _sha256(bucket: str, key: str) -> str:
-    body = client("s3").get_object(Bucket=bucket, Key=key)["Body"]
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: body.read(1 << 20), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _keys(bucket: str, prefix: str = "") -> list[str]:
@@ -83,7 +67,7 @@ def source(product: Product, bus_listener: EventListener) -> Iterator[Source]:
         primary = cache["Endpoints"][0]
         fill(primary, keys=2000, seed=11)
         sync_replicas(primary, 1)
-        digest = _digest(primary)
+        digest = node_digest(primary)
         yield Source(cache, _snap(product, cache, "copy-src"), digest)
     finally:
         caches.delete_local_cache(cache["CacheName"], product.settings)
@@ -113,7 +97,7 @@ def test_copy_within_catalog_then_restore_from_the_copy(
     assert manifest["SnapshotName"] == "copy-dst" and manifest["SnapshotSource"] == "manual"
     node, src_node = manifest["NodeSnapshots"][0], src_manifest["NodeSnapshots"][0]
     assert node["S3Key"] == "snapshots/copy-dst/copy-dst-0001.rdb"
-    assert node["Sha256"] == src_node["Sha256"] == _sha256(product.bucket, node["S3Key"])
+    assert node["Sha256"] == src_node["Sha256"] == object_sha256(client("s3"), product.bucket, node["S3Key"])
     assert copy["NodeSnapshots"][0]["S3Key"] == node["S3Key"]
     assert int(copy["CacheSize"]) == node["CacheSize"] == src_node["CacheSize"]
     event = bus_listener.one("Snapshot Copy Completed", SnapshotName="copy-src", TargetSnapshotName="copy-dst")
@@ -125,7 +109,7 @@ def test_copy_within_catalog_then_restore_from_the_copy(
         product.control.wait_restore(arn, name, timeout_s=60)
         restored = product.control.catalog.get_cache(name)
         assert restored["Status"] == "available"
-        assert _digest(restored["Endpoints"][0]) == source.digest
+        assert node_digest(restored["Endpoints"][0]) == source.digest
     finally:
         caches.delete_local_cache(name, product.settings)
 
@@ -150,7 +134,7 @@ def test_export_to_a_user_bucket_uses_elasticache_names(
     assert _keys(bucket) == ["nightly-export-0001.rdb"]  # at the bucket root, as ElastiCache names them
     assert [o["Key"] for o in result["Objects"]] == ["nightly-export-0001.rdb"]
     src_node = source.snapshot["NodeSnapshots"][0]
-    assert _sha256(bucket, "nightly-export-0001.rdb") == src_node["Sha256"]
+    assert object_sha256(client("s3"), bucket, "nightly-export-0001.rdb") == src_node["Sha256"]
     assert _snapshot_names(product) == before  # an export adds no catalog snapshot
     assert product.control.describe_snapshot("copy-src")["SnapshotStatus"] == "available"
     event = bus_listener.one("Snapshot Export Completed", TargetSnapshotName="nightly-export")
@@ -246,4 +230,4 @@ def test_large_objects_are_copied_with_multipart_server_side(product: Product) -
     )
     assert head["ETag"].strip('"').endswith("-3")  # three UploadPartCopy parts, no GET/PUT of the body
     assert head["ContentLength"] == len(data)
-    assert _sha256(bucket, "big-copy.rdb") == hashlib.sha256(data).hexdigest()
+    assert object_sha256(client("s3"), bucket, "big-copy.rdb") == hashlib.sha256(data).hexdigest()

@@ -29,34 +29,16 @@ from tests.product_fixtures import (
     fill,
     fill_cluster,
     fork_stats,
+    host_port,
     node_addresses,
+    node_digest,
     node_id_at,
+    nothing_left,
+    object_sha256,
     slow_down_saves,
     sync_replicas,
     wait_until,
 )
-
-
-def _object_sha256(product: Product, key: str) -> str:
-    body = product.s3.get_object(Bucket=product.bucket, Key=key)["Body"]
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: body.read(1 << 20), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _digest(endpoint: str) -> tuple[str, int]:
-    conn = connect(endpoint)
-    try:
-        return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
-    finally:
-        conn.close()
-
-
-def _nothing_left(product: Product, snapshot: str) -> None:
-    prefix = storage.snapshot_prefix(snapshot)
-    assert product.s3_keys(prefix) == []
-    assert [k for k in product.multipart_uploads() if k.startswith(prefix)] == []
 
 
 # ------------------------------------------------------------------------------ 1
@@ -65,7 +47,7 @@ def test_cluster_mode_disabled_snapshot_from_replica(product: Product, new_cache
     primary = cache["Endpoints"][0]
     fill(primary, keys=3000)
     sync_replicas(primary, 2)
-    source_digest, source_keys = _digest(primary)
+    source_digest, source_keys = node_digest(primary)
     before = fork_stats(primary)
 
     started = product.control.create_snapshot(cache["CacheName"], "MySnap")
@@ -103,7 +85,8 @@ def test_cluster_mode_disabled_snapshot_from_replica(product: Product, new_cache
     assert manifest["SnapshotCreateTime"] == record["SnapshotCreateTime"]
     [entry] = manifest["NodeSnapshots"]
     assert entry["S3Key"] == key
-    assert entry["Sha256"] == _object_sha256(product, key) == hashlib.sha256(rdb.read_bytes()).hexdigest()
+    assert entry["Sha256"] == hashlib.sha256(rdb.read_bytes()).hexdigest()
+    assert entry["Sha256"] == object_sha256(product.s3, product.bucket, key)
     assert entry["CacheSize"] == rdb.stat().st_size
     assert entry["KeyCount"] == source_keys
     assert entry["CacheNodeId"] == node["CacheNodeId"]
@@ -119,7 +102,7 @@ def test_three_shard_cluster_snapshot(product: Product, new_cache: Any, tmp_path
     fill_cluster(cache, keys=3000)
     for endpoint in cache["Endpoints"]:
         sync_replicas(endpoint, 1)
-    digests = [_digest(endpoint) for endpoint in cache["Endpoints"]]
+    digests = [node_digest(endpoint) for endpoint in cache["Endpoints"]]
     assert all(keys > 0 for _, keys in digests)
 
     product.control.create_snapshot(cache["CacheName"], "shards3")
@@ -152,7 +135,7 @@ def test_three_shard_cluster_snapshot(product: Product, new_cache: Any, tmp_path
     with pytest.raises(InvalidParameterCombination, match="cluster level"):
         product.control.create_snapshot(cache["CacheName"], "shard-level", source_node=next(iter(replicas)))
     assert product.control.catalog.find_snapshot("shard-level") is None
-    _nothing_left(product, "shard-level")
+    nothing_left(product, "shard-level")
     assert "LockedBy" not in product.control.catalog.get_cache(cache["CacheName"])
 
 
@@ -161,10 +144,10 @@ def test_writes_keep_flowing_during_capture(product: Product, new_cache: Any) ->
     cache = new_cache("wr", replicas=1)
     primary = cache["Endpoints"][0]
     fill(primary, keys=4000)
-    datagen.generate(*_host_port(primary), 4, seed=3)
+    datagen.generate(*host_port(primary), 4, seed=3)
     sync_replicas(primary, 1)
     # ~1.5 s of save on the replica, so the capture window is long enough to observe.
-    keys = _digest(primary)[1]
+    keys = node_digest(primary)[1]
     slow_down_saves(node_addresses(cache, "replica"), max(1, 1_500_000 // keys))
 
     writes: list[float] = []
@@ -208,11 +191,6 @@ def test_writes_keep_flowing_during_capture(product: Product, new_cache: Any) ->
     assert len(during) > 100, f"only {len(during)} writes landed during the capture window"
 
 
-def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host, int(port)
-
-
 # ------------------------------------------------------------------------------ 4
 def test_source_node_choice(product: Product, new_cache: Any) -> None:
     cache = new_cache("src", replicas=2)
@@ -227,7 +205,7 @@ def test_source_node_choice(product: Product, new_cache: Any) -> None:
     with pytest.raises(InvalidParameterValue, match="not a node of replication group"):
         product.control.create_snapshot(cache["CacheName"], "pick-stranger", source_node="someone-else-0001-001")
     assert product.control.catalog.find_snapshot("pick-stranger") is None
-    _nothing_left(product, "pick-stranger")
+    nothing_left(product, "pick-stranger")
 
 
 # ------------------------------------------------------------------------------ 6
@@ -244,9 +222,9 @@ def test_source_killed_mid_capture_fails_cleanly_and_retry_succeeds(
 ) -> None:
     cache = new_cache("kill", replicas=2)
     primary = cache["Endpoints"][0]
-    datagen.generate(*_host_port(primary), 48, seed=7)
+    datagen.generate(*host_port(primary), 48, seed=7)
     sync_replicas(primary, 2)
-    digest = _digest(primary)
+    digest = node_digest(primary)
     victim, survivor = node_addresses(cache, "replica")
     victim_id = node_id_at(cache, victim)
     # A save of ~6 s on the victim: the kill lands while it streams, after the first
@@ -273,7 +251,7 @@ def test_source_killed_mid_capture_fails_cleanly_and_retry_succeeds(
     assert record["FailureReason"].startswith("CaptureFailed: ")
     assert victim_id in record["FailureReason"]
     assert record["FailureReason"] in str(failure.value)
-    _nothing_left(product, "doomed")
+    nothing_left(product, "doomed")
     assert "LockedBy" not in product.control.catalog.get_cache(cache["CacheName"])
     # The killed node's save child (if it had one) must not outlive it for long.
     for pid in save_children:
@@ -337,9 +315,9 @@ def test_list_pages_newest_first_and_filters_by_source(product: Product) -> None
 def test_describe_progress_and_delete(product: Product, new_cache: Any) -> None:
     cache = new_cache("prog", replicas=1)
     primary = cache["Endpoints"][0]
-    datagen.generate(*_host_port(primary), 8, seed=5)
+    datagen.generate(*host_port(primary), 8, seed=5)
     sync_replicas(primary, 1)
-    keys = _digest(primary)[1]
+    keys = node_digest(primary)[1]
     slow_down_saves(node_addresses(cache, "replica"), max(1, 2_500_000 // keys))
 
     product.control.create_snapshot(cache["CacheName"], "Progress")

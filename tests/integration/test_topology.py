@@ -16,6 +16,8 @@ from cachevault.local.redis_process import free_port, server_path
 from cachevault.topology import Topology, choose_source, discover, engine_info, node_memory
 from redis.cluster import ClusterNode, RedisCluster
 
+from tests.redis_fixtures import own_fleet
+
 
 def _ep(node: NodeAddr) -> tuple[str, int]:
     return (node.host, node.port)
@@ -30,9 +32,7 @@ def _shape(topo: Topology) -> list[tuple[str, list[tuple[int, int]], tuple[str, 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path_factory.mktemp("topology-tests"))
-    yield fleet
-    fleet.stop_all()
+    yield from own_fleet(tmp_path_factory, "topology-tests")
 
 
 @pytest.fixture(scope="module")
