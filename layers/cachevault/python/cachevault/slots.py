@@ -123,7 +123,7 @@ class SlotRouter:
         if missing:
             raise InvalidParameterValue(
                 f"{len(missing)} slots are not assigned to any shard: "
-                f"{format_slot_ranges(_compress(missing))[:200]}"
+                f"{format_slot_ranges(compress_slots(missing))[:200]}"
             )
         self._owner = owner
 
@@ -143,7 +143,8 @@ class SlotRouter:
         return self._owner
 
 
-def _compress(slots: Iterable[int]) -> list[SlotRange]:
+def compress_slots(slots: Iterable[int]) -> list[SlotRange]:
+    """Ascending slot numbers as inclusive (start, end) runs: 1, 2, 3, 7 -> (1, 3), (7, 7)."""
     ranges: list[SlotRange] = []
     for slot in slots:
         if ranges and ranges[-1][1] == slot - 1:

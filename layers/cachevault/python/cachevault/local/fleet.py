@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +28,6 @@ from typing import Any
 
 import redis
 
-from cachevault.credentials import Tls
 from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
@@ -39,13 +38,13 @@ from cachevault.local.redis_process import (
     RedisNodeError,
     RedisProcess,
     is_our_redis,
-    no_retry,
+    node_client,
     node_from_dir,
     own_start_time,
     process_alive,
     start_node,
 )
-from cachevault.slots import even_split
+from cachevault.slots import compress_slots, even_split
 from cachevault.topology import engine_from_info
 
 LAYOUT_FILE = "cache.json"
@@ -325,16 +324,9 @@ class Fleet:
         return f"{name}-{shard + 1:04d}-{member + 1:03d}"
 
     def _client(self, node: NodeAddr, layout: CacheLayout, timeout: float = 10.0) -> redis.Redis:
-        tls = Tls(ca_file=layout.tls["ca_file"]).redis_kwargs() if layout.tls else {}
-        return redis.Redis(
-            host=node.host,
-            port=node.port,
-            password=layout.password,
-            **tls,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=no_retry(),
-            decode_responses=True,
+        tls_ca = layout.tls["ca_file"] if layout.tls else None
+        return node_client(
+            node.host, node.port, password=layout.password, tls_ca=tls_ca, timeout=timeout, decode_responses=True
         )
 
     def _link_replicas(self, layout: CacheLayout) -> None:
@@ -431,7 +423,7 @@ class Fleet:
                 f"(e.g. slot {outside[0]}); seed each shard with its own RDB",
                 shard_id=shard.shard_id,
             )
-        for start, end in _ranges(s for s in range(wanted[0], wanted[1] + 1) if s not in owned):
+        for start, end in compress_slots(s for s in range(wanted[0], wanted[1] + 1) if s not in owned):
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
 
     # ----- find ---------------------------------------------------------------------
@@ -580,13 +572,3 @@ def _own_slots(client: redis.Redis) -> set[int]:
             start, _, end = item.partition("-")
             owned.update(range(int(start), int(end or start) + 1))
     return owned
-
-
-def _ranges(slots: Iterable[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for slot in slots:
-        if out and out[-1][1] == slot - 1:
-            out[-1] = (out[-1][0], slot)
-        else:
-            out.append((slot, slot))
-    return out

@@ -55,6 +55,29 @@ class RedisNodeError(CacheVaultError):
     http_status = 500
 
 
+def node_client(
+    host: str,
+    port: int,
+    *,
+    password: str | None = None,
+    tls_ca: str | None = None,
+    timeout: float = 10.0,
+    **kwargs: Any,
+) -> redis.Redis:
+    """A client for one local node: no retries, one timeout for connecting and for each reply."""
+    tls = Tls(ca_file=tls_ca).redis_kwargs() if tls_ca else {}
+    return redis.Redis(
+        host=host,
+        port=port,
+        password=password,
+        **tls,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=no_retry(),
+        **kwargs,
+    )
+
+
 def no_retry() -> Retry:
     # redis-py 8 retries a refused connection with backoff by default (seconds per
     # command); every wait here is our own bounded poll, so fail fast instead.
@@ -223,17 +246,7 @@ class RedisProcess:
         return (self.host, self.port)
 
     def client(self, *, timeout: float = 10.0, **kwargs: Any) -> redis.Redis:
-        tls = Tls(ca_file=self.tls_ca).redis_kwargs() if self.tls_ca else {}
-        return redis.Redis(
-            host=self.host,
-            port=self.port,
-            password=self.password,
-            **tls,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=no_retry(),
-            **kwargs,
-        )
+        return node_client(self.host, self.port, password=self.password, tls_ca=self.tls_ca, timeout=timeout, **kwargs)
 
     def alive(self) -> bool:
         return is_our_redis(self.pid, self.port, self.data_dir)
