@@ -262,6 +262,17 @@ REFUSALS = [
         400, "InvalidParameterValueException", id="restore-string-number",
     ),
     pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "AuthToken": "s3cret-inline"}),
+        400, "InvalidParameterValueException", id="restore-inline-secret",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "AuthSecretArn": "arn:aws:secretsmanager:us-east-1:1:secret:x",
+                                                  "AuthParameterName": "/cachevault/x"}),
+        400, "InvalidParameterValueException", id="restore-two-credential-sources",
+    ),
+    pytest.param(
         dict(method="POST", path="/snapshots/nope/copy", resource="/snapshots/{name}/copy", body={}),
         400, "InvalidParameterValueException", id="copy-missing-target",
     ),

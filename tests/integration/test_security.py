@@ -61,8 +61,8 @@ def _digest(address: str, creds: Credentials) -> tuple[str, int]:
 
 
 def _restore(product: Product, target: str, snapshot: str, **security: Any) -> dict[str, Any]:
-    payload = {"ReplicationGroupId": target, "SnapshotName": snapshot, **security}
-    arn = product.control.start(RESTORE_SNAPSHOT, f"restore-{target}", payload)
+    """Through the control plane, as the CLI and API do: security goes by reference only."""
+    arn, target = product.control.restore(target, snapshot=snapshot, security=security)
     product.control.wait_restore(arn, target, timeout_s=90)
     return product.control.catalog.get_cache(target)
 

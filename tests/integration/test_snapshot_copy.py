@@ -100,6 +100,8 @@ def test_copy_within_catalog_then_restore_from_the_copy(
     assert node["Sha256"] == src_node["Sha256"] == object_sha256(client("s3"), product.bucket, node["S3Key"])
     assert copy["NodeSnapshots"][0]["S3Key"] == node["S3Key"]
     assert int(copy["CacheSize"]) == node["CacheSize"] == src_node["CacheSize"]
+    # Copies are encrypted at rest like every object cachevault writes (SSE-S3 by default).
+    assert client("s3").head_object(Bucket=product.bucket, Key=node["S3Key"])["ServerSideEncryption"] == "AES256"
     event = bus_listener.one("Snapshot Copy Completed", SnapshotName="copy-src", TargetSnapshotName="copy-dst")
     assert event["SnapshotStatus"] == "available" and event["Objects"] == [node["S3Key"]]
 
@@ -135,6 +137,7 @@ def test_export_to_a_user_bucket_uses_elasticache_names(
     assert [o["Key"] for o in result["Objects"]] == ["nightly-export-0001.rdb"]
     src_node = source.snapshot["NodeSnapshots"][0]
     assert object_sha256(client("s3"), bucket, "nightly-export-0001.rdb") == src_node["Sha256"]
+    assert client("s3").head_object(Bucket=bucket, Key="nightly-export-0001.rdb")["ServerSideEncryption"] == "AES256"
     assert _snapshot_names(product) == before  # an export adds no catalog snapshot
     assert product.control.describe_snapshot("copy-src")["SnapshotStatus"] == "available"
     event = bus_listener.one("Snapshot Export Completed", TargetSnapshotName="nightly-export")

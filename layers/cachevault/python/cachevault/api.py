@@ -32,7 +32,7 @@ from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ValidationError
 
-from cachevault import caches, copy_workflow, names, preflight, service
+from cachevault import caches, copy_workflow, credentials, names, preflight, service
 from cachevault.api_models import CopySnapshotRequest, CreateSnapshotRequest, ListSnapshotsQuery, RestoreRequest
 from cachevault.aws import client
 from cachevault.errors import (
@@ -294,6 +294,11 @@ def _check_restore(control: service.ControlPlane, request: RestoreRequest, targe
             payload[key] = value
     if request.AllowClusterModeDisable:
         payload["AllowClusterModeDisable"] = True
+    payload.update(
+        credentials.security_fields(
+            {k: getattr(request, k) for k in ("AuthSecretArn", "AuthParameterName", "AuthUsername")}
+        )
+    )
     return payload
 
 

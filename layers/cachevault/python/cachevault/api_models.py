@@ -36,6 +36,10 @@ class RestoreRequest(_Body):
     CacheNodeType: StrictStr | None = Field(default=None, min_length=1)
     ClusterMode: Literal["enabled", "disabled"] | None = None
     AllowClusterModeDisable: StrictBool = False
+    # The new cache's protection, by reference only: a secret in a request body is refused.
+    AuthSecretArn: StrictStr | None = Field(default=None, min_length=20, max_length=2048)
+    AuthParameterName: StrictStr | None = Field(default=None, min_length=1, max_length=2048)
+    AuthUsername: StrictStr | None = Field(default=None, min_length=1, max_length=128)
 
 
 class CopySnapshotRequest(_Body):

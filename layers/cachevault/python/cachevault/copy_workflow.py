@@ -23,7 +23,7 @@ from typing import Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from cachevault import events, names, storage
+from cachevault import encryption, events, names, storage
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import (
@@ -76,6 +76,7 @@ def copy_object(
         {"Bucket": source_bucket, "Key": storage.check_key(source_key)},
         target_bucket,
         storage.check_key(target_key),
+        ExtraArgs=encryption.s3_args(),  # copies are encrypted like every object cachevault writes
         Config=config,
     )
     return s3.head_object(Bucket=target_bucket, Key=target_key)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from cachevault import errors, names, storage
+from cachevault import credentials, errors, names, storage
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CacheVaultError, InvalidParameterValue, InvalidSnapshotState
@@ -216,8 +216,13 @@ class ControlPlane:
         node_type: str | None = None,
         cluster_mode: str | None = None,
         allow_cluster_mode_disable: bool = False,
+        security: dict[str, Any] | None = None,
     ) -> tuple[str, str]:
-        """Start RestoreSnapshot; returns (execution ARN, target name) once preflight passed."""
+        """Start RestoreSnapshot; returns (execution ARN, target name) once preflight passed.
+
+        ``security`` holds the new cache's protection by reference only (AuthSecretArn,
+        AuthParameterName, AuthUsername, TransitEncryptionEnabled, Tls*): never a secret.
+        """
         target = names.cache_name(target)
         payload: dict[str, Any] = {"ReplicationGroupId": target}
         if snapshot:
@@ -234,6 +239,7 @@ class ControlPlane:
                 payload[key] = value
         if allow_cluster_mode_disable:
             payload["AllowClusterModeDisable"] = True
+        payload.update(credentials.security_fields(security or {}))
         execution = execution_name("restore", target)
         arn = self.start(RESTORE_SNAPSHOT, execution, payload)
 

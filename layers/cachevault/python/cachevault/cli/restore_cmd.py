@@ -35,6 +35,13 @@ def register(sub: Any) -> None:
         action="store_true",
         help="allow a cluster-mode-enabled snapshot into a cluster-mode-disabled cache",
     )
+    restore.add_argument(
+        "--auth-secret-arn",
+        default=None,
+        help="protect the new cache with these credentials (Secrets Manager, JSON username/password)",
+    )
+    restore.add_argument("--auth-parameter-name", default=None, help="...or an SSM SecureString parameter")
+    restore.add_argument("--auth-username", default=None, help="ACL user for the credentials (default: default)")
     restore.add_argument("--wait", action="store_true", help="wait until the new cache is available")
     add_json_flag(restore)
     restore.set_defaults(func=cmd_restore, operation="CreateReplicationGroup")
@@ -59,6 +66,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         node_type=args.node_type,
         cluster_mode=args.cluster_mode,
         allow_cluster_mode_disable=args.allow_cluster_mode_disable,
+        security={
+            "AuthSecretArn": args.auth_secret_arn,
+            "AuthParameterName": args.auth_parameter_name,
+            "AuthUsername": args.auth_username,
+        },
     )
     if not args.wait:
         emit(
