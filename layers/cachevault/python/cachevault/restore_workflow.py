@@ -29,7 +29,7 @@ from cachevault.errors import (
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
 )
-from cachevault.failures import failure_reason
+from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics, record_duration
 from cachevault.rdb import RdbFile, RdbKey, scan_rdb
 from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
@@ -430,11 +430,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
 
 def fail_step(event: dict[str, Any]) -> dict[str, Any]:
     """Undo what this execution made: stop the new cache's nodes, mark it failed, free the snapshot."""
-    state = event.get("State", event)
-    execution = event.get("ExecutionName", "")
-    request = state.get("Request", state)
-    error = state.get("Error") or {}
-    reason = failure_reason(error)
+    _, execution, request, reason = caught_failure(event)
     settings = Settings.from_env()
     catalog = Catalog(settings)
     target = str(request.get("ReplicationGroupId", "")).lower()

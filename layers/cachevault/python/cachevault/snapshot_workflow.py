@@ -16,7 +16,7 @@ from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CaptureFailed, InvalidParameterValue
-from cachevault.failures import failure_reason
+from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics, record_duration
 from cachevault.settings import Settings
 from cachevault.timeutil import iso
@@ -378,11 +378,7 @@ def mark_available_step(event: dict[str, Any]) -> dict[str, Any]:
 
 def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
     """Fail the record this execution created (never someone else's), clean S3, unlock."""
-    state = event.get("State", event)
-    execution = event.get("ExecutionName", "")
-    request = state.get("Request", state)
-    error = state.get("Error") or {}
-    reason = failure_reason(error)
+    state, execution, request, reason = caught_failure(event)
     name = str(request.get("SnapshotName", "")).lower()
     settings = Settings.from_env()
     catalog = Catalog(settings)

@@ -118,11 +118,16 @@ def _connect(host: str, port: int, auth: _Auth) -> Iterator[redis.Redis]:
         client.close()
 
 
+def _node_info(host: str, port: int, section: str, auth: _Auth) -> dict[str, Any]:
+    """INFO <section> of one node; redis errors propagate."""
+    with _connect(host, port, auth) as client:
+        return dict(client.info(section))
+
+
 def _info(host: str, port: int, auth: _Auth, section: str) -> dict[str, Any] | None:
     """INFO <section>, or None if the node is unreachable (down, NOAUTH, LOADING ...)."""
     try:
-        with _connect(host, port, auth) as client:
-            return dict(client.info(section))
+        return _node_info(host, port, section, auth)
     except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError):
         return None
 
@@ -455,8 +460,8 @@ def engine_info(
     credentials: Credentials | None = None,
 ) -> tuple[str, str, int]:
     """(engine, version, max RDB version the node accepts)."""
-    with _connect(host, port, _auth(password, username, timeout, credentials)) as client:
-        engine, version = engine_from_info(client.info("server"))
+    info = _node_info(host, port, "server", _auth(password, username, timeout, credentials))
+    engine, version = engine_from_info(info)
     return engine, version, rdb_version_for(engine, version)
 
 
@@ -470,8 +475,7 @@ def node_memory(
     credentials: Credentials | None = None,
 ) -> dict[str, Any]:
     """used_memory, maxmemory (0 = unlimited), total_system_memory, in bytes, and the policy."""
-    with _connect(host, port, _auth(password, username, timeout, credentials)) as client:
-        info = client.info("memory")
+    info = _node_info(host, port, "memory", _auth(password, username, timeout, credentials))
     return {
         "used_memory": int(info["used_memory"]),
         "used_memory_dataset": int(info.get("used_memory_dataset", 0)),
