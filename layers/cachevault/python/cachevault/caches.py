@@ -95,6 +95,14 @@ def validate_shape(*, cluster_mode: bool, num_shards: int, replicas: int, kind: 
         )
 
 
+def _catalog_for_new(settings: Settings, name: str) -> Catalog:
+    """The catalog, once ``name`` is known to be free: refused before any node or secret is made."""
+    catalog = Catalog(settings)
+    if catalog.find_cache(name) is not None:
+        raise ReplicationGroupAlreadyExistsFault(f"Replication group {name!r} already exists.")
+    return catalog
+
+
 def create_local_cache(
     name: str,
     *,
@@ -124,9 +132,7 @@ def create_local_cache(
     validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind=kind)
     if auth_secret_arn and auth_password:
         raise InvalidParameterCombination("Give --auth-secret-arn or --auth-password, not both.")
-    catalog = Catalog(settings)
-    if catalog.find_cache(name) is not None:
-        raise ReplicationGroupAlreadyExistsFault(f"Replication group {name!r} already exists.")
+    catalog = _catalog_for_new(settings, name)
     security: dict[str, Any] = {}
     if tls:
         security.update(TransitEncryptionEnabled=True, TlsCaBundle=tls["ca_file"])
@@ -219,9 +225,7 @@ def register_external_cache(
     seeds = [_parse_endpoint(e) for e in endpoints]
     if not seeds:
         raise InvalidParameterValue("At least one --endpoint host:port is required.")
-    catalog = Catalog(settings)
-    if catalog.find_cache(name) is not None:
-        raise ReplicationGroupAlreadyExistsFault(f"Replication group {name!r} already exists.")
+    catalog = _catalog_for_new(settings, name)
     security: dict[str, Any] = {}
     if auth_secret_arn:
         security["AuthSecretArn"] = auth_secret_arn
