@@ -33,7 +33,7 @@ from cachevault.errors import (
     InvalidSnapshotState,
     SnapshotAlreadyExistsFault,
 )
-from cachevault.failures import failure_reason
+from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics
 from cachevault.settings import Settings
 from cachevault.timeutil import iso
@@ -290,10 +290,7 @@ def _target_manifest(manifest: dict[str, Any], target: str, objects: list[dict[s
 
 def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
     """Undo only what this execution did: its objects, its target record; free the source."""
-    state = event.get("State", event)
-    execution = event.get("ExecutionName", "")
-    request = state.get("Request", state)
-    reason = failure_reason(state.get("Error") or {})
+    _state, execution, request, reason = caught_failure(event)
     settings = Settings.from_env()
     catalog = Catalog(settings)
     source_name = str(request.get("SourceSnapshotName", "")).lower()
