@@ -37,9 +37,10 @@ test: bootstrap lint
 demo: bootstrap
 	$(BIN)/cachevault demo
 
-# The 1 GB benchmarks: explicit, never part of `make test`.
+# The benchmarks (up to 1 GB): explicit, never part of `make test`. Sizes: BENCH_SIZES="256 512 1024".
+BENCH_SIZES ?= 256 512 1024
 bench: bootstrap
-	$(BIN)/cachevault bench all --size-mb $${BENCH_SIZE_MB:-1024}
+	$(BIN)/cachevault bench all $(foreach s,$(BENCH_SIZES),--size-mb $(s))
 
 bench-capture: bootstrap
 	$(BIN)/cachevault bench capture --size-mb $${BENCH_SIZE_MB:-1024}

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import struct
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -61,58 +59,57 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------- PNG
-_W, _H, _PAD = 900, 420, 30
-_ANCHOR, _OURS, _RATIO, _GOAL, _AXIS = (120, 120, 120), (30, 110, 200), (220, 80, 40), (40, 160, 60), (0, 0, 0)
-
-
-class _Canvas:
-    def __init__(self, w: int, h: int) -> None:
-        self.w, self.h = w, h
-        self.px = bytearray(b"\xff" * (w * h * 3))
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, rgb: tuple[int, int, int]) -> None:
-        x0, x1 = sorted((max(0, min(self.w, x0)), max(0, min(self.w, x1))))
-        y0, y1 = sorted((max(0, min(self.h, y0)), max(0, min(self.h, y1))))
-        row = bytes(rgb) * (x1 - x0)
-        for y in range(y0, y1):
-            at = (y * self.w + x0) * 3
-            self.px[at : at + len(row)] = row
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3 : (y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-        header = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)
-        body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-        return b"\x89PNG\r\n\x1a\n" + body
+GOALS = {"capture": 1.1, "restore": GOAL_RATIO}  # the issues' goals, drawn on the ratio panel
 
 
 def plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
-    """Left: anchor (grey) vs ours (blue) seconds per row; right: ratio (orange), goal 1.15 (green)."""
-    c = _Canvas(_W, _H)
-    half = _W // 2
-    base = _H - _PAD
-    top_s = max([r["anchor_s"] or 0 for r in rows] + [r["ours_s"] or 0 for r in rows] + [1e-9])
-    top_r = max([r["ratio"] or 0 for r in rows] + [GOAL_RATIO * 1.2])
-    n = max(1, len(rows))
-    slot = (half - 2 * _PAD) // n
-    for i, r in enumerate(rows):
-        x = _PAD + i * slot
-        bar = max(2, slot // 3)
-        c.rect(x, base, x + bar, base - int((r["anchor_s"] or 0) / top_s * (base - _PAD)), _ANCHOR)
-        c.rect(x + bar, base, x + 2 * bar, base - int((r["ours_s"] or 0) / top_s * (base - _PAD)), _OURS)
-        rx = half + _PAD + i * slot
-        c.rect(rx, base, rx + bar * 2, base - int((r["ratio"] or 0) / top_r * (base - _PAD)), _RATIO)
-    goal_y = base - int(GOAL_RATIO / top_r * (base - _PAD))
-    c.rect(half + _PAD // 2, goal_y - 1, _W - _PAD // 2, goal_y + 1, _GOAL)
-    one_y = base - int(1.0 / top_r * (base - _PAD))
-    c.rect(half + _PAD // 2, one_y, _W - _PAD // 2, one_y + 1, _AXIS)
-    for x0 in (_PAD // 2, half + _PAD // 2):  # axes
-        c.rect(x0, base, x0 + half - _PAD, base + 2, _AXIS)
-        c.rect(x0, _PAD // 2, x0 + 2, base, _AXIS)
-    return c.png()
+    """Seconds (ours solid, anchor dashed) and ratio per dataset size, one line per variant."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render straight to PNG
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['bench']}: {r['variant']}", []).append(r)
+    fig, (times, ratios) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for label, points in series.items():
+        points = sorted(points, key=lambda r: r["size_mb"])
+        sizes = [r["size_mb"] for r in points]
+        line = times.plot(sizes, [r["ours_s"] for r in points], marker="o", label=f"{label} (cachevault)")[0]
+        times.plot(sizes, [r["anchor_s"] for r in points], marker="x", linestyle="--", color=line.get_color(),
+                   label=f"{label} ({points[0]['anchor']})")  # fmt: skip
+        ratios.plot(sizes, [r["ratio"] for r in points], marker="o", color=line.get_color(), label=label)
+    for bench, goal in GOALS.items():
+        if any(r["bench"] == bench for r in rows):
+            ratios.axhline(goal, linestyle=":", color="green", label=f"{bench} goal {goal}")
+    ratios.axhline(1.0, color="black", linewidth=0.8)
+    times.set(title="time per dataset size", xlabel="dataset (MB)", ylabel="seconds")
+    ratios.set(title="cachevault / anchor (same run)", xlabel="dataset (MB)", ylabel="ratio")
+    times.legend(fontsize=7)
+    ratios.legend(fontsize=7)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
+    plt.close(fig)
+    return out.getvalue()
+
+
+def machine() -> str:
+    """What the numbers were measured on (they mean little without it)."""
+    import os
+    import platform
+    import subprocess
+
+    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False).stdout.split()
+    version = next((w.removeprefix("v=") for w in redis if w.startswith("v=")), "?")
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return (
+        f"Machine: {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}, "
+        f"redis-server {version}, Python {platform.python_version()}."
+    )
 
 
 def write_results(name: str, results: Sequence[dict[str, Any]], outdir: Path = RESULTS_DIR) -> dict[str, Path]:
@@ -125,10 +122,10 @@ def write_results(name: str, results: Sequence[dict[str, Any]], outdir: Path = R
     paths["json"].write_text(json.dumps({"date": stamp, "rows": rows, "results": list(results)}, indent=2,
                                         default=str))  # fmt: skip
     legend = (
-        "\n![plot](" + paths["png"].name + ")\n\nPlot: left, seconds per row (grey = anchor, blue = cachevault);"
-        f" right, ratio cachevault/anchor (orange), goal {GOAL_RATIO} (green line), 1.0 (black line).\n"
+        "\n![plot](" + paths["png"].name + ")\n\nPlot: left, seconds per dataset size (solid = cachevault,"
+        " dashed = the anchor measured in the same run); right, ratio cachevault/anchor with the goals (dotted).\n"
     )
-    paths["md"].write_text(f"# {name} benchmark, {stamp}\n\n" + markdown_table(rows) + legend)
+    paths["md"].write_text(f"# {name} benchmark, {stamp}\n\n{machine()}\n\n" + markdown_table(rows) + legend)
     paths["png"].write_bytes(plot_png(rows))
     return paths
 
