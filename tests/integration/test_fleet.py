@@ -276,3 +276,66 @@ def test_reap_never_signals_a_foreign_pid(tmp_path: Path) -> None:
     finally:
         bystander.kill()
         bystander.wait(timeout=5)
+
+
+def _fill(node: NodeAddr, keys: int, **kwargs: object) -> None:
+    with _client(node, **kwargs) as client:
+        pipe = client.pipeline(transaction=False)
+        for i in range(keys):
+            pipe.set(f"{{s}}k:{i}", f"v{i}" * 20)
+            pipe.hset(f"{{s}}h:{i}", mapping={"a": str(i)})
+        pipe.execute()
+
+
+def test_add_replicas_to_a_loaded_standalone_cache(fleet: Fleet) -> None:
+    layout = fleet.create_cache("addrep", cluster_mode=False, replicas_per_shard=0, password="pw-1")
+    try:
+        primary = layout.shards[0].primary
+        _fill(primary, 2000, password="pw-1")  # loaded alone, as restore does
+        grown = fleet.add_replicas("addrep", 2)
+        assert [n.node_id for n in grown.shards[0].replicas] == ["addrep-0001-002", "addrep-0001-003"]
+        assert fleet.get_cache("addrep").to_dict() == grown.to_dict()  # persisted
+        with _client(primary, password="pw-1") as client:
+            want = str(client.execute_command("DEBUG", "DIGEST"))
+        for replica in grown.shards[0].replicas:
+            with _client(replica, password="pw-1") as client:
+                info = client.info("replication")
+                assert info["role"] == "slave" and info["master_link_status"] == "up"
+                assert info["master_port"] == primary.port
+                assert str(client.execute_command("DEBUG", "DIGEST")) == want
+                assert client.dbsize() == 4000
+        # Twice: nothing started, nothing changed.
+        again = fleet.add_replicas("addrep", 2)
+        assert [n.pid for n in again.nodes] == [n.pid for n in grown.nodes]
+        assert fleet.add_replicas("addrep", 1).to_dict() == grown.to_dict()
+    finally:
+        fleet.destroy_cache("addrep")
+
+
+def test_add_replicas_to_a_loaded_cluster(fleet: Fleet) -> None:
+    layout = fleet.create_cache("addclu", cluster_mode=True, num_shards=2, replicas_per_shard=0)
+    try:
+        rc = RedisCluster(startup_nodes=[ClusterNode(*layout.shards[0].primary.endpoint)], decode_responses=True)
+        try:
+            for i in range(1000):
+                rc.set(f"ck:{i}", str(i))
+        finally:
+            rc.close()
+        grown = fleet.add_replicas("addclu", 1)
+        assert [[r.node_id for r in s.replicas] for s in grown.shards] == [["addclu-0001-002"], ["addclu-0002-002"]]
+        for shard in grown.shards:
+            (replica,) = shard.replicas
+            assert _digest(replica) == _digest(shard.primary) != "0" * 40
+            with _client(replica) as client:
+                assert client.info("replication")["master_link_status"] == "up"
+                myid = client.execute_command("CLUSTER", "MYID")
+            # Every node knows the new replica's role (a converged cluster).
+            for node in grown.nodes:
+                with _client(node) as client:
+                    line = next(x for x in str(client.execute_command("CLUSTER", "NODES")).splitlines()
+                                if x.startswith(myid))  # fmt: skip
+                    assert "slave" in line.split()[2]
+        again = fleet.add_replicas("addclu", 1)
+        assert [n.pid for n in again.nodes] == [n.pid for n in grown.nodes]
+    finally:
+        fleet.destroy_cache("addclu")

@@ -186,10 +186,7 @@ class Fleet:
         of that name gets the same password and every permission. ``tls`` (``cert_file``,
         ``key_file``, ``ca_file``) makes every node TLS-only.
         """
-        if username:
-            if not password:
-                raise InvalidParameterCombination("an ACL user needs a password")
-            config = {**(config or {}), "user": [username, "on", f">{password}", "~*", "&*", "+@all"]}
+        config = _with_acl_user(config, username, password)
         self._validate(name, cluster_mode, num_shards, replicas_per_shard, seed_rdbs)
         cache_dir = self.caches_dir / name
         try:
@@ -215,7 +212,9 @@ class Fleet:
             if cluster_mode:
                 self._form_cluster(layout)
             else:
-                self._link_replicas(layout)
+                self._link_replicas(layout, layout.shards[0], layout.shards[0].replicas)
+            for shard in layout.shards:
+                self._wait_replication(layout, shard, self.ready_timeout)
             with self._client(layout.shards[0].primary, layout) as client:
                 layout.engine, layout.engine_version = engine_from_info(client.info("server"))
             layout.status = "available"
@@ -226,6 +225,61 @@ class Fleet:
                 with contextlib.suppress(Exception):
                     node.stop(timeout=5.0)
             shutil.rmtree(cache_dir, ignore_errors=True)
+            raise
+
+    def add_replicas(
+        self,
+        name: str,
+        replicas_per_shard: int,
+        *,
+        config: Mapping[str, Any] | None = None,
+        username: str | None = None,
+        timeout: float | None = None,
+    ) -> CacheLayout:
+        """Give every shard of an existing cache ``replicas_per_shard`` replicas; return when in sync.
+
+        Restore loads the primaries alone (a primary with replicas propagates every RESTORE,
+        and the three processes fight for the same cores), then attaches the replicas: each
+        full-syncs from its loaded primary with one diskless RDB transfer. Shards already at
+        the count are left alone, so calling it twice is a no-op. ``config``/``username``
+        as for :meth:`create_cache` (the password and TLS come from the cache's layout);
+        ``timeout`` bounds the wait for the full syncs (default: the fleet's ready timeout).
+        """
+        if not 0 <= replicas_per_shard <= _MAX_REPLICAS:
+            raise InvalidParameterValue(
+                f"replicas_per_shard must be 0..{_MAX_REPLICAS}", replicas_per_shard=replicas_per_shard
+            )
+        layout = self.get_cache(name)
+        config = _with_acl_user(config, username, layout.password)
+        plan = [
+            (index, member, None)
+            for index, shard in enumerate(layout.shards)
+            for member in range(1 + len(shard.replicas), 1 + replicas_per_shard)
+        ]
+        if not plan:
+            return layout
+        started: list[RedisProcess] = []
+        try:
+            added = self._launch(layout, plan, config, started)
+            new: dict[int, list[NodeAddr]] = {}
+            for (index, _, _), node in zip(plan, added, strict=True):
+                new.setdefault(index, []).append(node)
+                layout.shards[index].replicas.append(node)
+            self._write(layout)  # PIDs on disk before any wiring that could hang
+            if layout.cluster_mode:
+                self._join_replicas(layout, new)
+            else:
+                self._link_replicas(layout, layout.shards[0], new[0])
+            for index in new:
+                self._wait_replication(layout, layout.shards[index], timeout or self.ready_timeout)
+            return layout
+        except BaseException:
+            for node in started:
+                with contextlib.suppress(Exception):
+                    node.stop(timeout=5.0)
+            for shard in layout.shards:  # the layout on disk describes only running nodes
+                shard.replicas = [r for r in shard.replicas if all(r.pid != n.pid for n in started)]
+            self._write(layout)
             raise
 
     def _validate(
@@ -268,46 +322,16 @@ class Fleet:
         seed_rdbs: list[Path] | None,
         started: list[RedisProcess],
     ) -> list[ShardLayout]:
-        cache_dir = self.caches_dir / layout.name
         ranges = slot_ranges(num_shards) if layout.cluster_mode else [None] * num_shards
         plan: list[tuple[int, int, Path | None]] = []  # (shard index, member index, rdb)
         for shard in range(num_shards):
             for member in range(1 + replicas_per_shard):
                 rdb = Path(seed_rdbs[shard]) if seed_rdbs is not None and member == 0 else None
                 plan.append((shard, member, rdb))
-
-        def launch(item: tuple[int, int, Path | None]) -> RedisProcess:
-            shard, member, rdb = item
-            node = start_node(
-                cache_dir / self._node_id(layout.name, shard, member),
-                cluster_enabled=layout.cluster_mode,
-                config=config,
-                rdb_file=rdb,
-                password=layout.password,
-                tls=layout.tls,
-                timeout=self.ready_timeout,
-            )
-            started.append(node)
-            return node
-
-        # In parallel: seeded primaries load their RDBs at the same time, like restore.
-        with ThreadPoolExecutor(max_workers=min(8, len(plan))) as pool:
-            futures = [pool.submit(launch, item) for item in plan]
-            nodes = [f.result() for f in futures]
-
+        nodes = self._launch(layout, plan, config, started)
         shards: list[ShardLayout] = []
         for index in range(num_shards):
-            members = [
-                NodeAddr(
-                    node_id=self._node_id(layout.name, shard, member),
-                    host=node.host,
-                    port=node.port,
-                    pid=node.pid,
-                    data_dir=str(node.data_dir),
-                )
-                for (shard, member, _), node in zip(plan, nodes, strict=True)
-                if shard == index
-            ]
+            members = [node for (shard, _, _), node in zip(plan, nodes, strict=True) if shard == index]
             slot = ranges[index]
             shards.append(
                 ShardLayout(
@@ -319,6 +343,36 @@ class Fleet:
             )
         return shards
 
+    def _launch(
+        self,
+        layout: CacheLayout,
+        plan: list[tuple[int, int, Path | None]],
+        config: Mapping[str, Any] | None,
+        started: list[RedisProcess],
+    ) -> list[NodeAddr]:
+        """Start one node per ``(shard index, member index, seed rdb)``, in plan order."""
+        cache_dir = self.caches_dir / layout.name
+
+        def launch(item: tuple[int, int, Path | None]) -> NodeAddr:
+            shard, member, rdb = item
+            node_id = self._node_id(layout.name, shard, member)
+            node = start_node(
+                cache_dir / node_id,
+                cluster_enabled=layout.cluster_mode,
+                config=config,
+                rdb_file=rdb,
+                password=layout.password,
+                tls=layout.tls,
+                timeout=self.ready_timeout,
+            )
+            started.append(node)
+            return NodeAddr(node_id=node_id, host=node.host, port=node.port, pid=node.pid, data_dir=str(node.data_dir))
+
+        # In parallel: seeded primaries load their RDBs at the same time, like restore.
+        with ThreadPoolExecutor(max_workers=min(8, len(plan))) as pool:
+            futures = [pool.submit(launch, item) for item in plan]
+            return [f.result() for f in futures]
+
     @staticmethod
     def _node_id(name: str, shard: int, member: int) -> str:
         return f"{name}-{shard + 1:04d}-{member + 1:03d}"
@@ -329,38 +383,28 @@ class Fleet:
             node.host, node.port, password=layout.password, tls_ca=tls_ca, timeout=timeout, decode_responses=True
         )
 
-    def _link_replicas(self, layout: CacheLayout) -> None:
-        shard = layout.shards[0]
-        for replica in shard.replicas:
+    def _link_replicas(self, layout: CacheLayout, shard: ShardLayout, replicas: list[NodeAddr]) -> None:
+        for replica in replicas:
             with self._client(replica, layout) as client:
                 client.replicaof(shard.primary.host, shard.primary.port)
-        self._wait_replication(layout, shard)
 
-    def _wait_replication(self, layout: CacheLayout, shard: ShardLayout) -> None:
-        timeout = self.ready_timeout
-        for replica in shard.replicas:
-            with self._client(replica, layout) as client:
-                wait_for(
-                    lambda c=client: c.info("replication").get("master_link_status") == "up",
-                    timeout,
-                    f"replica {replica.node_id} to link to its primary",
-                )
-        wanted = {replica.port for replica in shard.replicas}
+    def _wait_replication(self, layout: CacheLayout, shard: ShardLayout, timeout: float) -> None:
+        """Until every replica of ``shard`` has its link up and is in sync (offsets equal)."""
+        if not shard.replicas:
+            return
+        with self._client(shard.primary, layout) as primary:
+            lagging: list[str] = []
 
-        def primary_sees_all(client: redis.Redis) -> bool:
-            info = client.info("replication")
-            online = {
-                int(v["port"])
-                for k, v in info.items()
-                if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
-            }
-            return wanted <= online
+            def synced() -> bool:
+                lagging[:] = replicas_out_of_sync(self, layout, shard, primary)
+                return not lagging
 
-        with self._client(shard.primary, layout) as client:
-            wait_for(lambda: primary_sees_all(client), timeout, f"primary {shard.primary.node_id} replicas")
+            try:
+                wait_for(synced, timeout, f"the replicas of {shard.primary.node_id} to sync", interval=0.05)
+            except RedisNodeError as exc:
+                raise RedisNodeError(f"{exc}; not in sync: {', '.join(lagging)}") from None
 
     def _form_cluster(self, layout: CacheLayout) -> None:
-        timeout = self.ready_timeout
         nodes = layout.nodes
         clients = {n.node_id: self._client(n, layout) for n in nodes}
         try:
@@ -371,45 +415,74 @@ class Fleet:
             # resolved by gossip before the cluster settles.
             for epoch, node in enumerate(nodes, start=1):
                 clients[node.node_id].execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
-            expected: dict[str, str] = {}  # cluster node id -> its master's id, "-" for primaries
             for shard in layout.shards:
-                primary_id = ids[shard.primary.node_id]
-                expected[primary_id] = "-"
-                for replica in shard.replicas:
-                    expected[ids[replica.node_id]] = primary_id
-                    client = clients[replica.node_id]
-                    client.execute_command("CLUSTER", "MEET", shard.primary.host, shard.primary.port)
-                    # REPLICATE needs the primary to be known (handshake done) ...
-                    wait_for(
-                        lambda c=client, p=primary_id: bool(c.execute_command("CLUSTER", "REPLICATE", p)),
-                        timeout,
-                        f"{replica.node_id} to replicate {shard.primary.node_id}",
-                    )
+                self._replicate(clients, ids, shard, shard.replicas)
             # ... and only then does everyone meet everyone: the other nodes then learn each
             # replica's role from their first handshake instead of waiting for gossip.
-            first = clients[nodes[0].node_id]
-            for node in nodes[1:]:
-                first.execute_command("CLUSTER", "MEET", node.host, node.port)
-
-            def converged(client: redis.Redis) -> bool:
-                # Every node must see every role, else a CLUSTER SHARDS right after
-                # creation still shows a replica as an empty primary (gossip lag).
-                if client.cluster("info").get("cluster_state") != "ok":
-                    return False
-                return _roles(_cluster_nodes(client)) == expected
-
-            for node in nodes:
-                wait_for(
-                    lambda c=clients[node.node_id]: converged(c),
-                    timeout,
-                    f"cluster_state:ok and a converged view on {node.node_id}",
-                    interval=0.05,
-                )
-            for shard in layout.shards:
-                self._wait_replication(layout, shard)
+            self._meet_all(clients, nodes)
+            self._converge(layout, clients, ids)
         finally:
             for client in clients.values():
                 client.close()
+
+    def _join_replicas(self, layout: CacheLayout, new: Mapping[int, list[NodeAddr]]) -> None:
+        """Bring new replica nodes into an existing cluster, each replicating its shard's primary."""
+        nodes = layout.nodes
+        clients = {n.node_id: self._client(n, layout) for n in nodes}
+        try:
+            ids = {n.node_id: clients[n.node_id].execute_command("CLUSTER", "MYID") for n in nodes}
+            for index, replicas in new.items():
+                self._replicate(clients, ids, layout.shards[index], replicas)
+            added = [r for replicas in new.values() for r in replicas]
+            self._meet_all(clients, added)
+            self._converge(layout, clients, ids)
+        finally:
+            for client in clients.values():
+                client.close()
+
+    def _replicate(
+        self, clients: Mapping[str, redis.Redis], ids: Mapping[str, str], shard: ShardLayout, replicas: list[NodeAddr]
+    ) -> None:
+        primary_id = ids[shard.primary.node_id]
+        for replica in replicas:
+            client = clients[replica.node_id]
+            client.execute_command("CLUSTER", "MEET", shard.primary.host, shard.primary.port)
+            # REPLICATE needs the primary to be known (handshake done) ...
+            wait_for(
+                lambda c=client, p=primary_id: bool(c.execute_command("CLUSTER", "REPLICATE", p)),
+                self.ready_timeout,
+                f"{replica.node_id} to replicate {shard.primary.node_id}",
+            )
+
+    @staticmethod
+    def _meet_all(clients: Mapping[str, redis.Redis], nodes: list[NodeAddr]) -> None:
+        """The first node (a primary) meets ``nodes``; never itself (a self-MEET lingers as a handshake)."""
+        first_id, first = next(iter(clients.items()))
+        for node in nodes:
+            if node.node_id != first_id:
+                first.execute_command("CLUSTER", "MEET", node.host, node.port)
+
+    def _converge(self, layout: CacheLayout, clients: Mapping[str, redis.Redis], ids: Mapping[str, str]) -> None:
+        expected: dict[str, str] = {}  # cluster node id -> its master's id, "-" for primaries
+        for shard in layout.shards:
+            expected[ids[shard.primary.node_id]] = "-"
+            for replica in shard.replicas:
+                expected[ids[replica.node_id]] = ids[shard.primary.node_id]
+
+        def converged(client: redis.Redis) -> bool:
+            # Every node must see every role, else a CLUSTER SHARDS right after
+            # creation still shows a replica as an empty primary (gossip lag).
+            if client.cluster("info").get("cluster_state") != "ok":
+                return False
+            return _roles(_cluster_nodes(client)) == expected
+
+        for node in layout.nodes:
+            wait_for(
+                lambda c=clients[node.node_id]: converged(c),
+                self.ready_timeout,
+                f"cluster_state:ok and a converged view on {node.node_id}",
+                interval=0.05,
+            )
 
     def _assign_slots(self, client: redis.Redis, shard: ShardLayout) -> None:
         wanted = shard.slot_range()
@@ -524,6 +597,50 @@ class Fleet:
                 shutil.rmtree(cache_dir, ignore_errors=True)
                 reaped.append(cache_dir.name)
         return reaped
+
+
+def replicas_out_of_sync(
+    fleet: Fleet, layout: CacheLayout, shard: ShardLayout, primary: redis.Redis | None = None
+) -> list[str]:
+    """Node ids of ``shard``'s replicas whose link is down, still syncing, or behind the primary."""
+    if not shard.replicas:
+        return []
+    own = primary is None
+    client = primary if primary is not None else fleet._client(shard.primary, layout)
+    try:
+        seen = client.info("replication")
+    finally:
+        if own:
+            client.close()
+    offset = int(seen["master_repl_offset"])
+    online = {
+        int(v["port"])
+        for k, v in seen.items()
+        if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+    }
+    lagging: list[str] = []
+    for replica in shard.replicas:
+        with fleet._client(replica, layout) as rc:
+            info = rc.info("replication")
+        if (
+            replica.port not in online
+            or info.get("master_link_status") != "up"
+            or int(info.get("master_sync_in_progress", 1)) != 0
+            or int(info.get("master_repl_offset", -1)) != offset
+        ):
+            lagging.append(replica.node_id)
+    return lagging
+
+
+def _with_acl_user(
+    config: Mapping[str, Any] | None, username: str | None, password: str | None
+) -> Mapping[str, Any] | None:
+    """``config`` plus an ACL user ``username`` with ``password`` and every permission."""
+    if not username:
+        return config
+    if not password:
+        raise InvalidParameterCombination("an ACL user needs a password")
+    return {**(config or {}), "user": [username, "on", f">{password}", "~*", "&*", "+@all"]}
 
 
 def _ca(layout: CacheLayout) -> str | None:
