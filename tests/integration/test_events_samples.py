@@ -12,7 +12,8 @@ step by step, in the order a state machine reaches them:
 * ``snapshot_fail``: the MarkFailed input of an execution whose preflight refused the
   name ``demo-snapshot`` (it exists): MarkFailed must leave that record alone.
 * RestoreSnapshot of ``demo-snapshot`` into ``demo-restored`` (2 shards, cluster mode
-  enabled): preflight -> provision -> load shard -> verify -> mark available.
+  enabled): preflight -> provision -> load shard -> attach replicas -> verify -> mark
+  available.
 * ``restore_fail``: the MarkFailed input of an execution refused because ``demo-cache``
   exists: MarkFailed must leave that cache alone.
 * ``api``: GET /snapshots/demo-snapshot through the API Gateway proxy event.
@@ -64,6 +65,7 @@ STEP_ORDER = [
     "restore_preflight",
     "restore_provision",
     "restore_load_shard",
+    "restore_attach_replicas",
     "restore_verify",
     "restore_complete",
     "restore_fail",

@@ -340,11 +340,27 @@ def test_three_shards_to_any_shard_count(
 
 
 def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, targets: list[str]) -> None:
+    # One replica per shard (the default): loaded primaries first, replicas attached after.
     output, seconds = _restore(
-        product, targets, "rt-up", snapshot=standalone.snapshot, num_shards=3, replicas=0, cluster_mode="enabled"
+        product, targets, "rt-up", snapshot=standalone.snapshot, num_shards=3, cluster_mode="enabled"
     )
     assert output["Seeded"] is False and output["ClusterMode"] is True
     primaries = _check_restored(product, standalone, "rt-up", shards=3, cluster=True)
+    assert output["Verification"]["ReplicasInSync"] == 3
+    assert "every replica linked and in sync" in output["Verification"]["Compared"]
+    record = product.control.catalog.get_cache("rt-up")
+    assert record["ReplicasPerNodeGroup"] == 1
+    for group, primary in enumerate(primaries, start=1):
+        (replica,) = [
+            n["Address"] for n in record["Nodes"] if n["Role"] == "replica" and n["NodeGroupId"] == f"{group:04d}"
+        ]
+        conn = connect(replica)
+        try:
+            info = conn.info("replication")
+            assert info["master_link_status"] == "up" and info["master_port"] == host_port(primary)[1]
+        finally:
+            conn.close()
+        assert cache_digest([host_port(replica)]) == cache_digest([host_port(primary)])
     # Each key sits on the primary that owns its slot: the cluster answers without MOVED.
     host, port = host_port(primaries[0])
     rc = redis.RedisCluster(host=host, port=port, socket_timeout=30)

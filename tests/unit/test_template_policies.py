@@ -40,6 +40,7 @@ CREDENTIAL_READERS = {
     "RestorePreflightFunctionRole",
     "RestoreProvisionFunctionRole",
     "RestoreLoadShardFunctionRole",
+    "RestoreAttachReplicasFunctionRole",
     "RestoreVerifyFunctionRole",
 }
 

@@ -5,14 +5,17 @@ scanned once) so every later decision rests on the file itself: its RDB version,
 databases, its exact key counts. Nothing is written to any cache before the staged
 files are known good. ProvisionCache starts the new cache, seeded from the RDB files
 when the layout matches (redis-server loading at start-up is the fastest path);
-otherwise LoadShard streams each file into the target primaries with pre-packed
-RESTORE batches, routed by hash slot.
+otherwise it starts the primaries alone, LoadShard streams each file into them with
+pre-packed RESTORE batches, routed by hash slot, and AttachReplicas then adds the
+replicas, which full-sync from their loaded primary (a primary with replicas would
+propagate every RESTORE to them while it loads: 6x slower with one replica).
 """
 
 from __future__ import annotations
 
 import base64
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +31,7 @@ from cachevault.errors import (
     InvalidS3Location,
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
+    RestoreFailed,
 )
 from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics, record_duration
@@ -41,6 +45,10 @@ from cachevault.verify import verify_restore
 SAMPLES_PER_SOURCE = 40
 SAMPLE_MAX_PAYLOAD = 2048  # keep the state machine's payload small (256 KB limit)
 DATA_TIERING_NODE_FAMILY = "r6gd"
+MiB = 1 << 20
+ATTACH_BASE_TIMEOUT_S = 60.0
+ATTACH_MIN_MB_S = 10.0  # slowest full sync we wait for (RDB transfer + load on the replica)
+REPLICA_SYNC_CHECK_S = 15.0  # Verify: a replica must be in sync within this
 
 
 def _staging_dir(settings: Settings, target: str) -> Path:
@@ -247,10 +255,22 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         tls=creds_mod.fleet_tls(cache),
         cluster_mode=cluster_mode,
         num_shards=shards,
-        replicas_per_shard=event["ReplicasPerNodeGroup"],
+        # The network path loads the primaries alone; AttachReplicas adds the replicas after.
+        replicas_per_shard=event["ReplicasPerNodeGroup"] if seeded else 0,
         seed_rdbs=[Path(s["Path"]) for s in sources] if seeded else None,
         detached=True,
     )
+    _record_layout(catalog, layout, event, creds)
+    targets = [
+        {"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in layout.shards
+    ]
+    tasks = [] if seeded else [{"Index": s["Index"], "Path": s["Path"]} for s in sources]
+    logger.info("target provisioned", target=target, seeded=seeded, shards=len(targets))
+    return {**event, "Seeded": seeded, "Targets": targets, "LoadTasks": tasks}
+
+
+def _record_layout(catalog: Catalog, layout: Any, event: dict[str, Any], creds: creds_mod.Credentials) -> None:
+    """The target's registry record (nodes, replicas, endpoints) from its layout; still ``creating``."""
     record = caches.registry_record(
         layout,
         node_type=event["CacheNodeType"],
@@ -259,13 +279,7 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         credentials=creds,
     )
     record["Status"] = "creating"
-    catalog.update_cache(target, **{k: v for k, v in record.items() if k != "CacheName"})
-    targets = [
-        {"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in layout.shards
-    ]
-    tasks = [] if seeded else [{"Index": s["Index"], "Path": s["Path"]} for s in sources]
-    logger.info("target provisioned", target=target, seeded=seeded, shards=len(targets))
-    return {**event, "Seeded": seeded, "Targets": targets, "LoadTasks": tasks}
+    catalog.update_cache(layout.name, **{k: v for k, v in record.items() if k != "CacheName"})
 
 
 def _can_seed(event: dict[str, Any]) -> bool:
@@ -348,6 +362,29 @@ def _text(key: bytes | None) -> str | None:
     return None if key is None else bytes(key).decode("utf-8", "backslashreplace")
 
 
+# ---------------------------------------------------------------------------------- attach replicas
+def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Add the replicas to the loaded primaries; return when every replica is in sync.
+
+    A no-op for a seeded target (created with its replicas) or one without replicas.
+    """
+    wanted = int(event["ReplicasPerNodeGroup"])
+    if event.get("Seeded") or wanted == 0:
+        return event
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = event["ReplicationGroupId"]
+    creds = creds_mod.for_cache(catalog.get_cache(target))
+    fleet = caches._fleet(settings)
+    # A full sync moves the whole dataset once more: bound the wait by its size.
+    megabytes = sum(int(s["Size"]) for s in event["Sources"]) / MiB
+    timeout = max(fleet.ready_timeout, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
+    layout = fleet.add_replicas(target, wanted, username=creds.username, timeout=timeout)
+    _record_layout(catalog, layout, event, creds)
+    logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(layout.shards))
+    return event
+
+
 # ---------------------------------------------------------------------------------- verify
 def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     targets = _targets(event)
@@ -373,11 +410,28 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
         samples=samples,
     )
     report["KeysExpected"] = sum(expected)
+    report["ReplicasInSync"] = _check_replicas(event["ReplicationGroupId"], report)
     logger.info("restore verified", target=event["ReplicationGroupId"], report=report)
     return {k: v for k, v in event.items() if k != "LoadResults"} | {
         "Verification": report,
         "LoadSummary": _load_summary(event.get("LoadResults") or []),
     }
+
+
+def _check_replicas(target: str, report: dict[str, Any]) -> int:
+    """Every replica's link up and its offset equal to its primary's (bounded wait); their count."""
+    fleet = caches._fleet(Settings.from_env())
+    report["Compared"] += "; every replica linked and in sync (replication offset equal to its primary's)"
+    lagging: list[str] = fleet.replicas_lagging(target)
+    deadline = time.monotonic() + REPLICA_SYNC_CHECK_S
+    while lagging and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lagging = fleet.replicas_lagging(target)
+    if lagging:
+        report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in lagging]
+        raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(lagging)}", **report)
+    layout = fleet.get_cache(target)
+    return sum(len(s.replicas) for s in layout.shards)
 
 
 def _file_samples(path: str) -> list[RestoreEntry]:

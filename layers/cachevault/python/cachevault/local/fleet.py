@@ -282,6 +282,13 @@ class Fleet:
             self._write(layout)
             raise
 
+    def replicas_lagging(self, name: str) -> list[str]:
+        """Node ids of the cache's replicas not in sync with their primary (link down, syncing, behind)."""
+        layout = self.get_cache(name)
+        with ThreadPoolExecutor(max_workers=min(8, len(layout.shards))) as pool:
+            parts = pool.map(lambda shard: replicas_out_of_sync(self, layout, shard), layout.shards)
+            return [node_id for part in parts for node_id in part]
+
     def _validate(
         self,
         name: str,
