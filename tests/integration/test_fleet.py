@@ -297,6 +297,7 @@ def test_add_replicas_to_a_loaded_standalone_cache(fleet: Fleet) -> None:
         assert fleet.get_cache("addrep").to_dict() == grown.to_dict()  # persisted
         with _client(primary, password="pw-1") as client:
             want = str(client.execute_command("DEBUG", "DIGEST"))
+            assert client.config_get("rdbcompression")["rdbcompression"] == "yes"  # set back after the sync
         for replica in grown.shards[0].replicas:
             with _client(replica, password="pw-1") as client:
                 info = client.info("replication")

@@ -4,8 +4,9 @@ One run, one seeded dataset, anchors measured in the same run on the same box:
 
 - standalone: ``load_rdb_file`` into a fresh empty node (no replicas) vs a fresh
   redis-server started on the RDB (process start -> ``loading:0``);
-- replica: the same restore into a primary with one replica, timed until the replica is in
-  sync (offsets equal), vs the same start-up anchor;
+- replica: the product's path into a cache with one replica: the restore into the primary
+  alone, then ``Fleet.add_replicas`` (the replica full-syncs from the loaded primary), timed
+  until the replica is in sync (offsets equal), vs the same start-up anchor;
 - reshard: three shard RDBs (made by splitting the dataset over a 3-shard cluster) restored
   into a 4-shard cluster, vs three redis-servers loading the three RDBs at start-up in
   parallel. The three loads run in parallel processes, as the state machine's Map does.
@@ -30,7 +31,6 @@ from typing import Any
 import redis
 
 from cachevault import datagen
-from cachevault.bench_capture import wait_replica_synced
 from cachevault.local.fleet import Fleet
 from cachevault.local.redis_process import RedisProcess, start_node
 from cachevault.restore_load import LoadResult, TargetShard, load_rdb_file
@@ -167,27 +167,30 @@ def _standalone(rdb: Path, digest: str, anchor: float, workdir: Path, nodes: lis
     return row
 
 
-def _with_replica(rdb: Path, digest: str, anchor: float, workdir: Path, nodes: list[RedisProcess]) -> dict[str, Any]:
-    primary = start_node(workdir / "rep-primary", timeout=60)
-    nodes.append(primary)
-    replica = start_node(workdir / "rep-replica", config={"replicaof": f"{primary.host} {primary.port}"}, timeout=60)
-    nodes.append(replica)
-    wait_replica_synced(primary, replica, 60)
+def _with_replica(rdb: Path, digest: str, anchor: float, workdir: Path) -> dict[str, Any]:
+    """The product's path (RestoreSnapshot over the network): load the primary alone, then
+    ``Fleet.add_replicas`` (full sync from the loaded primary), timed until the replica is in sync."""
+    fleet = Fleet(workdir / "fleet", ready_timeout=60)
     timeout = max(120.0, rdb.stat().st_size / MiB)
-    with MemoryProbe() as probe:
-        started = time.monotonic()
-        load = load_rdb_file(rdb, [TargetShard(primary.host, primary.port)], cluster_mode=False)
-        loaded = time.monotonic() - started
-        wait_replica_synced(primary, replica, timeout)
-        seconds = time.monotonic() - started
-    row = _result_row("one-replica", anchor, seconds, load, rdb.stat().st_size)
-    row |= {
-        "primary_loaded_s": round(loaded, 3),
-        "digest_equal": _digest(primary) == digest and _digest(replica) == digest,
-        "memory": probe.report(rdb.stat().st_size),
-    }
-    _stop_all(nodes)
-    return row
+    try:
+        layout = fleet.create_cache("bench-rep", cluster_mode=False, replicas_per_shard=0)
+        primary = layout.shards[0].primary
+        with MemoryProbe() as probe:
+            started = time.monotonic()
+            load = load_rdb_file(rdb, [TargetShard(primary.host, primary.port)], cluster_mode=False)
+            loaded = time.monotonic() - started
+            layout = fleet.add_replicas("bench-rep", 1, timeout=timeout)
+            seconds = time.monotonic() - started
+        row = _result_row("one-replica", anchor, seconds, load, rdb.stat().st_size)
+        row |= {
+            "primary_loaded_s": round(loaded, 3),
+            "replica_attached_s": round(seconds - loaded, 3),
+            "digest_equal": cache_digest([n.endpoint for n in layout.nodes]) == [digest, digest],
+            "memory": probe.report(rdb.stat().st_size),
+        }
+        return row
+    finally:
+        fleet.stop_all()
 
 
 def _load_worker(args: tuple[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -293,7 +296,7 @@ def run_restore_bench(
         if "standalone" in variants:
             rows.append(_standalone(rdb, made["digest"], anchor, workdir, nodes))
         if "one-replica" in variants:
-            rows.append(_with_replica(rdb, made["digest"], anchor, workdir, nodes))
+            rows.append(_with_replica(rdb, made["digest"], anchor, workdir))
         if "reshard" in variants:
             rows.append(_reshard(rdb, made["digest"], shards_from, shards_to, workdir, nodes))
         return {

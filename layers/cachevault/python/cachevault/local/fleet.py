@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -250,7 +250,8 @@ class Fleet:
                 f"replicas_per_shard must be 0..{_MAX_REPLICAS}", replicas_per_shard=replicas_per_shard
             )
         layout = self.get_cache(name)
-        config = _with_acl_user(config, username, layout.password)
+        # An empty new replica parses the RDB straight off the socket (no temp file on disk).
+        config = _with_acl_user({"repl-diskless-load": "on-empty-db", **(config or {})}, username, layout.password)
         plan = [
             (index, member, None)
             for index, shard in enumerate(layout.shards)
@@ -260,18 +261,8 @@ class Fleet:
             return layout
         started: list[RedisProcess] = []
         try:
-            added = self._launch(layout, plan, config, started)
-            new: dict[int, list[NodeAddr]] = {}
-            for (index, _, _), node in zip(plan, added, strict=True):
-                new.setdefault(index, []).append(node)
-                layout.shards[index].replicas.append(node)
-            self._write(layout)  # PIDs on disk before any wiring that could hang
-            if layout.cluster_mode:
-                self._join_replicas(layout, new)
-            else:
-                self._link_replicas(layout, layout.shards[0], new[0])
-            for index in new:
-                self._wait_replication(layout, layout.shards[index], timeout or self.ready_timeout)
+            with self._uncompressed_sync(layout):
+                self._attach(layout, plan, config, started, timeout or self.ready_timeout)
             return layout
         except BaseException:
             for node in started:
@@ -281,6 +272,47 @@ class Fleet:
                 shard.replicas = [r for r in shard.replicas if all(r.pid != n.pid for n in started)]
             self._write(layout)
             raise
+
+    def _attach(
+        self,
+        layout: CacheLayout,
+        plan: list[tuple[int, int, Path | None]],
+        config: Mapping[str, Any] | None,
+        started: list[RedisProcess],
+        timeout: float,
+    ) -> None:
+        added = self._launch(layout, plan, config, started)
+        new: dict[int, list[NodeAddr]] = {}
+        for (index, _, _), node in zip(plan, added, strict=True):
+            new.setdefault(index, []).append(node)
+            layout.shards[index].replicas.append(node)
+        self._write(layout)  # PIDs on disk before any wiring that could hang
+        if layout.cluster_mode:
+            self._join_replicas(layout, new)
+        else:
+            self._link_replicas(layout, layout.shards[0], new[0])
+        for index in new:
+            self._wait_replication(layout, layout.shards[index], timeout)
+
+    @contextlib.contextmanager
+    def _uncompressed_sync(self, layout: CacheLayout) -> Iterator[None]:
+        """``rdbcompression no`` on the primaries while replicas full-sync, then as before.
+
+        LZF over the whole dataset in the primary's fork made the sync 2-3x slower than the
+        loopback transfer itself (256 MB: 2.3 s vs 0.8 s); the bytes never leave the host.
+        """
+        before: dict[str, str] = {}
+        try:
+            for shard in layout.shards:
+                with self._client(shard.primary, layout) as client:
+                    before[shard.primary.node_id] = str(client.config_get("rdbcompression")["rdbcompression"])
+                    client.config_set("rdbcompression", "no")
+            yield
+        finally:
+            for shard in layout.shards:
+                if shard.primary.node_id in before:
+                    with contextlib.suppress(redis.RedisError), self._client(shard.primary, layout) as client:
+                        client.config_set("rdbcompression", before[shard.primary.node_id])
 
     def replicas_lagging(self, name: str) -> list[str]:
         """Node ids of the cache's replicas not in sync with their primary (link down, syncing, behind)."""
