@@ -25,6 +25,7 @@ from cachevault.errors import (
     ReplicationGroupNotFoundFault,
 )
 from cachevault.settings import Settings
+from cachevault.slots import format_slot_ranges
 
 DEFAULT_NODE_TYPE = "cache.r7g.large"
 KINDS = ("node-based", "serverless")
@@ -290,7 +291,7 @@ def describe_cache(name: str, settings: Settings | None = None) -> dict[str, Any
     cache["NodeGroups"] = [
         {
             "NodeGroupId": f"{i:04d}",
-            "Slots": ",".join(f"{a}-{b}" for a, b in shard.slots) if topo.cluster_mode else None,
+            "Slots": format_slot_ranges(shard.slots) if topo.cluster_mode else None,
             "Primary": f"{shard.primary.host}:{shard.primary.port}",
             "Replicas": [
                 {"Address": f"{r.host}:{r.port}", "LinkUp": r.link_up, "LagBytes": r.lag_bytes}

@@ -19,6 +19,7 @@ from cachevault.errors import CaptureFailed, InvalidParameterValue
 from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics, record_duration
 from cachevault.settings import Settings
+from cachevault.slots import format_slot_ranges
 from cachevault.timeutil import iso
 
 DEFAULT_POLL_SECONDS = 2
@@ -32,11 +33,6 @@ def _catalog() -> Catalog:
 
 def node_address(node: Any) -> str:
     return f"{node.host}:{node.port}"
-
-
-def format_slots(ranges: list[tuple[int, int]]) -> str:
-    """ElastiCache's NodeGroupConfiguration.Slots text: ``0-5460`` or ``0-100,200-300``."""
-    return ",".join(f"{a}-{b}" for a, b in ranges)
 
 
 def cache_node_id(cache: dict[str, Any], address: str) -> str:
@@ -185,7 +181,7 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
     picks = pick_sources(topo, prefer=prefer, final=bool(event.get("FinalSnapshot")))
     for index, (shard, node) in enumerate(picks, start=1):
         address = node_address(node)
-        slots = format_slots(shard.slots) if topo.cluster_mode else None
+        slots = format_slot_ranges(shard.slots) if topo.cluster_mode else None
         group_id = f"{index:04d}"
         shards.append(
             {

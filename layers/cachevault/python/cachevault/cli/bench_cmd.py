@@ -32,7 +32,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = args.sizes or [1024]
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        results = run_bench(args.kind, sizes, args.workdir)
+        # A fresh directory per run: a node restarted on an old dir would reload its old data.
+        results = run_bench(args.kind, sizes, Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir)))
     else:
         with tempfile.TemporaryDirectory(prefix="cachevault-bench-") as tmp:
             results = run_bench(args.kind, sizes, Path(tmp))
