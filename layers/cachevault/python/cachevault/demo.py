@@ -39,9 +39,9 @@ class Story:
         value = action()
         seconds = time.monotonic() - started
         note = detail(value) if detail else ""
-        self.steps.append(
-            {"Step": title, "Seconds": round(seconds, 2), "Result": note.splitlines()[0] if note else "ok"}
-        )
+        first = note.strip().splitlines()[0] if note.strip() else "ok"
+        # The summary keeps one short line per step; the full detail was printed above.
+        self.steps.append({"Step": title.split(" (")[0], "Seconds": round(seconds, 2), "Result": first[:72]})
         if note:
             self.say(note)
         self.say(f"   ({seconds:.1f} s)")
@@ -73,7 +73,7 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
         stats = story.step(
             f"write {size_mb} MB of mixed data (strings with TTLs, hashes, lists, sets, zsets, streams, functions)",
             lambda: datagen.generate(host, int(port), size_mb, seed=42),
-            lambda s: f"   {s.to_dict()}",
+            lambda s: f"   {s.keys} keys, {human_bytes(s.payload_bytes)}, by type {s.by_type}",
         )
         source_digest = cache_digest([(host, int(port))])[0]
 
@@ -85,8 +85,9 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
         story.step(
             "list snapshots",
             lambda: control.list_snapshots(cache=SOURCE)["Snapshots"],
-            lambda rows: table(
-                rows, ["SnapshotName", "SnapshotStatus", "SnapshotSource", "CacheSize", "SnapshotCreateTime"]
+            lambda rows: (
+                f"   {len(rows)} snapshot(s) of {SOURCE}\n"
+                + table(rows, ["SnapshotName", "SnapshotStatus", "SnapshotSource", "CacheSize", "SnapshotCreateTime"])
             ),
         )
 
@@ -107,7 +108,7 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
         digests = story.step(
             "verify: DEBUG DIGEST of the source vs the union of the 3 new shards",
             compare,
-            lambda d: f"   source {d['SourceDigest']}\n   restored {d['RestoredDigest']}\n   equal: {d['Equal']}",
+            lambda d: f"   equal: {d['Equal']}\n   source   {d['SourceDigest']}\n   restored {d['RestoredDigest']}",
         )
         deleted = story.step(
             "delete the original cache with a final snapshot (taken from the primary)",
