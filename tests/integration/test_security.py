@@ -305,12 +305,22 @@ def test_objects_sse_s3_by_default_and_sse_kms_with_the_parameter(
     monkeypatch.setenv("SNAPSHOT_ENCRYPTION", env["SNAPSHOT_ENCRYPTION"])
     monkeypatch.setenv("SNAPSHOT_KMS_KEY_ID", env["SNAPSHOT_KMS_KEY_ID"])
 
-    # A real capture (and a manifest) written with that environment.
+    # A real capture started with that environment (as StartCapture is): the worker thread
+    # outlives the invocation's environment, so it must carry the encryption settings along.
     catalog = Catalog(product.settings)
     replica = next(n for n in cache["Nodes"] if n["Role"] == "replica")["Address"]
     host, _, port = replica.rpartition(":")
-    shard = {"ShardIndex": 1, "NodeGroupId": "0001", "Host": host, "Port": int(port)}
-    capture_runner.run("sec-kms-snap", shard, catalog, product.s3, product.bucket, raise_errors=True)
+    shard = {
+        "ShardIndex": 1, "NodeGroupId": "0001", "Host": host, "Port": int(port),
+        "ReplicationGroupId": cache["CacheName"],
+    }  # fmt: skip
+    capture_runner.start("sec-kms-snap", shard, product.settings)
+    monkeypatch.delenv("SNAPSHOT_ENCRYPTION")
+    monkeypatch.delenv("SNAPSHOT_KMS_KEY_ID")
+    capture_runner._workers[("sec-kms-snap", 1)].join(timeout=60)
+    assert catalog.capture_progress("sec-kms-snap")["0001"]["CaptureStatus"] == "done"
+    monkeypatch.setenv("SNAPSHOT_ENCRYPTION", env["SNAPSHOT_ENCRYPTION"])
+    monkeypatch.setenv("SNAPSHOT_KMS_KEY_ID", env["SNAPSHOT_KMS_KEY_ID"])
     storage.write_manifest(product.s3, product.bucket, "sec-kms-snap", {"x": 1}, extra_args=encryption.s3_args())
     try:
         for key in (storage.rdb_key("sec-kms-snap", 1), storage.manifest_key("sec-kms-snap")):

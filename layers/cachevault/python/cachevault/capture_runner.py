@@ -57,13 +57,18 @@ def start(snapshot: str, shard: dict[str, Any], settings: Settings) -> None:
     # Resolved here by cache name (the payload never carries a secret), passed by reference.
     cache = shard.get("ReplicationGroupId") or catalog.get_snapshot(snapshot)["ReplicationGroupId"]
     credentials = creds_mod.for_cache_name(cache, catalog)
+    # Read now as well: the encryption settings are function environment, gone once it returns.
+    extra_args = encryption.s3_args()
     if _inline():
-        run(snapshot, shard, catalog, s3, settings.bucket, raise_errors=True, credentials=credentials)
+        run(
+            snapshot, shard, catalog, s3, settings.bucket,
+            raise_errors=True, credentials=credentials, extra_args=extra_args,
+        )  # fmt: skip
         return
     worker = threading.Thread(
         target=run,
         args=(snapshot, shard, catalog, s3, settings.bucket),
-        kwargs={"credentials": credentials},
+        kwargs={"credentials": credentials, "extra_args": extra_args},
         name=f"capture-{snapshot}-{key[1]}",
         daemon=True,
     )
@@ -103,6 +108,7 @@ def run(
     bucket: str,
     raise_errors: bool = False,
     credentials: Credentials = creds_mod.NONE,
+    extra_args: dict[str, str] | None = None,
 ) -> None:
     index = int(shard["ShardIndex"]) - 1
     group = shard["NodeGroupId"]
@@ -140,7 +146,7 @@ def run(
                 "KeyCount": sum(keys.values()),
             },
         )
-        with storage.S3MultipartWriter(s3, bucket, key, extra_args=_encryption()) as writer:
+        with storage.S3MultipartWriter(s3, bucket, key, extra_args=extra_args or encryption.s3_args()) as writer:
             result = capture_rdb(
                 shard["Host"], int(shard["Port"]), writer.write, progress=report, credentials=credentials
             )
@@ -177,6 +183,3 @@ def run(
 def _inline() -> bool:
     return os.environ.get("CAPTURE_RUNNER", "thread") == "inline"
 
-
-def _encryption() -> dict[str, str]:
-    return encryption.s3_args()
