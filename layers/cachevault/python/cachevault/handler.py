@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -29,6 +30,13 @@ tracer = Tracer(service=SERVICE)
 metrics = Metrics(service=SERVICE, namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "CacheVault"))
 
 Step = Callable[[dict[str, Any]], dict[str, Any]]
+# The invocation's LambdaContext, for the few steps that need it (e.g. idempotency timeouts);
+# steps keep their plain event -> result signature.
+_context: ContextVar[LambdaContext | None] = ContextVar("lambda_context", default=None)
+
+
+def lambda_context() -> LambdaContext | None:
+    return _context.get()
 
 
 def execution_name(event: Any) -> str | None:
@@ -56,11 +64,14 @@ def step_handler(step: Step, *, correlation_id_path: str | None = None) -> Calla
             # Metadata, not a dimension: one value per execution would explode the metric count.
             metrics.add_metadata(key="ExecutionName", value=execution)
         logger.debug("step input", step=name, event=event)
+        token = _context.set(context)
         try:
             return step(event)
         except Exception:
             metrics.add_metric(name=f"{name}Failures", unit=MetricUnit.Count, value=1)
             raise
+        finally:
+            _context.reset(token)
 
     lambda_handler.__name__ = f"{name}_handler"
     return lambda_handler

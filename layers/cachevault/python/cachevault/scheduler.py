@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,9 +41,6 @@ DEFAULT_WINDOW = "05:00-06:00"  # used when retention is turned on without a win
 CREATE_SNAPSHOT_ARN_ENV = "CREATE_SNAPSHOT_STATE_MACHINE_ARN"
 IDEMPOTENCY_TTL_S = 3600  # a redelivered tick arrives within minutes; the next tick has a new id
 
-# The step handler does not hand the Lambda context to this step, so Powertools cannot
-# time out an in-progress record early; the TTL above bounds it instead.
-warnings.filterwarnings("ignore", message="Couldn't determine the remaining time left")
 
 
 def _observability() -> tuple[Any, Any]:
@@ -284,6 +280,11 @@ def scheduler_tick(event: dict[str, Any]) -> dict[str, Any]:
     config = IdempotencyConfig(
         event_key_jmespath="id", raise_on_no_idempotency_key=True, expires_after_seconds=IDEMPOTENCY_TTL_S
     )
+    from cachevault.handler import lambda_context
+
+    context = lambda_context()
+    if context is not None:  # lets Powertools expire an in-progress record when the invocation times out
+        config.register_lambda_context(context)
 
     @idempotent_function(
         data_keyword_argument="event", persistence_store=persistence, config=config, key_prefix="scheduler-tick"
