@@ -183,7 +183,8 @@ def _create_secret(cache: str, username: str | None, password: str) -> str:
 
 def _delete_managed_secret(record: dict[str, Any]) -> None:
     if record.get("AuthSecretManaged") and record.get("AuthSecretArn"):
-        with contextlib.suppress(Exception):  # already gone is fine
+        # Already gone is fine; any other failure must be seen, not swallowed.
+        with contextlib.suppress(client("secretsmanager").exceptions.ResourceNotFoundException):
             client("secretsmanager").delete_secret(
                 SecretId=record["AuthSecretArn"], ForceDeleteWithoutRecovery=True
             )

@@ -31,6 +31,7 @@ from cachevault.errors import (
     InvalidS3Location,
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
+    ReplicationGroupNotFoundFault,
     RestoreFailed,
 )
 from cachevault.failures import caught_failure
@@ -494,7 +495,7 @@ def fail_step(event: dict[str, Any]) -> dict[str, Any]:
         fleet = caches._fleet(settings)
         try:
             fleet.destroy_cache(target)
-        except Exception:  # nothing was started yet
+        except ReplicationGroupNotFoundFault:  # nothing was started yet
             logger.info("no nodes to stop", target=target)
         catalog.update_cache(target, Status="failed", FailureReason=reason, Endpoints=[], Nodes=[])
         if cache.get("SnapshotRestoring"):
