@@ -128,3 +128,28 @@ def test_existing_snapshot_name_is_refused_and_plain_delete_is_synchronous(produ
     assert not any(process_alive(p) for p in nodes)
     with pytest.raises(ReplicationGroupNotFoundFault):
         product.control.catalog.get_cache(name)
+
+
+def test_deleting_a_cache_removes_its_automatic_snapshots_and_keeps_manual_ones(
+    product: Product, new_cache: Any
+) -> None:
+    cache = new_cache("del-auto", replicas=1)
+    name = cache["CacheName"]
+    fill(node_addresses(cache, "primary")[0], keys=200)
+    automatic = f"automatic.{name}-2026-11-24-05-00"
+    product.control.create_snapshot(name, automatic, source="automated")
+    product.control.wait_snapshot(automatic, timeout_s=60)
+    product.control.create_snapshot(name, f"{name}-manual")
+    product.control.wait_snapshot(f"{name}-manual", timeout_s=60)
+    assert product.s3_keys(storage.snapshot_prefix(automatic))
+
+    result = product.control.delete_cache(name)
+
+    assert result["Status"] == "deleted" and product.control.catalog.find_cache(name) is None
+    # As ElastiCache's DeleteReplicationGroup: automatic snapshots go with the cache...
+    assert product.control.catalog.find_snapshot(automatic) is None
+    assert product.s3_keys(storage.snapshot_prefix(automatic)) == []
+    # ...manual snapshots stay, objects and all.
+    manual = product.control.catalog.get_snapshot(f"{name}-manual")
+    assert manual["SnapshotStatus"] == "available"
+    assert product.s3_keys(storage.snapshot_prefix(f"{name}-manual"))

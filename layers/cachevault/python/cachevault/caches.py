@@ -9,6 +9,7 @@ engine, version, cluster mode, node type label, data tiering, kind, endpoints, n
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,15 @@ from cachevault.credentials import Credentials
 from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
+    InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
     ReplicationGroupNotFoundFault,
 )
 from cachevault.settings import Settings
 from cachevault.slots import format_slot_ranges
+
+# Plain logging: the CLI imports this module outside any Lambda (see handler.py).
+logger = logging.getLogger(__name__)
 
 DEFAULT_NODE_TYPE = "cache.r7g.large"
 KINDS = ("node-based", "serverless")
@@ -275,7 +280,20 @@ def delete_local_cache(name: str, settings: Settings | None = None) -> None:
         with contextlib.suppress(ReplicationGroupNotFoundFault):
             _fleet(settings).destroy_cache(cache["CacheName"])
     _delete_managed_secret(cache)
+    _delete_automatic_snapshots(catalog, cache["CacheName"], settings)
     catalog.delete_cache(cache["CacheName"])
+
+
+def _delete_automatic_snapshots(catalog: Catalog, name: str, settings: Settings) -> None:
+    """As ElastiCache does on DeleteReplicationGroup: automatic snapshots go with the cache
+    (manual ones, the final snapshot included, stay)."""
+    from cachevault.service import delete_snapshot  # the control plane imports this module
+
+    for record in catalog.all_snapshots(cache=name, source="automated"):
+        try:
+            delete_snapshot(catalog, record["SnapshotName"], settings)
+        except InvalidSnapshotState:  # being restored or copied from right now: it stays, visibly
+            logger.warning("automatic snapshot %s of deleted cache %s kept: it is in use", record["SnapshotName"], name)
 
 
 def describe_cache(name: str, settings: Settings | None = None) -> dict[str, Any]:

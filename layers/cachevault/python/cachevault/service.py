@@ -51,6 +51,24 @@ def error_from_execution(description: dict[str, Any]) -> CacheVaultError:
     return err
 
 
+def delete_snapshot(catalog: Catalog, name: str, settings: Settings) -> dict[str, Any]:
+    """DeleteSnapshot: only an available or failed snapshot; S3 objects first, then the record."""
+    record = catalog.get_snapshot(name)
+    if record["SnapshotStatus"] not in ("available", "failed"):
+        raise InvalidSnapshotState(
+            f"Snapshot {name!r} is {record['SnapshotStatus']!r}; only an available or failed snapshot "
+            "can be deleted."
+        )
+    catalog.update_snapshot(name, expect_status=record["SnapshotStatus"], SnapshotStatus="deleting")
+    s3 = client("s3")
+    bucket = record.get("Bucket", settings.bucket)
+    prefix = storage.snapshot_prefix(name)
+    storage.abort_incomplete_uploads(s3, bucket, prefix)
+    storage.delete_prefix(s3, bucket, prefix)
+    catalog.delete_snapshot_record(name)
+    return {**record, "SnapshotStatus": "deleting"}
+
+
 class ControlPlane:
     def __init__(self, stack: StackInfo, settings: Settings | None = None) -> None:
         self.stack = stack
@@ -186,23 +204,7 @@ class ControlPlane:
 
     def delete_snapshot(self, snapshot: str) -> dict[str, Any]:
         """Remove the RDBs and manifest from S3, then the record (ElastiCache DeleteSnapshot)."""
-        name = names.snapshot_name(snapshot, automatic=True)
-        record = self.catalog.get_snapshot(name)
-        if record["SnapshotStatus"] not in ("available", "failed"):
-            raise InvalidSnapshotState(
-                f"Snapshot {name!r} is {record['SnapshotStatus']!r}; only an available or failed snapshot "
-                "can be deleted."
-            )
-        self.catalog.update_snapshot(
-            name, expect_status=record["SnapshotStatus"], SnapshotStatus="deleting"
-        )
-        s3 = client("s3")
-        bucket = record.get("Bucket", self.settings.bucket)
-        prefix = storage.snapshot_prefix(name)
-        storage.abort_incomplete_uploads(s3, bucket, prefix)
-        storage.delete_prefix(s3, bucket, prefix)
-        self.catalog.delete_snapshot_record(name)
-        return {**record, "SnapshotStatus": "deleting"}
+        return delete_snapshot(self.catalog, names.snapshot_name(snapshot, automatic=True), self.settings)
 
     # ---- restore ------------------------------------------------------------------------
     def restore(
