@@ -228,18 +228,18 @@ _CRASHER = textwrap.dedent(
 
 def test_reap_after_owner_crash(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    run = subprocess.run(
-        [sys.executable, "-c", _CRASHER, str(state)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO / "layers/cachevault/python")},
-    )
-    assert run.returncode == -signal.SIGKILL, run.stderr
-    owned, kept = (CacheLayout.from_dict(d) for d in json.loads(run.stdout))
     fleet = Fleet(state)
-    try:
+    try:  # from the start: a crasher that times out or fails must not leave its nodes running
+        run = subprocess.run(
+            [sys.executable, "-c", _CRASHER, str(state)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO / "layers/cachevault/python")},
+        )
+        assert run.returncode == -signal.SIGKILL, run.stderr
+        owned, kept = (CacheLayout.from_dict(d) for d in json.loads(run.stdout))
         assert all(fleet.node_alive(n) for n in owned.nodes + kept.nodes), "nodes outlive their creator"
         assert Fleet(state, reap=True).list_caches() == [kept]
         assert _pids_gone(owned.nodes)
