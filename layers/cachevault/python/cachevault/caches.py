@@ -195,11 +195,21 @@ def _delete_managed_secret(record: dict[str, Any]) -> None:
             )
 
 
-def _parse_endpoint(text: str) -> tuple[str, int]:
+def parse_endpoint(text: str) -> tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidParameterValue(f"Endpoint {text!r} must be host:port.")
     return host, int(port)
+
+
+def seed_endpoints(cache: dict[str, Any]) -> list[tuple[str, int]]:
+    """The endpoints, then every known node: with the primary down (or failed over), the
+    topology is still read from a replica, which tells whether its master link is up."""
+    seeds: list[tuple[str, int]] = []
+    for address in [*cache.get("Endpoints", []), *(n.get("Address", "") for n in cache.get("Nodes", []))]:
+        if address and (seed := parse_endpoint(address)) not in seeds:
+            seeds.append(seed)
+    return seeds
 
 
 def register_external_cache(
@@ -229,7 +239,7 @@ def register_external_cache(
         raise InvalidParameterValue(f"Kind must be one of {', '.join(KINDS)}, not {kind!r}.")
     if auth_secret_arn and auth_parameter_name:
         raise InvalidParameterCombination("Give AuthSecretArn or AuthParameterName, not both.")
-    seeds = [_parse_endpoint(e) for e in endpoints]
+    seeds = [parse_endpoint(e) for e in endpoints]
     if not seeds:
         raise InvalidParameterValue("At least one --endpoint host:port is required.")
     catalog = _catalog_for_new(settings, name)
@@ -300,7 +310,7 @@ def describe_cache(name: str, settings: Settings | None = None) -> dict[str, Any
     """The registry record plus the live topology (shards, slots, replica health)."""
     settings = settings or Settings.from_env()
     cache = Catalog(settings).get_cache(names.cache_name(name))
-    seeds = [(e.rpartition(":")[0], int(e.rpartition(":")[2])) for e in cache.get("Endpoints", [])]
+    seeds = seed_endpoints(cache)
     try:
         topo = topology.discover(seeds, credentials=creds_mod.for_cache(cache))
     except Exception as exc:  # describe must still answer for a cache that is down

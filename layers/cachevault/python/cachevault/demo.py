@@ -69,13 +69,13 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
             lambda: caches.create_local_cache(SOURCE, replicas=2, settings=control.settings),
             lambda c: _describe_text(caches.describe_cache(c["CacheName"], control.settings)),
         )
-        host, _, port = source["Endpoints"][0].rpartition(":")
+        host, port = caches.parse_endpoint(source["Endpoints"][0])
         stats = story.step(
             f"write {size_mb} MB of mixed data (strings with TTLs, hashes, lists, sets, zsets, streams, functions)",
-            lambda: datagen.generate(host, int(port), size_mb, seed=42),
+            lambda: datagen.generate(host, port, size_mb, seed=42),
             lambda s: f"   {s.keys} keys, {human_bytes(s.payload_bytes)}, by type {s.by_type}",
         )
-        source_digest = cache_digest([(host, int(port))])[0]
+        source_digest = cache_digest([(host, port)])[0]
 
         def snapshot() -> dict[str, Any]:
             control.create_snapshot(SOURCE, MANUAL)
@@ -99,9 +99,7 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
 
         def compare() -> dict[str, Any]:
             cache = caches.describe_cache(RESTORED, control.settings)
-            primaries = [
-                (g["Primary"].rpartition(":")[0], int(g["Primary"].rpartition(":")[2])) for g in cache["NodeGroups"]
-            ]
+            primaries = [caches.parse_endpoint(g["Primary"]) for g in cache["NodeGroups"]]
             combined = combined_digest(cache_digest(primaries))
             return {"SourceDigest": source_digest, "RestoredDigest": combined, "Equal": combined == source_digest}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cachevault import capture_runner, encryption, events, names, preflight, storage, topology
+from cachevault import caches, capture_runner, encryption, events, names, preflight, storage, topology
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
@@ -54,17 +54,6 @@ def _resolve_source_node(cache: dict[str, Any], wanted: str | None) -> str | Non
     raise InvalidParameterValue(
         f"Source node {wanted!r} is not a node of replication group {cache['CacheName']!r}."
     )
-
-
-def _seeds(cache: dict[str, Any]) -> list[tuple[str, int]]:
-    """The endpoints, then every known node: with the primary down (or failed over), the
-    topology is still read from a replica, which tells whether its master link is up."""
-    seeds: list[tuple[str, int]] = []
-    for address in [*cache.get("Endpoints", []), *(n.get("Address", "") for n in cache.get("Nodes", []))]:
-        host, _, port = address.rpartition(":")
-        if host and (host, int(port)) not in seeds:
-            seeds.append((host, int(port)))
-    return seeds
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -149,7 +138,7 @@ def _predict_sources(ctx: preflight.PreflightContext) -> None:
     """The node each shard's capture will read (as SelectSources will pick it) and its memory."""
     cache, req = ctx.cache, ctx.request
     credentials = creds_mod.for_cache(cache)  # resolved per step: never in the payload
-    topo = topology.discover(_seeds(cache), credentials=credentials)
+    topo = topology.discover(caches.seed_endpoints(cache), credentials=credentials)
     prefer = _resolve_source_node(cache, req.source_node)
     for _, node in pick_sources(topo, prefer=prefer, final=req.final):
         node_id = cache_node_id(cache, node_address(node))
@@ -175,7 +164,7 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
     """Re-read the topology now and pick each shard's source node."""
     catalog = _catalog()
     cache = catalog.get_cache(event["ReplicationGroupId"])
-    topo = topology.discover(_seeds(cache), credentials=creds_mod.for_cache(cache))
+    topo = topology.discover(caches.seed_endpoints(cache), credentials=creds_mod.for_cache(cache))
     prefer = _resolve_source_node(cache, event.get("SourceNode"))
     shards, node_snapshots = [], []
     picks = pick_sources(topo, prefer=prefer, final=bool(event.get("FinalSnapshot")))
