@@ -14,7 +14,11 @@ headers, checksums, CopyObject):
   files into the object's file in the kernel (``os.copy_file_range``), checksums streamed;
 * UploadPartCopy reads only the requested range of the source file;
 * a GET served over HTTP (server mode) streams the file, ranged GETs only their range; an
-  in-process (``mock_aws``) GET still gets bytes, as botocore's stub needs.
+  in-process (``mock_aws``) GET still gets bytes, as botocore's stub needs;
+* each request body (a 16 MiB part) stays reachable through a reference cycle of moto's
+  response object until the cyclic GC runs (measured: RSS climbing 16 MiB per part for
+  ten parts): a full collection every 64 MiB of uploaded bodies bounds that (one per
+  request would halve the upload rate: the server's heap is large).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import binascii
 import codecs
 import contextlib
 import contextvars
+import gc
 import hashlib
 import os
 import tempfile
@@ -62,6 +67,8 @@ def install(directory: Path) -> None:
         models.FakeMultipart.complete = _complete  # type: ignore[method-assign]
         models.S3Backend.upload_part_copy = _upload_part_copy_patch(models.S3Backend.upload_part_copy)  # type: ignore[method-assign]
         responses.S3Response.get_object = _get_object_patch(responses.S3Response.get_object)  # type: ignore[method-assign]
+        for name in ("upload_part", "put_object"):
+            setattr(responses.S3Response, name, _collecting(getattr(responses.S3Response, name)))
         _installed = True
 
 
@@ -323,6 +330,24 @@ def _upload_part_copy_patch(original: Any) -> Any:
         return multipart.set_part(part_id, value)
 
     return upload_part_copy
+
+
+_uncollected = 0  # request body bytes received since the last full collection
+COLLECT_EVERY = 64 << 20
+
+
+def _collecting(original: Any) -> Any:
+    def handler(self: Any) -> Any:
+        global _uncollected
+        try:
+            return original(self)
+        finally:
+            _uncollected += len(self.raw_body or b"")
+            if _uncollected >= COLLECT_EVERY:
+                _uncollected = 0
+                gc.collect()
+
+    return handler
 
 
 def _get_object_patch(original: Any) -> Any:
