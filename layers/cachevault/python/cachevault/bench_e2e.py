@@ -270,69 +270,71 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     anchors: list[RedisProcess] = []
     ops: list[dict[str, Any]] = []
-    with _local_stack(workdir / "home") as (info, env):
-        sfn = boto3.client(
-            "stepfunctions", endpoint_url=info.endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
-            aws_access_key_id="testing", aws_secret_access_key="testing",
-        )  # fmt: skip
-        _, created, _ = _cli(["cache", "create", "src", "--replicas", "1"], env)
-        nodes = created["ReplicationGroup"]["Nodes"]
-        primary = _address(next(n["Address"] for n in nodes if n["Role"] == "primary"))
-        replica = _address(next(n["Address"] for n in nodes if n["Role"] == "replica"))
-        stats = datagen.generate(*primary, size_mb, seed=seed, shape=shape)
-        _redis(primary).execute_command("WAIT", 1, 600_000)
-        source_digest = cache_digest([primary])[0]
-        source_pids = _pids_of([primary, replica])
+    try:
+        with _local_stack(workdir / "home") as (info, env):
+            sfn = boto3.client(
+                "stepfunctions", endpoint_url=info.endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
+                aws_access_key_id="testing", aws_secret_access_key="testing",
+            )  # fmt: skip
+            _, created, _ = _cli(["cache", "create", "src", "--replicas", "1"], env)
+            nodes = created["ReplicationGroup"]["Nodes"]
+            primary = _address(next(n["Address"] for n in nodes if n["Role"] == "primary"))
+            replica = _address(next(n["Address"] for n in nodes if n["Role"] == "replica"))
+            stats = datagen.generate(*primary, size_mb, seed=seed, shape=shape)
+            _redis(primary).execute_command("WAIT", 1, 600_000)
+            source_digest = cache_digest([primary])[0]
+            source_pids = _pids_of([primary, replica])
 
-        # capture: redis-cli --rdb from the replica, then the product
-        anchor_rdb = workdir / "anchor.rdb"
-        started = time.monotonic()
-        subprocess.run(
-            ["redis-cli", "-h", replica[0], "-p", str(replica[1]), "--rdb", str(anchor_rdb)],
-            check=True, capture_output=True, timeout=3600,
-        )  # fmt: skip
-        cli_s = time.monotonic() - started
-        rdb_bytes = anchor_rdb.stat().st_size
-        with PeakSampler([info.pid, *source_pids]) as sampler:
-            secs, snap, cli_mb = _cli(["snapshot", "create", "src", "snap", "--wait"], env, sampler)
-        sampler.peaks_mb["cachevault CLI"] = cli_mb
-        snapshot = snap["Snapshot"]
-        states = state_breakdown(
-            sfn, _execution_arn(info.state_machine("CreateSnapshotStateMachine"), snapshot["ExecutionName"])
-        )
-        ok = snapshot["SnapshotStatus"] == "available" and sum(n["Size"] for n in snapshot["NodeSnapshots"]) > 0
-        ops.append(_op("snapshot create --wait", "redis-cli --rdb (same replica)", cli_s, secs, "capture",
-                       ok, states, sampler.peaks_mb))  # fmt: skip
-
-        # same-layout restore: start-up load of the same RDB, then the product
-        startup_s = _time_startup([anchor_rdb], workdir / "anchor-same", anchors, 3600)
-        _stop(anchors)
-        with PeakSampler([info.pid]) as sampler:
-            secs, _, cli_mb = _cli(["restore", "snap", "same", "--wait"], env, sampler)
-        sampler.peaks_mb["cachevault CLI"] = cli_mb
-        restore_arn = info.state_machine("RestoreSnapshotStateMachine")
-        states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
-        same = _nodes_of(env, "same")
-        ok = cache_digest([same[0]])[0] == source_digest
-        ops.append(_op("restore --wait (same layout)", "redis-server start-up load", startup_s, secs, "restore",
-                       ok, states, sampler.peaks_mb))  # fmt: skip
-        _cli(["cache", "delete", "same"], env)
-
-        # resharded restore: the same data loaded at start-up into the target layout
-        with PeakSampler([info.pid]) as sampler:
-            secs, _, cli_mb = _cli(
-                ["restore", "snap", "resharded", "--shards", str(RESHARD_TO), "--replicas", "0", "--wait"], env, sampler
+            # capture: redis-cli --rdb from the replica, then the product
+            anchor_rdb = workdir / "anchor.rdb"
+            started = time.monotonic()
+            subprocess.run(
+                ["redis-cli", "-h", replica[0], "-p", str(replica[1]), "--rdb", str(anchor_rdb)],
+                check=True, capture_output=True, timeout=3600,
+            )  # fmt: skip
+            cli_s = time.monotonic() - started
+            rdb_bytes = anchor_rdb.stat().st_size
+            with PeakSampler([info.pid, *source_pids]) as sampler:
+                secs, snap, cli_mb = _cli(["snapshot", "create", "src", "snap", "--wait"], env, sampler)
+            sampler.peaks_mb["cachevault CLI"] = cli_mb
+            snapshot = snap["Snapshot"]
+            states = state_breakdown(
+                sfn, _execution_arn(info.state_machine("CreateSnapshotStateMachine"), snapshot["ExecutionName"])
             )
-        sampler.peaks_mb["cachevault CLI"] = cli_mb
-        states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
-        primaries = _nodes_of(env, "resharded")
-        ok = combined_digest(cache_digest(primaries)) == source_digest
-        shard_rdbs = _save_each(primaries, workdir)
-        _cli(["cache", "delete", "resharded"], env)
-        startup_s = _time_startup(shard_rdbs, workdir / "anchor-reshard", anchors, 3600)
+            ok = snapshot["SnapshotStatus"] == "available" and sum(n["Size"] for n in snapshot["NodeSnapshots"]) > 0
+            ops.append(_op("snapshot create --wait", "redis-cli --rdb (same replica)", cli_s, secs, "capture",
+                           ok, states, sampler.peaks_mb))  # fmt: skip
+
+            # same-layout restore: start-up load of the same RDB, then the product
+            startup_s = _time_startup([anchor_rdb], workdir / "anchor-same", anchors, 3600)
+            _stop(anchors)
+            with PeakSampler([info.pid]) as sampler:
+                secs, _, cli_mb = _cli(["restore", "snap", "same", "--wait"], env, sampler)
+            sampler.peaks_mb["cachevault CLI"] = cli_mb
+            restore_arn = info.state_machine("RestoreSnapshotStateMachine")
+            states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
+            same = _nodes_of(env, "same")
+            ok = cache_digest([same[0]])[0] == source_digest
+            ops.append(_op("restore --wait (same layout)", "redis-server start-up load", startup_s, secs, "restore",
+                           ok, states, sampler.peaks_mb))  # fmt: skip
+            _cli(["cache", "delete", "same"], env)
+
+            # resharded restore: the same data loaded at start-up into the target layout
+            with PeakSampler([info.pid]) as sampler:
+                reshard = ["restore", "snap", "resharded", "--shards", str(RESHARD_TO), "--replicas", "0", "--wait"]
+                secs, _, cli_mb = _cli(reshard, env, sampler)
+            sampler.peaks_mb["cachevault CLI"] = cli_mb
+            states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
+            primaries = _nodes_of(env, "resharded")
+            ok = combined_digest(cache_digest(primaries)) == source_digest
+            shard_rdbs = _save_each(primaries, workdir)
+            _cli(["cache", "delete", "resharded"], env)
+            startup_s = _time_startup(shard_rdbs, workdir / "anchor-reshard", anchors, 3600)
+            _stop(anchors)
+            ops.append(_op(f"restore --wait --shards {RESHARD_TO}", f"start-up load into {RESHARD_TO} shards",
+                           startup_s, secs, "reshard", ok, states, sampler.peaks_mb))  # fmt: skip
+    finally:  # anchor nodes never outlive the run
         _stop(anchors)
-        ops.append(_op(f"restore --wait --shards {RESHARD_TO}", f"start-up load into {RESHARD_TO} shards",
-                       startup_s, secs, "reshard", ok, states, sampler.peaks_mb))  # fmt: skip
     for rdb in [anchor_rdb, *shard_rdbs]:
         rdb.unlink(missing_ok=True)
     return {
