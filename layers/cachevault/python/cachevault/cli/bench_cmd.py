@@ -12,7 +12,11 @@ from cachevault.cli.output import add_json_flag, emit
 
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks against redis-cli --rdb and redis-server start-up load")
-    bench.add_argument("kind", choices=["capture", "restore", "all"])
+    bench.add_argument(
+        "kind",
+        choices=["capture", "restore", "all"],
+        help="capture vs redis-cli --rdb, restore vs start-up load, or both",
+    )
     bench.add_argument(
         "--size-mb",
         type=int,
