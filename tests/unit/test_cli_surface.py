@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from cachevault.cli import build_parser, shapes
 from cachevault.cli.progress import Part, ProgressView, capture_parts, describe_part, operation_parts
 from cachevault.cli.units import iec_bytes
@@ -166,3 +167,30 @@ def test_demo_summary_fits_80_columns_and_keeps_words_whole() -> None:
     assert all(len(line) <= 80 for line in text.splitlines())
     assert " ".join(text.split()).count("cache.r7g.large") == 3
     assert "{" not in text
+
+
+def test_a_missing_extra_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cachevault.cli import extras
+
+    monkeypatch.setitem(extras.EXTRAS, "local", ("moto", "cachevault_no_such_module"))
+    with pytest.raises(extras.MissingExtra) as err:
+        extras.require("local", "the embedded AWS")
+    assert "cachevault_no_such_module" in err.value.message
+    assert "pip install 'cachevault[local]'" in err.value.message
+    extras.require("bench", "the plot")  # installed by make venv: no error
+
+
+def test_runtime_dependencies_are_the_lambda_layers() -> None:
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    layer = [
+        line.split("==")[0]
+        for line in (root / "layers/dependencies/requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert sorted(project["dependencies"]) == sorted(layer)
+    assert {"local", "bench", "dev"} <= project["optional-dependencies"].keys()
+    assert not any("yaml" in d or "localstack" in d for d in project["dependencies"])

@@ -32,6 +32,9 @@ def register(sub: Any) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cachevault.bench_report import run_bench  # heavy imports only for this command
+    from cachevault.cli import extras
+
+    extras.require("bench", "the benchmark (its plot)")
 
     sizes = args.sizes or [1024]
     if args.workdir:
