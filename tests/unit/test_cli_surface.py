@@ -194,3 +194,14 @@ def test_runtime_dependencies_are_the_lambda_layers() -> None:
     assert sorted(project["dependencies"]) == sorted(layer)
     assert {"local", "bench", "dev"} <= project["optional-dependencies"].keys()
     assert not any("yaml" in d or "localstack" in d for d in project["dependencies"])
+
+
+def test_bench_plot_renders_the_recorded_run() -> None:
+    from pathlib import Path
+
+    from cachevault.bench_report import plot_png
+
+    root = Path(__file__).resolve().parents[2]
+    recorded = json.loads((root / "bench/results/all-2026-11-24T231736Z.json").read_text())
+    png = plot_png(recorded["rows"])
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
