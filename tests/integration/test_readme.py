@@ -131,6 +131,9 @@ class Session:
 
 @pytest.fixture
 def session(tmp_path: Path) -> Iterator[Session]:
+    # The venv up to date here first: `make demo` in the linked checkout must find nothing to
+    # install (an install from there would write the checkout's path into the venv's scripts).
+    subprocess.run(["make", "venv"], cwd=ROOT, check=True, capture_output=True, timeout=COMMAND_TIMEOUT_S)
     work = tmp_path / "checkout"
     work.mkdir()
     for entry in ROOT.iterdir():  # the repository as a user's checkout, .venv included

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -237,5 +238,21 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     context.quiet_libraries()
     name = invoke.resolve_function(args.function, info.functions, find_template())
     result = invoke.invoke(name, invoke.load_event(args.event))
-    print(json.dumps(result.payload, indent=2, default=str))
+    payload = result.payload
+    if result.function_error and isinstance(payload, dict):
+        if not args.json:  # the one-line reason and what to do, not a Python traceback
+            payload = {k: v for k, v in payload.items() if k != "stackTrace"}
+        print(_invoke_hint(name, payload, args.event), file=sys.stderr)
+    print(json.dumps(payload, indent=2, default=str))
     return 1 if result.function_error else 0
+
+
+def _invoke_hint(function: str, error: dict[str, Any], event: Path | None) -> str:
+    line = f"{function} failed: {error.get('errorType')}: {error.get('errorMessage')}"
+    if str(error.get("errorType", "")).endswith("NotFoundFault"):
+        line += (
+            f"\nthe event ({event or 'empty'}) names something that does not exist in this embedded AWS: "
+            "create it first (e.g. `cachevault cache create NAME`, `cachevault snapshot create CACHE NAME --wait`) "
+            "or edit the event's names"
+        )
+    return line
