@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -64,26 +65,33 @@ def test_status_reports_running_service(home: Path) -> None:
 def test_cache_snapshot_restore_round_trip_through_separate_processes(home: Path) -> None:
     created = run_json(home, "cache", "create", "cli-src", "--replicas", "1")["ReplicationGroup"]
     assert created["Status"] == "available"
-    host, _, port = created["Endpoints"][0].rpartition(":")
-    conn = redis.Redis(host=host, port=int(port))
+    primary = created["NodeGroups"][0]["PrimaryEndpoint"]
+    conn = redis.Redis(host=primary["Address"], port=primary["Port"])
     conn.mset({f"cli:{i}": f"value-{i}" for i in range(500)})
     conn.close()
 
     snap = run_json(home, "snapshot", "create", "cli-src", "CLI-Snap", "--wait")["Snapshot"]
     assert snap["SnapshotName"] == "cli-snap"  # stored lowercase, as ElastiCache does
     assert snap["SnapshotStatus"] == "available"
-    assert snap["NodeSnapshots"][0]["SourceRole"] == "replica"
+    assert snap["CacheVault"]["SizeBytes"] > 0
+    assert snap["NodeSnapshots"][0]["CacheVault"]["SourceRole"] == "replica"
 
-    listing = run_json(home, "snapshot", "list", "--cache", "cli-src")
+    listing = run_json(home, "snapshot", "list", "--replication-group-id", "cli-src")
     assert [s["SnapshotName"] for s in listing["Snapshots"]] == ["cli-snap"]
 
-    restored = run_json(home, "restore", "cli-snap", "cli-dst", "--shards", "2", "--cluster-mode", "enabled", "--wait")
-    assert restored["Status"] == "available"
-    assert sum(c["Actual"] for c in restored["Verification"]["KeyCounts"]) == 500
+    restored = run_cli(
+        home, "restore", "cli-snap", "cli-dst", "--shards", "2", "--cluster-mode", "enabled", "--wait", "--json"
+    )
+    group = json.loads(restored.stdout)["ReplicationGroup"]
+    assert group["Status"] == "available"
+    assert sum(c["Actual"] for c in group["CacheVault"]["Restore"]["Verification"]["KeyCounts"]) == 500
+    # Not a terminal: plain progress lines on stderr, from what the load step recorded.
+    assert "load shard 0001: done 100% 500 of 500 keys" in restored.stderr
 
-    described = run_json(home, "cache", "describe", "cli-dst")["ReplicationGroup"]
+    described = run_json(home, "cache", "describe", "--replication-group-id", "cli-dst")["ReplicationGroups"][0]
     assert len(described["NodeGroups"]) == 2
-    assert described["ClusterMode"] is True
+    assert described["ClusterMode"] == "enabled"
+    assert all(g["PrimaryEndpoint"]["Port"] > 0 for g in described["NodeGroups"])
 
     human = run_cli(home, "cache", "list").stdout
     assert "cli-src" in human and "cli-dst" in human
@@ -91,6 +99,45 @@ def test_cache_snapshot_restore_round_trip_through_separate_processes(home: Path
     run_json(home, "cache", "delete", "cli-dst")
     run_json(home, "snapshot", "delete", "cli-snap")
     assert run_json(home, "snapshot", "list")["Snapshots"] == []
+
+
+def test_snapshot_json_reads_with_the_aws_cli_jq_paths(home: Path) -> None:
+    created = run_json(home, "cache", "create", "--replication-group-id", "cli-jq", "--replicas", "1")
+    primary = created["ReplicationGroup"]["NodeGroups"][0]["PrimaryEndpoint"]
+    conn = redis.Redis(host=primary["Address"], port=primary["Port"])
+    conn.mset({f"jq:{i}": "x" * 100 for i in range(200)})
+    conn.close()
+    made = run_cli(
+        home, "snapshot", "create", "--replication-group-id", "cli-jq", "--snapshot-name", "jq-snap", "--wait"
+    )
+    assert "capture shard 0001: done 100%" in made.stderr
+    assert "0 B captured" not in made.stdout + made.stderr
+    assert "MiB" in made.stdout or "KiB" in made.stdout
+
+    described = run_json(home, "snapshot", "describe", "jq-snap")
+    snapshot = described["Snapshots"][0]
+    assert snapshot["SnapshotStatus"] == "available"
+    assert snapshot["ARN"].startswith("arn:aws:elasticache:") and snapshot["ARN"].endswith(":snapshot:jq-snap")
+    assert snapshot["ClusterMode"] == "disabled"
+    assert snapshot["NodeSnapshots"][0]["NodeGroupConfiguration"]["NodeGroupId"] == "0001"
+    assert {"SnapshotRetentionLimit", "NumNodeGroups"} <= snapshot.keys()
+    if shutil.which("jq"):
+        out = subprocess.run(
+            ["jq", "-r", ".Snapshots[0].SnapshotStatus"],
+            input=run_cli(home, "snapshot", "describe", "jq-snap", "--json").stdout,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.strip() == "available"
+
+    copied = run_cli(home, "snapshot", "copy", "jq-snap", "jq-copy", "--wait", "--json")
+    assert json.loads(copied.stdout)["Snapshot"]["SnapshotName"] == "jq-copy"
+    assert "copy shard 0001: done 100%" in copied.stderr
+
+    run_json(home, "snapshot", "delete", "--snapshot-name", "jq-copy")
+    run_json(home, "snapshot", "delete", "jq-snap")
+    run_json(home, "cache", "delete", "cli-jq")
 
 
 def test_errors_print_like_the_aws_cli(home: Path) -> None:

@@ -36,6 +36,7 @@ from cachevault.errors import (
 )
 from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics, record_duration
+from cachevault.progress_report import RESTORE, PartProgress
 from cachevault.rdb import RdbFile, RdbKey, scan_rdb
 from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
@@ -45,6 +46,7 @@ from cachevault.verify import verify_restore
 
 SAMPLES_PER_SOURCE = 40
 SAMPLE_MAX_PAYLOAD = 2048  # keep the state machine's payload small (256 KB limit)
+LOAD_PROGRESS_EVERY = 20_000  # keys between progress reports (each is a cheap callback; writes are throttled)
 DATA_TIERING_NODE_FAMILY = "r6gd"
 MiB = 1 << 20
 ATTACH_BASE_TIMEOUT_S = 60.0
@@ -218,7 +220,14 @@ def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]
     s3 = client("s3")
     for index, source in enumerate(sources, start=1):
         path = staging / f"{index:04d}.rdb"
-        storage.download_to_file(s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"])
+        report = PartProgress(
+            Catalog(settings), RESTORE, target, f"download-{index:04d}", phase="download", total=source.get("Size")
+        )
+        report.start()
+        got = storage.download_to_file(
+            s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"], on_bytes=report.update
+        )
+        report.finish(got["size"])
         summary = scan_rdb(path)
         if not summary.checksum_ok:
             raise InvalidParameterValue(f"{source['Key']}: the RDB's own CRC64 trailer does not match.")
@@ -322,13 +331,27 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         if len(samples) < SAMPLES_PER_SOURCE and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
             samples.append(_sample(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
 
+    total_keys = _key_count(event, task)
+    report = PartProgress(
+        Catalog(Settings.from_env()),
+        RESTORE,
+        event.get("ReplicationGroupId") or "",
+        f"load-{int(task['Index']):04d}",
+        phase="load",
+        total=total_keys,
+        unit="keys",
+    )
+    report.start()
     result = load_rdb_file(
         task["Path"],
         targets,
         cluster_mode=event["ClusterMode"],
-        sample_every=max(1, _key_count(event, task) // SAMPLES_PER_SOURCE),
+        sample_every=max(1, total_keys // SAMPLES_PER_SOURCE),
         on_sample=keep_sample,
+        progress=lambda seen, _expired: report.update(seen),
+        progress_every=LOAD_PROGRESS_EVERY,
     )
+    report.finish(result.keys_loaded + result.keys_expired_skipped)
     skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
     for module in skipped:
         logger.warning("module value skipped", **module)

@@ -259,9 +259,13 @@ class ControlPlane:
             if progress:
                 cache = self.catalog.find_cache(target)
                 if cache:
+                    # Download and load progress the steps record (progress_report.PartProgress).
+                    cache["RestoreProgress"] = self.catalog.operation_progress("restore", target)
                     progress(cache)
 
-        return self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)
+        result = self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)
+        tick()  # the finished parts, also when the execution ended before the first tick
+        return result
 
     # ---- copy / export (ElastiCache CopySnapshot) ----------------------------------------
     COPY_SNAPSHOT = "CopySnapshotStateMachine"
@@ -274,6 +278,7 @@ class ControlPlane:
         *,
         wait: bool = False,
         timeout_s: float = 3600,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Copy SOURCE to a new catalog snapshot TARGET, or export its RDBs to ``target_bucket``.
 
@@ -301,7 +306,13 @@ class ControlPlane:
             "SnapshotStatus": "copying",
         }
         if wait:
-            result.update(self.wait_execution(arn, timeout_s=timeout_s))
+
+            def tick() -> None:
+                if progress:
+                    progress({**result, "CopyProgress": self.catalog.operation_progress("copy", target)})
+
+            result.update(self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick))
+            tick()  # the finished parts, also when the execution ended before the first tick
         if not target_bucket:
             result["Snapshot"] = self.catalog.get_snapshot(target)
         result["ExecutionArn"] = arn

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -329,12 +330,17 @@ def verify_object(client: Any, bucket: str, key: str, sha256: str, size: int) ->
 
 
 def download_to_file(
-    client: Any, bucket: str, key: str, path: str | os.PathLike[str], expected_sha256: str | None = None
+    client: Any,
+    bucket: str,
+    key: str,
+    path: str | os.PathLike[str],
+    expected_sha256: str | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Stream an object to ``path`` (via a ``.part`` file renamed at the end).
 
     Returns ``{"size", "sha256"}``; on a checksum mismatch the partial file is removed and
-    ``ChecksumMismatch`` is raised.
+    ``ChecksumMismatch`` is raised. ``on_bytes(total_so_far)`` is called after every chunk.
     """
     dest = Path(path)
     tmp = dest.with_name(dest.name + ".part")
@@ -347,6 +353,8 @@ def download_to_file(
                 digest.update(chunk)
                 fh.write(chunk)
                 size += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(size)
         actual = digest.hexdigest()
         if expected_sha256 is not None and actual != expected_sha256.lower():
             raise ChecksumMismatch(

@@ -47,6 +47,9 @@ def control_plane() -> ControlPlane:
 
 
 def local_up(port: int) -> stack_info.StackInfo:
+    from cachevault.cli import extras
+
+    extras.require("local", "the embedded AWS (`cachevault local up`)")
     settings = Settings.from_env()
     running = stack_info.load_local(settings)
     if running is not None and process_alive(running.pid):
