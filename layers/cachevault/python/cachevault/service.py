@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from cachevault import credentials, errors, names, storage
+from cachevault import caches, credentials, errors, names, storage
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CacheVaultError, InvalidParameterValue, InvalidSnapshotState
@@ -226,6 +226,8 @@ class ControlPlane:
         AuthParameterName, AuthUsername, TransitEncryptionEnabled, Tls*): never a secret.
         """
         target = names.cache_name(target)
+        # Refused before anything starts (the state machine's preflight checks the same).
+        caches.check_shape_values(num_shards=num_shards, replicas=replicas, node_type=node_type)
         payload: dict[str, Any] = {"ReplicationGroupId": target}
         if snapshot:
             payload["SnapshotName"] = names.snapshot_name(snapshot, automatic=True)
@@ -284,7 +286,7 @@ class ControlPlane:
         target = names.snapshot_name(target)
         payload: dict[str, Any] = {"SourceSnapshotName": source, "TargetSnapshotName": target}
         if target_bucket:
-            payload["TargetBucket"] = target_bucket
+            payload["TargetBucket"] = storage.check_bucket_name(target_bucket)
         execution = execution_name("copy", target)
         arn = self.start(self.COPY_SNAPSHOT, execution, payload)
 
@@ -323,8 +325,6 @@ class ControlPlane:
         DeleteCache state machine runs (snapshot from the primaries, then delete) and this
         waits for it: a failed snapshot raises its reason and the cache stays.
         """
-        from cachevault import caches
-
         name = names.cache_name(cache)
         record = self.catalog.get_cache(name)
         if record.get("LockedBy"):
