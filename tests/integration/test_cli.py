@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,96 @@ def test_commands_without_a_running_service_say_how_to_start_it(tmp_path: Path) 
     proc = run_cli(tmp_path, "snapshot", "list", check=False)
     assert proc.returncode == 254
     assert "cachevault local up" in proc.stderr
+
+
+def _state(home: Path) -> tuple[Any, Any]:
+    caches = run_json(home, "cache", "list")
+    snapshots = run_json(home, "snapshot", "list")
+    return caches, snapshots
+
+
+BAD_INPUTS = [
+    pytest.param(("cache", "create", "bad-shards", "--cluster-mode", "enabled", "--shards", "0"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "NumNodeGroups must be between 1 and 500",
+                 id="cache-zero-shards"),
+    pytest.param(("cache", "create", "bad-replicas", "--replicas", "6"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "ReplicasPerNodeGroup must be between 0",
+                 id="cache-six-replicas"),
+    pytest.param(("cache", "create", "bad-type", "--cache-node-type", "bogus"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "Invalid CacheNodeType 'bogus'",
+                 id="cache-bogus-node-type"),
+    pytest.param(("cache", "create", "bad-type", "--cache-node-type", ""),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "Invalid CacheNodeType ''",
+                 id="cache-empty-node-type"),
+    pytest.param(("cache", "create", "\u212aelvin"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "non-ASCII character",
+                 id="cache-kelvin-sign"),
+    pytest.param(("snapshot", "create", "cli-src", "\u212a-snap"),
+                 "CreateSnapshot", "InvalidParameterValueException", "non-ASCII character", id="snapshot-kelvin-sign"),
+    pytest.param(("restore", "some-snap", "new-cache", "--shards", "0"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "NumNodeGroups must be between 1 and 500",
+                 id="restore-zero-shards"),
+    pytest.param(("restore", "some-snap", "new-cache", "--replicas", "-1"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "ReplicasPerNodeGroup must be between 0",
+                 id="restore-negative-replicas"),
+    pytest.param(("restore", "some-snap", "new-cache", "--node-type", "cache.r7g.huge"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "family cache.r7g comes in sizes",
+                 id="restore-unknown-size"),
+    pytest.param(("restore", "--from-s3", "s3://some-bucket/x.rdb?versionId=1&acl=public", "new-cache"),
+                 "CreateReplicationGroup", "InvalidARN", "the only query an S3 source may carry",
+                 id="restore-s3-query"),
+    pytest.param(("snapshot", "copy", "some-snap", "evil-copy", "--target-bucket", "../evil"),
+                 "CopySnapshot", "InvalidParameterValueException", "is not a valid S3 bucket name",
+                 id="export-bucket-path"),
+]
+
+
+@pytest.mark.parametrize(("argv", "operation", "code", "message"), BAD_INPUTS)
+def test_bad_inputs_are_refused_and_change_nothing(
+    home: Path, argv: tuple[str, ...], operation: str, code: str, message: str
+) -> None:
+    before = _state(home)
+    proc = run_cli(home, *argv, check=False)
+    assert proc.returncode == 254, proc.stderr
+    assert f"An error occurred ({code}) when calling the {operation} operation: " in proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _state(home) == before
+
+
+def test_an_unreachable_endpoint_is_an_error_line_not_a_traceback(home: Path, tmp_path: Path) -> None:
+    # The stack file of a running service whose endpoint no longer answers (the embedded AWS gone).
+    stack = json.loads((home / "local" / "stack.json").read_text())
+    stack["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    stack["pid"] = os.getpid()
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "stack.json").write_text(json.dumps(stack))
+    proc = run_cli(tmp_path, "snapshot", "list", check=False)
+    assert proc.returncode == 254, proc.stderr
+    assert "An error occurred (EndpointConnectionError) when calling the DescribeSnapshots operation" in proc.stderr
+    assert "cachevault local up" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_giving_up_a_wait_says_the_operation_continues(home: Path) -> None:
+    created = run_json(home, "cache", "create", "cli-wait", "--replicas", "1")["ReplicationGroup"]
+    try:
+        argv = ("snapshot", "create", "cli-wait", "wait-snap", "--wait", "--wait-timeout", "0")
+        proc = run_cli(home, *argv, check=False)
+        assert proc.returncode == 255, proc.stderr
+        assert "Stopped waiting: CreateSnapshot is still running and continues" in proc.stderr
+        assert "Follow it with: cachevault snapshot describe wait-snap" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        # It did continue: the snapshot becomes available, and --wait on it now ends with it.
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline:
+            found = run_cli(home, "snapshot", "describe", "wait-snap", "--json", check=False)
+            if found.returncode == 0:
+                status = json.loads(found.stdout)["Snapshot"]["SnapshotStatus"]
+                if status != "creating":
+                    break
+        assert status == "available"
+    finally:
+        run_cli(home, "snapshot", "delete", "wait-snap", check=False)
+        run_json(home, "cache", "delete", created["CacheName"])

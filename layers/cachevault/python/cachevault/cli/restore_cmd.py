@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cachevault import service
 from cachevault.cli import context
 from cachevault.cli.output import ProgressLine, add_json_flag, emit
+from cachevault.cli.snapshot_cmd import accept_timeout, add_wait_timeout_flag
 from cachevault.errors import InvalidParameterCombination
 
 
@@ -43,6 +45,7 @@ def register(sub: Any) -> None:
     restore.add_argument("--auth-parameter-name", default=None, help="...or an SSM SecureString parameter")
     restore.add_argument("--auth-username", default=None, help="ACL user for the credentials (default: default)")
     restore.add_argument("--wait", action="store_true", help="wait until the new cache is available")
+    add_wait_timeout_flag(restore)
     add_json_flag(restore)
     restore.set_defaults(func=cmd_restore, operation="CreateReplicationGroup")
 
@@ -57,21 +60,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise InvalidParameterCombination("give SNAPSHOT and NEW_CACHE (or --from-s3 URL NEW_CACHE)")
         snapshot, target = args.first, args.second
     control = context.control_plane()
-    arn, target = control.restore(
-        target,
-        snapshot=snapshot,
-        s3_sources=args.from_s3,
-        num_shards=args.shards,
-        replicas=args.replicas,
-        node_type=args.node_type,
-        cluster_mode=args.cluster_mode,
-        allow_cluster_mode_disable=args.allow_cluster_mode_disable,
-        security={
-            "AuthSecretArn": args.auth_secret_arn,
-            "AuthParameterName": args.auth_parameter_name,
-            "AuthUsername": args.auth_username,
-        },
-    )
+    follow = f"cachevault cache describe {target.lower()}"
+    line = ProgressLine()
+    try:
+        arn, target = control.restore(
+            target,
+            snapshot=snapshot,
+            s3_sources=args.from_s3,
+            num_shards=args.shards,
+            replicas=args.replicas,
+            node_type=args.node_type,
+            cluster_mode=args.cluster_mode,
+            allow_cluster_mode_disable=args.allow_cluster_mode_disable,
+            security={
+                "AuthSecretArn": args.auth_secret_arn,
+                "AuthParameterName": args.auth_parameter_name,
+                "AuthUsername": args.auth_username,
+            },
+            accept_timeout_s=accept_timeout(args),
+            on_tick=lambda: line.update(f"{target.lower()}: waiting for the restore's preflight to run"),
+        )
+    finally:
+        line.done()
     if not args.wait:
         emit(
             args,
@@ -81,7 +91,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return 0
     line = ProgressLine()
     try:
-        result = control.wait_restore(arn, target, progress=lambda c: line.update(f"{target}: {c.get('Status')}"))
+        result = control.wait_restore(
+            arn, target, timeout_s=args.wait_timeout, progress=lambda c: line.update(f"{target}: {c.get('Status')}")
+        )
+    except service.StillRunning as err:
+        return context.gave_up_waiting(err, "CreateReplicationGroup", follow)
     finally:
         line.done()
     emit(args, result, restore_summary(result))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from cachevault import service
 from cachevault.cli import context
 from cachevault.cli.output import ProgressLine, add_json_flag, emit, human_bytes, table
 
@@ -18,6 +20,7 @@ def register(sub: Any) -> None:
     create.add_argument("name", help="SnapshotName")
     create.add_argument("--source-node", default=None, help="CacheNodeId or host:port (cluster mode disabled only)")
     create.add_argument("--wait", action="store_true", help="wait until available, showing progress")
+    add_wait_timeout_flag(create)
     add_json_flag(create)
     create.set_defaults(func=cmd_create, operation="CreateSnapshot")
 
@@ -44,8 +47,31 @@ def register(sub: Any) -> None:
     copy.add_argument("target", help="TargetSnapshotName (the export's object names: TARGET-0001.rdb ...)")
     copy.add_argument("--target-bucket", default=None, help="export to this S3 bucket instead of the catalog")
     copy.add_argument("--wait", action="store_true", help="wait until the copy or export has finished")
+    add_wait_timeout_flag(copy)
     add_json_flag(copy)
     copy.set_defaults(func=cmd_copy, operation="CopySnapshot")
+
+
+def add_wait_timeout_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --wait: stop waiting after this long (the operation continues); default: until it ends",
+    )
+
+
+def accept_timeout(args: argparse.Namespace) -> float | None:
+    """Without --wait, how long to wait for the preflight; with it, as long as the wait."""
+    return args.wait_timeout if args.wait else service.ACCEPT_TIMEOUT_S
+
+
+def not_yet_accepted(operation: str, name: str, follow: str) -> str:
+    return (
+        f"{name}: requested; its preflight has not run yet (another operation is in progress). "
+        f"The {operation} continues and may still be refused; follow it with: {follow}"
+    )
 
 
 def progress_text(record: dict[str, Any]) -> str:
@@ -59,21 +85,49 @@ def progress_text(record: dict[str, Any]) -> str:
     )
 
 
-def wait_with_progress(control: Any, name: str) -> dict[str, Any]:
+def wait_with_progress(control: Any, record: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    """Until the execution behind ``record`` ends (or ``timeout_s``), showing the capture's progress."""
     line = ProgressLine()
     try:
-        return control.wait_snapshot(name, progress=lambda r: line.update(progress_text(r)))
+        return control.wait_snapshot(
+            record["SnapshotName"],
+            timeout_s=timeout_s,
+            execution_arn=record.get("ExecutionArn"),
+            progress=lambda r: line.update(progress_text(r)),
+        )
     finally:
         line.done()
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     control = context.control_plane()
-    record = control.create_snapshot(args.cache, args.name, source_node=args.source_node)
+    line = ProgressLine()
+    try:
+        record = control.create_snapshot(
+            args.cache,
+            args.name,
+            source_node=args.source_node,
+            accept_timeout_s=accept_timeout(args),
+            on_tick=lambda: line.update(f"{args.name.lower()}: waiting for its preflight to run"),
+        )
+    except service.StillRunning as err:
+        return context.gave_up_waiting(err, "CreateSnapshot", f"cachevault snapshot describe {args.name.lower()}")
+    finally:
+        line.done()
+    follow = f"cachevault snapshot describe {record['SnapshotName']}"
+    if record.get("Accepted") is False:
+        if args.wait:  # accept_timeout was the --wait-timeout
+            err = service.StillRunning("not accepted yet", execution_arn=record["ExecutionArn"])
+            return context.gave_up_waiting(err, "CreateSnapshot", follow)
+        emit(args, {"Snapshot": record}, not_yet_accepted("snapshot", record["SnapshotName"], follow))
+        return 0
     for warning in record.get("Warnings", []):
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     if args.wait:
-        record = wait_with_progress(control, record["SnapshotName"])
+        try:
+            record = wait_with_progress(control, record, args.wait_timeout)
+        except service.StillRunning as err:
+            return context.gave_up_waiting(err, "CreateSnapshot", follow)
     emit(args, {"Snapshot": record}, _summary(record))
     return 0
 
@@ -121,7 +175,21 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_copy(args: argparse.Namespace) -> int:
     control = context.control_plane()
-    result = control.copy_snapshot(args.source, args.target, args.target_bucket, wait=args.wait)
+    follow = f"cachevault snapshot describe {args.source.lower()}"
+    try:
+        result = control.copy_snapshot(
+            args.source,
+            args.target,
+            args.target_bucket,
+            wait=args.wait,
+            timeout_s=args.wait_timeout,
+            accept_timeout_s=accept_timeout(args),
+        )
+    except service.StillRunning as err:
+        return context.gave_up_waiting(err, "CopySnapshot", follow)
+    if result.get("Accepted") is False:
+        emit(args, result, not_yet_accepted("copy", result["TargetSnapshotName"], follow))
+        return 0
     if result["Mode"] == "export":
         where = f"s3://{result['TargetBucket']}/"
         objects = [o["Key"] for o in result.get("Objects", [])] or [f"{result['TargetSnapshotName']}-*.rdb"]
@@ -148,6 +216,8 @@ def _summary(record: dict[str, Any]) -> str:
             + (f" slots {slots}" if slots else "")
             + f"  {human_bytes(int(node.get('Size') or node.get('BytesCaptured') or 0))}  {node.get('S3Key', '')}"
         )
+    for warning in record.get("Warnings") or []:
+        lines.append(f"  warning: {warning}")
     if record.get("FailureReason"):
         lines.append(f"  failed: {record['FailureReason']}")
     return "\n".join(lines)
