@@ -19,6 +19,8 @@ import pytest
 import redis
 from cachevault.local.redis_process import free_port, process_alive
 
+from tests.product_fixtures import wait_until
+
 TIMEOUT_S = 180
 
 
@@ -92,6 +94,24 @@ def test_cache_snapshot_restore_round_trip_through_separate_processes(home: Path
     run_json(home, "cache", "delete", "cli-dst")
     run_json(home, "snapshot", "delete", "cli-snap")
     assert run_json(home, "snapshot", "list")["Snapshots"] == []
+    # cli-dst's nodes were started by the embedded AWS (the restore) and killed by this
+    # CLI process (the delete): the embedded AWS reaps them, no zombie stays behind.
+    server = json.loads((home / "local" / "stack.json").read_text())["pid"]
+    wait_until(lambda: not zombie_children(server), 15, "the embedded AWS to reap the deleted cache's nodes")
+
+
+def zombie_children(parent: int) -> list[int]:
+    zombies = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            zombies.append(int(entry.name))
+    return zombies
 
 
 def test_errors_print_like_the_aws_cli(home: Path) -> None:
