@@ -165,13 +165,23 @@ def test_failover_during_capture_fails_cleanly_and_retry_reads_the_new_topology(
 
 
 # ------------------------------------------------------------------------------ 2: NOMASTERLINK
+def _link_down(address: str) -> bool:
+    conn = connect(address)
+    try:
+        return conn.info("replication").get("master_link_status") == "down"
+    finally:
+        conn.close()
+
+
 def test_primary_down_is_refused_before_anything_is_written(product: Product, new_cache: Any) -> None:
     cache = new_cache("nml", replicas=2)
     fill(cache["Endpoints"][0], keys=300)
     sync_replicas(cache["Endpoints"][0], 2)
     primary_id = node_id_at(cache, cache["Endpoints"][0])
     product.fleet.kill_node(primary_id)
-    # The replicas now answer SYNC with -NOMASTERLINK; nothing may be captured from them.
+    # Each replica notices on its own schedule (replication cron): wait until both do, then
+    # they answer SYNC with -NOMASTERLINK and nothing may be captured from them.
+    wait_until(lambda: all(_link_down(a) for a in node_addresses(cache, "replica")), 30, "the replicas' link down")
     with pytest.raises(InvalidReplicationGroupState) as refused:
         product.control.create_snapshot(cache["CacheName"], "nml-snap")
     message = str(refused.value)
