@@ -221,3 +221,18 @@ def test_giving_up_a_wait_says_the_operation_continues(home: Path) -> None:
     finally:
         run_cli(home, "snapshot", "delete", "wait-snap", check=False)
         run_json(home, "cache", "delete", created["CacheName"])
+
+
+def test_a_snapshot_from_the_primary_shows_its_warning(home: Path) -> None:
+    created = run_json(home, "cache", "create", "cli-solo", "--replicas", "0")["ReplicationGroup"]
+    try:
+        proc = run_cli(home, "snapshot", "create", "cli-solo", "solo-snap", "--wait")
+        assert "warning: Shard 0001: no healthy replica (the shard has no replica)" in proc.stderr
+        assert "cli-solo-0001-001 (primary)" in proc.stdout
+        assert "  warning: Shard 0001: no healthy replica" in proc.stdout  # the summary keeps it
+        described = run_json(home, "snapshot", "describe", "solo-snap")["Snapshot"]
+        assert described["SnapshotStatus"] == "available"
+        assert len(described["Warnings"]) == 1 and "taken from the primary" in described["Warnings"][0]
+    finally:
+        run_cli(home, "snapshot", "delete", "solo-snap", check=False)
+        run_json(home, "cache", "delete", created["CacheName"])
