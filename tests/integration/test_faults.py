@@ -562,3 +562,25 @@ def test_interrupted_staging_download_fails_the_restore_before_any_write(
     finally:
         if product.control.catalog.find_cache("rsf-target") is not None:
             caches.delete_local_cache("rsf-target", product.settings)
+
+
+def test_a_preflight_still_queued_is_reported_not_failed(
+    product: Product, new_cache: Any, lock_hooks: dict[str, Callable[[], None]]
+) -> None:
+    """The caller stops waiting for acceptance; the execution goes on and ends on its own."""
+    cache = new_cache("queued", replicas=1)
+    fill(cache["Endpoints"][0], keys=50)
+    held = threading.Event()
+
+    def hold() -> None:  # the preflight stuck behind something slow, before it writes the record
+        held.wait(60)
+
+    lock_hooks["queued-snap"] = hold
+    try:
+        started = product.control.create_snapshot(cache["CacheName"], "queued-snap", accept_timeout_s=0.5)
+        assert started["Accepted"] is False and started["SnapshotStatus"] == "creating"
+        assert product.control.catalog.find_snapshot("queued-snap") is None  # nothing claimed yet
+    finally:
+        held.set()
+    record = product.control.wait_snapshot("queued-snap", execution_arn=started["ExecutionArn"])
+    assert record["SnapshotStatus"] == "available"
