@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cachevault.cli import build_parser, shapes
@@ -205,3 +206,24 @@ def test_bench_plot_renders_the_recorded_run() -> None:
     recorded = json.loads((root / "bench/results/all-2026-11-24T231736Z.json").read_text())
     png = plot_png(recorded["rows"])
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_an_unreachable_endpoint_says_how_to_start_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachevault import aws
+    from cachevault.cli import main
+    from cachevault.local.redis_process import free_port
+
+    monkeypatch.setenv("CACHEVAULT_HOME", str(tmp_path))  # no local stack here
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(aws, "_RETRIES", aws.Config(retries={"max_attempts": 1}, connect_timeout=2))
+    assert main(["snapshot", "list"]) == 254
+    err = capsys.readouterr().err
+    assert "(EndpointConnectionError)" in err and "cachevault local up" in err
