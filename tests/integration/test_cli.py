@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 import redis
 from cachevault.local.redis_process import free_port, process_alive
+
+from tests.product_fixtures import wait_until
 
 TIMEOUT_S = 180
 
@@ -99,6 +102,24 @@ def test_cache_snapshot_restore_round_trip_through_separate_processes(home: Path
     run_json(home, "cache", "delete", "cli-dst")
     run_json(home, "snapshot", "delete", "cli-snap")
     assert run_json(home, "snapshot", "list")["Snapshots"] == []
+    # cli-dst's nodes were started by the embedded AWS (the restore) and killed by this
+    # CLI process (the delete): the embedded AWS reaps them, no zombie stays behind.
+    server = json.loads((home / "local" / "stack.json").read_text())["pid"]
+    wait_until(lambda: not zombie_children(server), 15, "the embedded AWS to reap the deleted cache's nodes")
+
+
+def zombie_children(parent: int) -> list[int]:
+    zombies = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            zombies.append(int(entry.name))
+    return zombies
 
 
 def test_snapshot_json_reads_with_the_aws_cli_jq_paths(home: Path) -> None:
@@ -154,3 +175,111 @@ def test_commands_without_a_running_service_say_how_to_start_it(tmp_path: Path) 
     proc = run_cli(tmp_path, "snapshot", "list", check=False)
     assert proc.returncode == 254
     assert "cachevault local up" in proc.stderr
+
+
+def _state(home: Path) -> tuple[Any, Any]:
+    caches = run_json(home, "cache", "list")
+    snapshots = run_json(home, "snapshot", "list")
+    return caches, snapshots
+
+
+BAD_INPUTS = [
+    pytest.param(("cache", "create", "bad-shards", "--cluster-mode", "enabled", "--shards", "0"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "NumNodeGroups must be between 1 and 500",
+                 id="cache-zero-shards"),
+    pytest.param(("cache", "create", "bad-replicas", "--replicas", "6"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "ReplicasPerNodeGroup must be between 0",
+                 id="cache-six-replicas"),
+    pytest.param(("cache", "create", "bad-type", "--cache-node-type", "bogus"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "Invalid CacheNodeType 'bogus'",
+                 id="cache-bogus-node-type"),
+    pytest.param(("cache", "create", "bad-type", "--cache-node-type", ""),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "Invalid CacheNodeType ''",
+                 id="cache-empty-node-type"),
+    pytest.param(("cache", "create", "\u212aelvin"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "non-ASCII character",
+                 id="cache-kelvin-sign"),
+    pytest.param(("snapshot", "create", "cli-src", "\u212a-snap"),
+                 "CreateSnapshot", "InvalidParameterValueException", "non-ASCII character", id="snapshot-kelvin-sign"),
+    pytest.param(("restore", "some-snap", "new-cache", "--shards", "0"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "NumNodeGroups must be between 1 and 500",
+                 id="restore-zero-shards"),
+    pytest.param(("restore", "some-snap", "new-cache", "--replicas", "-1"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "ReplicasPerNodeGroup must be between 0",
+                 id="restore-negative-replicas"),
+    pytest.param(("restore", "some-snap", "new-cache", "--node-type", "cache.r7g.huge"),
+                 "CreateReplicationGroup", "InvalidParameterValueException", "family cache.r7g comes in sizes",
+                 id="restore-unknown-size"),
+    pytest.param(("restore", "--from-s3", "s3://some-bucket/x.rdb?versionId=1&acl=public", "new-cache"),
+                 "CreateReplicationGroup", "InvalidARN", "the only query an S3 source may carry",
+                 id="restore-s3-query"),
+    pytest.param(("snapshot", "copy", "some-snap", "evil-copy", "--target-bucket", "../evil"),
+                 "CopySnapshot", "InvalidParameterValueException", "is not a valid S3 bucket name",
+                 id="export-bucket-path"),
+]
+
+
+@pytest.mark.parametrize(("argv", "operation", "code", "message"), BAD_INPUTS)
+def test_bad_inputs_are_refused_and_change_nothing(
+    home: Path, argv: tuple[str, ...], operation: str, code: str, message: str
+) -> None:
+    before = _state(home)
+    proc = run_cli(home, *argv, check=False)
+    assert proc.returncode == 254, proc.stderr
+    assert f"An error occurred ({code}) when calling the {operation} operation: " in proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _state(home) == before
+
+
+def test_an_unreachable_endpoint_is_an_error_line_not_a_traceback(home: Path, tmp_path: Path) -> None:
+    # The stack file of a running service whose endpoint no longer answers (the embedded AWS gone).
+    stack = json.loads((home / "local" / "stack.json").read_text())
+    stack["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    stack["pid"] = os.getpid()
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "stack.json").write_text(json.dumps(stack))
+    proc = run_cli(tmp_path, "snapshot", "list", check=False)
+    assert proc.returncode == 254, proc.stderr
+    assert "An error occurred (EndpointConnectionError) when calling the DescribeSnapshots operation" in proc.stderr
+    assert "cachevault local up" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_giving_up_a_wait_says_the_operation_continues(home: Path) -> None:
+    created = run_json(home, "cache", "create", "cli-wait", "--replicas", "1")["ReplicationGroup"]
+    try:
+        argv = ("snapshot", "create", "cli-wait", "wait-snap", "--wait", "--wait-timeout", "0")
+        proc = run_cli(home, *argv, check=False)
+        assert proc.returncode == 255, proc.stderr
+        assert "Stopped waiting: CreateSnapshot is still running and continues" in proc.stderr
+        assert "Follow it with: cachevault snapshot describe wait-snap" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        # It did continue: the snapshot becomes available, and --wait on it now ends with it.
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline:
+            found = run_cli(home, "snapshot", "describe", "wait-snap", "--json", check=False)
+            if found.returncode == 0:
+                status = json.loads(found.stdout)["Snapshot"]["SnapshotStatus"]
+                if status != "creating":
+                    break
+        assert status == "available"
+    finally:
+        run_cli(home, "snapshot", "delete", "wait-snap", check=False)
+        run_json(home, "cache", "delete", created["CacheName"])
+
+
+def test_a_snapshot_from_the_primary_shows_its_warning(home: Path) -> None:
+    created = run_json(home, "cache", "create", "cli-solo", "--replicas", "0")["ReplicationGroup"]
+    try:
+        proc = run_cli(home, "snapshot", "create", "cli-solo", "solo-snap", "--wait")
+        assert "warning: Shard 0001: no healthy replica (the shard has no replica)" in proc.stderr
+        assert "cli-solo-0001-001 (primary)" in proc.stdout
+        assert "  warning: Shard 0001: no healthy replica" in proc.stdout  # the summary keeps it
+        described = run_json(home, "snapshot", "describe", "solo-snap")["Snapshot"]
+        assert described["SnapshotStatus"] == "available"
+        assert len(described["Warnings"]) == 1 and "taken from the primary" in described["Warnings"][0]
+    finally:
+        run_cli(home, "snapshot", "delete", "solo-snap", check=False)
+        run_json(home, "cache", "delete", created["CacheName"])

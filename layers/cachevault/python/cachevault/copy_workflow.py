@@ -104,6 +104,8 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     # A copy is a manual snapshot: the automatic. prefix stays reserved (as in ElastiCache).
     target = names.snapshot_name(request.get("TargetSnapshotName", ""))
     target_bucket = (request.get("TargetBucket") or "").strip() or None
+    if target_bucket:
+        storage.check_bucket_name(target_bucket)
     source = catalog.get_snapshot(source_name)
     if source["SnapshotStatus"] != "available":
         raise InvalidSnapshotState(

@@ -91,8 +91,8 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
         source_digest = cache_digest([(host, port)])[0]
 
         def snapshot() -> dict[str, Any]:
-            control.create_snapshot(SOURCE, MANUAL)
-            return wait_with_progress(control, MANUAL)
+            # The demo waits for the execution itself, however long its preflight is queued.
+            return wait_with_progress(control, control.create_snapshot(SOURCE, MANUAL, accept_timeout_s=None))
 
         record = story.step(
             "snapshot it (taken from a replica, streamed to S3)",
@@ -114,7 +114,9 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
         )
 
         def restore() -> dict[str, Any]:
-            arn, target = control.restore(RESTORED, snapshot=MANUAL, num_shards=3, replicas=1, cluster_mode="enabled")
+            arn, target = control.restore(
+                RESTORED, snapshot=MANUAL, num_shards=3, replicas=1, cluster_mode="enabled", accept_timeout_s=None
+            )
             return control.wait_restore(arn, target)
 
         restored = story.step(

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs
 
 from cachevault import caches, events, names, storage, topology
 from cachevault import credentials as creds_mod
@@ -108,10 +108,15 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         source_node_type, source_tiering = "", False
 
     cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
-    num_shards = int(request.get("NumNodeGroups") or (len(sources) if cluster_mode else 1))
-    replicas = int(request["ReplicasPerNodeGroup"]) if request.get("ReplicasPerNodeGroup") is not None else 1
-    node_type = request.get("CacheNodeType") or source_node_type or caches.DEFAULT_NODE_TYPE
-    caches.validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based")
+    # Given values are checked as given: 0 shards is refused, never taken for "not given".
+    asked_shards = request.get("NumNodeGroups")
+    num_shards = asked_shards if asked_shards is not None else (len(sources) if cluster_mode else 1)
+    replicas = request["ReplicasPerNodeGroup"] if request.get("ReplicasPerNodeGroup") is not None else 1
+    asked_type = request.get("CacheNodeType")
+    node_type = asked_type if asked_type is not None else (source_node_type or caches.DEFAULT_NODE_TYPE)
+    caches.validate_shape(
+        cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based", node_type=node_type
+    )
     _check_data_tiering(source_node_type, source_tiering, node_type)
 
     # Reserve the target name and mark the snapshot before the (long) staging read.
@@ -172,7 +177,8 @@ def _check_target_free(catalog: Catalog, target: str) -> None:
 def _target_cluster_mode(request: dict[str, Any], source_cluster: bool, sources: int) -> bool:
     wanted = request.get("ClusterMode")
     if wanted is None:
-        return source_cluster or int(request.get("NumNodeGroups") or 1) > 1
+        shards = request.get("NumNodeGroups")
+        return source_cluster or (isinstance(shards, int) and shards > 1)
     if wanted not in ("enabled", "disabled"):
         raise InvalidParameterValue(f"ClusterMode must be enabled or disabled, not {wanted!r}.")
     if wanted == "disabled" and source_cluster and not request.get("AllowClusterModeDisable"):
@@ -194,22 +200,44 @@ def _check_data_tiering(source_node_type: str, source_tiering: bool, target_node
 
 
 def _s3_source(arn: str) -> dict[str, Any]:
-    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``."""
+    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``, with an optional ``?versionId=``.
+
+    A version selector is honoured (HeadObject and GetObject of that version); any other
+    query is refused rather than dropped, so the object read is always the one named.
+    """
     if arn.startswith("arn:aws:s3:::"):
-        bucket, _, key = arn.removeprefix("arn:aws:s3:::").partition("/")
+        rest = arn.removeprefix("arn:aws:s3:::")
+    elif arn.startswith("s3://"):
+        rest = arn.removeprefix("s3://")
     else:
-        parsed = urlparse(arn)
-        if parsed.scheme != "s3":
-            raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
-        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
+    bucket, _, key = rest.partition("/")
+    version_id = None
+    if "?" in key:
+        key, _, query = key.partition("?")
+        fields = parse_qs(query, keep_blank_values=True)
+        if set(fields) != {"versionId"} or len(fields["versionId"]) != 1 or not fields["versionId"][0]:
+            raise InvalidS3Location(
+                f"{arn!r}: the only query an S3 source may carry is one ?versionId=<id> (got ?{query})."
+            )
+        version_id = fields["versionId"][0]
     if not bucket or not key:
         raise InvalidS3Location(f"{arn!r} names no object.")
     storage.check_key(key)  # no "..", absolute or percent-encoded escapes
+    version = {"VersionId": version_id} if version_id else {}
     try:
-        head = client("s3").head_object(Bucket=bucket, Key=key)
+        head = client("s3").head_object(Bucket=bucket, Key=key, **version)
     except Exception as exc:
-        raise InvalidS3Location(f"No readable RDB at {arn}: {exc}") from exc
-    return {"Bucket": bucket, "Key": key, "Sha256": None, "Size": int(head["ContentLength"]), "Slots": None}
+        what = f"version {version_id} of " if version_id else ""
+        raise InvalidS3Location(f"No readable RDB at {what}s3://{bucket}/{key}: {exc}") from exc
+    return {
+        "Bucket": bucket,
+        "Key": key,
+        "VersionId": version_id,
+        "Sha256": None,
+        "Size": int(head["ContentLength"]),
+        "Slots": None,
+    }
 
 
 def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -225,7 +253,8 @@ def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]
         )
         report.start()
         got = storage.download_to_file(
-            s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"], on_bytes=report.update
+            s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"], on_bytes=report.update,
+            version_id=source.get("VersionId"),
         )
         report.finish(got["size"])
         summary = scan_rdb(path)

@@ -43,6 +43,21 @@ def check_snapshot_name(name: str) -> str:
     return name
 
 
+# S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, starting and
+# ending with a letter or digit, no "..", not an IP address.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+
+
+def check_bucket_name(name: object, field: str = "TargetBucket") -> str:
+    if not isinstance(name, str) or not _BUCKET_RE.match(name) or ".." in name or _IP_RE.match(name):
+        raise InvalidParameterValue(
+            f"{field} {name!r} is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots "
+            "and hyphens, beginning and ending with a letter or digit."
+        )
+    return name
+
+
 def check_key(key: str) -> str:
     """Refuse keys that are empty, absolute or contain a ``..`` / ``.`` path segment."""
     if not key or key.startswith("/") or "\\" in key or any(c < " " for c in key):
@@ -336,8 +351,9 @@ def download_to_file(
     path: str | os.PathLike[str],
     expected_sha256: str | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    version_id: str | None = None,
 ) -> dict[str, Any]:
-    """Stream an object to ``path`` (via a ``.part`` file renamed at the end).
+    """Stream an object (``version_id``: that version of it) to ``path`` (a ``.part`` file renamed at the end).
 
     Returns ``{"size", "sha256"}``; on a checksum mismatch the partial file is removed and
     ``ChecksumMismatch`` is raised. ``on_bytes(total_so_far)`` is called after every chunk.
@@ -346,7 +362,8 @@ def download_to_file(
     tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
     size = 0
-    resp = client.get_object(Bucket=bucket, Key=check_key(key))
+    version = {"VersionId": version_id} if version_id else {}
+    resp = client.get_object(Bucket=bucket, Key=check_key(key), **version)
     try:
         with open(tmp, "wb") as fh:
             for chunk in resp["Body"].iter_chunks(DOWNLOAD_CHUNK):

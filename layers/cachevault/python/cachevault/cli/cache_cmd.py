@@ -140,7 +140,7 @@ def _backup_options(parser: argparse.ArgumentParser) -> None:
 def cmd_create(args: argparse.Namespace) -> int:
     control = context.control_plane()
     cluster = args.cluster_mode == "enabled"
-    shards = args.shards or (3 if cluster else 1)
+    shards = args.shards if args.shards is not None else (3 if cluster else 1)  # --shards 0 is refused
     # Validated before any node starts: a bad window costs nothing.
     backups = scheduler.backup_fields(None, retention_limit=args.retention, window=args.window)
     record = caches.create_local_cache(

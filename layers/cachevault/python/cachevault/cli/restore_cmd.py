@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cachevault import service
 from cachevault.cli import context, shapes
 from cachevault.cli.output import add_json_flag, emit
 from cachevault.cli.progress import ProgressView, restore_parts
+from cachevault.cli.snapshot_cmd import accept_timeout, add_wait_timeout_flag, waiting_note
 from cachevault.errors import InvalidParameterCombination
 
 
@@ -74,6 +76,7 @@ def register(sub: Any) -> None:
     restore.add_argument("--auth-parameter-name", default=None, help="...or an SSM SecureString parameter")
     restore.add_argument("--auth-username", default=None, help="ACL user for the credentials (default: default)")
     restore.add_argument("--wait", action="store_true", help="wait until the new cache is available, showing progress")
+    add_wait_timeout_flag(restore)
     add_json_flag(restore)
     restore.set_defaults(func=cmd_restore, operation="CreateReplicationGroup")
 
@@ -103,23 +106,31 @@ def _names(args: argparse.Namespace) -> tuple[str | None, str]:
 def cmd_restore(args: argparse.Namespace) -> int:
     snapshot, target = _names(args)
     control = context.control_plane()
-    arn, target = control.restore(
-        target,
-        snapshot=snapshot,
-        s3_sources=args.from_s3,
-        num_shards=args.shards,
-        replicas=args.replicas,
-        node_type=args.node_type,
-        cluster_mode=args.cluster_mode,
-        allow_cluster_mode_disable=args.allow_cluster_mode_disable,
-        security={
-            "AuthSecretArn": args.auth_secret_arn,
-            "AuthParameterName": args.auth_parameter_name,
-            "AuthUsername": args.auth_username,
-        },
-    )
+    follow = f"cachevault cache describe {target.lower()}"
+    try:
+        arn, target = control.restore(
+            target,
+            snapshot=snapshot,
+            s3_sources=args.from_s3,
+            num_shards=args.shards,
+            replicas=args.replicas,
+            node_type=args.node_type,
+            cluster_mode=args.cluster_mode,
+            allow_cluster_mode_disable=args.allow_cluster_mode_disable,
+            security={
+                "AuthSecretArn": args.auth_secret_arn,
+                "AuthParameterName": args.auth_parameter_name,
+                "AuthUsername": args.auth_username,
+            },
+            accept_timeout_s=accept_timeout(args),
+            on_tick=waiting_note(f"{target.lower()}: waiting for the restore's preflight to run"),
+        )
+    except service.StillRunning as err:
+        return context.gave_up_waiting(err, "CreateReplicationGroup", follow)
     if not args.wait:
-        group = shapes.replication_group(control.catalog.get_cache(target), shapes.ArnBuilder(control.stack))
+        # Not accepted yet (another operation holds the queue): the record does not exist yet.
+        record = control.catalog.find_cache(target) or {"CacheName": target, "Status": "creating"}
+        group = shapes.replication_group(record, shapes.ArnBuilder(control.stack))
         group[shapes.EXTRAS]["ExecutionArn"] = arn
         emit(
             args,
@@ -129,7 +140,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return 0
     view = ProgressView(target)
     try:
-        result = control.wait_restore(arn, target, progress=lambda c: view.show(c.get("Status"), restore_parts(c)))
+        result = control.wait_restore(
+            arn,
+            target,
+            timeout_s=args.wait_timeout,
+            progress=lambda c: view.show(c.get("Status"), restore_parts(c)),
+        )
+    except service.StillRunning as err:
+        return context.gave_up_waiting(err, "CreateReplicationGroup", follow)
     finally:
         view.close()
     emit(args, {"ReplicationGroup": restored_group(control, result, arn)}, restore_summary(result))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from cachevault import service
 from cachevault.cli import context, shapes
 from cachevault.cli.output import add_json_flag, emit, human_bytes, name_argument, pick_name, table
 from cachevault.cli.progress import ProgressView, capture_parts, copy_parts, describe_part
@@ -25,6 +27,7 @@ def register(sub: Any) -> None:
     name_argument(create, "snapshot", "--snapshot-name", "the new snapshot's name")
     create.add_argument("--source-node", default=None, help="CacheNodeId or host:port (cluster mode disabled only)")
     create.add_argument("--wait", action="store_true", help="wait until available, showing progress")
+    add_wait_timeout_flag(create)
     add_json_flag(create)
     create.set_defaults(func=cmd_create, operation="CreateSnapshot")
 
@@ -70,8 +73,44 @@ def register(sub: Any) -> None:
     copy.add_argument(
         "--wait", action="store_true", help="wait until the copy or export has finished, showing progress"
     )
+    add_wait_timeout_flag(copy)
     add_json_flag(copy)
     copy.set_defaults(func=cmd_copy, operation="CopySnapshot")
+
+
+def add_wait_timeout_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --wait: stop waiting after this long (the operation continues); default: until it ends",
+    )
+
+
+def accept_timeout(args: argparse.Namespace) -> float | None:
+    """Without --wait, how long to wait for the preflight; with it, as long as the wait."""
+    return args.wait_timeout if args.wait else service.ACCEPT_TIMEOUT_S
+
+
+def waiting_note(text: str) -> Any:
+    """An ``on_tick`` that says once, on stderr, what the CLI is waiting for."""
+    said = False
+
+    def tick() -> None:
+        nonlocal said
+        if not said:
+            print(text, file=sys.stderr, flush=True)
+            said = True
+
+    return tick
+
+
+def not_yet_accepted(operation: str, name: str, follow: str) -> str:
+    return (
+        f"{name}: requested; its preflight has not run yet (another operation is in progress). "
+        f"The {operation} continues and may still be refused; follow it with: {follow}"
+    )
 
 
 def progress_text(record: dict[str, Any]) -> str:
@@ -82,10 +121,16 @@ def progress_text(record: dict[str, Any]) -> str:
     return "\n".join([head, *("  " + describe_part(p) for p in parts)])
 
 
-def wait_with_progress(control: Any, name: str) -> dict[str, Any]:
-    view = ProgressView(name)
+def wait_with_progress(control: Any, record: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    """Until the execution behind ``record`` ends (or ``timeout_s``), showing the capture's progress."""
+    view = ProgressView(record["SnapshotName"])
     try:
-        return control.wait_snapshot(name, progress=lambda r: view.show(r["SnapshotStatus"], capture_parts(r)))
+        return control.wait_snapshot(
+            record["SnapshotName"],
+            timeout_s=timeout_s,
+            execution_arn=record.get("ExecutionArn"),
+            progress=lambda r: view.show(r["SnapshotStatus"], capture_parts(r)),
+        )
     finally:
         view.close()
 
@@ -108,12 +153,31 @@ class _Shaper:
 def cmd_create(args: argparse.Namespace) -> int:
     cache, name = pick_name(args, "cache", "--replication-group-id"), pick_name(args, "snapshot", "--snapshot-name")
     control = context.control_plane()
-    record = control.create_snapshot(cache, name, source_node=args.source_node)
+    try:
+        record = control.create_snapshot(
+            cache,
+            name,
+            source_node=args.source_node,
+            accept_timeout_s=accept_timeout(args),
+            on_tick=waiting_note(f"{name.lower()}: waiting for its preflight to run"),
+        )
+    except service.StillRunning as err:
+        return context.gave_up_waiting(err, "CreateSnapshot", f"cachevault snapshot describe {name.lower()}")
+    follow = f"cachevault snapshot describe {record['SnapshotName']}"
+    if record.get("Accepted") is False:
+        if args.wait:  # accept_timeout was the --wait-timeout
+            err = service.StillRunning("not accepted yet", execution_arn=record["ExecutionArn"])
+            return context.gave_up_waiting(err, "CreateSnapshot", follow)
+        emit(args, {"Snapshot": record}, not_yet_accepted("snapshot", record["SnapshotName"], follow))
+        return 0
     for warning in record.get("Warnings", []):
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     if args.wait:
         arn = record.get("ExecutionArn")
-        record = wait_with_progress(control, record["SnapshotName"])
+        try:
+            record = wait_with_progress(control, record, args.wait_timeout)
+        except service.StillRunning as err:
+            return context.gave_up_waiting(err, "CreateSnapshot", follow)
         record.setdefault("ExecutionArn", arn)
     emit(args, {"Snapshot": _Shaper(control).snapshot(record)}, _summary(record))
     return 0
@@ -168,6 +232,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     source = pick_name(args, "source", "--source-snapshot-name")
     target = pick_name(args, "target", "--target-snapshot-name")
     control = context.control_plane()
+    follow = f"cachevault snapshot describe {source.lower()}"
     view = ProgressView(f"copy {source} -> {target}") if args.wait else None
     try:
         result = control.copy_snapshot(
@@ -175,11 +240,18 @@ def cmd_copy(args: argparse.Namespace) -> int:
             target,
             args.target_bucket,
             wait=args.wait,
+            timeout_s=args.wait_timeout,
+            accept_timeout_s=accept_timeout(args),
             progress=(lambda r: view.show("copying", copy_parts(r))) if view else None,
         )
+    except service.StillRunning as err:
+        return context.gave_up_waiting(err, "CopySnapshot", follow)
     finally:
         if view:
             view.close()
+    if result.get("Accepted") is False:
+        emit(args, result, not_yet_accepted("copy", result["TargetSnapshotName"], follow))
+        return 0
     if result["Mode"] == "export":
         where = f"s3://{result['TargetBucket']}/"
         objects = [o["Key"] for o in result.get("Objects", [])] or [f"{result['TargetSnapshotName']}-*.rdb"]
@@ -212,6 +284,8 @@ def _summary(record: dict[str, Any]) -> str:
             + (f" slots {slots}" if slots else "")
             + f"  {human_bytes(size)}{rate}  {node.get('S3Key', '')}"
         )
+    for warning in record.get("Warnings") or []:
+        lines.append(f"  warning: {warning}")
     if record.get("FailureReason"):
         lines.append(f"  failed: {record['FailureReason']}")
     return "\n".join(lines)
