@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 from cachevault.cli import build_parser, shapes
-from cachevault.cli.progress import Part, ProgressView, capture_parts, describe_part, operation_parts
+from cachevault.cli.progress import (
+    Part,
+    ProgressView,
+    capture_parts,
+    describe_part,
+    expected_capture_sizes,
+    operation_parts,
+)
 from cachevault.cli.units import iec_bytes
 from cachevault.demo import summary_text
 
@@ -227,3 +234,30 @@ def test_an_unreachable_endpoint_says_how_to_start_it(
     assert main(["snapshot", "list"]) == 254
     err = capsys.readouterr().err
     assert "(EndpointConnectionError)" in err and "cachevault local up" in err
+
+
+def test_a_running_capture_is_measured_against_the_previous_snapshot() -> None:
+    class _Catalog:
+        def all_snapshots(self, *, cache: str) -> list[dict[str, object]]:
+            assert cache == "orders"
+            return [
+                {**SNAPSHOT, "SnapshotName": "older", "SnapshotCreateTime": "2026-11-20T00:00:00Z"},
+                {**SNAPSHOT, "SnapshotName": "failed-one", "SnapshotStatus": "failed", "NodeSnapshots": []},
+            ]
+
+    running = {
+        "SnapshotName": "nightly-2",
+        "ReplicationGroupId": "orders",
+        "SnapshotStatus": "creating",
+        "NodeSnapshots": [
+            {"NodeGroupId": "0001", "CaptureStatus": "running", "BytesCaptured": 250},
+            {"NodeGroupId": "0002", "CaptureStatus": "running", "BytesCaptured": 4096},  # past its estimate
+        ],
+    }
+    expected = expected_capture_sizes(_Catalog(), running)
+    assert expected == {"0001": 1000, "0002": 2048}
+    first, second = capture_parts(running, expected)
+    assert (first.done, first.total) == (250, 1000)
+    assert describe_part(first).startswith("capture shard 0001:  25% 250 B of 1000 B")
+    assert second.total is not None and second.done < second.total  # never past 100 % while running
+    assert capture_parts(running)[0].total is None  # no estimate: bytes and rate only
