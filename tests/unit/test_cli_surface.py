@@ -261,3 +261,14 @@ def test_a_running_capture_is_measured_against_the_previous_snapshot() -> None:
     assert describe_part(first).startswith("capture shard 0001:  25% 250 B of 1000 B")
     assert second.total is not None and second.done < second.total  # never past 100 % while running
     assert capture_parts(running)[0].total is None  # no estimate: bytes and rate only
+
+
+def test_a_finished_parts_rate_stays_what_it_was_at_the_end() -> None:
+    from cachevault.cli import progress
+
+    seen = progress._Observed(0)
+    seen.t0 -= 10  # observed from 10 s ago
+    done = Part("d", "download shard 0001", 100 << 20, 100 << 20, status="done")
+    first = seen.rate(done)
+    seen.t0 -= 100  # much later: the rate must not decay
+    assert first is not None and seen.rate(done) == first

@@ -145,12 +145,17 @@ class _Observed:
 
     def __init__(self, done: int) -> None:
         self.t0, self.done0 = time.monotonic(), done
+        self.final_rate: float | None = None
+        self.finished = False
 
     def rate(self, part: Part) -> float | None:
+        if self.finished:  # frozen at the end: a finished part's rate does not decay
+            return self.final_rate
         elapsed = time.monotonic() - self.t0
-        if elapsed >= 1.0 and part.done > self.done0:
-            return (part.done - self.done0) / elapsed
-        return part.rate
+        rate = (part.done - self.done0) / elapsed if elapsed >= 1.0 and part.done > self.done0 else part.rate
+        if part.status == "done":
+            self.finished, self.final_rate = True, rate
+        return rate
 
     def eta(self, part: Part) -> float | None:
         rate = self.rate(part)
