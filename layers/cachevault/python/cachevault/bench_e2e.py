@@ -277,7 +277,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
                 aws_access_key_id="testing", aws_secret_access_key="testing",
             )  # fmt: skip
             _, created, _ = _cli(["cache", "create", "src", "--replicas", "1"], env)
-            nodes = created["ReplicationGroup"]["Nodes"]
+            nodes = _extra(created["ReplicationGroup"])["Nodes"]
             primary = _address(next(n["Address"] for n in nodes if n["Role"] == "primary"))
             replica = _address(next(n["Address"] for n in nodes if n["Role"] == "replica"))
             stats = datagen.generate(*primary, size_mb, seed=seed, shape=shape)
@@ -299,9 +299,10 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             sampler.peaks_mb["cachevault CLI"] = cli_mb
             snapshot = snap["Snapshot"]
             states = state_breakdown(
-                sfn, _execution_arn(info.state_machine("CreateSnapshotStateMachine"), snapshot["ExecutionName"])
+                sfn, _execution_arn(info.state_machine("CreateSnapshotStateMachine"), _extra(snapshot)["ExecutionName"])
             )
-            ok = snapshot["SnapshotStatus"] == "available" and sum(n["Size"] for n in snapshot["NodeSnapshots"]) > 0
+            captured = sum(_extra(n)["SizeBytes"] for n in snapshot["NodeSnapshots"])
+            ok = snapshot["SnapshotStatus"] == "available" and captured > 0
             ops.append(_op("snapshot create --wait", "redis-cli --rdb (same replica)", cli_s, secs, "capture",
                            ok, states, sampler.peaks_mb))  # fmt: skip
 
@@ -351,8 +352,13 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
 def _nodes_of(env: dict[str, str], cache: str) -> list[tuple[str, int]]:
     """The primaries of a cache, from `cachevault cache describe`."""
     _, described, _ = _cli(["cache", "describe", cache], env)
-    group = described.get("ReplicationGroup", described)
-    return [_address(n["Address"]) for n in group["Nodes"] if n["Role"] == "primary"]
+    (group,) = described["ReplicationGroups"]
+    return [_address(n["Address"]) for n in _extra(group)["Nodes"] if n["Role"] == "primary"]
+
+
+def _extra(shape: dict[str, Any]) -> dict[str, Any]:
+    """The cachevault fields of an ElastiCache-shaped CLI answer (its ``CacheVault`` member)."""
+    return shape["CacheVault"]
 
 
 def _save_each(primaries: list[tuple[str, int]], workdir: Path) -> list[Path]:

@@ -18,7 +18,12 @@ SHAPES = ("small-keys", "large-values")  # cachevault.bench_e2e.SHAPES, without 
 
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks against redis-cli --rdb and redis-server start-up load")
-    bench.add_argument("kind", choices=["e2e", "capture", "restore", "all"])
+    bench.add_argument(
+        "kind",
+        choices=["e2e", "capture", "restore", "all"],
+        help="e2e: the CLI commands with --wait vs the anchors; capture vs redis-cli --rdb, restore vs"
+        " start-up load (the components); all: e2e then the components",
+    )
     bench.add_argument(
         "--size-mb",
         type=int,
@@ -42,6 +47,9 @@ def register(sub: Any) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cachevault.bench_report import run_bench  # heavy imports only for this command
+    from cachevault.cli import extras
+
+    extras.require("bench", "the benchmark (its plot)")
 
     sizes = args.sizes or [1024]
     shapes = args.shapes or list(SHAPES)
