@@ -264,6 +264,10 @@ _CAPTURE_FIELDS = (
     "RdbVersion",
     "KeyCount",
     "KeysPerDb",
+    "ExpiresPerDb",
+    "KeyCountExact",
+    "Functions",
+    "ModuleKeysSkipped",
     "ReplicationId",
     "ReplicationOffset",
     "CaptureStartTime",
@@ -330,6 +334,12 @@ def build_manifest(record: dict[str, Any], cache: dict[str, Any]) -> dict[str, A
                 "RdbVersion": n.get("RdbVersion"),
                 "KeyCount": n.get("KeyCount"),
                 "KeysPerDb": n.get("KeysPerDb", {}),
+                # What a restore decides on without reading the RDB (restore_workflow._manifest_source):
+                # the databases and counts, exact only when counted from the RDB itself.
+                "ExpiresPerDb": n.get("ExpiresPerDb", {}),
+                "KeyCountExact": bool(n.get("KeyCountExact")),
+                "Functions": n.get("Functions"),
+                "ModuleKeysSkipped": n.get("ModuleKeysSkipped"),
                 "ReplicationId": n.get("ReplicationId"),
                 "ReplicationOffset": n.get("ReplicationOffset"),
                 "CaptureStartTime": n.get("CaptureStartTime"),
