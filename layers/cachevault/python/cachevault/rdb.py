@@ -236,6 +236,7 @@ class RdbFile:
                     raise
                 # The record at self._at runs past the window: read on from its first byte.
                 self._buf, self._window_size, self._final = self._refill(self._at)
+                self._at = 0
 
     def _iter_window(self) -> Iterator[RawKey | RdbAux | RdbFunction | RdbModuleSkipped]:
         """The records that lie whole in the current window, from ``self._at``.
@@ -440,7 +441,7 @@ class RdbStream(RdbFile):
             raise RdbFormatError(
                 f"not an RDB file: {self.size} bytes, the header needs {f.HEADER_LEN} (offset 0)", offset=0
             )
-        self._buf = self._fetch(b"", self._step)
+        self._buf = self._fetch(b"", max(self._step, f.HEADER_LEN))
         self._view = memoryview(self._buf)
         self._base = 0
         self._final = self._read >= self.size
