@@ -48,7 +48,7 @@ from cachevault.errors import (
 from cachevault.failures import caught_failure, cleanup
 from cachevault.handler import logger, metrics, record_duration
 from cachevault.rdb import RdbKey, RdbStream, scan_rdb
-from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
+from cachevault.restore_load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
 from cachevault.slots import even_split, format_slot_ranges, parse_slot_ranges
 from cachevault.timeutil import iso
@@ -56,7 +56,8 @@ from cachevault.verify import verify_restore
 
 SAMPLES_PER_SOURCE = 40
 SAMPLE_MAX_PAYLOAD = 2048  # bytes of one sample's DUMP payload kept for Verify
-MODULE_KEYS_LISTED = 20  # module values skipped: named in the state up to this many, then counted
+MODULE_KEYS_LISTED = 20
+MISMATCHES_LISTED = 20  # module values skipped: named in the state up to this many, then counted
 DATA_TIERING_NODE_FAMILY = "r6gd"
 MiB = 1 << 20
 ATTACH_BASE_TIMEOUT_S = 60.0
@@ -402,10 +403,22 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
             sample_every=max(1, int(task.get("KeyCount") or 0) // SAMPLES_PER_SOURCE),
             on_sample=keep_sample,
         )
-    skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
-    for module in skipped[:MODULE_KEYS_LISTED]:
+    details, output = load_outputs(task, result, samples)
+    for module in details["ModuleKeysSkipped"][:MODULE_KEYS_LISTED]:
         logger.warning("module value skipped", **module)
     metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
+    return output | {"ResultKey": _put_load_details(event, details)}
+
+
+def load_outputs(
+    task: dict[str, Any], result: LoadResult, samples: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(details for Verify, kept in S3; the step's output, without its ResultKey yet).
+
+    The output's size does not grow with the number of targets or skipped module values,
+    so the Map's results stay far below the 256 KB state limit for any shard count.
+    """
+    skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
     details = {
         "Index": task["Index"],
         "KeysPerTarget": result.keys_per_target,
@@ -413,18 +426,17 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         "ModuleKeysSkipped": skipped,
         "Samples": samples,
     }
-    result_key = _put_load_details(event, details)
-    return {
+    output = {
         "Index": task["Index"],
-        "ResultKey": result_key,
         "KeysLoaded": result.keys_loaded,
         "KeysExpiredSkipped": result.keys_expired_skipped,
         "BytesSent": result.bytes_sent,
         "Seconds": round(result.seconds, 3),
         "FunctionLibraries": result.function_libraries_loaded,
         "ModuleKeysSkippedCount": len(skipped),
-        "ModuleKeysSkipped": skipped[:MODULE_KEYS_LISTED],
+        "ModulesSkipped": sorted({m["Module"] for m in skipped}),
     }
+    return details, output
 
 
 def load_job(event: dict[str, Any]) -> dict[str, Any]:
@@ -530,9 +542,11 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     if event["Seeded"]:
         expected, volatile, samples = _seeded_expectations(event["Sources"])
         loads: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
     else:
         loads = event.get("LoadResults") or []
         details = [_load_details(r["ResultKey"]) for r in loads]
+        skipped = [m for d in details for m in d["ModuleKeysSkipped"]][:MODULE_KEYS_LISTED]
         expected = [sum(d["KeysPerTarget"][i] for d in details) for i in range(len(targets))]
         volatile = [sum(d["KeysWithTtlPerTarget"][i] for d in details) for i in range(len(targets))]
         samples = [
@@ -545,13 +559,21 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
         expected_keys_per_target=expected,
         keys_with_ttl_per_target=volatile,
         samples=samples,
+        raise_on_mismatch=False,
     )
     report["KeysExpected"] = sum(expected)
+    if report["Mismatches"]:
+        # The error (its report included) travels in the state: name a few, count the rest.
+        mismatches = report["Mismatches"]
+        report["MismatchCount"], report["Mismatches"] = len(mismatches), mismatches[:MISMATCHES_LISTED]
+        raise RestoreFailed(
+            f"Restore verification failed: {len(mismatches)} mismatch(es); first: {mismatches[0]}", **report
+        )
     report["ReplicasInSync"] = _check_replicas(event["ReplicationGroupId"], report)
     logger.info("restore verified", target=event["ReplicationGroupId"], report=report)
     return {k: v for k, v in event.items() if k != "LoadResults"} | {
         "Verification": report,
-        "LoadSummary": _load_summary(loads),
+        "LoadSummary": _load_summary(loads, skipped),
     }
 
 
@@ -608,14 +630,15 @@ def _check_replicas(target: str, report: dict[str, Any]) -> int:
     return sum(len(s.replicas) for s in layout.shards)
 
 
-def _load_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
+def _load_summary(loads: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals of the LoadShard results; ``skipped``: the first module values skipped, named."""
     return {
         "KeysLoaded": sum(r["KeysLoaded"] for r in loads),
         "KeysExpiredSkipped": sum(r["KeysExpiredSkipped"] for r in loads),
         "BytesSent": sum(r["BytesSent"] for r in loads),
         "FunctionLibraries": max((r["FunctionLibraries"] for r in loads), default=0),
         "ModuleKeysSkippedCount": sum(r["ModuleKeysSkippedCount"] for r in loads),
-        "ModuleKeysSkipped": [m for r in loads for m in r["ModuleKeysSkipped"]][:MODULE_KEYS_LISTED],
+        "ModuleKeysSkipped": skipped[:MODULE_KEYS_LISTED],
     }
 
 
