@@ -97,6 +97,8 @@ def _restore_steps(
     state = environments.run(product, "restore_preflight", {"Request": request, "ExecutionName": execution})
     assert "Path" not in str(state) and not any("Path" in s for s in state["Sources"])
     state = environments.run(product, "restore_provision", state)
+    if state["Seeded"]:  # ProvisionCache counted the seeds it downloaded: Verify reads only samples
+        assert all(s["KeyCountExact"] for s in state["Sources"])
     if not state["Seeded"]:
         results = []
         for task, mode in zip(state["LoadTasks"], itertools.cycle(modes), strict=False):

@@ -325,6 +325,8 @@ def load_task(source: dict[str, Any]) -> dict[str, Any]:
 def _seed_files(sources: list[dict[str, Any]] | None) -> Iterator[list[Path] | None]:
     """The sources downloaded into this step's own temp dir for the nodes to load at start-up.
 
+    Each file is scanned once there (CRC64, exact key counts: a manifest's counts come from
+    INFO at capture time), and its source entry updated, so Verify need not read it again.
     Removed once the nodes have loaded them (``create_cache`` returns with the data loaded).
     """
     if sources is None:
@@ -341,6 +343,14 @@ def _seed_files(sources: list[dict[str, Any]] | None) -> Iterator[list[Path] | N
             )
             with reader:
                 storage.download_ranged(reader, path)
+            if not source.get("KeyCountExact"):
+                summary = scan_rdb(path)
+                source.update(
+                    KeysPerDb={str(db): n for db, n in summary.keys_per_db.items()},
+                    ExpiresPerDb={str(db): n for db, n in summary.expires_per_db.items()},
+                    KeyCount=summary.total_keys,
+                    KeyCountExact=True,
+                )
             paths.append(path)
         yield paths
     finally:
