@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault import caches, storage
+from cachevault import caches, restore_workflow, storage
 from cachevault.local import invoke
 from cachevault.local.environment import find_template
 from cachevault.verify import cache_digest, combined_digest
@@ -110,6 +110,8 @@ def _restore_steps(
                 "ExecutionName": execution,
             }
             results.append(environments.run(product, "restore_load_shard", item, RESTORE_SOURCE_MODE=mode))
+            # What a LoadShard run as a worker job hands back (read from its S3 result alone).
+            assert restore_workflow.load_result_step(item) == results[-1]
         state = environments.run(product, "restore_attach_replicas", state | {"LoadResults": results})
     state = environments.run(product, "restore_verify", state)
     assert state["Verification"]["Mismatches"] == []

@@ -56,6 +56,15 @@ def _path(state: dict[str, Any], path: str) -> Any:
     return value
 
 
+def test_load_tasks_too_big_for_a_lambda_go_to_a_worker(monkeypatch) -> None:
+    source = rw._manifest_source(BUCKET, _manifest_node(1, "0-16383")) | {"Index": 1}
+    assert rw.load_task(source)["Runner"] == "ecs"  # 987 GB
+    assert rw.load_task(source | {"Size": 5 << 30})["Runner"] == "inline"
+    monkeypatch.setenv(rw.LOAD_INLINE_MAX_BYTES_ENV, str(1 << 30))
+    assert rw.load_task(source | {"Size": 5 << 30})["Runner"] == "ecs"
+    assert set(rw.load_task(source)) == {"Index", "Bucket", "Key", "Sha256", "Size", "KeyCount", "Runner"}
+
+
 def test_every_state_of_a_100_shard_restore_is_below_256_kb() -> None:
     ranges = [format_slot_ranges([r]) for r in even_split(SHARDS)]
     request = {
@@ -117,6 +126,7 @@ def test_every_state_of_a_100_shard_restore_is_below_256_kb() -> None:
         assert len(details["ModuleKeysSkipped"]) == 1000 and len(details["KeysPerTarget"]) == SHARDS
         skipped = details["ModuleKeysSkipped"]
         loads.append(output | {"ResultKey": f"restores/{TARGET}/{EXECUTION}/load-{task['Index']:04d}.json"})
+        assert len(json.dumps(details | {"Output": loads[-1]})) < 1 << 20  # the S3 result object stays small
     sizes["LoadShard output"] = max(_size(r) for r in loads)
     after_map = provision | {ASL["States"]["LoadShards"]["ResultPath"].removeprefix("$."): loads}
     sizes["after LoadShards"] = _size(after_map)

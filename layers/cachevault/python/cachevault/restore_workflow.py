@@ -68,6 +68,10 @@ REPLICA_SYNC_CHECK_S = 15.0  # Verify: a replica must be in sync within this
 # How LoadShard reads its source: "auto" (its temp dir when the object fits there, else a
 # stream of ranged GETs), "tmp" or "stream".
 SOURCE_MODE_ENV = "RESTORE_SOURCE_MODE"
+# Largest source a LoadShard Lambda takes: 10 of its 15 minutes at 50 MiB/s (S3 GET and
+# RESTORE into a node, measured locally at 150 MB/s); bigger ones are worker jobs.
+LOAD_INLINE_MAX_BYTES_ENV = "LOAD_INLINE_MAX_BYTES"
+LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 
 
 def _local_engine() -> tuple[str, str, int]:
@@ -317,8 +321,14 @@ def _record_layout(catalog: Catalog, layout: Any, event: dict[str, Any], creds: 
 
 
 def load_task(source: dict[str, Any]) -> dict[str, Any]:
-    """What one LoadShard needs to read its source from S3 (an item of the LoadShards Map)."""
-    return {k: source[k] for k in ("Index", "Bucket", "Key", "Sha256", "Size", "KeyCount")}
+    """What one LoadShard needs to read its source from S3 (an item of the LoadShards Map).
+
+    ``Runner``: ``inline`` (the LoadShard Lambda) when the source loads well inside a
+    Lambda's 15 minutes, else ``ecs`` (``load_job`` in a worker task), as captures decide.
+    """
+    task = {k: source[k] for k in ("Index", "Bucket", "Key", "Sha256", "Size", "KeyCount")}
+    limit = int(os.environ.get(LOAD_INLINE_MAX_BYTES_ENV) or LOAD_INLINE_MAX_BYTES)
+    return task | {"Runner": "inline" if int(source["Size"]) <= limit else "ecs"}
 
 
 @contextlib.contextmanager
@@ -417,7 +427,10 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
     for module in details["ModuleKeysSkipped"][:MODULE_KEYS_LISTED]:
         logger.warning("module value skipped", **module)
     metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
-    return output | {"ResultKey": _put_load_details(event, details)}
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(task["Index"]))
+    output["ResultKey"] = key
+    _put_load_details(key, details | {"Output": output})
+    return output
 
 
 def load_outputs(
@@ -452,10 +465,17 @@ def load_outputs(
 def load_job(event: dict[str, Any]) -> dict[str, Any]:
     """LoadShard as a worker job (an ECS task for a shard too big for a Lambda's 15 minutes).
 
-    Same input as the Lambda step (an item of the LoadShards Map) and same result; the
-    worker entry point runs it and reports the result the way it reports a capture's.
+    Same input as the Lambda step (an item of the LoadShards Map). An ECS task returns no
+    output to the state machine: the result is in S3 (``ResultKey``), and ``load_result_step``
+    (a Lambda after the task) hands it to the Map as the Lambda step would have.
     """
     return load_shard_step(event)
+
+
+def load_result_step(event: dict[str, Any]) -> dict[str, Any]:
+    """The output of a LoadShard that ran as a worker job, read from its result object."""
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(event["Task"]["Index"]))
+    return dict(_load_details(key)["Output"])
 
 
 def _source_mode() -> str:
@@ -492,8 +512,7 @@ def _opened_source(task: dict[str, Any]) -> Iterator[str | storage.S3RangeReader
         Path(name).unlink(missing_ok=True)
 
 
-def _put_load_details(event: dict[str, Any], details: dict[str, Any]) -> str:
-    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(details["Index"]))
+def _put_load_details(key: str, details: dict[str, Any]) -> None:
     client("s3").put_object(
         Bucket=Settings.from_env().bucket,
         Key=key,
@@ -501,7 +520,6 @@ def _put_load_details(event: dict[str, Any], details: dict[str, Any]) -> str:
         ContentType="application/json",
         **encryption.s3_args(),
     )
-    return key
 
 
 def _load_details(key: str) -> dict[str, Any]:
