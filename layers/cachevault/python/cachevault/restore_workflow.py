@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs
 
 from cachevault import caches, encryption, events, names, storage, topology
 from cachevault import credentials as creds_mod
@@ -47,6 +47,7 @@ from cachevault.errors import (
 )
 from cachevault.failures import caught_failure, cleanup
 from cachevault.handler import logger, metrics, record_duration
+from cachevault.progress_report import RESTORE, PartProgress
 from cachevault.rdb import RdbKey, RdbStream, scan_rdb
 from cachevault.restore_load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
@@ -56,8 +57,9 @@ from cachevault.verify import verify_restore
 
 SAMPLES_PER_SOURCE = 40
 SAMPLE_MAX_PAYLOAD = 2048  # bytes of one sample's DUMP payload kept for Verify
-MODULE_KEYS_LISTED = 20
-MISMATCHES_LISTED = 20  # module values skipped: named in the state up to this many, then counted
+MODULE_KEYS_LISTED = 20  # module values skipped: named in the state up to this many, then counted
+MISMATCHES_LISTED = 20  # Verify's mismatches named in its report (and error), then counted
+LOAD_PROGRESS_EVERY = 20_000  # keys between progress reports (each is a cheap callback; writes are throttled)
 DATA_TIERING_NODE_FAMILY = "r6gd"
 MiB = 1 << 20
 ATTACH_BASE_TIMEOUT_S = 60.0
@@ -115,10 +117,15 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         source_node_type, source_tiering = "", False
 
     cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
-    num_shards = int(request.get("NumNodeGroups") or (len(sources) if cluster_mode else 1))
-    replicas = int(request["ReplicasPerNodeGroup"]) if request.get("ReplicasPerNodeGroup") is not None else 1
-    node_type = request.get("CacheNodeType") or source_node_type or caches.DEFAULT_NODE_TYPE
-    caches.validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based")
+    # Given values are checked as given: 0 shards is refused, never taken for "not given".
+    asked_shards = request.get("NumNodeGroups")
+    num_shards = asked_shards if asked_shards is not None else (len(sources) if cluster_mode else 1)
+    replicas = request["ReplicasPerNodeGroup"] if request.get("ReplicasPerNodeGroup") is not None else 1
+    asked_type = request.get("CacheNodeType")
+    node_type = asked_type if asked_type is not None else (source_node_type or caches.DEFAULT_NODE_TYPE)
+    caches.validate_shape(
+        cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based", node_type=node_type
+    )
     _check_data_tiering(source_node_type, source_tiering, node_type)
 
     # Reserve the target name and mark the snapshot before the (long) read of a foreign RDB.
@@ -138,7 +145,7 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         # Remembered on the cache so only this restore hands the snapshot back.
         catalog.update_cache(target, SnapshotRestoring=snapshot["SnapshotName"])
 
-    checked = [_checked_source(index, source) for index, source in enumerate(sources, start=1)]
+    checked = [_checked_source(settings, target, index, source) for index, source in enumerate(sources, start=1)]
     engine, version, max_rdb = _local_engine()
     newest = max(s["RdbVersion"] for s in checked)
     if newest > max_rdb:
@@ -179,7 +186,8 @@ def _check_target_free(catalog: Catalog, target: str) -> None:
 def _target_cluster_mode(request: dict[str, Any], source_cluster: bool, sources: int) -> bool:
     wanted = request.get("ClusterMode")
     if wanted is None:
-        return source_cluster or int(request.get("NumNodeGroups") or 1) > 1
+        shards = request.get("NumNodeGroups")
+        return source_cluster or (isinstance(shards, int) and shards > 1)
     if wanted not in ("enabled", "disabled"):
         raise InvalidParameterValue(f"ClusterMode must be enabled or disabled, not {wanted!r}.")
     if wanted == "disabled" and source_cluster and not request.get("AllowClusterModeDisable"):
@@ -201,22 +209,57 @@ def _check_data_tiering(source_node_type: str, source_tiering: bool, target_node
 
 
 def _s3_source(arn: str) -> dict[str, Any]:
-    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``."""
+    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``, with an optional ``?versionId=``.
+
+    A version selector is honoured (HeadObject and GetObject of that version); any other
+    query is refused rather than dropped, so the object read is always the one named.
+    """
     if arn.startswith("arn:aws:s3:::"):
-        bucket, _, key = arn.removeprefix("arn:aws:s3:::").partition("/")
+        rest = arn.removeprefix("arn:aws:s3:::")
+    elif arn.startswith("s3://"):
+        rest = arn.removeprefix("s3://")
     else:
-        parsed = urlparse(arn)
-        if parsed.scheme != "s3":
-            raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
-        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
+    bucket, _, key = rest.partition("/")
+    version_id = None
+    if "?" in key:
+        key, _, query = key.partition("?")
+        fields = parse_qs(query, keep_blank_values=True)
+        if set(fields) != {"versionId"} or len(fields["versionId"]) != 1 or not fields["versionId"][0]:
+            raise InvalidS3Location(
+                f"{arn!r}: the only query an S3 source may carry is one ?versionId=<id> (got ?{query})."
+            )
+        version_id = fields["versionId"][0]
     if not bucket or not key:
         raise InvalidS3Location(f"{arn!r} names no object.")
     storage.check_key(key)  # no "..", absolute or percent-encoded escapes
+    version = {"VersionId": version_id} if version_id else {}
     try:
-        head = client("s3").head_object(Bucket=bucket, Key=key)
+        head = client("s3").head_object(Bucket=bucket, Key=key, **version)
     except Exception as exc:
-        raise InvalidS3Location(f"No readable RDB at {arn}: {exc}") from exc
-    return {"Bucket": bucket, "Key": key, "Sha256": None, "Size": int(head["ContentLength"]), "Slots": None}
+        what = f"version {version_id} of " if version_id else ""
+        raise InvalidS3Location(f"No readable RDB at {what}s3://{bucket}/{key}: {exc}") from exc
+    return {
+        "Bucket": bucket,
+        "Key": key,
+        "VersionId": version_id,
+        "Sha256": None,
+        "Size": int(head["ContentLength"]),
+        "Slots": None,
+    }
+
+
+def _reader(source: dict[str, Any], **kwargs: Any) -> storage.S3RangeReader:
+    """Ranged GETs of a source (that version of it, when named), checked against its SHA-256 and size."""
+    return storage.S3RangeReader(
+        client("s3"),
+        source["Bucket"],
+        source["Key"],
+        expected_sha256=source.get("Sha256"),
+        size=source.get("Size"),
+        version_id=source.get("VersionId"),
+        **kwargs,
+    )
 
 
 def _manifest_source(bucket: str, node: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +289,7 @@ def _manifest_source(bucket: str, node: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _checked_source(index: int, source: dict[str, Any]) -> dict[str, Any]:
+def _checked_source(settings: Settings, target: str, index: int, source: dict[str, Any]) -> dict[str, Any]:
     """A source with what the restore decides on: from its manifest, else read from S3 once.
 
     The read streams the object with ranged GETs through the RDB reader (nothing written
@@ -255,10 +298,13 @@ def _checked_source(index: int, source: dict[str, Any]) -> dict[str, Any]:
     """
     if "RdbVersion" in source:
         return {**source, "Index": index}
-    reader = storage.S3RangeReader(
-        client("s3"), source["Bucket"], source["Key"], expected_sha256=source["Sha256"], size=source["Size"]
+    report = PartProgress(
+        Catalog(settings), RESTORE, target, f"download-{index:04d}", phase="download", total=source.get("Size")
     )
+    report.start()
+    reader = _reader(source, on_bytes=report.update)
     summary = scan_rdb(reader)  # closes the reader
+    report.finish(reader.size)
     if not summary.checksum_ok:
         raise InvalidParameterValue(f"{source['Key']}: the RDB's own CRC64 trailer does not match.")
     return {
@@ -327,6 +373,8 @@ def load_task(source: dict[str, Any]) -> dict[str, Any]:
     Lambda's 15 minutes, else ``ecs`` (``load_job`` in a worker task), as captures decide.
     """
     task = {k: source[k] for k in ("Index", "Bucket", "Key", "Sha256", "Size", "KeyCount")}
+    if source.get("VersionId"):
+        task["VersionId"] = source["VersionId"]
     limit = int(os.environ.get(LOAD_INLINE_MAX_BYTES_ENV) or LOAD_INLINE_MAX_BYTES)
     return task | {"Runner": "inline" if int(source["Size"]) <= limit else "ecs"}
 
@@ -344,14 +392,10 @@ def _seed_files(sources: list[dict[str, Any]] | None) -> Iterator[list[Path] | N
         return
     work = Path(tempfile.mkdtemp(prefix="cachevault-seed-"))
     try:
-        s3 = client("s3")
         paths = []
         for source in sources:
             path = work / f"{int(source['Index']):04d}.rdb"
-            reader = storage.S3RangeReader(
-                s3, source["Bucket"], source["Key"], expected_sha256=source["Sha256"], size=source["Size"]
-            )
-            with reader:
+            with _reader(source) as reader:
                 storage.download_ranged(reader, path)
             if not source.get("KeyCountExact"):
                 summary = scan_rdb(path)
@@ -415,6 +459,16 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         if len(samples) < SAMPLES_PER_SOURCE and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
             samples.append(_sample(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
 
+    report = PartProgress(
+        Catalog(Settings.from_env()),
+        RESTORE,
+        event.get("ReplicationGroupId") or "",
+        f"load-{int(task['Index']):04d}",
+        phase="load",
+        total=int(task.get("KeyCount") or 0),
+        unit="keys",
+    )
+    report.start()
     with _opened_source(task) as source:
         result = load_rdb_file(
             source,
@@ -422,7 +476,10 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
             cluster_mode=event["ClusterMode"],
             sample_every=max(1, int(task.get("KeyCount") or 0) // SAMPLES_PER_SOURCE),
             on_sample=keep_sample,
+            progress=lambda seen, _expired: report.update(seen),
+            progress_every=LOAD_PROGRESS_EVERY,
         )
+    report.finish(result.keys_loaded + result.keys_expired_skipped)
     details, output = load_outputs(task, result, samples)
     for module in details["ModuleKeysSkipped"][:MODULE_KEYS_LISTED]:
         logger.warning("module value skipped", **module)
@@ -492,9 +549,7 @@ def _opened_source(task: dict[str, Any]) -> Iterator[str | storage.S3RangeReader
     Either way the bytes are SHA-256 checked against the source's (a mismatch fails the
     load at the last byte, before FUNCTION LOAD and before the result is recorded).
     """
-    reader = storage.S3RangeReader(
-        client("s3"), task["Bucket"], task["Key"], expected_sha256=task.get("Sha256"), size=task.get("Size")
-    )
+    reader = _reader(task)
     mode = _source_mode()
     to_file = mode == "tmp" or (mode == "auto" and storage.fits_in_temp_dir(reader.size))
     if not to_file:
@@ -615,14 +670,7 @@ def _seeded_expectations(sources: list[dict[str, Any]]) -> tuple[list[int], list
     expected, volatile, samples = [], [], []
     for source in sources:
         exact = bool(source.get("KeyCountExact"))
-        reader = storage.S3RangeReader(
-            client("s3"),
-            source["Bucket"],
-            source["Key"],
-            expected_sha256=source.get("Sha256"),
-            size=source.get("Size"),
-            range_size=MiB if exact else storage.RANGE_SIZE,
-        )
+        reader = _reader(source, range_size=MiB if exact else storage.RANGE_SIZE)
         keys = ttl = 0
         with RdbStream(reader, window=MiB if exact else storage.RANGE_SIZE) as rdb:
             for item in rdb:

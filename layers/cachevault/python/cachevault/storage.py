@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +45,21 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 def check_snapshot_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise InvalidParameterValue(f"snapshot name {name!r} cannot be used in an S3 key")
+    return name
+
+
+# S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, starting and
+# ending with a letter or digit, no "..", not an IP address.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+
+
+def check_bucket_name(name: object, field: str = "TargetBucket") -> str:
+    if not isinstance(name, str) or not _BUCKET_RE.match(name) or ".." in name or _IP_RE.match(name):
+        raise InvalidParameterValue(
+            f"{field} {name!r} is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots "
+            "and hyphens, beginning and ending with a letter or digit."
+        )
     return name
 
 
@@ -345,24 +361,33 @@ def verify_object(client: Any, bucket: str, key: str, sha256: str, size: int) ->
 
 
 def download_to_file(
-    client: Any, bucket: str, key: str, path: str | os.PathLike[str], expected_sha256: str | None = None
+    client: Any,
+    bucket: str,
+    key: str,
+    path: str | os.PathLike[str],
+    expected_sha256: str | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    version_id: str | None = None,
 ) -> dict[str, Any]:
-    """Stream an object to ``path`` (via a ``.part`` file renamed at the end).
+    """Stream an object (``version_id``: that version of it) to ``path`` (a ``.part`` file renamed at the end).
 
     Returns ``{"size", "sha256"}``; on a checksum mismatch the partial file is removed and
-    ``ChecksumMismatch`` is raised.
+    ``ChecksumMismatch`` is raised. ``on_bytes(total_so_far)`` is called after every chunk.
     """
     dest = Path(path)
     tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
     size = 0
-    resp = client.get_object(Bucket=bucket, Key=check_key(key))
+    version = {"VersionId": version_id} if version_id else {}
+    resp = client.get_object(Bucket=bucket, Key=check_key(key), **version)
     try:
         with open(tmp, "wb") as fh:
             for chunk in resp["Body"].iter_chunks(DOWNLOAD_CHUNK):
                 digest.update(chunk)
                 fh.write(chunk)
                 size += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(size)
         actual = digest.hexdigest()
         if expected_sha256 is not None and actual != expected_sha256.lower():
             raise ChecksumMismatch(
@@ -386,6 +411,7 @@ class S3RangeReader:
     most two ranges in memory). Reading the last byte checks the size and, when
     ``expected_sha256`` is given, the digest (``ChecksumMismatch``); ``sha256`` holds the
     digest of everything read. A changed object (ETag) between two ranges is an error too.
+    ``version_id``: that version of the object; ``on_bytes(total_so_far)`` after every range.
     """
 
     def __init__(
@@ -397,13 +423,17 @@ class S3RangeReader:
         expected_sha256: str | None = None,
         range_size: int = RANGE_SIZE,
         size: int | None = None,
+        version_id: str | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.client = client
+        self._version = {"VersionId": version_id} if version_id else {}
+        self._on_bytes = on_bytes
         self.bucket = bucket
         self.key = check_key(key)
         self.expected_sha256 = expected_sha256.lower() if expected_sha256 else None
         self.range_size = max(1, range_size)
-        head = client.head_object(Bucket=bucket, Key=self.key)
+        head = client.head_object(Bucket=bucket, Key=self.key, **self._version)
         self.size = int(head["ContentLength"])
         if size is not None and int(size) != self.size:
             raise ChecksumMismatch(
@@ -415,6 +445,7 @@ class S3RangeReader:
         self._digest = hashlib.sha256()
         self._fetched = 0  # bytes requested so far (ranges handed to the pool)
         self._pos = 0  # bytes handed to the caller
+        self._received = 0  # bytes of the ranges taken in so far
         self._buf = b""
         self._buf_at = 0
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="s3-range")
@@ -431,7 +462,12 @@ class S3RangeReader:
         return self._pool.submit(self._get, start, end)
 
     def _get(self, start: int, end: int) -> bytes:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={start}-{end}"}
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self.key,
+            "Range": f"bytes={start}-{end}",
+            **self._version,
+        }
         if self.etag:
             args["IfMatch"] = self.etag
         self.gets += 1
@@ -470,6 +506,9 @@ class S3RangeReader:
                 self._buf, self._buf_at = self._next.result(), 0
                 self._next = self._fetch_next()
                 self._digest.update(self._buf)
+                self._received += len(self._buf)
+                if self._on_bytes is not None:
+                    self._on_bytes(self._received)
             take = self._buf[self._buf_at : self._buf_at + want]
             self._buf_at += len(take)
             want -= len(take)
