@@ -1,6 +1,6 @@
-"""RestoreSnapshot.LoadShard: stream one RDB into the target primaries (RESTORE batches, slot routing)."""
+"""RestoreSnapshot.LoadShard: read one RDB from S3 into the target primaries (RESTORE batches, slot routing)."""
 
 from cachevault.handler import step_handler
 from cachevault.restore_workflow import load_shard_step
 
-lambda_handler = step_handler(load_shard_step, correlation_id_path="Task.Path")
+lambda_handler = step_handler(load_shard_step, correlation_id_path="Task.Key")

@@ -34,7 +34,7 @@ from cachevault.errors import (
     InvalidSnapshotState,
     SnapshotAlreadyExistsFault,
 )
-from cachevault.failures import caught_failure
+from cachevault.failures import caught_failure, cleanup
 from cachevault.handler import logger, metrics
 from cachevault.progress_report import COPY, PartProgress
 from cachevault.settings import Settings
@@ -317,14 +317,22 @@ def _target_manifest(manifest: dict[str, Any], target: str, objects: list[dict[s
 
 
 def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Undo only what this execution did: its objects, its target record; free the source."""
+    """Undo only what this execution did: its objects, its target record; free the source.
+
+    Never raises for what is already gone (the target bucket or objects, the target or
+    source record, the multipart uploads); the source goes back to ``available`` whatever
+    else failed (other errors are reported in ``CleanupErrors``).
+    """
     _state, execution, request, reason = caught_failure(event)
     settings = Settings.from_env()
     catalog = Catalog(settings)
+    errors: list[str] = []
     source_name = str(request.get("SourceSnapshotName", "")).lower()
     target = str(request.get("TargetSnapshotName", "")).lower()
     target_bucket = (request.get("TargetBucket") or "").strip() or None
-    source = catalog.find_snapshot(source_name) if source_name else None
+    source = None
+    if source_name:
+        source = cleanup("read the source record", lambda: catalog.find_snapshot(source_name), errors)
     ours = bool(execution and source and source.get("CopyExecution") == execution)
     if ours and source is not None:
         s3 = client("s3")
@@ -333,24 +341,46 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
             count = len(source.get("NodeSnapshots", []))
             keys = [{"Key": export_key(target, i)} for i in range(1, count + 1)]
             if keys:
-                s3.delete_objects(Bucket=target_bucket, Delete={"Objects": keys, "Quiet": True})
+                cleanup(
+                    "delete the exported objects",
+                    lambda: s3.delete_objects(Bucket=target_bucket, Delete={"Objects": keys, "Quiet": True}),
+                    errors,
+                )
         else:
-            record = catalog.find_snapshot(target)
+            record = cleanup("read the target record", lambda: catalog.find_snapshot(target), errors)
             if record is not None and record.get("ExecutionName") == execution:
                 prefix = storage.snapshot_prefix(target)
-                storage.abort_incomplete_uploads(s3, settings.bucket, prefix)
-                storage.delete_prefix(s3, settings.bucket, prefix)
-                catalog.update_snapshot(target, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso())
-        catalog.update_snapshot(source_name, SnapshotStatus="available", CopyExecution=None)
+                cleanup(
+                    "abort the multipart uploads",
+                    lambda: storage.abort_incomplete_uploads(s3, settings.bucket, prefix),
+                    errors,
+                )
+                cleanup("delete the target objects", lambda: storage.delete_prefix(s3, settings.bucket, prefix), errors)
+                failed = {"SnapshotStatus": "failed", "FailureReason": reason, "FailedAt": iso()}
+                cleanup("mark the target failed", lambda: catalog.update_snapshot(target, **failed), errors)
+        cleanup(
+            "hand the source back",
+            lambda: catalog.update_snapshot(source_name, SnapshotStatus="available", CopyExecution=None),
+            errors,
+        )
         detail_type = events.SNAPSHOT_EXPORT_FAILED if target_bucket else events.SNAPSHOT_COPY_FAILED
-        events.snapshot_status(
-            detail_type,
-            source,
-            SnapshotStatus="available",
-            TargetSnapshotName=target,
-            TargetBucket=target_bucket,
-            FailureReason=reason,
+        cleanup(
+            "publish the failure event",
+            lambda: events.snapshot_status(
+                detail_type,
+                source,
+                SnapshotStatus="available",
+                TargetSnapshotName=target,
+                TargetBucket=target_bucket,
+                FailureReason=reason,
+            ),
+            errors,
         )
         metrics.add_metric(name="SnapshotCopyFailures", unit="Count", value=1)
-    logger.error("copy failed", source=source_name, target=target, reason=reason, accepted=ours)
-    return {"SourceSnapshotName": source_name, "TargetSnapshotName": target, "FailureReason": reason}
+    logger.error("copy failed", source=source_name, target=target, reason=reason, accepted=ours, cleanup_errors=errors)
+    return {
+        "SourceSnapshotName": source_name,
+        "TargetSnapshotName": target,
+        "FailureReason": reason,
+        **({"CleanupErrors": errors} if errors else {}),
+    }

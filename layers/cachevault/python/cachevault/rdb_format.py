@@ -100,10 +100,13 @@ Buffer = mmap.mmap | bytes
 
 
 def truncated(at: int, need: int, size: int) -> RdbFormatError:
-    return RdbFormatError(
+    err = RdbFormatError(
         f"RDB truncated at offset {at}: needs {need} byte(s) but the file ends at offset {size}",
         offset=at,
     )
+    # A streaming reader (rdb.RdbStream) tells "read more" from a real format error by this.
+    err.truncated = True
+    return err
 
 
 def read_len(buf: Buffer, pos: int, size: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ import redis
 from cachevault.credentials import Credentials, Tls
 from cachevault.dump_payload import TYPE_BYTE_CRC, crc64_calc, restore_payload
 from cachevault.errors import InvalidParameterCombination, InvalidParameterValue, RestoreFailed
-from cachevault.rdb import RdbFile, RdbFunction, RdbKey, RdbModuleSkipped
+from cachevault.rdb import ByteSource, RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, RdbStream, open_rdb
 from cachevault.slots import SlotRange, SlotRouter
 
 # Constant tail of every RESTORE: REPLACE (a retried restore must not fail on BUSYKEY) and
@@ -695,7 +695,7 @@ SampleCallback = Callable[[RestoreEntry], None]
 
 
 def load_rdb_file(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | ByteSource,
     targets: Sequence[TargetShard],
     *,
     cluster_mode: bool,
@@ -710,6 +710,8 @@ def load_rdb_file(
     now_ms: Callable[[], int] | None = None,
 ) -> LoadResult:
     """RESTORE every key of the RDB at ``path`` into its target primary, in one pass.
+
+    ``path`` is a file (mmapped) or a ByteSource read once as a stream (storage.S3RangeReader).
 
     Same result as RdbFile -> restore_payload -> load_entries (+ load_functions), faster.
     Keys whose absolute expiry has passed are skipped and counted. ``on_sample`` gets the
@@ -730,7 +732,7 @@ def load_rdb_file(
     try:
         for t in targets:
             pipes.append(_Pipe(t, timeout))
-        with RdbFile(path) as rdb:
+        with open_rdb(path) as rdb:
             seen, expired = _pack_rdb(
                 rdb, pipes, owners, functions, modules, clock,
                 sample_every, on_sample, progress, progress_every, batch_bytes, batch_keys, cluster_mode,
@@ -771,6 +773,7 @@ def _pack_rdb(
 ) -> tuple[int, int]:
     """The hot loop: parse, route and pack; a full batch goes out as soon as its target is free."""
     view = rdb.view
+    stream = isinstance(rdb, RdbStream)  # its window moves: re-read it for every key
     version = rdb.version
     version_bytes = version.to_bytes(2, "little")
     calc = crc64_calc
@@ -806,6 +809,8 @@ def _pack_rdb(
                 modules.append(item)
             continue
         db, key, op, vstart, vend, expire, _, _, _ = item  # type: ignore[misc]
+        if stream:
+            view = rdb.window
         if seen == next_sample:
             next_sample += sample_every
             assert on_sample is not None

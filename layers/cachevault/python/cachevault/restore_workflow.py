@@ -1,26 +1,37 @@
 """The RestoreSnapshot state machine's steps, one function per Task state.
 
-Preflight stages every source RDB on local disk (streamed from S3, SHA-256 checked,
-scanned once) so every later decision rests on the file itself: its RDB version, its
-databases, its exact key counts. Nothing is written to any cache before the staged
-files are known good. ProvisionCache starts the new cache, seeded from the RDB files
-when the layout matches (redis-server loading at start-up is the fastest path);
-otherwise it starts the primaries alone, LoadShard streams each file into them with
-pre-packed RESTORE batches, routed by hash slot, and AttachReplicas then adds the
-replicas, which full-sync from their loaded primary (a primary with replicas would
-propagate every RESTORE to them while it loads: 6x slower with one replica).
+No two steps share a disk (on AWS each Lambda has its own /tmp): every step reads what
+it needs from S3 itself and hands on only names, never paths. Preflight decides from the
+manifest of a cachevault snapshot (RDB version, databases, key counts, slots); an RDB
+not made by cachevault (SnapshotArns) is streamed from S3 once with ranged GETs and
+scanned (version, databases, exact key counts, CRC64, SHA-256), nothing staged. Nothing
+is written to any cache before that. ProvisionCache starts the new cache, seeded from
+the RDBs when the layout matches (redis-server loading at start-up is the fastest path);
+otherwise it starts the primaries alone, each LoadShard reads its own source from S3
+(into its own temp dir when it fits there, else as a stream of ranged GETs, SHA-256
+checked either way) and sends pre-packed RESTORE batches, routed by hash slot, and
+AttachReplicas then adds the replicas, which full-sync from their loaded primary (a
+primary with replicas would propagate every RESTORE to them while it loads: 6x slower
+with one replica). A LoadShard leaves its per-target key counts and sample keys in a
+small S3 object under the restore's prefix (the state payload stays small for any
+shard count); Verify reads those, MarkAvailable/MarkFailed delete them.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from cachevault import caches, events, names, storage, topology
+from cachevault import caches, encryption, events, names, storage, topology
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
@@ -34,18 +45,20 @@ from cachevault.errors import (
     ReplicationGroupNotFoundFault,
     RestoreFailed,
 )
-from cachevault.failures import caught_failure
+from cachevault.failures import caught_failure, cleanup
 from cachevault.handler import logger, metrics, record_duration
 from cachevault.progress_report import RESTORE, PartProgress
-from cachevault.rdb import RdbFile, RdbKey, scan_rdb
-from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
+from cachevault.rdb import RdbKey, RdbStream, scan_rdb
+from cachevault.restore_load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
 from cachevault.slots import even_split, format_slot_ranges, parse_slot_ranges
 from cachevault.timeutil import iso
 from cachevault.verify import verify_restore
 
 SAMPLES_PER_SOURCE = 40
-SAMPLE_MAX_PAYLOAD = 2048  # keep the state machine's payload small (256 KB limit)
+SAMPLE_MAX_PAYLOAD = 2048  # bytes of one sample's DUMP payload kept for Verify
+MODULE_KEYS_LISTED = 20  # module values skipped: named in the state up to this many, then counted
+MISMATCHES_LISTED = 20  # Verify's mismatches named in its report (and error), then counted
 LOAD_PROGRESS_EVERY = 20_000  # keys between progress reports (each is a cheap callback; writes are throttled)
 DATA_TIERING_NODE_FAMILY = "r6gd"
 MiB = 1 << 20
@@ -54,8 +67,13 @@ ATTACH_MIN_MB_S = 10.0  # slowest full sync we wait for (RDB transfer + load on 
 REPLICA_SYNC_CHECK_S = 15.0  # Verify: a replica must be in sync within this
 
 
-def _staging_dir(settings: Settings, target: str) -> Path:
-    return settings.state_dir / "restore-staging" / target
+# How LoadShard reads its source: "auto" (its temp dir when the object fits there, else a
+# stream of ranged GETs), "tmp" or "stream".
+SOURCE_MODE_ENV = "RESTORE_SOURCE_MODE"
+# Largest source a LoadShard Lambda takes: 10 of its 15 minutes at 50 MiB/s (S3 GET and
+# RESTORE into a node, measured locally at 150 MB/s); bigger ones are worker jobs.
+LOAD_INLINE_MAX_BYTES_ENV = "LOAD_INLINE_MAX_BYTES"
+LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 
 
 def _local_engine() -> tuple[str, str, int]:
@@ -89,16 +107,7 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
             )
         bucket = snapshot.get("Bucket", settings.bucket)
         manifest = storage.read_manifest(client("s3"), bucket, snapshot["SnapshotName"])
-        sources = [
-            {
-                "Bucket": bucket,
-                "Key": n["S3Key"],
-                "Sha256": n["Sha256"],
-                "Size": n["CacheSize"],
-                "Slots": n.get("Slots"),
-            }
-            for n in manifest["NodeSnapshots"]
-        ]
+        sources = [_manifest_source(bucket, n) for n in manifest["NodeSnapshots"]]
         source_cluster = bool(manifest["ClusterMode"])
         source_node_type = manifest.get("CacheNodeType") or ""
         source_tiering = manifest.get("DataTiering") == "enabled"
@@ -119,7 +128,7 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     )
     _check_data_tiering(source_node_type, source_tiering, node_type)
 
-    # Reserve the target name and mark the snapshot before the (long) staging read.
+    # Reserve the target name and mark the snapshot before the (long) read of a foreign RDB.
     catalog.register_cache(
         {
             "CacheName": target,
@@ -136,15 +145,15 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         # Remembered on the cache so only this restore hands the snapshot back.
         catalog.update_cache(target, SnapshotRestoring=snapshot["SnapshotName"])
 
-    staged = _stage_sources(settings, target, sources)
+    checked = [_checked_source(settings, target, index, source) for index, source in enumerate(sources, start=1)]
     engine, version, max_rdb = _local_engine()
-    newest = max(s["RdbVersion"] for s in staged)
+    newest = max(s["RdbVersion"] for s in checked)
     if newest > max_rdb:
         raise InvalidParameterCombination(
             f"The snapshot's RDB version {newest} is newer than the target engine {engine} {version} "
             f"can load (RDB version {max_rdb} at most). Restore into a newer engine version."
         )
-    dbs = sorted({int(db) for s in staged for db in s["KeysPerDb"]})
+    dbs = sorted({int(db) for s in checked for db in s["KeysPerDb"]})
     if cluster_mode and any(db != 0 for db in dbs):
         raise InvalidParameterCombination(
             "A snapshot holding several databases cannot be restored into a cluster-mode-enabled cache "
@@ -158,7 +167,7 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         "NumNodeGroups": num_shards,
         "ReplicasPerNodeGroup": replicas,
         "CacheNodeType": node_type,
-        "Sources": staged,
+        "Sources": checked,
         "ExecutionName": execution,
     }
 
@@ -240,41 +249,76 @@ def _s3_source(arn: str) -> dict[str, Any]:
     }
 
 
-def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    staging = _staging_dir(settings, target)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    staged = []
-    s3 = client("s3")
-    for index, source in enumerate(sources, start=1):
-        path = staging / f"{index:04d}.rdb"
-        report = PartProgress(
-            Catalog(settings), RESTORE, target, f"download-{index:04d}", phase="download", total=source.get("Size")
-        )
-        report.start()
-        got = storage.download_to_file(
-            s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"], on_bytes=report.update,
-            version_id=source.get("VersionId"),
-        )
-        report.finish(got["size"])
-        summary = scan_rdb(path)
-        if not summary.checksum_ok:
-            raise InvalidParameterValue(f"{source['Key']}: the RDB's own CRC64 trailer does not match.")
-        staged.append(
-            {
-                **source,
-                "Path": str(path),
-                "Index": index,
-                "Slots": source["Slots"],
-                "RdbVersion": summary.version,
-                "KeysPerDb": {str(db): n for db, n in summary.keys_per_db.items()},
-                "ExpiresPerDb": {str(db): n for db, n in summary.expires_per_db.items()},
-                "KeyCount": summary.total_keys,
-                "Functions": summary.functions,
-                "ModuleKeysSkipped": summary.module_keys_skipped,
-            }
-        )
-    return staged
+def _reader(source: dict[str, Any], **kwargs: Any) -> storage.S3RangeReader:
+    """Ranged GETs of a source (that version of it, when named), checked against its SHA-256 and size."""
+    return storage.S3RangeReader(
+        client("s3"),
+        source["Bucket"],
+        source["Key"],
+        expected_sha256=source.get("Sha256"),
+        size=source.get("Size"),
+        version_id=source.get("VersionId"),
+        **kwargs,
+    )
+
+
+def _manifest_source(bucket: str, node: dict[str, Any]) -> dict[str, Any]:
+    """One shard of a cachevault snapshot, as its manifest describes it.
+
+    ``KeyCountExact``: counted from the RDB itself (else from INFO keyspace when the capture
+    started, so a cache taking writes may differ; Verify then counts from the RDB).
+    """
+    source: dict[str, Any] = {
+        "Bucket": bucket,
+        "Key": storage.check_key(node["S3Key"]),
+        "Sha256": node["Sha256"],
+        "Size": int(node["CacheSize"]),
+        "Slots": node.get("Slots"),
+    }
+    if node.get("RdbVersion") is None or node.get("KeysPerDb") is None:
+        return source  # a manifest from before these fields: _checked_source reads the RDB
+    keys = {str(db): int(n) for db, n in node["KeysPerDb"].items() if int(n)}
+    return source | {
+        "RdbVersion": int(node["RdbVersion"]),
+        "KeysPerDb": keys,
+        "ExpiresPerDb": {str(db): int(n) for db, n in (node.get("ExpiresPerDb") or {}).items() if int(n)},
+        "KeyCount": int(node.get("KeyCount") if node.get("KeyCount") is not None else sum(keys.values())),
+        "KeyCountExact": bool(node.get("KeyCountExact")),
+        "Functions": node.get("Functions"),
+        "ModuleKeysSkipped": node.get("ModuleKeysSkipped"),
+    }
+
+
+def _checked_source(settings: Settings, target: str, index: int, source: dict[str, Any]) -> dict[str, Any]:
+    """A source with what the restore decides on: from its manifest, else read from S3 once.
+
+    The read streams the object with ranged GETs through the RDB reader (nothing written
+    anywhere): RDB version, key counts, CRC64 trailer; the SHA-256 it computes pins the
+    object, so every later read of it is checked against the same bytes.
+    """
+    if "RdbVersion" in source:
+        return {**source, "Index": index}
+    report = PartProgress(
+        Catalog(settings), RESTORE, target, f"download-{index:04d}", phase="download", total=source.get("Size")
+    )
+    report.start()
+    reader = _reader(source, on_bytes=report.update)
+    summary = scan_rdb(reader)  # closes the reader
+    report.finish(reader.size)
+    if not summary.checksum_ok:
+        raise InvalidParameterValue(f"{source['Key']}: the RDB's own CRC64 trailer does not match.")
+    return {
+        **source,
+        "Index": index,
+        "Sha256": reader.sha256,
+        "RdbVersion": summary.version,
+        "KeysPerDb": {str(db): n for db, n in summary.keys_per_db.items()},
+        "ExpiresPerDb": {str(db): n for db, n in summary.expires_per_db.items()},
+        "KeyCount": summary.total_keys,
+        "KeyCountExact": True,
+        "Functions": summary.functions,
+        "ModuleKeysSkipped": summary.module_keys_skipped,
+    }
 
 
 # ---------------------------------------------------------------------------------- provision
@@ -287,23 +331,24 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     fleet = caches._fleet(settings)
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
-    layout = fleet.create_cache(
-        target,
-        password=creds.password,
-        username=creds.username,
-        tls=creds_mod.fleet_tls(cache),
-        cluster_mode=cluster_mode,
-        num_shards=shards,
-        # The network path loads the primaries alone; AttachReplicas adds the replicas after.
-        replicas_per_shard=event["ReplicasPerNodeGroup"] if seeded else 0,
-        seed_rdbs=[Path(s["Path"]) for s in sources] if seeded else None,
-        detached=True,
-    )
+    with _seed_files(sources if seeded else None) as seed_rdbs:
+        layout = fleet.create_cache(
+            target,
+            password=creds.password,
+            username=creds.username,
+            tls=creds_mod.fleet_tls(cache),
+            cluster_mode=cluster_mode,
+            num_shards=shards,
+            # The network path loads the primaries alone; AttachReplicas adds the replicas after.
+            replicas_per_shard=event["ReplicasPerNodeGroup"] if seeded else 0,
+            seed_rdbs=seed_rdbs,
+            detached=True,
+        )
     _record_layout(catalog, layout, event, creds)
     targets = [
         {"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in layout.shards
     ]
-    tasks = [] if seeded else [{"Index": s["Index"], "Path": s["Path"]} for s in sources]
+    tasks = [] if seeded else [load_task(s) for s in sources]
     logger.info("target provisioned", target=target, seeded=seeded, shards=len(targets))
     return {**event, "Seeded": seeded, "Targets": targets, "LoadTasks": tasks}
 
@@ -321,10 +366,60 @@ def _record_layout(catalog: Catalog, layout: Any, event: dict[str, Any], creds: 
     catalog.update_cache(layout.name, **{k: v for k, v in record.items() if k != "CacheName"})
 
 
+def load_task(source: dict[str, Any]) -> dict[str, Any]:
+    """What one LoadShard needs to read its source from S3 (an item of the LoadShards Map).
+
+    ``Runner``: ``inline`` (the LoadShard Lambda) when the source loads well inside a
+    Lambda's 15 minutes, else ``ecs`` (``load_job`` in a worker task), as captures decide.
+    """
+    task = {k: source[k] for k in ("Index", "Bucket", "Key", "Sha256", "Size", "KeyCount")}
+    if source.get("VersionId"):
+        task["VersionId"] = source["VersionId"]
+    limit = int(os.environ.get(LOAD_INLINE_MAX_BYTES_ENV) or LOAD_INLINE_MAX_BYTES)
+    return task | {"Runner": "inline" if int(source["Size"]) <= limit else "ecs"}
+
+
+@contextlib.contextmanager
+def _seed_files(sources: list[dict[str, Any]] | None) -> Iterator[list[Path] | None]:
+    """The sources downloaded into this step's own temp dir for the nodes to load at start-up.
+
+    Each file is scanned once there (CRC64, exact key counts: a manifest's counts come from
+    INFO at capture time), and its source entry updated, so Verify need not read it again.
+    Removed once the nodes have loaded them (``create_cache`` returns with the data loaded).
+    """
+    if sources is None:
+        yield None
+        return
+    work = Path(tempfile.mkdtemp(prefix="cachevault-seed-"))
+    try:
+        paths = []
+        for source in sources:
+            path = work / f"{int(source['Index']):04d}.rdb"
+            with _reader(source) as reader:
+                storage.download_ranged(reader, path)
+            if not source.get("KeyCountExact"):
+                summary = scan_rdb(path)
+                source.update(
+                    KeysPerDb={str(db): n for db, n in summary.keys_per_db.items()},
+                    ExpiresPerDb={str(db): n for db, n in summary.expires_per_db.items()},
+                    KeyCount=summary.total_keys,
+                    KeyCountExact=True,
+                )
+            paths.append(path)
+        yield paths
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _can_seed(event: dict[str, Any]) -> bool:
-    """Seed from files when every target shard maps to exactly one source file."""
+    """Seed from files when every target shard maps to exactly one source file.
+
+    The files pass through ProvisionCache's own temp dir, so they must fit there.
+    """
     sources = event["Sources"]
     if event["ClusterMode"] != event["SourceClusterMode"] or len(sources) != event["NumNodeGroups"]:
+        return False
+    if not storage.fits_in_temp_dir(sum(int(s["Size"]) for s in sources)):
         return False
     if not event["ClusterMode"]:
         return True
@@ -351,7 +446,11 @@ def _targets(event: dict[str, Any]) -> list[TargetShard]:
 
 
 def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Stream one staged RDB into the target primaries (routed by slot in cluster mode)."""
+    """Read one source RDB from S3 and stream it into the target primaries (routed by slot).
+
+    The per-target counts and the sample keys go to a small S3 object under the restore's
+    prefix (``ResultKey``); the returned state holds only totals.
+    """
     task = event["Task"]
     targets = _targets(event)
     samples: list[dict[str, Any]] = []
@@ -360,46 +459,128 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         if len(samples) < SAMPLES_PER_SOURCE and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
             samples.append(_sample(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
 
-    total_keys = _key_count(event, task)
     report = PartProgress(
         Catalog(Settings.from_env()),
         RESTORE,
         event.get("ReplicationGroupId") or "",
         f"load-{int(task['Index']):04d}",
         phase="load",
-        total=total_keys,
+        total=int(task.get("KeyCount") or 0),
         unit="keys",
     )
     report.start()
-    result = load_rdb_file(
-        task["Path"],
-        targets,
-        cluster_mode=event["ClusterMode"],
-        sample_every=max(1, total_keys // SAMPLES_PER_SOURCE),
-        on_sample=keep_sample,
-        progress=lambda seen, _expired: report.update(seen),
-        progress_every=LOAD_PROGRESS_EVERY,
-    )
+    with _opened_source(task) as source:
+        result = load_rdb_file(
+            source,
+            targets,
+            cluster_mode=event["ClusterMode"],
+            sample_every=max(1, int(task.get("KeyCount") or 0) // SAMPLES_PER_SOURCE),
+            on_sample=keep_sample,
+            progress=lambda seen, _expired: report.update(seen),
+            progress_every=LOAD_PROGRESS_EVERY,
+        )
     report.finish(result.keys_loaded + result.keys_expired_skipped)
-    skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
-    for module in skipped:
+    details, output = load_outputs(task, result, samples)
+    for module in details["ModuleKeysSkipped"][:MODULE_KEYS_LISTED]:
         logger.warning("module value skipped", **module)
     metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
-    return {
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(task["Index"]))
+    output["ResultKey"] = key
+    _put_load_details(key, details | {"Output": output})
+    return output
+
+
+def load_outputs(
+    task: dict[str, Any], result: LoadResult, samples: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(details for Verify, kept in S3; the step's output, without its ResultKey yet).
+
+    The output's size does not grow with the number of targets or skipped module values,
+    so the Map's results stay far below the 256 KB state limit for any shard count.
+    """
+    skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
+    details = {
         "Index": task["Index"],
         "KeysPerTarget": result.keys_per_target,
         "KeysWithTtlPerTarget": [t.keys_with_ttl for t in result.targets],
+        "ModuleKeysSkipped": skipped,
+        "Samples": samples,
+    }
+    output = {
+        "Index": task["Index"],
+        "KeysLoaded": result.keys_loaded,
         "KeysExpiredSkipped": result.keys_expired_skipped,
         "BytesSent": result.bytes_sent,
         "Seconds": round(result.seconds, 3),
         "FunctionLibraries": result.function_libraries_loaded,
-        "ModuleKeysSkipped": skipped,
-        "Samples": samples,
+        "ModuleKeysSkippedCount": len(skipped),
+        "ModulesSkipped": sorted({m["Module"] for m in skipped}),
     }
+    return details, output
 
 
-def _key_count(event: dict[str, Any], task: dict[str, Any]) -> int:
-    return next(int(s["KeyCount"]) for s in event["Sources"] if s["Index"] == task["Index"])
+def load_job(event: dict[str, Any]) -> dict[str, Any]:
+    """LoadShard as a worker job (an ECS task for a shard too big for a Lambda's 15 minutes).
+
+    Same input as the Lambda step (an item of the LoadShards Map). An ECS task returns no
+    output to the state machine: the result is in S3 (``ResultKey``), and ``load_result_step``
+    (a Lambda after the task) hands it to the Map as the Lambda step would have.
+    """
+    return load_shard_step(event)
+
+
+def load_result_step(event: dict[str, Any]) -> dict[str, Any]:
+    """The output of a LoadShard that ran as a worker job, read from its result object."""
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(event["Task"]["Index"]))
+    return dict(_load_details(key)["Output"])
+
+
+def _source_mode() -> str:
+    mode = os.environ.get(SOURCE_MODE_ENV, "auto")
+    if mode not in ("auto", "tmp", "stream"):
+        raise InvalidParameterValue(f"{SOURCE_MODE_ENV} must be auto, tmp or stream, not {mode!r}.")
+    return mode
+
+
+@contextlib.contextmanager
+def _opened_source(task: dict[str, Any]) -> Iterator[str | storage.S3RangeReader]:
+    """The task's RDB: a file in this environment's temp dir when it fits, else a ranged-GET stream.
+
+    Either way the bytes are SHA-256 checked against the source's (a mismatch fails the
+    load at the last byte, before FUNCTION LOAD and before the result is recorded).
+    """
+    reader = _reader(task)
+    mode = _source_mode()
+    to_file = mode == "tmp" or (mode == "auto" and storage.fits_in_temp_dir(reader.size))
+    if not to_file:
+        logger.info("loading as a stream of ranged GETs", key=task["Key"], bytes=reader.size)
+        with reader:
+            yield reader
+        return
+    fd, name = tempfile.mkstemp(prefix="cachevault-load-", suffix=".rdb")
+    os.close(fd)
+    try:
+        with reader:
+            storage.download_ranged(reader, name)
+        yield name
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _put_load_details(key: str, details: dict[str, Any]) -> None:
+    client("s3").put_object(
+        Bucket=Settings.from_env().bucket,
+        Key=key,
+        Body=json.dumps(details, separators=(",", ":")).encode(),
+        ContentType="application/json",
+        **encryption.s3_args(),
+    )
+
+
+def _load_details(key: str) -> dict[str, Any]:
+    body = client("s3").get_object(Bucket=Settings.from_env().bucket, Key=storage.check_key(key))["Body"]
+    with contextlib.closing(body):
+        return json.loads(body.read())
 
 
 def _sample(db: int, key: bytes, payload: bytes, expire_ms: int | None) -> dict[str, Any]:
@@ -442,33 +623,71 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
 def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     targets = _targets(event)
     if event["Seeded"]:
-        expected = [int(s["KeyCount"]) for s in event["Sources"]]
-        volatile = [sum(int(n) for n in s["ExpiresPerDb"].values()) for s in event["Sources"]]
-        samples = [e for s in event["Sources"] for e in _file_samples(s["Path"])]
+        expected, volatile, samples = _seeded_expectations(event["Sources"])
+        loads: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
     else:
         loads = event.get("LoadResults") or []
-        expected = [sum(r["KeysPerTarget"][i] for r in loads) for i in range(len(targets))]
-        volatile = [sum(r["KeysWithTtlPerTarget"][i] for r in loads) for i in range(len(targets))]
+        details = [_load_details(r["ResultKey"]) for r in loads]
+        skipped = [m for d in details for m in d["ModuleKeysSkipped"]][:MODULE_KEYS_LISTED]
+        expected = [sum(d["KeysPerTarget"][i] for d in details) for i in range(len(targets))]
+        volatile = [sum(d["KeysWithTtlPerTarget"][i] for d in details) for i in range(len(targets))]
         samples = [
-            RestoreEntry(
-                s["Db"], base64.b64decode(s["Key"]), base64.b64decode(s["Payload"]), s.get("ExpireMs")
-            )
-            for r in loads
-            for s in r["Samples"]
+            RestoreEntry(s["Db"], base64.b64decode(s["Key"]), base64.b64decode(s["Payload"]), s.get("ExpireMs"))
+            for d in details
+            for s in d["Samples"]
         ]
     report = verify_restore(
         targets,
         expected_keys_per_target=expected,
         keys_with_ttl_per_target=volatile,
         samples=samples,
+        raise_on_mismatch=False,
     )
     report["KeysExpected"] = sum(expected)
+    if report["Mismatches"]:
+        # The error (its report included) travels in the state: name a few, count the rest.
+        mismatches = report["Mismatches"]
+        report["MismatchCount"], report["Mismatches"] = len(mismatches), mismatches[:MISMATCHES_LISTED]
+        raise RestoreFailed(
+            f"Restore verification failed: {len(mismatches)} mismatch(es); first: {mismatches[0]}", **report
+        )
     report["ReplicasInSync"] = _check_replicas(event["ReplicationGroupId"], report)
     logger.info("restore verified", target=event["ReplicationGroupId"], report=report)
     return {k: v for k, v in event.items() if k != "LoadResults"} | {
         "Verification": report,
-        "LoadSummary": _load_summary(event.get("LoadResults") or []),
+        "LoadSummary": _load_summary(loads, skipped),
     }
+
+
+def _seeded_expectations(sources: list[dict[str, Any]]) -> tuple[list[int], list[int], list[RestoreEntry]]:
+    """Key counts, keys with a TTL and sample keys per seeded shard, read from S3 (no local file).
+
+    The first keys of each source are the samples (one ranged GET); the whole source is
+    read only when its key count is not known exactly from the RDB (manifest counts taken
+    from INFO at capture time).
+    """
+    expected, volatile, samples = [], [], []
+    for source in sources:
+        exact = bool(source.get("KeyCountExact"))
+        reader = _reader(source, range_size=MiB if exact else storage.RANGE_SIZE)
+        keys = ttl = 0
+        with RdbStream(reader, window=MiB if exact else storage.RANGE_SIZE) as rdb:
+            for item in rdb:
+                if not isinstance(item, RdbKey):
+                    continue
+                keys += 1
+                ttl += item.expire_ms is not None
+                if len(samples) < SAMPLES_PER_SOURCE * (len(expected) + 1):
+                    payload = restore_payload(item.type_byte, item.value, rdb.version)
+                    samples.append(RestoreEntry(item.db, bytes(item.key), payload, item.expire_ms))
+                elif exact:
+                    break
+        if exact:
+            keys, ttl = int(source["KeyCount"]), sum(int(n) for n in source.get("ExpiresPerDb", {}).values())
+        expected.append(keys)
+        volatile.append(ttl)
+    return expected, volatile, samples
 
 
 def _check_replicas(target: str, report: dict[str, Any]) -> int:
@@ -487,25 +706,15 @@ def _check_replicas(target: str, report: dict[str, Any]) -> int:
     return sum(len(s.replicas) for s in layout.shards)
 
 
-def _file_samples(path: str) -> list[RestoreEntry]:
-    samples: list[RestoreEntry] = []
-    with RdbFile(path) as rdb:
-        for item in rdb:
-            if isinstance(item, RdbKey):
-                payload = restore_payload(item.type_byte, item.value, rdb.version)
-                samples.append(RestoreEntry(item.db, bytes(item.key), payload, item.expire_ms))
-                if len(samples) >= SAMPLES_PER_SOURCE:
-                    break
-    return samples
-
-
-def _load_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
+def _load_summary(loads: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals of the LoadShard results; ``skipped``: the first module values skipped, named."""
     return {
-        "KeysLoaded": sum(sum(r["KeysPerTarget"]) for r in loads),
+        "KeysLoaded": sum(r["KeysLoaded"] for r in loads),
         "KeysExpiredSkipped": sum(r["KeysExpiredSkipped"] for r in loads),
         "BytesSent": sum(r["BytesSent"] for r in loads),
         "FunctionLibraries": max((r["FunctionLibraries"] for r in loads), default=0),
-        "ModuleKeysSkipped": [m for r in loads for m in r["ModuleKeysSkipped"]],
+        "ModuleKeysSkippedCount": sum(r["ModuleKeysSkippedCount"] for r in loads),
+        "ModuleKeysSkipped": skipped[:MODULE_KEYS_LISTED],
     }
 
 
@@ -518,7 +727,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
     if event.get("SnapshotName"):
         catalog.update_snapshot(event["SnapshotName"], SnapshotStatus="available")
         catalog.update_cache(target, SnapshotRestoring=None)
-    shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
+    _delete_work_objects(settings, target, event.get("ExecutionName"), [])
     metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)
     # Request to available: the target's record is made by the restore's preflight.
     record_duration("RestoreDuration", (catalog.find_cache(target) or {}).get("CacheCreateTime"))
@@ -536,24 +745,54 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def fail_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Undo what this execution made: stop the new cache's nodes, mark it failed, free the snapshot."""
+    """Undo what this execution made: stop the new cache's nodes, mark it failed, free the snapshot.
+
+    Never raises for what is already gone (nodes, the cache or snapshot record, the work
+    objects in S3); any other cleanup error is reported in ``CleanupErrors`` after every
+    other cleanup ran, so the snapshot is handed back to ``available`` whatever happened.
+    """
     _, execution, request, reason = caught_failure(event)
     settings = Settings.from_env()
     catalog = Catalog(settings)
+    errors: list[str] = []
     target = str(request.get("ReplicationGroupId", "")).lower()
-    cache = catalog.find_cache(target) if target else None
+    cache = cleanup("read the cache record", lambda: catalog.find_cache(target), errors) if target else None
     ours = bool(cache and execution and cache.get("RestoreExecution") == execution)
     if ours:
+        assert cache is not None
         fleet = caches._fleet(settings)
         try:
             fleet.destroy_cache(target)
         except ReplicationGroupNotFoundFault:  # nothing was started yet
             logger.info("no nodes to stop", target=target)
-        catalog.update_cache(target, Status="failed", FailureReason=reason, Endpoints=[], Nodes=[])
+        cleanup(
+            "mark the cache failed",
+            lambda: catalog.update_cache(target, Status="failed", FailureReason=reason, Endpoints=[], Nodes=[]),
+            errors,
+        )
         if cache.get("SnapshotRestoring"):
-            catalog.update_snapshot(cache["SnapshotRestoring"], SnapshotStatus="available")
-        shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
+            name = cache["SnapshotRestoring"]
+            cleanup("hand the snapshot back", lambda: catalog.update_snapshot(name, SnapshotStatus="available"), errors)
+        _delete_work_objects(settings, target, execution, errors)
         metrics.add_metric(name="RestoreFailures", unit="Count", value=1)
-        events.restore_status(events.RESTORE_FAILED, target, Status="failed", FailureReason=reason)
-    logger.error("restore failed", target=target, reason=reason, record_owned=ours)
-    return {"ReplicationGroupId": target, "Status": "failed" if ours else None, "FailureReason": reason}
+        cleanup(
+            "publish the failure event",
+            lambda: events.restore_status(events.RESTORE_FAILED, target, Status="failed", FailureReason=reason),
+            errors,
+        )
+    logger.error("restore failed", target=target, reason=reason, record_owned=ours, cleanup_errors=errors)
+    return {
+        "ReplicationGroupId": target,
+        "Status": "failed" if ours else None,
+        "FailureReason": reason,
+        **({"CleanupErrors": errors} if errors else {}),
+    }
+
+
+def _delete_work_objects(settings: Settings, target: str, execution: str | None, errors: list[str]) -> None:
+    """The LoadShard result objects of this execution (gone already is fine)."""
+    if not execution:
+        return
+    prefix = storage.restore_prefix(target, execution)
+    s3 = client("s3")
+    cleanup("delete the restore's work objects", lambda: storage.delete_prefix(s3, settings.bucket, prefix), errors)

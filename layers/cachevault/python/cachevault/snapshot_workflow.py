@@ -18,7 +18,7 @@ from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CaptureFailed, InvalidParameterValue
-from cachevault.failures import caught_failure
+from cachevault.failures import caught_failure, cleanup
 from cachevault.handler import logger, metrics, record_duration
 from cachevault.settings import Settings
 from cachevault.slots import format_slot_ranges
@@ -343,6 +343,10 @@ _CAPTURE_FIELDS = (
     "RdbVersion",
     "KeyCount",
     "KeysPerDb",
+    "ExpiresPerDb",
+    "KeyCountExact",
+    "Functions",
+    "ModuleKeysSkipped",
     "ReplicationId",
     "ReplicationOffset",
     "CaptureStartTime",
@@ -409,6 +413,12 @@ def build_manifest(record: dict[str, Any], cache: dict[str, Any]) -> dict[str, A
                 "RdbVersion": n.get("RdbVersion"),
                 "KeyCount": n.get("KeyCount"),
                 "KeysPerDb": n.get("KeysPerDb", {}),
+                # What a restore decides on without reading the RDB (restore_workflow._manifest_source):
+                # the databases and counts, exact only when counted from the RDB itself.
+                "ExpiresPerDb": n.get("ExpiresPerDb", {}),
+                "KeyCountExact": bool(n.get("KeyCountExact")),
+                "Functions": n.get("Functions"),
+                "ModuleKeysSkipped": n.get("ModuleKeysSkipped"),
                 "ReplicationId": n.get("ReplicationId"),
                 "ReplicationOffset": n.get("ReplicationOffset"),
                 "CaptureStartTime": n.get("CaptureStartTime"),
@@ -441,23 +451,46 @@ def mark_available_step(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Fail the record this execution created (never someone else's), clean S3, unlock."""
+    """Fail the record this execution created (never someone else's), clean S3, unlock.
+
+    Never raises for what is already gone (the record, the cache, the objects, the multipart
+    uploads); any other cleanup error is reported in ``CleanupErrors`` once every other
+    cleanup ran, so the original failure stays the execution's error.
+    """
     state, execution, request, reason = caught_failure(event)
     name = str(request.get("SnapshotName", "")).lower()
     settings = Settings.from_env()
     catalog = Catalog(settings)
-    record = catalog.find_snapshot(name) if name else None
+    errors: list[str] = []
+    record = cleanup("read the snapshot record", lambda: catalog.find_snapshot(name), errors) if name else None
     ours = record is not None and record.get("ExecutionName") == execution and execution
     if ours:
-        capture_runner.cancel(name)
+        assert record is not None
+        cleanup("stop the captures", lambda: capture_runner.cancel(name), errors)
         s3 = client("s3")
         prefix = storage.snapshot_prefix(name)
-        storage.abort_incomplete_uploads(s3, settings.bucket, prefix)
-        storage.delete_prefix(s3, settings.bucket, prefix)
-        catalog.update_snapshot(name, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso())
-        catalog.delete_capture_progress(name)
-        catalog.unlock_cache(record["ReplicationGroupId"], owner=name)
+        bucket = settings.bucket
+        cleanup("abort the multipart uploads", lambda: storage.abort_incomplete_uploads(s3, bucket, prefix), errors)
+        cleanup("delete the objects", lambda: storage.delete_prefix(s3, settings.bucket, prefix), errors)
+        cleanup(
+            "mark the snapshot failed",
+            lambda: catalog.update_snapshot(name, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso()),
+            errors,
+        )
+        cleanup("delete the capture progress", lambda: catalog.delete_capture_progress(name), errors)
+        cleanup("unlock the cache", lambda: catalog.unlock_cache(record["ReplicationGroupId"], owner=name), errors)
         metrics.add_metric(name="SnapshotFailures", unit="Count", value=1)
-        events.snapshot_status(events.SNAPSHOT_CREATION_FAILED, record, SnapshotStatus="failed", FailureReason=reason)
-    logger.error("snapshot failed", snapshot=name, reason=reason, record_owned=bool(ours))
-    return {**state, "SnapshotStatus": "failed" if ours else None, "FailureReason": reason}
+        cleanup(
+            "publish the failure event",
+            lambda: events.snapshot_status(
+                events.SNAPSHOT_CREATION_FAILED, record, SnapshotStatus="failed", FailureReason=reason
+            ),
+            errors,
+        )
+    logger.error("snapshot failed", snapshot=name, reason=reason, record_owned=bool(ours), cleanup_errors=errors)
+    return {
+        **state,
+        "SnapshotStatus": "failed" if ours else None,
+        "FailureReason": reason,
+        **({"CleanupErrors": errors} if errors else {}),
+    }

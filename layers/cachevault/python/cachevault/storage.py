@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,11 +28,14 @@ from botocore.exceptions import ClientError
 from cachevault.errors import ChecksumMismatch, InvalidParameterValue, SnapshotNotFoundFault
 
 SNAPSHOTS_PREFIX = "snapshots/"
+RESTORES_PREFIX = "restores/"
 MANIFEST_NAME = "manifest.json"
 MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3: every part but the last must be >= 5 MiB
 MAX_PARTS = 10_000
 DOWNLOAD_CHUNK = MiB
+RANGE_SIZE = 8 * MiB  # bytes per ranged GET when streaming an object
+TMP_HEADROOM = 64 * MiB  # left free in the temp dir after a download (other files, page slack)
 
 # Snapshot names reach S3 keys: allow ElastiCache's alphabet plus the dots of
 # "automatic.<cache>-YYYY-MM-DD-HH-MM", and nothing that could leave the prefix.
@@ -80,6 +85,17 @@ def rdb_key(snapshot: str, shard_index: int) -> str:
 
 def manifest_key(snapshot: str) -> str:
     return f"{snapshot_prefix(snapshot)}{MANIFEST_NAME}"
+
+
+def restore_prefix(target: str, execution: str) -> str:
+    """Where one restore execution keeps its working objects (LoadShard results)."""
+    return f"{RESTORES_PREFIX}{check_snapshot_name(target)}/{check_snapshot_name(execution)}/"
+
+
+def restore_work_key(target: str, execution: str, source_index: int) -> str:
+    if isinstance(source_index, bool) or not 1 <= source_index <= 9999:
+        raise InvalidParameterValue(f"source index {source_index!r} must be 1..9999")
+    return f"{restore_prefix(target, execution)}load-{source_index:04d}.json"
 
 
 class S3MultipartWriter:
@@ -385,3 +401,171 @@ def download_to_file(
         tmp.unlink(missing_ok=True)
         raise
     return {"size": size, "sha256": actual}
+
+
+class S3RangeReader:
+    """An S3 object read front to back with ranged GETs, SHA-256 checked on the fly.
+
+    ``read(n)`` returns the next ``n`` bytes (fewer only at the end). The next range is
+    fetched in the background while the caller works on this one (one range ahead, so at
+    most two ranges in memory). Reading the last byte checks the size and, when
+    ``expected_sha256`` is given, the digest (``ChecksumMismatch``); ``sha256`` holds the
+    digest of everything read. A changed object (ETag) between two ranges is an error too.
+    ``version_id``: that version of the object; ``on_bytes(total_so_far)`` after every range.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        *,
+        expected_sha256: str | None = None,
+        range_size: int = RANGE_SIZE,
+        size: int | None = None,
+        version_id: str | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self._version = {"VersionId": version_id} if version_id else {}
+        self._on_bytes = on_bytes
+        self.bucket = bucket
+        self.key = check_key(key)
+        self.expected_sha256 = expected_sha256.lower() if expected_sha256 else None
+        self.range_size = max(1, range_size)
+        head = client.head_object(Bucket=bucket, Key=self.key, **self._version)
+        self.size = int(head["ContentLength"])
+        if size is not None and int(size) != self.size:
+            raise ChecksumMismatch(
+                f"s3://{bucket}/{key}: size {self.size} != expected {size}", key=key, size=self.size, expected_size=size
+            )
+        self.etag = head.get("ETag")
+        self.sha256: str | None = None
+        self.gets = 0
+        self._digest = hashlib.sha256()
+        self._fetched = 0  # bytes requested so far (ranges handed to the pool)
+        self._pos = 0  # bytes handed to the caller
+        self._received = 0  # bytes of the ranges taken in so far
+        self._buf = b""
+        self._buf_at = 0
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="s3-range")
+        self._next: Future[bytes] | None = self._fetch_next()
+
+    def __repr__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def _fetch_next(self) -> Future[bytes] | None:
+        if self._fetched >= self.size or self._pool is None:
+            return None
+        start, end = self._fetched, min(self.size, self._fetched + self.range_size) - 1
+        self._fetched = end + 1
+        return self._pool.submit(self._get, start, end)
+
+    def _get(self, start: int, end: int) -> bytes:
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self.key,
+            "Range": f"bytes={start}-{end}",
+            **self._version,
+        }
+        if self.etag:
+            args["IfMatch"] = self.etag
+        self.gets += 1
+        want = end - start + 1
+        body = self.client.get_object(**args)["Body"]
+        chunks: list[bytes] = []
+        got = 0
+        try:
+            for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+                chunks.append(chunk)
+                got += len(chunk)
+        except Exception as exc:  # a dropped connection, botocore's own checksum of the response
+            raise self._short(start, end, got, exc) from exc
+        finally:
+            body.close()
+        if got != want:
+            raise self._short(start, end, got, None)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _short(self, start: int, end: int, got: int, exc: Exception | None) -> ChecksumMismatch:
+        why = f" ({type(exc).__name__}: {exc})" if exc else ""
+        return ChecksumMismatch(
+            f"s3://{self.bucket}/{self.key}: read {start + got} of {self.size} bytes; range "
+            f"{start}-{end} returned {got} of {end - start + 1}{why}",
+            key=self.key,
+            size=self.size,
+        )
+
+    def read(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        want = max(0, min(n, self.size - self._pos))
+        while want:
+            if self._buf_at >= len(self._buf):
+                if self._next is None:
+                    break
+                self._buf, self._buf_at = self._next.result(), 0
+                self._next = self._fetch_next()
+                self._digest.update(self._buf)
+                self._received += len(self._buf)
+                if self._on_bytes is not None:
+                    self._on_bytes(self._received)
+            take = self._buf[self._buf_at : self._buf_at + want]
+            self._buf_at += len(take)
+            want -= len(take)
+            parts.append(take)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos += len(data)
+        if self._pos == self.size and self.sha256 is None:
+            self._finish()
+        return data
+
+    def _finish(self) -> None:
+        self.sha256 = self._digest.hexdigest()
+        if self.expected_sha256 is not None and self.sha256 != self.expected_sha256:
+            raise ChecksumMismatch(
+                f"s3://{self.bucket}/{self.key}: sha256 {self.sha256} != expected {self.expected_sha256}",
+                key=self.key,
+                sha256=self.sha256,
+                expected_sha256=self.expected_sha256,
+            )
+
+    def read_all(self) -> int:
+        """Read (and check) the rest of the object, discarding it; returns the bytes read."""
+        total = 0
+        while chunk := self.read(self.range_size):
+            total += len(chunk)
+        return total
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._next = None
+        self._buf = b""
+
+    def __enter__(self) -> S3RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fits_in_temp_dir(size: int, directory: str | None = None) -> bool:
+    """Whether a file of ``size`` bytes fits in the temp dir (a Lambda's /tmp) with headroom."""
+    free = shutil.disk_usage(directory or tempfile.gettempdir()).free
+    return size + TMP_HEADROOM <= free
+
+
+def download_ranged(reader: S3RangeReader, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write everything ``reader`` yields to ``path`` (checked at the last byte); ``.part`` until whole."""
+    dest = Path(path)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with open(tmp, "wb") as fh:
+            while chunk := reader.read(reader.range_size):
+                fh.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"size": reader.size, "sha256": reader.sha256}
