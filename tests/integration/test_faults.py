@@ -170,7 +170,7 @@ def test_primary_down_is_refused_before_anything_is_written(product: Product, ne
     fill(cache["Endpoints"][0], keys=300)
     sync_replicas(cache["Endpoints"][0], 2)
     primary_id = node_id_at(cache, cache["Endpoints"][0])
-    product.fleet.kill_node(primary_id)
+    product.kill_node(primary_id)
     # The replicas now answer SYNC with -NOMASTERLINK; nothing may be captured from them.
     with pytest.raises(InvalidReplicationGroupState) as refused:
         product.control.create_snapshot(cache["CacheName"], "nml-snap")
@@ -537,7 +537,7 @@ def test_interrupted_staging_download_fails_the_restore_before_any_write(
         failed = product.control.catalog.get_cache(target)
         assert failed["Status"] == "failed" and failed["FailureReason"]
         assert failed["Nodes"] == [] and failed["Endpoints"] == []
-        assert product.fleet._read(target) is None  # no node was ever started: nothing written anywhere
+        assert product.node_pids(target) == []  # no node was ever started: nothing written anywhere
         assert not staging.exists()
         assert product.control.describe_snapshot("rsf-snap")["SnapshotStatus"] == "available"
         assert product.s3_keys("snapshots/rsf-snap/") == objects

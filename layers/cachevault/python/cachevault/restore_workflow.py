@@ -3,11 +3,12 @@
 Preflight stages every source RDB on local disk (streamed from S3, SHA-256 checked,
 scanned once) so every later decision rests on the file itself: its RDB version, its
 databases, its exact key counts. Nothing is written to any cache before the staged
-files are known good. ProvisionCache starts the new cache, seeded from the RDB files
-when the layout matches (redis-server loading at start-up is the fastest path);
-otherwise it starts the primaries alone, LoadShard streams each file into them with
-pre-packed RESTORE batches, routed by hash slot, and AttachReplicas then adds the
-replicas, which full-sync from their loaded primary (a primary with replicas would
+files are known good. The target is one of restore_targets': a new cache of ECS tasks
+(``ecs``) or an empty cache the user runs, registered by endpoint (``external``, checked
+reachable and empty here, before anything is written). ProvisionCache starts the new
+cache's primaries alone (or reads the external layout), LoadShard streams each file into
+them with pre-packed RESTORE batches, routed by hash slot, and AttachReplicas then adds
+the replicas, which full-sync from their loaded primary (a primary with replicas would
 propagate every RESTORE to them while it loads: 6x slower with one replica).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cachevault import caches, events, names, storage, topology
+from cachevault import caches, events, names, restore_targets, storage, topology
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
@@ -31,7 +32,6 @@ from cachevault.errors import (
     InvalidS3Location,
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
-    ReplicationGroupNotFoundFault,
     RestoreFailed,
 )
 from cachevault.failures import caught_failure
@@ -39,7 +39,7 @@ from cachevault.handler import logger, metrics, record_duration
 from cachevault.rdb import RdbFile, RdbKey, scan_rdb
 from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
-from cachevault.slots import even_split, format_slot_ranges, parse_slot_ranges
+from cachevault.slots import format_slot_ranges, parse_slot_ranges
 from cachevault.timeutil import iso
 from cachevault.verify import verify_restore
 
@@ -56,10 +56,12 @@ def _staging_dir(settings: Settings, target: str) -> Path:
     return settings.state_dir / "restore-staging" / target
 
 
-def _local_engine() -> tuple[str, str, int]:
-    """Engine of the nodes the local fleet starts (the restore target's engine)."""
-    engine, version = caches.local_engine()
-    return engine, version, topology.rdb_version_for(engine, version)
+def _target_engine(external: dict[str, Any] | None, engine: str) -> tuple[str, str, int]:
+    """(engine, version, highest RDB version) the target accepts: the external nodes', or the image's."""
+    if external is not None:
+        version = str(external.get("EngineVersion", ""))
+        return str(external.get("Engine")), version, int(external.get("MaxRdbVersion") or 0)
+    return restore_targets.image_engine(engine)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -73,7 +75,8 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     arns = request.get("SnapshotArns") or []
     if bool(snapshot_name) == bool(arns):
         raise InvalidParameterCombination("Give exactly one of SnapshotName or SnapshotArns.")
-    _check_target_free(catalog, target)
+    external = _check_target_free(catalog, target)
+    external_layout = restore_targets.check_external_empty(external) if external is not None else None
     security = creds_mod.security_fields(request)  # names of secrets only, checked before any write
     creds_mod.fleet_tls(security)
 
@@ -98,39 +101,58 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
             for n in manifest["NodeSnapshots"]
         ]
         source_cluster = bool(manifest["ClusterMode"])
+        source_engine = str(manifest.get("Engine") or "redis")
         source_node_type = manifest.get("CacheNodeType") or ""
         source_tiering = manifest.get("DataTiering") == "enabled"
     else:
         sources = [_s3_source(arn) for arn in arns]
         source_cluster = any(s["Slots"] for s in sources)
         source_node_type, source_tiering = "", False
+        source_engine = "redis"
+    engine = str(request.get("Engine") or source_engine).lower()
 
-    cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
-    num_shards = int(request.get("NumNodeGroups") or (len(sources) if cluster_mode else 1))
-    replicas = int(request["ReplicasPerNodeGroup"]) if request.get("ReplicasPerNodeGroup") is not None else 1
+    if external_layout is not None:  # the user's nodes decide the layout
+        cluster_mode = external_layout.cluster_mode
+        if cluster_mode != _target_cluster_mode(request, source_cluster, len(sources)) and (
+            request.get("ClusterMode") is not None or (source_cluster and not cluster_mode)
+        ):
+            _target_cluster_mode({**request, "ClusterMode": "enabled" if cluster_mode else "disabled"},
+                                 source_cluster, len(sources))  # fmt: skip
+        num_shards = len(external_layout.shards)
+        replicas = len(external_layout.shards[0].replicas)
+    else:
+        cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
+        num_shards = int(request.get("NumNodeGroups") or (len(sources) if cluster_mode else 1))
+        replicas = int(request["ReplicasPerNodeGroup"]) if request.get("ReplicasPerNodeGroup") is not None else 1
     node_type = request.get("CacheNodeType") or source_node_type or caches.DEFAULT_NODE_TYPE
     caches.validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based")
     _check_data_tiering(source_node_type, source_tiering, node_type)
 
     # Reserve the target name and mark the snapshot before the (long) staging read.
-    catalog.register_cache(
-        {
-            "CacheName": target,
-            "Status": "creating",
-            "Managed": "local",
-            "RestoreExecution": execution,
-            "RestoreSource": snapshot_name or ",".join(arns),
-            "CacheNodeType": node_type,
-            **security,
-        }
-    )
+    if external is not None:
+        catalog.update_cache(
+            target, Status="restoring", RestoreExecution=execution, RestoreSource=snapshot_name or ",".join(arns)
+        )
+    else:
+        catalog.register_cache(
+            {
+                "CacheName": target,
+                "Status": "creating",
+                "Managed": "ecs",
+                "Engine": engine,
+                "RestoreExecution": execution,
+                "RestoreSource": snapshot_name or ",".join(arns),
+                "CacheNodeType": node_type,
+                **security,
+            }
+        )
     if snapshot is not None:
         catalog.update_snapshot(snapshot["SnapshotName"], expect_status="available", SnapshotStatus="restoring")
         # Remembered on the cache so only this restore hands the snapshot back.
         catalog.update_cache(target, SnapshotRestoring=snapshot["SnapshotName"])
 
     staged = _stage_sources(settings, target, sources)
-    engine, version, max_rdb = _local_engine()
+    engine, version, max_rdb = _target_engine(external, engine)
     newest = max(s["RdbVersion"] for s in staged)
     if newest > max_rdb:
         raise InvalidParameterCombination(
@@ -151,19 +173,25 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         "NumNodeGroups": num_shards,
         "ReplicasPerNodeGroup": replicas,
         "CacheNodeType": node_type,
+        "TargetType": "external" if external is not None else "ecs",
+        "Engine": engine,
         "Sources": staged,
         "ExecutionName": execution,
     }
 
 
-def _check_target_free(catalog: Catalog, target: str) -> None:
+def _check_target_free(catalog: Catalog, target: str) -> dict[str, Any] | None:
+    """None for a new (ECS) cache; the record of a registered external cache to restore into."""
     existing = catalog.find_cache(target)
     if existing is None:
-        return
-    if existing.get("Status") == "failed" and existing.get("Managed") == "local":
+        return None
+    if existing.get("Managed") == "external":
+        restore_targets.check_external_available(existing)
+        return existing
+    if existing.get("Status") == "failed" and existing.get("Managed") in ("local", "ecs"):
         # A failed earlier restore left only its record: a retry may take the name again.
         caches.delete_local_cache(target, catalog.settings)
-        return
+        return None
     raise ReplicationGroupAlreadyExistsFault(f"Replication group {target!r} already exists.")
 
 
@@ -241,57 +269,39 @@ def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]
 
 # ---------------------------------------------------------------------------------- provision
 def provision_step(event: dict[str, Any]) -> dict[str, Any]:
-    settings = Settings.from_env()
-    catalog = Catalog(settings)
+    """The primaries to load: a new ECS cache's (started alone, replicas come after the load) or
+    the external cache's, read from its nodes."""
+    catalog = Catalog(Settings.from_env())
     target, cluster_mode, shards = event["ReplicationGroupId"], event["ClusterMode"], event["NumNodeGroups"]
-    sources = event["Sources"]
-    seeded = _can_seed(event)
-    fleet = caches._fleet(settings)
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
-    layout = fleet.create_cache(
-        target,
-        password=creds.password,
-        username=creds.username,
-        tls=creds_mod.fleet_tls(cache),
-        cluster_mode=cluster_mode,
-        num_shards=shards,
-        # The network path loads the primaries alone; AttachReplicas adds the replicas after.
-        replicas_per_shard=event["ReplicasPerNodeGroup"] if seeded else 0,
-        seed_rdbs=[Path(s["Path"]) for s in sources] if seeded else None,
-        detached=True,
-    )
-    _record_layout(catalog, layout, event, creds)
-    targets = [
-        {"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in layout.shards
-    ]
-    tasks = [] if seeded else [{"Index": s["Index"], "Path": s["Path"]} for s in sources]
-    logger.info("target provisioned", target=target, seeded=seeded, shards=len(targets))
-    return {**event, "Seeded": seeded, "Targets": targets, "LoadTasks": tasks}
+    if event.get("TargetType") == "external":
+        topo = topology.discover(caches.seed_endpoints(cache), credentials=creds)
+        targets = [
+            {"Host": s.primary.host, "Port": s.primary.port, "Slots": format_slot_ranges(s.slots) or None}
+            for s in topo.shards
+        ]
+    else:
+        nodes = restore_targets.create_ecs_cache(
+            target, engine=event.get("Engine") or "redis", cluster_mode=cluster_mode, num_shards=shards, replicas=0,
+            creds=creds, tls=creds_mod.fleet_tls(cache),
+        )  # fmt: skip
+        _record_nodes(catalog, nodes, event, creds)
+        targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
+    tasks = [{"Index": s["Index"], "Path": s.get("Path")} for s in event["Sources"]]
+    logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets))
+    return {**event, "Seeded": False, "Targets": targets, "LoadTasks": tasks}
 
 
-def _record_layout(catalog: Catalog, layout: Any, event: dict[str, Any], creds: creds_mod.Credentials) -> None:
-    """The target's registry record (nodes, replicas, endpoints) from its layout; still ``creating``."""
-    record = caches.registry_record(
-        layout,
-        node_type=event["CacheNodeType"],
-        kind="node-based",
-        data_tiering="r6gd" in event["CacheNodeType"],
-        credentials=creds,
+def _record_nodes(
+    catalog: Catalog, nodes: restore_targets.CacheNodes, event: dict[str, Any], creds: creds_mod.Credentials
+) -> None:
+    """The new cache's registry record (nodes, task ARNs, endpoints); still ``creating``."""
+    record = restore_targets.ecs_record(
+        nodes, creds, node_type=event["CacheNodeType"], data_tiering="r6gd" in event["CacheNodeType"]
     )
     record["Status"] = "creating"
-    catalog.update_cache(layout.name, **{k: v for k, v in record.items() if k != "CacheName"})
-
-
-def _can_seed(event: dict[str, Any]) -> bool:
-    """Seed from files when every target shard maps to exactly one source file."""
-    sources = event["Sources"]
-    if event["ClusterMode"] != event["SourceClusterMode"] or len(sources) != event["NumNodeGroups"]:
-        return False
-    if not event["ClusterMode"]:
-        return True
-    expected = [format_slot_ranges([r]) for r in even_split(len(sources))]
-    return [s["Slots"] for s in sources] == expected
+    catalog.update_cache(nodes.name, **{k: v for k, v in record.items() if k != "CacheName"})
 
 
 # ---------------------------------------------------------------------------------- load
@@ -365,24 +375,24 @@ def _text(key: bytes | None) -> str | None:
 
 # ---------------------------------------------------------------------------------- attach replicas
 def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Add the replicas to the loaded primaries; return when every replica is in sync.
+    """Add the replicas (ECS tasks) to the loaded primaries; return when every replica is in sync.
 
-    A no-op for a seeded target (created with its replicas) or one without replicas.
+    A no-op for an external target (its replicas are the user's and sync by themselves) or
+    one without replicas.
     """
     wanted = int(event["ReplicasPerNodeGroup"])
-    if event.get("Seeded") or wanted == 0:
+    if event.get("TargetType") == "external" or wanted == 0:
         return event
-    settings = Settings.from_env()
-    catalog = Catalog(settings)
+    catalog = Catalog(Settings.from_env())
     target = event["ReplicationGroupId"]
-    creds = creds_mod.for_cache(catalog.get_cache(target))
-    fleet = caches._fleet(settings)
+    cache = catalog.get_cache(target)
+    creds = creds_mod.for_cache(cache)
     # A full sync moves the whole dataset once more: bound the wait by its size.
     megabytes = sum(int(s["Size"]) for s in event["Sources"]) / MiB
-    timeout = max(fleet.ready_timeout, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
-    layout = fleet.add_replicas(target, wanted, username=creds.username, timeout=timeout)
-    _record_layout(catalog, layout, event, creds)
-    logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(layout.shards))
+    timeout = max(restore_targets.READY_TIMEOUT_S, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
+    nodes = restore_targets.add_ecs_replicas(cache, wanted, creds, creds_mod.fleet_tls(cache), timeout)
+    _record_nodes(catalog, nodes, event, creds)
+    logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(nodes.shards))
     return event
 
 
@@ -421,18 +431,26 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
 
 def _check_replicas(target: str, report: dict[str, Any]) -> int:
     """Every replica's link up and its offset equal to its primary's (bounded wait); their count."""
-    fleet = caches._fleet(Settings.from_env())
+    cache = Catalog(Settings.from_env()).get_cache(target)
+    creds = creds_mod.for_cache(cache)
+    if cache.get("Managed") == "external":
+        shards: list[Any] = topology.discover(caches.seed_endpoints(cache), credentials=creds).shards
+    else:
+        shards = restore_targets.nodes_from_record(cache).shards
     report["Compared"] += "; every replica linked and in sync (replication offset equal to its primary's)"
-    lagging: list[str] = fleet.replicas_lagging(target)
+
+    def lagging() -> list[str]:
+        return [n for shard in shards for n in restore_targets.lagging_replicas(shard, creds)]
+
+    behind = lagging()
     deadline = time.monotonic() + REPLICA_SYNC_CHECK_S
-    while lagging and time.monotonic() < deadline:
+    while behind and time.monotonic() < deadline:
         time.sleep(0.1)
-        lagging = fleet.replicas_lagging(target)
-    if lagging:
-        report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in lagging]
-        raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(lagging)}", **report)
-    layout = fleet.get_cache(target)
-    return sum(len(s.replicas) for s in layout.shards)
+        behind = lagging()
+    if behind:
+        report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in behind]
+        raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(behind)}", **report)
+    return sum(len(s.replicas) for s in shards)
 
 
 def _file_samples(path: str) -> list[RestoreEntry]:
@@ -462,7 +480,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_env()
     catalog = Catalog(settings)
     target = event["ReplicationGroupId"]
-    catalog.update_cache(target, Status="available", RestoreCompleteTime=iso())
+    catalog.update_cache(target, Status="available", RestoreCompleteTime=iso(), RestoreExecution=None)
     if event.get("SnapshotName"):
         catalog.update_snapshot(event["SnapshotName"], SnapshotStatus="available")
         catalog.update_cache(target, SnapshotRestoring=None)
@@ -491,13 +509,13 @@ def fail_step(event: dict[str, Any]) -> dict[str, Any]:
     target = str(request.get("ReplicationGroupId", "")).lower()
     cache = catalog.find_cache(target) if target else None
     ours = bool(cache and execution and cache.get("RestoreExecution") == execution)
-    if ours:
-        fleet = caches._fleet(settings)
-        try:
-            fleet.destroy_cache(target)
-        except ReplicationGroupNotFoundFault:  # nothing was started yet
-            logger.info("no nodes to stop", target=target)
+    if ours and cache.get("Managed") == "external":
+        # The user's nodes stay theirs (possibly partly loaded, said in the reason); usable again.
+        catalog.update_cache(target, Status="available", RestoreExecution=None, LastRestoreFailure=reason)
+    elif ours:
+        restore_targets.destroy(cache, f"restore into {target} failed")  # stopped tasks are fine
         catalog.update_cache(target, Status="failed", FailureReason=reason, Endpoints=[], Nodes=[])
+    if ours:
         if cache.get("SnapshotRestoring"):
             catalog.update_snapshot(cache["SnapshotRestoring"], SnapshotStatus="available")
         shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)

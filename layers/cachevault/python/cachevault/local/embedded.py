@@ -26,7 +26,7 @@ from typing import Any
 
 import boto3
 
-from cachevault.local import lambda_runtime
+from cachevault.local import ecs, lambda_runtime
 from cachevault.local.deployer import DeployedStack, deploy
 
 SFN_EXECUTE = {"stepfunctions": {"execute_state_machine": True}}
@@ -77,9 +77,11 @@ class InProcessAWS:
         self._mock.start()
         lambda_runtime.install()
         lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": None}
+        ecs.install()  # ECS tasks run as processes (workers cannot call an in-process mock)
         return self
 
     def stop(self) -> None:
+        ecs.RUNNER.stop_all()
         if self._mock is not None:
             self._mock.stop()
             self._mock = None
@@ -132,9 +134,16 @@ class ServerAWS:
         lambda_runtime.install()
         # Handlers run inside the server process: their boto3 clients must call it back.
         lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, **_FAKE_CREDENTIALS}
+        ecs.install()
+        # Task processes (capture workers) call the server back, as a task reaches AWS.
+        ecs.RUNNER.base_env = {
+            "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region, **_FAKE_CREDENTIALS,
+        }
         return self
 
     def stop(self) -> None:
+        ecs.RUNNER.stop_all()
+        ecs.RUNNER.base_env = {}
         if self._server is not None:
             # Leave the process as found: the config is process-global, the backends too.
             _post_json(
