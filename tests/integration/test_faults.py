@@ -190,7 +190,7 @@ def test_master_link_lost_after_source_selection_fails_with_nomasterlink(
     sync_replicas(primary, 1)
     digest = node_digest(primary)
     [replica] = node_addresses(cache, "replica")
-    real_start = capture_runner.start
+    real_start = capture_runner.run_inline
 
     def link_breaks_first(snapshot: str, shard: dict[str, Any], settings: Any) -> None:
         # SelectSources chose a healthy replica; its link drops before the capture connects.
@@ -198,12 +198,12 @@ def test_master_link_lost_after_source_selection_fails_with_nomasterlink(
             _replicaof(f"{shard['Host']}:{shard['Port']}", f"127.0.0.1:{free_port()}")
         real_start(snapshot, shard, settings)
 
-    monkeypatch.setattr(capture_runner, "start", link_breaks_first)
+    monkeypatch.setattr(capture_runner, "run_inline", link_breaks_first)
     product.control.create_snapshot(cache["CacheName"], "nml2-snap")
     record = _assert_failed_cleanly(product, cache["CacheName"], "nml2-snap", reason="NOMASTERLINK")
     assert node_id_at(cache, replica) in record["FailureReason"]
 
-    monkeypatch.setattr(capture_runner, "start", real_start)
+    monkeypatch.setattr(capture_runner, "run_inline", real_start)
     _replicaof(replica, primary)
     sync_replicas(primary, 1)
     product.control.create_snapshot(cache["CacheName"], "nml2-retry")

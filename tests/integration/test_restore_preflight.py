@@ -259,6 +259,7 @@ def test_corrupt_snapshot_object_is_refused_before_any_write(
     assert product.control.catalog.get_cache(target)["Status"] == "available"
 
 
+@pytest.mark.parametrize("damage", ["bit-flip", "truncated"])
 def test_corrupt_external_rdb_is_refused_before_any_write(
     product: Product, targets: list[str], damage: str
 ) -> None:

@@ -113,7 +113,8 @@ def create_local_cache(
     ``auth_password`` stores the password in Secrets Manager (``cachevault/<name>/auth``)
     and starts the nodes with ``requirepass`` (plus an ACL user ``auth_username``);
     ``auth_secret_arn`` uses an existing secret. ``tls`` (cert_file, key_file, ca_file)
-    makes TLS-only nodes; the registry records ``TransitEncryptionEnabled`` and the CA.
+    makes TLS-only nodes; the registry records ``TransitEncryptionEnabled`` and the CA (and
+    ``server_name``, the name the nodes' certificate carries, as ``TlsServerName``).
     """
     settings = settings or Settings.from_env()
     name = names.cache_name(name)
@@ -129,6 +130,8 @@ def create_local_cache(
             TlsCertificateFile=tls["cert_file"],
             TlsKeyFile=tls["key_file"],
         )
+        if tls.get("server_name"):  # tasks get addresses at run time: the certificate names the nodes
+            security["TlsServerName"] = tls["server_name"]
     if auth_password:
         security.update(AuthSecretArn=_create_secret(name, auth_username, auth_password), AuthSecretManaged=True)
     elif auth_secret_arn:

@@ -32,6 +32,7 @@ from cachevault.slots import even_split, format_slot_ranges
 
 NODE_PORT = 6379
 ENGINES = ("redis", "valkey")
+DEFAULT_IMAGES = {"redis": "redis:7.0", "valkey": "valkey/valkey:8.0"}
 READY_TIMEOUT_S = 120.0
 _POLL_S = 0.1
 
@@ -82,13 +83,12 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def image_engine(engine: str, settings: TaskSettings | None = None) -> tuple[str, str, int]:
+def image_engine(engine: str) -> tuple[str, str, int]:
     """(engine, version, highest RDB version) of the image the node task definition runs."""
     if engine not in ENGINES:
         raise InvalidParameterValue(f"Engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
-    settings = settings or TaskSettings.from_env()
-    definition = client("ecs").describe_task_definition(taskDefinition=settings.node_task_definitions[engine])
-    image = definition["taskDefinition"]["containerDefinitions"][0]["image"]
+    # The node task definitions run these images (template parameters RedisImage / ValkeyImage).
+    image = os.environ.get(f"{engine.upper()}_IMAGE") or DEFAULT_IMAGES[engine]
     tag = image.rsplit("/", 1)[-1].partition(":")[2] or "latest"
     version = tag.split("-", 1)[0]
     if not version[:1].isdigit():

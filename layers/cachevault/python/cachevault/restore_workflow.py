@@ -480,7 +480,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_env()
     catalog = Catalog(settings)
     target = event["ReplicationGroupId"]
-    catalog.update_cache(target, Status="available", RestoreCompleteTime=iso(), RestoreExecution=None)
+    catalog.update_cache(target, Status="available", RestoreCompleteTime=iso())
     if event.get("SnapshotName"):
         catalog.update_snapshot(event["SnapshotName"], SnapshotStatus="available")
         catalog.update_cache(target, SnapshotRestoring=None)

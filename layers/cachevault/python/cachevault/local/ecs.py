@@ -203,6 +203,7 @@ class TaskRunner:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped (hung) process must see the TERM too
         for proc in procs:
             try:
                 proc.wait(timeout=timeout)
@@ -331,11 +332,53 @@ def install(runner: TaskRunner = RUNNER) -> None:
         runner.apply(task)
         return task
 
+    _patch_step_functions_ecs_integration()
     models.Task.last_status = property(last_status, set_last_status)  # type: ignore[assignment]
     backend_cls.run_task = run_task  # type: ignore[method-assign]
     backend_cls.describe_tasks = describe_tasks  # type: ignore[method-assign]
     backend_cls.stop_task = stop_task  # type: ignore[method-assign]
     _installed = True
+
+
+def _patch_step_functions_ecs_integration() -> None:
+    """moto 5.2.1's Step Functions ECS integration (``state_task_service_ecs.py``) calls the
+    request/response normalisation its base class leaves empty, so ``Cluster`` reached boto3
+    unconverted and ``Tasks`` was never in the answer. Fill both in from botocore's ECS model,
+    with the converters that base class already has (``_to_boto_request``/``_from_boto_response``)."""
+    from botocore import xform_name
+    from botocore.session import get_session
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_ecs import (
+        StateTaskServiceEcs,
+    )
+
+    model = get_session().get_service_model("ecs")
+    operations = {xform_name(name): name for name in model.operation_names}
+
+    def operation(self: Any, action: str | None) -> Any:
+        return model.operation_model(operations[self._get_boto_service_action(action)])
+
+    def normalise_parameters(self: Any, parameters: dict[str, Any], boto_service_name: str | None = None,
+                             service_action_name: str | None = None) -> None:  # fmt: skip
+        self._to_boto_request(parameters, operation(self, service_action_name).input_shape)
+
+    def normalise_response(self: Any, response: Any, boto_service_name: str | None = None,
+                           service_action_name: str | None = None) -> None:  # fmt: skip
+        self._from_boto_response(response, operation(self, service_action_name).output_shape)
+        _epoch_millis(response)  # Step Functions hands ECS timestamps on as epoch milliseconds
+
+    StateTaskServiceEcs._normalise_parameters = normalise_parameters  # type: ignore[method-assign]
+    StateTaskServiceEcs._normalise_response = normalise_response  # type: ignore[method-assign]
+
+
+def _epoch_millis(value: Any) -> Any:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _epoch_millis(item)
+    elif isinstance(value, list):
+        value[:] = [_epoch_millis(item) for item in value]
+    elif isinstance(value, datetime.datetime):
+        return int(value.timestamp() * 1000)
+    return value
 
 
 def _known_subnet(backend: Any, net: dict[str, Any] | None) -> dict[str, Any]:
@@ -349,5 +392,6 @@ def _known_subnet(backend: Any, net: dict[str, Any] | None) -> dict[str, Any]:
         vpc = ec2.get_default_vpc() or ec2.create_default_vpc()
         subnets = [next(s.id for s in ec2.describe_subnets() if s.vpc_id == vpc.id)]
     conf["subnets"] = subnets
-    conf["securityGroups"] = conf.get("securityGroups") or []
+    groups = {g.id for g in ec2.describe_security_groups()}
+    conf["securityGroups"] = [g for g in conf.get("securityGroups") or [] if g in groups]
     return {**(net or {}), "awsvpcConfiguration": conf}

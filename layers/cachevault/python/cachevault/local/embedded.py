@@ -126,6 +126,10 @@ class ServerAWS:
             werkzeug_log.setLevel(logging.WARNING)
         # moto's ASL interpreter calls Lambda at http://localhost:$MOTO_PORT in server mode.
         self._env.set("MOTO_PORT", str(self.port))
+        # Set for good: a Lambda invocation's environment overlay would otherwise add and pop
+        # it around each handler, and a Step Functions service task creating its boto3 client
+        # on another thread at that moment read it half-gone (KeyError 'AWS_REGION').
+        self._env.set("AWS_REGION", os.environ.get("AWS_REGION") or self.region)
         self._previous_sfn = bool(default_user_config.get("stepfunctions", {}).get("execute_state_machine"))
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
         self._server.start()
