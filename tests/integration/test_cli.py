@@ -261,13 +261,13 @@ def test_giving_up_a_wait_says_the_operation_continues(home: Path) -> None:
         while time.monotonic() < deadline:
             found = run_cli(home, "snapshot", "describe", "wait-snap", "--json", check=False)
             if found.returncode == 0:
-                status = json.loads(found.stdout)["Snapshot"]["SnapshotStatus"]
+                status = json.loads(found.stdout)["Snapshots"][0]["SnapshotStatus"]
                 if status != "creating":
                     break
         assert status == "available"
     finally:
         run_cli(home, "snapshot", "delete", "wait-snap", check=False)
-        run_json(home, "cache", "delete", created["CacheName"])
+        run_json(home, "cache", "delete", created["ReplicationGroupId"])
 
 
 def test_a_snapshot_from_the_primary_shows_its_warning(home: Path) -> None:
@@ -277,9 +277,10 @@ def test_a_snapshot_from_the_primary_shows_its_warning(home: Path) -> None:
         assert "warning: Shard 0001: no healthy replica (the shard has no replica)" in proc.stderr
         assert "cli-solo-0001-001 (primary)" in proc.stdout
         assert "  warning: Shard 0001: no healthy replica" in proc.stdout  # the summary keeps it
-        described = run_json(home, "snapshot", "describe", "solo-snap")["Snapshot"]
+        described = run_json(home, "snapshot", "describe", "solo-snap")["Snapshots"][0]
         assert described["SnapshotStatus"] == "available"
-        assert len(described["Warnings"]) == 1 and "taken from the primary" in described["Warnings"][0]
+        warnings = described["CacheVault"]["Warnings"]
+        assert len(warnings) == 1 and "taken from the primary" in warnings[0]
     finally:
         run_cli(home, "snapshot", "delete", "solo-snap", check=False)
-        run_json(home, "cache", "delete", created["CacheName"])
+        run_json(home, "cache", "delete", created["ReplicationGroupId"])
