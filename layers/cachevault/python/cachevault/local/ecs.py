@@ -123,7 +123,8 @@ class TaskRunner:
         self.tasks: dict[str, LocalTask] = {}
         self.base_env: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.root = Path(tempfile.mkdtemp(prefix="cachevault-ecs-"))
+        # Task working dirs (logs; a node's dump would go there): made on the first RunTask.
+        self.root = Path(tempfile.gettempdir()) / f"cachevault-ecs-{os.getpid()}"
 
     # -- addresses --
     def _pick_address(self) -> str:
@@ -139,7 +140,7 @@ class TaskRunner:
     def start(self, arn: str, definitions: list[dict[str, Any]], overrides: dict[str, Any]) -> LocalTask:
         address = self._pick_address()
         workdir = self.root / arn.rsplit("/", 1)[-1]
-        workdir.mkdir(parents=True)
+        workdir.mkdir(parents=True, mode=0o700)
         task = LocalTask(arn=arn, address=address, workdir=workdir)
         by_name = {o.get("name"): o for o in (overrides or {}).get("containerOverrides") or []}
         with self._lock:
@@ -232,7 +233,6 @@ class TaskRunner:
         for arn in list(self.tasks):
             self.stop(arn, "embedded ECS shut down")
         shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.tasks.clear()
 
     # -- what DescribeTasks reports --
