@@ -10,12 +10,21 @@ PYTEST_ARGS ?=
 
 bootstrap: redis venv
 
-# Debian's redis-server/redis-tools (7.0.15) are the cache nodes of every local cache.
+# Debian's redis-server/redis-tools (7.0.15) run the redis:<ver> images of the embedded ECS (cache nodes).
 redis:
 	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-check-rdb >/dev/null; then \
 	  echo "installing redis-server redis-tools (apt)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-tools >/dev/null; \
+	fi
+	@# Valkey 8 (what the embedded ECS runs for valkey/valkey images): Debian bookworm-backports.
+	@if ! command -v valkey-server >/dev/null && . /etc/os-release && [ "$$VERSION_CODENAME" = bookworm ]; then \
+	  echo "installing valkey-server from bookworm-backports (apt)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ || \
+	    echo "deb http://deb.debian.org/debian bookworm-backports main" | $$SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq -t bookworm-backports valkey-server >/dev/null ) \
+	    || echo "valkey-server not installed: Valkey caches and restores need it"; \
 	fi
 
 venv: $(STAMP)

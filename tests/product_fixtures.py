@@ -22,6 +22,7 @@ import pytest
 import redis
 from cachevault import caches, storage
 from cachevault.aws import client
+from cachevault.local import ecs
 from cachevault.local.environment import LocalEnvironment
 from cachevault.local.fleet import Fleet
 from cachevault.local.redis_process import start_node
@@ -49,6 +50,43 @@ class Product:
     def s3_keys(self, prefix: str = "") -> list[str]:
         listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
         return sorted(o["Key"] for o in listing.get("Contents", []))
+
+    def node_task(self, node_id: str) -> str:
+        """The ECS task ARN of a cache node, by its CacheNodeId."""
+        for cache in self.control.catalog.list_caches():
+            for node in cache.get("Nodes", []):
+                if node["CacheNodeId"] == node_id:
+                    return str(node["TaskArn"])
+        raise KeyError(node_id)
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL the node's process (a crash): its task stops, as on ECS."""
+        ecs.RUNNER.kill(self.node_task(node_id))
+
+    def node_pids(self, cache: str) -> list[int]:
+        """PIDs of the cache's running node processes (one per task)."""
+        record = self.control.catalog.get_cache(cache)
+        return [pid for n in record.get("Nodes", []) if n.get("TaskArn") for pid in ecs.RUNNER.pids(n["TaskArn"])]
+
+    def running_tasks(self, cache: str) -> list[str]:
+        """ARNs of the ECS tasks started for ``cache`` (RunTask group) that have not stopped."""
+        ecs_client = client("ecs")
+        cluster = os.environ["ECS_CLUSTER"]
+        arns = ecs_client.list_tasks(cluster=cluster).get("taskArns", [])
+        if not arns:
+            return []
+        tasks = ecs_client.describe_tasks(cluster=cluster, tasks=arns)["tasks"]
+        return [t["taskArn"] for t in tasks if t.get("group") == f"cachevault:{cache}" and t["lastStatus"] != "STOPPED"]
+
+    def primary_slots(self, cache: str) -> list[tuple[str, tuple[int, int] | None]]:
+        """(primary address, its slot range or None) per shard, in shard order, from the registry."""
+        record = self.control.catalog.get_cache(cache)
+        primaries = sorted((n for n in record["Nodes"] if n["Role"] == "primary"), key=lambda n: n["NodeGroupId"])
+        out: list[tuple[str, tuple[int, int] | None]] = []
+        for node in primaries:
+            lo, _, hi = (node.get("Slots") or "").partition("-")
+            out.append((node["Address"], (int(lo), int(hi)) if record.get("ClusterMode") and lo else None))
+        return out
 
     def multipart_uploads(self) -> list[str]:
         listing = self.s3.list_multipart_uploads(Bucket=self.bucket)

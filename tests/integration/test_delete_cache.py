@@ -23,7 +23,7 @@ DELETE_CACHE = "DeleteCacheStateMachine"
 
 
 def pids(product: Product, cache: str) -> list[int]:
-    return [node.pid for node in product.fleet.get_cache(cache).nodes]
+    return product.node_pids(cache)
 
 
 def executions(product: Product, cache: str, status: str) -> list[dict[str, Any]]:

@@ -138,7 +138,7 @@ def test_capture_failure_and_restore_failure_are_published(
         return nodes[0].get("CaptureStatus") == "running"
 
     wait_until(streaming, 30, "the capture to start streaming")
-    product.fleet.kill_node(victim_id)
+    product.kill_node(victim_id)
     with pytest.raises(CacheVaultError):
         product.control.wait_snapshot("ev-doomed", timeout_s=60)
 

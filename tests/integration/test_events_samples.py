@@ -117,26 +117,29 @@ def run_order() -> list[str]:
 
 
 # ------------------------------------------------------------------------------ localize
-def _port_map(product: Product) -> dict[int, int]:
-    ports: dict[int, int] = {}
+def _port_map(product: Product) -> dict[int, tuple[str, int]]:
+    """Canonical port of a sample -> this run's (host, port): every node is a task with its own address."""
+    ports: dict[int, tuple[str, int]] = {}
     catalog = product.control.catalog
     demo = catalog.find_cache("demo-cache")
     if demo:
         for node in demo.get("Nodes", []):
-            ports[DEMO_CACHE_PORTS[node["Role"]]] = int(node["Address"].rsplit(":", 1)[1])
+            host, _, port = node["Address"].rpartition(":")
+            ports[DEMO_CACHE_PORTS[node["Role"]]] = (host, int(port))
     restored = catalog.find_cache("demo-restored")
     if restored:
         for i, endpoint in enumerate(restored.get("Endpoints", [])):
-            ports[DEMO_RESTORED_FIRST_PORT + i] = int(endpoint.rsplit(":", 1)[1])
+            host, _, port = endpoint.rpartition(":")
+            ports[DEMO_RESTORED_FIRST_PORT + i] = (host, int(port))
     return ports
 
 
-def localize(value: Any, ports: dict[int, int], state_dir: Path) -> Any:
+def localize(value: Any, ports: dict[int, tuple[str, int]], state_dir: Path) -> Any:
     """Canonical addresses and staging paths of a sample -> this run's."""
     if isinstance(value, dict):
         out = {k: localize(v, ports, state_dir) for k, v in value.items()}
         if out.get("Host") == CANONICAL_HOST and out.get("Port") in ports:
-            out["Port"] = ports[out["Port"]]
+            out["Host"], out["Port"] = ports[out["Port"]]
         return out
     if isinstance(value, list):
         return [localize(v, ports, state_dir) for v in value]

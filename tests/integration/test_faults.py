@@ -178,7 +178,7 @@ def test_primary_down_is_refused_before_anything_is_written(product: Product, ne
     fill(cache["Endpoints"][0], keys=300)
     sync_replicas(cache["Endpoints"][0], 2)
     primary_id = node_id_at(cache, cache["Endpoints"][0])
-    product.fleet.kill_node(primary_id)
+    product.kill_node(primary_id)
     # Each replica notices on its own schedule (replication cron): wait until both do, then
     # they answer SYNC with -NOMASTERLINK and nothing may be captured from them.
     wait_until(lambda: all(_link_down(a) for a in node_addresses(cache, "replica")), 30, "the replicas' link down")
@@ -200,7 +200,7 @@ def test_master_link_lost_after_source_selection_fails_with_nomasterlink(
     sync_replicas(primary, 1)
     digest = node_digest(primary)
     [replica] = node_addresses(cache, "replica")
-    real_start = capture_runner.start
+    real_start = capture_runner.run_inline
 
     def link_breaks_first(snapshot: str, shard: dict[str, Any], settings: Any) -> None:
         # SelectSources chose a healthy replica; its link drops before the capture connects.
@@ -208,12 +208,12 @@ def test_master_link_lost_after_source_selection_fails_with_nomasterlink(
             _replicaof(f"{shard['Host']}:{shard['Port']}", f"127.0.0.1:{free_port()}")
         real_start(snapshot, shard, settings)
 
-    monkeypatch.setattr(capture_runner, "start", link_breaks_first)
+    monkeypatch.setattr(capture_runner, "run_inline", link_breaks_first)
     product.control.create_snapshot(cache["CacheName"], "nml2-snap")
     record = _assert_failed_cleanly(product, cache["CacheName"], "nml2-snap", reason="NOMASTERLINK")
     assert node_id_at(cache, replica) in record["FailureReason"]
 
-    monkeypatch.setattr(capture_runner, "start", real_start)
+    monkeypatch.setattr(capture_runner, "run_inline", real_start)
     _replicaof(replica, primary)
     sync_replicas(primary, 1)
     product.control.create_snapshot(cache["CacheName"], "nml2-retry")
@@ -547,7 +547,7 @@ def test_interrupted_staging_download_fails_the_restore_before_any_write(
         failed = product.control.catalog.get_cache(target)
         assert failed["Status"] == "failed" and failed["FailureReason"]
         assert failed["Nodes"] == [] and failed["Endpoints"] == []
-        assert product.fleet._read(target) is None  # no node was ever started: nothing written anywhere
+        assert product.node_pids(target) == []  # no node was ever started: nothing written anywhere
         assert not staging.exists()
         assert product.control.describe_snapshot("rsf-snap")["SnapshotStatus"] == "available"
         assert product.s3_keys("snapshots/rsf-snap/") == objects

@@ -22,6 +22,7 @@ import redis
 from cachevault import caches, datagen, storage
 from cachevault.aws import client
 from cachevault.errors import InvalidS3Location, RestoreFailed
+from cachevault.local import ecs
 from cachevault.local.redis_process import process_alive
 from cachevault.slots import SlotRouter, key_slot
 from cachevault.verify import cache_digest, combined_digest
@@ -47,8 +48,8 @@ def _write_rich(product: Product, cache: dict[str, Any], seed: int) -> list[byte
 
     Keys go straight to the primary owning their slot. Returns the keys with an expiry.
     """
-    layout = product.fleet.get_cache(cache["CacheName"])
-    router = SlotRouter([[s.slot_range()] for s in layout.shards]) if layout.cluster_mode else None
+    shards = product.primary_slots(cache["CacheName"])
+    router = SlotRouter([[slots] for _, slots in shards]) if cache["ClusterMode"] else None
     conns = [connect(p) for p in _primaries(cache)]
     pipes = [c.pipeline(transaction=False) for c in conns]
     rnd = os.urandom
@@ -178,13 +179,12 @@ def _s3_objects(product: Product, snapshot: str) -> dict[str, tuple[str, int]]:
 
 def _misplaced_keys(product: Product, name: str) -> list[tuple[str, bytes]]:
     """Keys a cluster primary holds in a slot it does not own (clients could never reach them)."""
-    layout = product.fleet.get_cache(name)
     wrong = []
-    for shard in layout.shards:
-        lo, hi = shard.slot_range() or (0, 0)
-        conn = connect(f"{shard.primary.host}:{shard.primary.port}")
+    for index, (address, slots) in enumerate(product.primary_slots(name), start=1):
+        lo, hi = slots or (0, 0)
+        conn = connect(address)
         try:
-            wrong += [(shard.shard_id, k) for k in conn.scan_iter(count=1000) if not lo <= key_slot(k) <= hi]
+            wrong += [(f"{index:04d}", k) for k in conn.scan_iter(count=1000) if not lo <= key_slot(k) <= hi]
         finally:
             conn.close()
     return wrong
@@ -303,13 +303,13 @@ def _check_restored(product: Product, source: Source, target: str, *, shards: in
 
 
 # ------------------------------------------------------------------------------ 1: round trips
-def test_cluster_disabled_to_same_is_seeded_without_the_source_cache(
+def test_cluster_disabled_to_same_without_the_source_cache(
     product: Product, standalone: Source, targets: list[str]
 ) -> None:
     assert product.control.catalog.find_cache(standalone.cache_name) is None  # source deleted
-    assert product.fleet._read(standalone.cache_name) is None
+    assert product.running_tasks(standalone.cache_name) == []  # its nodes stopped with it
     output, seconds = _restore(product, targets, "rt-same", snapshot=standalone.snapshot)
-    assert output["Seeded"] is True
+    assert output["Seeded"] is False  # ECS nodes start empty: every restore loads over the network
     assert output["Status"] == "available" and output["ClusterMode"] is False
     assert output["Verification"]["Mismatches"] == []
     assert output["Verification"]["KeysExpected"] == standalone.keys
@@ -326,10 +326,10 @@ def test_cluster_disabled_to_same_is_seeded_without_the_source_cache(
 def test_three_shards_to_any_shard_count(
     product: Product, clustered: Source, targets: list[str], shards: int
 ) -> None:
-    """3 -> 3 is seeded from the files (same slot layout); 3 -> 2 and 3 -> 4 go over the network."""
+    """3 -> 3, 3 -> 2 and 3 -> 4 all load over the network into new ECS nodes."""
     target = f"rt-{shards}"
     output, seconds = _restore(product, targets, target, snapshot=clustered.snapshot, num_shards=shards, replicas=0)
-    seeded = shards == clustered.shards
+    seeded = False
     assert output["Seeded"] is seeded
     assert output["NumNodeGroups"] == shards and output["ClusterMode"] is True
     if not seeded:
@@ -490,8 +490,7 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
         timeout=60,
         what="the target's nodes to be provisioned",
     )
-    layout = product.fleet.get_cache(name)
-    pids = [n.pid for n in layout.nodes]
+    pids = product.node_pids(name)
     assert pids and all(process_alive(pid) for pid in pids)
     victim = next(n for n in record["Nodes"] if n["Role"] == "primary" and n["NodeGroupId"] == "0002")
     other = next(n for n in record["Nodes"] if n["Role"] == "primary" and n["NodeGroupId"] == "0001")
@@ -507,8 +506,9 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
     # While a restore reads it the snapshot shows restoring; the half-loaded cache is not available.
     assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "restoring"
     assert product.control.catalog.get_cache(name)["Status"] == "creating"
-    killed = product.fleet.kill_node(victim["CacheNodeId"])
-    assert not process_alive(killed.pid)
+    (victim_pid,) = ecs.RUNNER.pids(victim["TaskArn"])
+    product.kill_node(victim["CacheNodeId"])
+    assert not process_alive(victim_pid)
 
     with pytest.raises(RestoreFailed) as failure:
         product.control.wait_restore(arn, name, timeout_s=60)
@@ -521,7 +521,7 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
     assert failed["Nodes"] == [] and failed["Endpoints"] == []
     assert not any(process_alive(pid) for pid in pids)  # every node of the target stopped
     assert not (product.settings.state_dir / "restore-staging" / name).exists()
-    assert product.fleet._read(name) is None
+    assert product.running_tasks(name) == []
     assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "available"
     assert _s3_objects(product, "big-snap") == objects
 

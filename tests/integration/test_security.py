@@ -229,7 +229,9 @@ def test_least_privilege_backup_user_from_ssm(product: Product) -> None:
 def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_files: TlsFiles) -> None:
     password = "tls-" + secrets.token_hex(8)
     cache = caches.create_local_cache(
-        "sec-tls", tls=tls_files.fleet(), auth_password=password, settings=product.settings
+        # Nodes are tasks with addresses known only at run time: the certificate names them.
+        "sec-tls", tls={**tls_files.fleet(), "server_name": "localhost"}, auth_password=password,
+        settings=product.settings,
     )
     try:
         assert cache["TransitEncryptionEnabled"] is True
@@ -251,6 +253,7 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
             AuthSecretArn=cache["AuthSecretArn"],
             TransitEncryptionEnabled=True,
             TlsCaBundle=tls_files.ca_file,
+            TlsServerName="localhost",
             TlsCertificateFile=tls_files.cert_file,
             TlsKeyFile=tls_files.key_file,
         )
@@ -271,7 +274,7 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
         assert product.control.catalog.find_cache("sec-tls-bad") is None
         host, _, port = primary.rpartition(":")
         wrong = Credentials(None, password, Tls(ca_file=tls_files.other_ca_file))
-        with pytest.raises(CaptureFailed, match=re.escape("TLS certificate of 127.0.0.1 refused")):
+        with pytest.raises(CaptureFailed, match=re.escape(f"TLS certificate of {host} refused")):
             capture_rdb(host, int(port), bytearray().extend, credentials=wrong)
     finally:
         for name in ("sec-tls-copy", "sec-tls"):
@@ -305,8 +308,8 @@ def test_objects_sse_s3_by_default_and_sse_kms_with_the_parameter(
     monkeypatch.setenv("SNAPSHOT_ENCRYPTION", env["SNAPSHOT_ENCRYPTION"])
     monkeypatch.setenv("SNAPSHOT_KMS_KEY_ID", env["SNAPSHOT_KMS_KEY_ID"])
 
-    # A real capture started with that environment (as StartCapture is): the worker thread
-    # outlives the invocation's environment, so it must carry the encryption settings along.
+    # A real inline capture with that environment (as StartCapture runs it); an ECS capture
+    # worker gets the same variables from its task definition.
     catalog = Catalog(product.settings)
     replica = next(n for n in cache["Nodes"] if n["Role"] == "replica")["Address"]
     host, _, port = replica.rpartition(":")
@@ -314,13 +317,8 @@ def test_objects_sse_s3_by_default_and_sse_kms_with_the_parameter(
         "ShardIndex": 1, "NodeGroupId": "0001", "Host": host, "Port": int(port),
         "ReplicationGroupId": cache["CacheName"],
     }  # fmt: skip
-    capture_runner.start("sec-kms-snap", shard, product.settings)
-    monkeypatch.delenv("SNAPSHOT_ENCRYPTION")
-    monkeypatch.delenv("SNAPSHOT_KMS_KEY_ID")
-    capture_runner._workers[("sec-kms-snap", 1)].join(timeout=60)
+    capture_runner.run_inline("sec-kms-snap", shard, product.settings)
     assert catalog.capture_progress("sec-kms-snap")["0001"]["CaptureStatus"] == "done"
-    monkeypatch.setenv("SNAPSHOT_ENCRYPTION", env["SNAPSHOT_ENCRYPTION"])
-    monkeypatch.setenv("SNAPSHOT_KMS_KEY_ID", env["SNAPSHOT_KMS_KEY_ID"])
     storage.write_manifest(product.s3, product.bucket, "sec-kms-snap", {"x": 1}, extra_args=encryption.s3_args())
     try:
         for key in (storage.rdb_key("sec-kms-snap", 1), storage.manifest_key("sec-kms-snap")):

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from cachevault import datagen, storage
 from cachevault.errors import InvalidParameterCombination, InvalidParameterValue, InvalidSnapshotState
+from cachevault.local import ecs
 from cachevault.local.redis_process import process_alive
 
 from tests.product_fixtures import (
@@ -239,10 +240,9 @@ def test_source_killed_mid_capture_fails_cleanly_and_retry_succeeds(
         return uploading and node.get("CaptureStatus") == "running" and int(node.get("BytesCaptured", 0)) > 17 << 20
 
     wait_until(streaming, 30, "the capture to stream its first part")
-    layout = product.fleet.get_cache(cache["CacheName"])
-    victim_pid = layout.node(victim_id).pid
+    (victim_pid,) = ecs.RUNNER.pids(product.node_task(victim_id))
     save_children = _children(victim_pid)
-    product.fleet.kill_node(victim_id)
+    product.kill_node(victim_id)
 
     with pytest.raises(Exception, match="failed") as failure:
         product.control.wait_snapshot("doomed", timeout_s=60)

@@ -327,7 +327,7 @@ def test_shard_with_its_replica_down_is_snapshotted_from_the_primary_with_a_warn
     cache = new_cache("down", replicas=1)
     fill(cache["Endpoints"][0], keys=50)
     (replica,) = [n["CacheNodeId"] for n in cache["Nodes"] if n["Role"] == "replica"]
-    product.fleet.kill_node(replica)
+    product.kill_node(replica)
     started = product.control.create_snapshot(cache["CacheName"], "down-snap")
     record = product.control.wait_snapshot("down-snap", execution_arn=started["ExecutionArn"])
     assert record["SnapshotStatus"] == "available"

@@ -42,6 +42,7 @@ CREDENTIAL_READERS = {
     "RestoreLoadShardFunctionRole",
     "RestoreAttachReplicasFunctionRole",
     "RestoreVerifyFunctionRole",
+    "WorkerTaskRole",  # the ECS capture worker connects to the source node
 }
 
 

@@ -321,8 +321,10 @@ def _check_restore(control: service.ControlPlane, request: RestoreRequest, targe
     if bool(request.SnapshotName) == bool(request.SnapshotArns):
         raise InvalidParameterCombination("Give exactly one of SnapshotName or SnapshotArns.")
     existing = control.catalog.find_cache(target)
-    # A failed earlier local restore leaves only its record: its name may be taken again.
-    if existing is not None and not (existing.get("Status") == "failed" and existing.get("Managed") == "local"):
+    # A failed earlier restore leaves only its record: its name may be taken again. A
+    # registered external cache is a restore target (preflight checks it is empty).
+    reusable = existing is not None and existing.get("Status") == "failed" and existing.get("Managed") != "external"
+    if existing is not None and not reusable and existing.get("Managed") != "external":
         raise ReplicationGroupAlreadyExistsFault(f"Replication group {target!r} already exists.")
     payload: dict[str, Any] = {"ReplicationGroupId": target}
     source_cluster = False

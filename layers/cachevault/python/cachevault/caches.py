@@ -1,30 +1,29 @@
 """The cache registry: caches cachevault can snapshot and restore into.
 
-A cache is either one the local fleet made (real redis-server processes on 127.0.0.1,
-``Managed: local``) or a user's own Redis/Valkey registered by its endpoints
-(``Managed: external``). Either way the catalog record carries what preflight needs:
-engine, version, cluster mode, node type label, data tiering, kind, endpoints, nodes.
+A cache is either one cachevault made as ECS tasks running the Redis/Valkey image
+(``Managed: ecs``, see restore_targets; locally the embedded ECS runs them as processes)
+or a user's own Redis/Valkey registered by its endpoints (``Managed: external``). Either way
+the catalog record carries what preflight needs: engine, version, cluster mode, node type
+label, data tiering, kind, endpoints, nodes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
-from pathlib import Path
 from typing import Any
 
 from cachevault import credentials as creds_mod
-from cachevault import names, node_types, topology
+from cachevault import names, node_types, restore_targets, topology
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.credentials import Credentials
 from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
+    InvalidReplicationGroupState,
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
-    ReplicationGroupNotFoundFault,
 )
 from cachevault.settings import Settings
 from cachevault.slots import format_slot_ranges
@@ -34,23 +33,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NODE_TYPE = "cache.r7g.large"
 KINDS = ("node-based", "serverless")
-
-
-def _fleet(settings: Settings) -> Any:
-    from cachevault.local.fleet import Fleet  # local-only: a Lambda on AWS never imports the fleet
-
-    return Fleet(settings.state_dir)
-
-
-def local_engine() -> tuple[str, str]:
-    """(engine, version) of the redis-server binary the local fleet starts."""
-    from cachevault.local.redis_process import server_path
-
-    out = subprocess.run([server_path(), "--version"], capture_output=True, text=True, check=True, timeout=10)
-    # "Redis server v=7.0.15 sha=..." / "Valkey server v=8.0.1 ..."
-    engine = "valkey" if out.stdout.lower().startswith("valkey") else "redis"
-    version = out.stdout.split("v=", 1)[1].split()[0]
-    return engine, version
 
 
 def registry_record(
@@ -133,7 +115,7 @@ def create_local_cache(
     node_type: str = DEFAULT_NODE_TYPE,
     kind: str = "node-based",
     data_tiering: bool = False,
-    seed_rdbs: list[Path] | None = None,
+    engine: str = "redis",
     extra: dict[str, Any] | None = None,
     settings: Settings | None = None,
     auth_secret_arn: str | None = None,
@@ -141,12 +123,13 @@ def create_local_cache(
     auth_username: str | None = None,
     tls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Start the nodes, then register the cache; a half-made cache is never left registered.
+    """Start the nodes as ECS tasks, then register the cache; a half-made cache is never left registered.
 
     ``auth_password`` stores the password in Secrets Manager (``cachevault/<name>/auth``)
     and starts the nodes with ``requirepass`` (plus an ACL user ``auth_username``);
     ``auth_secret_arn`` uses an existing secret. ``tls`` (cert_file, key_file, ca_file)
-    makes TLS-only nodes; the registry records ``TransitEncryptionEnabled`` and the CA.
+    makes TLS-only nodes; the registry records ``TransitEncryptionEnabled`` and the CA (and
+    ``server_name``, the name the nodes' certificate carries, as ``TlsServerName``).
     """
     settings = settings or Settings.from_env()
     name = names.cache_name(name)
@@ -158,38 +141,35 @@ def create_local_cache(
     catalog = _catalog_for_new(settings, name)
     security: dict[str, Any] = {}
     if tls:
-        security.update(TransitEncryptionEnabled=True, TlsCaBundle=tls["ca_file"])
+        security.update(
+            TransitEncryptionEnabled=True,
+            TlsCaBundle=tls["ca_file"],
+            TlsCertificateFile=tls["cert_file"],
+            TlsKeyFile=tls["key_file"],
+        )
+        if tls.get("server_name"):  # tasks get addresses at run time: the certificate names the nodes
+            security["TlsServerName"] = tls["server_name"]
     if auth_password:
         security.update(AuthSecretArn=_create_secret(name, auth_username, auth_password), AuthSecretManaged=True)
     elif auth_secret_arn:
         security["AuthSecretArn"] = auth_secret_arn
     try:
         creds = creds_mod.for_cache(security)
-        fleet = _fleet(settings)
-        layout = fleet.create_cache(
-            name,
-            cluster_mode=cluster_mode,
-            num_shards=num_shards,
-            replicas_per_shard=replicas,
-            seed_rdbs=seed_rdbs,
-            # A cache lives until it is deleted, not until the process that made it exits.
-            detached=True,
-            password=creds.password,
-            username=creds.username,
-            tls=tls,
-        )
+        nodes = restore_targets.create_ecs_cache(
+            name, engine=engine, cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas,
+            creds=creds, tls=tls,
+        )  # fmt: skip
     except Exception:
         _delete_managed_secret(security)
         raise
     try:
-        record = registry_record(
-            layout, node_type=node_type, kind=kind, data_tiering=data_tiering, credentials=creds
-        )
+        record = restore_targets.ecs_record(nodes, creds, node_type=node_type, data_tiering=data_tiering)
+        record["Status"] = "available"
         record.update(security)
         record.update(extra or {})
         return catalog.register_cache(record)
     except Exception:
-        fleet.destroy_cache(name)
+        restore_targets.stop_tasks([n["TaskArn"] for n in restore_targets.node_entries(nodes)], "registration failed")
         _delete_managed_secret(security)
         raise
 
@@ -298,15 +278,24 @@ class _Layout:
                 node.node_id = node.node_id or f"{node.host}:{node.port}"
 
 
+def check_not_restoring(cache: dict[str, Any]) -> None:
+    """A cache a restore is still creating (or loading) cannot be deleted: its execution owns it."""
+    if cache.get("Status") in ("creating", "restoring") and cache.get("RestoreExecution"):
+        raise InvalidReplicationGroupState(
+            f"Replication group {cache['CacheName']!r} is {cache['Status']!r} by restore "
+            f"{cache['RestoreExecution']!r}; delete it when the restore has finished or failed."
+        )
+
+
 def delete_local_cache(name: str, settings: Settings | None = None) -> None:
+    """Delete a cache cachevault made (its tasks stopped) or forget an external one (its nodes stay)."""
     settings = settings or Settings.from_env()
     catalog = Catalog(settings)
     cache = catalog.get_cache(names.cache_name(name))
-    if cache.get("Managed") == "local":
-        # No nodes left on disk is fine: a failed restore already stopped them and kept
-        # only its record (status failed), which must still be deletable and reusable.
-        with contextlib.suppress(ReplicationGroupNotFoundFault):
-            _fleet(settings).destroy_cache(cache["CacheName"])
+    check_not_restoring(cache)
+    # Tasks already stopped are fine: a failed restore stopped them and kept only its
+    # record (status failed), which must still be deletable and reusable.
+    restore_targets.destroy(cache, f"cache {cache['CacheName']} deleted")
     _delete_managed_secret(cache)
     _delete_automatic_snapshots(catalog, cache["CacheName"], settings)
     catalog.delete_cache(cache["CacheName"])

@@ -1,28 +1,30 @@
-"""Runs one shard's capture (replica -> S3 multipart) and reports it in the catalog.
+"""Runs one shard's capture (replica -> S3 multipart) and reports it in the progress table.
 
-StartCapture hands the work to a runner and returns; PollCapture reads the progress the
-runner writes into the snapshot record (bytes, rate, heartbeat). Runners:
+Where it runs is decided per shard by :func:`plan` from the predicted RDB size (INFO
+``used_memory_dataset``) and the configured rate (``CAPTURE_RATE_BYTES_PER_SECOND``):
 
-* ``thread`` (default, local): a worker thread beside the state machine, like a
-  long-lived capture worker; no Lambda time limit applies.
-* ``inline``: the capture runs inside the StartCapture invocation. On AWS Lambda this is
-  bounded by the 15-minute limit (about 50 GB at the rates measured here, far less over a
-  real network); larger shards need the thread runner on a long-lived worker (see README).
+* ``inline``: inside the StartCapture Lambda, when the predicted time is at most
+  ``INLINE_CAPTURE_MAX_SECONDS`` (well inside the 15-minute limit);
+* ``ecs``: an ECS Fargate task (``python -m cachevault.worker capture``, the capture
+  worker task definition) that the state machine starts with ``ecs:runTask``.
 
+Both call :func:`run`, which writes the same progress (bytes, rate, heartbeat) that
+PollCapture reads; a worker whose heartbeat stalls is failed and stopped there, and
+MarkFailed stops every task of the snapshot (:func:`cancel`) and aborts the uploads.
 A runner never retries on its own; a failure is recorded and MarkFailed cleans up.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from cachevault import credentials as creds_mod
-from cachevault import encryption, storage
+from cachevault import encryption, restore_targets, storage, topology
 from cachevault.aws import client
 from cachevault.capture import CaptureProgress, capture_rdb
 from cachevault.catalog import Catalog
@@ -33,60 +35,83 @@ from cachevault.settings import Settings
 from cachevault.timeutil import iso
 
 PROGRESS_INTERVAL_S = 1.0
-_workers: dict[tuple[str, int], threading.Thread] = {}
-_cancelled: set[str] = set()
-_lock = threading.Lock()
+DEFAULT_RATE_BYTES_PER_SECOND = 50_000_000
+DEFAULT_INLINE_MAX_SECONDS = 540.0
+INLINE = "inline"
+ECS = "ecs"
 
 
 class CaptureCancelled(CaptureFailed):
     pass
 
 
-def start(snapshot: str, shard: dict[str, Any], settings: Settings) -> None:
-    key = (snapshot, int(shard["ShardIndex"]))
-    with _lock:
-        existing = _workers.get(key)
-        if existing is not None and existing.is_alive():
-            return  # a retried StartCapture must not start a second stream
-        for finished in [k for k, t in _workers.items() if not t.is_alive()]:
-            del _workers[finished]
-        _cancelled.discard(snapshot)
-    # Clients are made now, inside the invocation: the worker outlives the handler's
-    # environment (endpoint, credentials) in the local runtime.
-    catalog, s3 = Catalog(settings), client("s3")
-    # Resolved here by cache name (the payload never carries a secret), passed by reference.
+def task_group(snapshot: str) -> str:
+    """The RunTask group of a snapshot's capture tasks (how MarkFailed finds them)."""
+    return f"capture:{snapshot}"
+
+
+def plan(shard: dict[str, Any], credentials: Credentials = creds_mod.NONE) -> dict[str, Any]:
+    """Inline or ECS for one shard, with the prediction it rests on."""
+    memory = topology.node_memory(shard["Host"], int(shard["Port"]), credentials=credentials)
+    predicted = memory["used_memory_dataset"] or memory["used_memory"]
+    rate = float(os.environ.get("CAPTURE_RATE_BYTES_PER_SECOND") or DEFAULT_RATE_BYTES_PER_SECOND)
+    limit = float(os.environ.get("INLINE_CAPTURE_MAX_SECONDS") or DEFAULT_INLINE_MAX_SECONDS)
+    seconds = predicted / rate
+    return {"Runner": INLINE if seconds <= limit else ECS, "PredictedBytes": predicted,
+            "PredictedSeconds": round(seconds, 3)}  # fmt: skip
+
+
+def run_inline(snapshot: str, shard: dict[str, Any], settings: Settings) -> None:
+    """The capture inside this invocation (StartCapture); errors are recorded, then raised."""
+    catalog = Catalog(settings)
     cache = shard.get("ReplicationGroupId") or catalog.get_snapshot(snapshot)["ReplicationGroupId"]
-    credentials = creds_mod.for_cache_name(cache, catalog)
-    # Read now as well: the encryption settings are function environment, gone once it returns.
-    extra_args = encryption.s3_args()
-    if _inline():
-        run(
-            snapshot, shard, catalog, s3, settings.bucket,
-            raise_errors=True, credentials=credentials, extra_args=extra_args,
-        )  # fmt: skip
-        return
-    worker = threading.Thread(
-        target=run,
-        args=(snapshot, shard, catalog, s3, settings.bucket),
-        kwargs={"credentials": credentials, "extra_args": extra_args},
-        name=f"capture-{snapshot}-{key[1]}",
-        daemon=True,
-    )
-    with _lock:
-        _workers[key] = worker
-    worker.start()
+    try:
+        run(snapshot, shard, catalog, client("s3"), settings.bucket, raise_errors=True,
+            credentials=creds_mod.for_cache_name(cache, catalog))  # fmt: skip
+    except Exception as exc:  # what PollCapture says of a failed ECS capture, naming the node
+        node = shard.get("CacheNodeId") or f"{shard['Host']}:{shard['Port']}"
+        raise CaptureFailed(f"Capture of shard {shard['NodeGroupId']} from {node} failed: {exc}") from exc
 
 
-def cancel(snapshot: str) -> None:
-    """Ask running captures of a snapshot to stop (MarkFailed); they abort their uploads."""
-    with _lock:
-        _cancelled.add(snapshot)
-        workers = [t for (name, _), t in _workers.items() if name == snapshot]
-    for worker in workers:
-        worker.join(timeout=30)
-    if not any(worker.is_alive() for worker in workers):
-        with _lock:
-            _cancelled.discard(snapshot)
+def snapshot_failed(catalog: Catalog, snapshot: str) -> Callable[[], bool]:
+    """For a worker: has MarkFailed (or a delete) ended the snapshot it captures for?"""
+
+    def check() -> bool:
+        record = catalog.find_snapshot(snapshot)
+        return record is None or record.get("SnapshotStatus") != "creating"
+
+    return check
+
+
+def cancel(snapshot: str, reason: str = "snapshot failed") -> list[str]:
+    """Stop every capture task of a snapshot still running (MarkFailed); their ARNs."""
+    settings = restore_targets.TaskSettings.from_env()
+    ecs = client("ecs")
+    try:
+        arns = ecs.list_tasks(cluster=settings.cluster, desiredStatus="RUNNING").get("taskArns", [])
+    except ecs.exceptions.ClusterNotFoundException:
+        return []
+    stopped = []
+    for start in range(0, len(arns), 100):
+        for task in ecs.describe_tasks(cluster=settings.cluster, tasks=arns[start : start + 100])["tasks"]:
+            if task.get("group") == task_group(snapshot) and task.get("lastStatus") != "STOPPED":
+                stopped.append(task["taskArn"])
+    restore_targets.stop_tasks(stopped, reason, settings)
+    return stopped
+
+
+def task_state(task_arn: str) -> dict[str, Any]:
+    """lastStatus, stoppedReason and exit codes of a capture task."""
+    settings = restore_targets.TaskSettings.from_env()
+    tasks = client("ecs").describe_tasks(cluster=settings.cluster, tasks=[task_arn])["tasks"]
+    if not tasks:
+        return {"lastStatus": "STOPPED", "stoppedReason": "task not found", "exitCodes": []}
+    task = tasks[0]
+    return {
+        "lastStatus": task["lastStatus"],
+        "stoppedReason": task.get("stoppedReason", ""),
+        "exitCodes": [c.get("exitCode") for c in task.get("containers", [])],
+    }
 
 
 def _keys_per_db(host: str, port: int, credentials: Credentials = creds_mod.NONE) -> dict[str, int]:
@@ -109,6 +134,7 @@ def run(
     raise_errors: bool = False,
     credentials: Credentials = creds_mod.NONE,
     extra_args: dict[str, str] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> None:
     index = int(shard["ShardIndex"]) - 1
     group = shard["NodeGroupId"]
@@ -117,12 +143,12 @@ def run(
 
     def report(progress: CaptureProgress) -> None:
         nonlocal last_report
-        if snapshot in _cancelled:
-            raise CaptureCancelled(f"snapshot {snapshot} was cancelled")
         now = time.monotonic()
         if now - last_report < PROGRESS_INTERVAL_S:
             return
         last_report = now
+        if cancelled is not None and cancelled():
+            raise CaptureCancelled(f"snapshot {snapshot} is no longer being created")
         catalog.set_capture_progress(
             snapshot,
             group,
@@ -178,8 +204,4 @@ def run(
             logger.exception("could not record the capture failure", snapshot=snapshot)
         if raise_errors:
             raise
-
-
-def _inline() -> bool:
-    return os.environ.get("CAPTURE_RUNNER", "thread") == "inline"
 

@@ -41,6 +41,7 @@ def check_request(control: Any, cache: str, snapshot: str) -> tuple[str, str, di
     cache = names.cache_name(cache)
     snapshot = names.snapshot_name(snapshot)
     record = control.catalog.get_cache(cache)
+    caches.check_not_restoring(record)  # a restore still creating it owns it until it ends
     if record.get("LockedBy"):
         raise InvalidReplicationGroupState(
             f"Replication group {cache!r} is busy: {record.get('LockedFor')} {record['LockedBy']!r} is in "

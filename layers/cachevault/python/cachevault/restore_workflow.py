@@ -5,16 +5,17 @@ it needs from S3 itself and hands on only names, never paths. Preflight decides 
 manifest of a cachevault snapshot (RDB version, databases, key counts, slots); an RDB
 not made by cachevault (SnapshotArns) is streamed from S3 once with ranged GETs and
 scanned (version, databases, exact key counts, CRC64, SHA-256), nothing staged. Nothing
-is written to any cache before that. ProvisionCache starts the new cache, seeded from
-the RDBs when the layout matches (redis-server loading at start-up is the fastest path);
-otherwise it starts the primaries alone, each LoadShard reads its own source from S3
-(into its own temp dir when it fits there, else as a stream of ranged GETs, SHA-256
-checked either way) and sends pre-packed RESTORE batches, routed by hash slot, and
-AttachReplicas then adds the replicas, which full-sync from their loaded primary (a
-primary with replicas would propagate every RESTORE to them while it loads: 6x slower
-with one replica). A LoadShard leaves its per-target key counts and sample keys in a
-small S3 object under the restore's prefix (the state payload stays small for any
-shard count); Verify reads those, MarkAvailable/MarkFailed delete them.
+is written to any cache before that. The target is one of restore_targets': a new cache
+of ECS tasks (``ecs``) or an empty cache the user runs, registered by endpoint
+(``external``, checked reachable and empty at preflight, before anything is written).
+ProvisionCache starts the new cache's primaries alone (or reads the external layout);
+each LoadShard reads its own source from S3 (into its own temp dir when it fits there,
+else as a stream of ranged GETs, SHA-256 checked either way) and sends pre-packed RESTORE
+batches, routed by hash slot; AttachReplicas then adds the replicas, which full-sync from
+their loaded primary (a primary with replicas would propagate every RESTORE to them while
+it loads: 6x slower with one replica). A LoadShard leaves its per-target key counts and
+sample keys in a small S3 object under the restore's prefix (the state payload stays
+small for any shard count); Verify reads those, MarkAvailable/MarkFailed delete them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,27 +31,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from cachevault import caches, encryption, events, names, storage, topology
+from cachevault import caches, encryption, events, names, restore_targets, storage, topology
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
-from cachevault.dump_payload import restore_payload
 from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
     InvalidS3Location,
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
-    ReplicationGroupNotFoundFault,
     RestoreFailed,
 )
 from cachevault.failures import caught_failure, cleanup
 from cachevault.handler import logger, metrics, record_duration
 from cachevault.progress_report import RESTORE, PartProgress
-from cachevault.rdb import RdbKey, RdbStream, scan_rdb
+from cachevault.rdb import scan_rdb
 from cachevault.restore_load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
-from cachevault.slots import even_split, format_slot_ranges, parse_slot_ranges
+from cachevault.slots import format_slot_ranges, parse_slot_ranges
 from cachevault.timeutil import iso
 from cachevault.verify import verify_restore
 
@@ -76,10 +74,12 @@ LOAD_INLINE_MAX_BYTES_ENV = "LOAD_INLINE_MAX_BYTES"
 LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 
 
-def _local_engine() -> tuple[str, str, int]:
-    """Engine of the nodes the local fleet starts (the restore target's engine)."""
-    engine, version = caches.local_engine()
-    return engine, version, topology.rdb_version_for(engine, version)
+def _target_engine(external: dict[str, Any] | None, engine: str) -> tuple[str, str, int]:
+    """(engine, version, highest RDB version) the target accepts: the external nodes', or the image's."""
+    if external is not None:
+        version = str(external.get("EngineVersion", ""))
+        return str(external.get("Engine")), version, int(external.get("MaxRdbVersion") or 0)
+    return restore_targets.image_engine(engine)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -93,7 +93,8 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     arns = request.get("SnapshotArns") or []
     if bool(snapshot_name) == bool(arns):
         raise InvalidParameterCombination("Give exactly one of SnapshotName or SnapshotArns.")
-    _check_target_free(catalog, target)
+    external = _check_target_free(catalog, target)
+    external_layout = restore_targets.check_external_empty(external) if external is not None else None
     security = creds_mod.security_fields(request)  # names of secrets only, checked before any write
     creds_mod.fleet_tls(security)
 
@@ -109,18 +110,31 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         manifest = storage.read_manifest(client("s3"), bucket, snapshot["SnapshotName"])
         sources = [_manifest_source(bucket, n) for n in manifest["NodeSnapshots"]]
         source_cluster = bool(manifest["ClusterMode"])
+        source_engine = str(manifest.get("Engine") or "redis")
         source_node_type = manifest.get("CacheNodeType") or ""
         source_tiering = manifest.get("DataTiering") == "enabled"
     else:
         sources = [_s3_source(arn) for arn in arns]
         source_cluster = any(s["Slots"] for s in sources)
         source_node_type, source_tiering = "", False
+        source_engine = "redis"
+    engine = str(request.get("Engine") or source_engine).lower()
 
-    cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
-    # Given values are checked as given: 0 shards is refused, never taken for "not given".
-    asked_shards = request.get("NumNodeGroups")
-    num_shards = asked_shards if asked_shards is not None else (len(sources) if cluster_mode else 1)
-    replicas = request["ReplicasPerNodeGroup"] if request.get("ReplicasPerNodeGroup") is not None else 1
+    if external_layout is not None:  # the user's nodes decide the layout
+        cluster_mode = external_layout.cluster_mode
+        if cluster_mode != _target_cluster_mode(request, source_cluster, len(sources)) and (
+            request.get("ClusterMode") is not None or (source_cluster and not cluster_mode)
+        ):
+            _target_cluster_mode({**request, "ClusterMode": "enabled" if cluster_mode else "disabled"},
+                                 source_cluster, len(sources))  # fmt: skip
+        num_shards = len(external_layout.shards)
+        replicas = len(external_layout.shards[0].replicas)
+    else:
+        cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
+        # Given values are checked as given: 0 shards is refused, never taken for "not given".
+        asked_shards = request.get("NumNodeGroups")
+        num_shards = asked_shards if asked_shards is not None else (len(sources) if cluster_mode else 1)
+        replicas = request["ReplicasPerNodeGroup"] if request.get("ReplicasPerNodeGroup") is not None else 1
     asked_type = request.get("CacheNodeType")
     node_type = asked_type if asked_type is not None else (source_node_type or caches.DEFAULT_NODE_TYPE)
     caches.validate_shape(
@@ -129,24 +143,30 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     _check_data_tiering(source_node_type, source_tiering, node_type)
 
     # Reserve the target name and mark the snapshot before the (long) read of a foreign RDB.
-    catalog.register_cache(
-        {
-            "CacheName": target,
-            "Status": "creating",
-            "Managed": "local",
-            "RestoreExecution": execution,
-            "RestoreSource": snapshot_name or ",".join(arns),
-            "CacheNodeType": node_type,
-            **security,
-        }
-    )
+    if external is not None:
+        catalog.update_cache(
+            target, Status="restoring", RestoreExecution=execution, RestoreSource=snapshot_name or ",".join(arns)
+        )
+    else:
+        catalog.register_cache(
+            {
+                "CacheName": target,
+                "Status": "creating",
+                "Managed": "ecs",
+                "Engine": engine,
+                "RestoreExecution": execution,
+                "RestoreSource": snapshot_name or ",".join(arns),
+                "CacheNodeType": node_type,
+                **security,
+            }
+        )
     if snapshot is not None:
         catalog.update_snapshot(snapshot["SnapshotName"], expect_status="available", SnapshotStatus="restoring")
         # Remembered on the cache so only this restore hands the snapshot back.
         catalog.update_cache(target, SnapshotRestoring=snapshot["SnapshotName"])
 
     checked = [_checked_source(settings, target, index, source) for index, source in enumerate(sources, start=1)]
-    engine, version, max_rdb = _local_engine()
+    engine, version, max_rdb = _target_engine(external, engine)
     newest = max(s["RdbVersion"] for s in checked)
     if newest > max_rdb:
         raise InvalidParameterCombination(
@@ -167,19 +187,25 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         "NumNodeGroups": num_shards,
         "ReplicasPerNodeGroup": replicas,
         "CacheNodeType": node_type,
+        "TargetType": "external" if external is not None else "ecs",
+        "Engine": engine,
         "Sources": checked,
         "ExecutionName": execution,
     }
 
 
-def _check_target_free(catalog: Catalog, target: str) -> None:
+def _check_target_free(catalog: Catalog, target: str) -> dict[str, Any] | None:
+    """None for a new (ECS) cache; the record of a registered external cache to restore into."""
     existing = catalog.find_cache(target)
     if existing is None:
-        return
-    if existing.get("Status") == "failed" and existing.get("Managed") == "local":
+        return None
+    if existing.get("Managed") == "external":
+        restore_targets.check_external_available(existing)
+        return existing
+    if existing.get("Status") == "failed" and existing.get("Managed") in ("local", "ecs"):
         # A failed earlier restore left only its record: a retry may take the name again.
         caches.delete_local_cache(target, catalog.settings)
-        return
+        return None
     raise ReplicationGroupAlreadyExistsFault(f"Replication group {target!r} already exists.")
 
 
@@ -323,47 +349,39 @@ def _checked_source(settings: Settings, target: str, index: int, source: dict[st
 
 # ---------------------------------------------------------------------------------- provision
 def provision_step(event: dict[str, Any]) -> dict[str, Any]:
-    settings = Settings.from_env()
-    catalog = Catalog(settings)
+    """The primaries to load: a new ECS cache's (started alone, replicas come after the load) or
+    the external cache's, read from its nodes."""
+    catalog = Catalog(Settings.from_env())
     target, cluster_mode, shards = event["ReplicationGroupId"], event["ClusterMode"], event["NumNodeGroups"]
-    sources = event["Sources"]
-    seeded = _can_seed(event)
-    fleet = caches._fleet(settings)
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
-    with _seed_files(sources if seeded else None) as seed_rdbs:
-        layout = fleet.create_cache(
-            target,
-            password=creds.password,
-            username=creds.username,
-            tls=creds_mod.fleet_tls(cache),
-            cluster_mode=cluster_mode,
-            num_shards=shards,
-            # The network path loads the primaries alone; AttachReplicas adds the replicas after.
-            replicas_per_shard=event["ReplicasPerNodeGroup"] if seeded else 0,
-            seed_rdbs=seed_rdbs,
-            detached=True,
-        )
-    _record_layout(catalog, layout, event, creds)
-    targets = [
-        {"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in layout.shards
-    ]
-    tasks = [] if seeded else [load_task(s) for s in sources]
-    logger.info("target provisioned", target=target, seeded=seeded, shards=len(targets))
-    return {**event, "Seeded": seeded, "Targets": targets, "LoadTasks": tasks}
+    if event.get("TargetType") == "external":
+        topo = topology.discover(caches.seed_endpoints(cache), credentials=creds)
+        targets = [
+            {"Host": s.primary.host, "Port": s.primary.port, "Slots": format_slot_ranges(s.slots) or None}
+            for s in topo.shards
+        ]
+    else:
+        nodes = restore_targets.create_ecs_cache(
+            target, engine=event.get("Engine") or "redis", cluster_mode=cluster_mode, num_shards=shards, replicas=0,
+            creds=creds, tls=creds_mod.fleet_tls(cache),
+        )  # fmt: skip
+        _record_nodes(catalog, nodes, event, creds)
+        targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
+    tasks = [load_task(s) for s in event["Sources"]]
+    logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets))
+    return {**event, "Seeded": False, "Targets": targets, "LoadTasks": tasks}
 
 
-def _record_layout(catalog: Catalog, layout: Any, event: dict[str, Any], creds: creds_mod.Credentials) -> None:
-    """The target's registry record (nodes, replicas, endpoints) from its layout; still ``creating``."""
-    record = caches.registry_record(
-        layout,
-        node_type=event["CacheNodeType"],
-        kind="node-based",
-        data_tiering="r6gd" in event["CacheNodeType"],
-        credentials=creds,
+def _record_nodes(
+    catalog: Catalog, nodes: restore_targets.CacheNodes, event: dict[str, Any], creds: creds_mod.Credentials
+) -> None:
+    """The new cache's registry record (nodes, task ARNs, endpoints); still ``creating``."""
+    record = restore_targets.ecs_record(
+        nodes, creds, node_type=event["CacheNodeType"], data_tiering="r6gd" in event["CacheNodeType"]
     )
     record["Status"] = "creating"
-    catalog.update_cache(layout.name, **{k: v for k, v in record.items() if k != "CacheName"})
+    catalog.update_cache(nodes.name, **{k: v for k, v in record.items() if k != "CacheName"})
 
 
 def load_task(source: dict[str, Any]) -> dict[str, Any]:
@@ -377,54 +395,6 @@ def load_task(source: dict[str, Any]) -> dict[str, Any]:
         task["VersionId"] = source["VersionId"]
     limit = int(os.environ.get(LOAD_INLINE_MAX_BYTES_ENV) or LOAD_INLINE_MAX_BYTES)
     return task | {"Runner": "inline" if int(source["Size"]) <= limit else "ecs"}
-
-
-@contextlib.contextmanager
-def _seed_files(sources: list[dict[str, Any]] | None) -> Iterator[list[Path] | None]:
-    """The sources downloaded into this step's own temp dir for the nodes to load at start-up.
-
-    Each file is scanned once there (CRC64, exact key counts: a manifest's counts come from
-    INFO at capture time), and its source entry updated, so Verify need not read it again.
-    Removed once the nodes have loaded them (``create_cache`` returns with the data loaded).
-    """
-    if sources is None:
-        yield None
-        return
-    work = Path(tempfile.mkdtemp(prefix="cachevault-seed-"))
-    try:
-        paths = []
-        for source in sources:
-            path = work / f"{int(source['Index']):04d}.rdb"
-            with _reader(source) as reader:
-                storage.download_ranged(reader, path)
-            if not source.get("KeyCountExact"):
-                summary = scan_rdb(path)
-                source.update(
-                    KeysPerDb={str(db): n for db, n in summary.keys_per_db.items()},
-                    ExpiresPerDb={str(db): n for db, n in summary.expires_per_db.items()},
-                    KeyCount=summary.total_keys,
-                    KeyCountExact=True,
-                )
-            paths.append(path)
-        yield paths
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _can_seed(event: dict[str, Any]) -> bool:
-    """Seed from files when every target shard maps to exactly one source file.
-
-    The files pass through ProvisionCache's own temp dir, so they must fit there.
-    """
-    sources = event["Sources"]
-    if event["ClusterMode"] != event["SourceClusterMode"] or len(sources) != event["NumNodeGroups"]:
-        return False
-    if not storage.fits_in_temp_dir(sum(int(s["Size"]) for s in sources)):
-        return False
-    if not event["ClusterMode"]:
-        return True
-    expected = [format_slot_ranges([r]) for r in even_split(len(sources))]
-    return [s["Slots"] for s in sources] == expected
 
 
 # ---------------------------------------------------------------------------------- load
@@ -598,45 +568,40 @@ def _text(key: bytes | None) -> str | None:
 
 # ---------------------------------------------------------------------------------- attach replicas
 def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Add the replicas to the loaded primaries; return when every replica is in sync.
+    """Add the replicas (ECS tasks) to the loaded primaries; return when every replica is in sync.
 
-    A no-op for a seeded target (created with its replicas) or one without replicas.
+    A no-op for an external target (its replicas are the user's and sync by themselves) or
+    one without replicas.
     """
     wanted = int(event["ReplicasPerNodeGroup"])
-    if event.get("Seeded") or wanted == 0:
+    if event.get("TargetType") == "external" or wanted == 0:
         return event
-    settings = Settings.from_env()
-    catalog = Catalog(settings)
+    catalog = Catalog(Settings.from_env())
     target = event["ReplicationGroupId"]
-    creds = creds_mod.for_cache(catalog.get_cache(target))
-    fleet = caches._fleet(settings)
+    cache = catalog.get_cache(target)
+    creds = creds_mod.for_cache(cache)
     # A full sync moves the whole dataset once more: bound the wait by its size.
     megabytes = sum(int(s["Size"]) for s in event["Sources"]) / MiB
-    timeout = max(fleet.ready_timeout, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
-    layout = fleet.add_replicas(target, wanted, username=creds.username, timeout=timeout)
-    _record_layout(catalog, layout, event, creds)
-    logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(layout.shards))
+    timeout = max(restore_targets.READY_TIMEOUT_S, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
+    nodes = restore_targets.add_ecs_replicas(cache, wanted, creds, creds_mod.fleet_tls(cache), timeout)
+    _record_nodes(catalog, nodes, event, creds)
+    logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(nodes.shards))
     return event
 
 
 # ---------------------------------------------------------------------------------- verify
 def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     targets = _targets(event)
-    if event["Seeded"]:
-        expected, volatile, samples = _seeded_expectations(event["Sources"])
-        loads: list[dict[str, Any]] = []
-        skipped: list[dict[str, Any]] = []
-    else:
-        loads = event.get("LoadResults") or []
-        details = [_load_details(r["ResultKey"]) for r in loads]
-        skipped = [m for d in details for m in d["ModuleKeysSkipped"]][:MODULE_KEYS_LISTED]
-        expected = [sum(d["KeysPerTarget"][i] for d in details) for i in range(len(targets))]
-        volatile = [sum(d["KeysWithTtlPerTarget"][i] for d in details) for i in range(len(targets))]
-        samples = [
-            RestoreEntry(s["Db"], base64.b64decode(s["Key"]), base64.b64decode(s["Payload"]), s.get("ExpireMs"))
-            for d in details
-            for s in d["Samples"]
-        ]
+    loads = event.get("LoadResults") or []
+    details = [_load_details(r["ResultKey"]) for r in loads]
+    skipped = [m for d in details for m in d["ModuleKeysSkipped"]][:MODULE_KEYS_LISTED]
+    expected = [sum(d["KeysPerTarget"][i] for d in details) for i in range(len(targets))]
+    volatile = [sum(d["KeysWithTtlPerTarget"][i] for d in details) for i in range(len(targets))]
+    samples = [
+        RestoreEntry(s["Db"], base64.b64decode(s["Key"]), base64.b64decode(s["Payload"]), s.get("ExpireMs"))
+        for d in details
+        for s in d["Samples"]
+    ]
     report = verify_restore(
         targets,
         expected_keys_per_target=expected,
@@ -660,50 +625,28 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _seeded_expectations(sources: list[dict[str, Any]]) -> tuple[list[int], list[int], list[RestoreEntry]]:
-    """Key counts, keys with a TTL and sample keys per seeded shard, read from S3 (no local file).
-
-    The first keys of each source are the samples (one ranged GET); the whole source is
-    read only when its key count is not known exactly from the RDB (manifest counts taken
-    from INFO at capture time).
-    """
-    expected, volatile, samples = [], [], []
-    for source in sources:
-        exact = bool(source.get("KeyCountExact"))
-        reader = _reader(source, range_size=MiB if exact else storage.RANGE_SIZE)
-        keys = ttl = 0
-        with RdbStream(reader, window=MiB if exact else storage.RANGE_SIZE) as rdb:
-            for item in rdb:
-                if not isinstance(item, RdbKey):
-                    continue
-                keys += 1
-                ttl += item.expire_ms is not None
-                if len(samples) < SAMPLES_PER_SOURCE * (len(expected) + 1):
-                    payload = restore_payload(item.type_byte, item.value, rdb.version)
-                    samples.append(RestoreEntry(item.db, bytes(item.key), payload, item.expire_ms))
-                elif exact:
-                    break
-        if exact:
-            keys, ttl = int(source["KeyCount"]), sum(int(n) for n in source.get("ExpiresPerDb", {}).values())
-        expected.append(keys)
-        volatile.append(ttl)
-    return expected, volatile, samples
-
-
 def _check_replicas(target: str, report: dict[str, Any]) -> int:
     """Every replica's link up and its offset equal to its primary's (bounded wait); their count."""
-    fleet = caches._fleet(Settings.from_env())
+    cache = Catalog(Settings.from_env()).get_cache(target)
+    creds = creds_mod.for_cache(cache)
+    if cache.get("Managed") == "external":
+        shards: list[Any] = topology.discover(caches.seed_endpoints(cache), credentials=creds).shards
+    else:
+        shards = restore_targets.nodes_from_record(cache).shards
     report["Compared"] += "; every replica linked and in sync (replication offset equal to its primary's)"
-    lagging: list[str] = fleet.replicas_lagging(target)
+
+    def lagging() -> list[str]:
+        return [n for shard in shards for n in restore_targets.lagging_replicas(shard, creds)]
+
+    behind = lagging()
     deadline = time.monotonic() + REPLICA_SYNC_CHECK_S
-    while lagging and time.monotonic() < deadline:
+    while behind and time.monotonic() < deadline:
         time.sleep(0.1)
-        lagging = fleet.replicas_lagging(target)
-    if lagging:
-        report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in lagging]
-        raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(lagging)}", **report)
-    layout = fleet.get_cache(target)
-    return sum(len(s.replicas) for s in layout.shards)
+        behind = lagging()
+    if behind:
+        report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in behind]
+        raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(behind)}", **report)
+    return sum(len(s.replicas) for s in shards)
 
 
 def _load_summary(loads: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[str, Any]:
@@ -758,18 +701,27 @@ def fail_step(event: dict[str, Any]) -> dict[str, Any]:
     target = str(request.get("ReplicationGroupId", "")).lower()
     cache = cleanup("read the cache record", lambda: catalog.find_cache(target), errors) if target else None
     ours = bool(cache and execution and cache.get("RestoreExecution") == execution)
-    if ours:
-        assert cache is not None
-        fleet = caches._fleet(settings)
-        try:
-            fleet.destroy_cache(target)
-        except ReplicationGroupNotFoundFault:  # nothing was started yet
-            logger.info("no nodes to stop", target=target)
+    if ours and cache is not None and cache.get("Managed") == "external":
+        # The user's nodes stay theirs (possibly partly loaded, said in the reason); usable again.
+        cleanup(
+            "hand the external cache back",
+            lambda: catalog.update_cache(target, Status="available", RestoreExecution=None, LastRestoreFailure=reason),
+            errors,
+        )
+    elif ours and cache is not None:
+        record = cache
+        cleanup(
+            "stop the new cache's tasks",
+            lambda: restore_targets.destroy(record, f"restore into {target} failed"),
+            errors,
+        )
         cleanup(
             "mark the cache failed",
             lambda: catalog.update_cache(target, Status="failed", FailureReason=reason, Endpoints=[], Nodes=[]),
             errors,
         )
+    if ours:
+        assert cache is not None
         if cache.get("SnapshotRestoring"):
             name = cache["SnapshotRestoring"]
             cleanup("hand the snapshot back", lambda: catalog.update_snapshot(name, SnapshotStatus="available"), errors)

@@ -8,12 +8,23 @@ watches (``snapshot describe``): every step moves it forward, MarkFailed moves i
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from cachevault import caches, capture_runner, encryption, events, names, preflight, storage, topology
+from cachevault import (
+    caches,
+    capture_runner,
+    encryption,
+    events,
+    names,
+    preflight,
+    restore_targets,
+    storage,
+    topology,
+)
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
@@ -25,8 +36,12 @@ from cachevault.slots import format_slot_ranges
 from cachevault.timeutil import iso
 
 DEFAULT_POLL_SECONDS = 2
-# A capture whose heartbeat is older than this is dead (its worker crashed or was killed).
+# A capture whose heartbeat is older than this is dead (its worker crashed, hung or was killed).
 HEARTBEAT_TIMEOUT_S = 120
+
+
+def heartbeat_timeout() -> float:
+    return float(os.environ.get("CAPTURE_HEARTBEAT_TIMEOUT_SECONDS") or HEARTBEAT_TIMEOUT_S)
 
 
 def _catalog() -> Catalog:
@@ -228,7 +243,8 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
     """Re-read the topology now and pick each shard's source node."""
     catalog = _catalog()
     cache = catalog.get_cache(event["ReplicationGroupId"])
-    topo = topology.discover(caches.seed_endpoints(cache), credentials=creds_mod.for_cache(cache))
+    creds = creds_mod.for_cache(cache)
+    topo = topology.discover(caches.seed_endpoints(cache), credentials=creds)
     prefer = _resolve_source_node(cache, event.get("SourceNode"))
     shards, node_snapshots = [], []
     request = preflight.SnapshotRequest(
@@ -250,17 +266,18 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
         address = node_address(node)
         slots = format_slot_ranges(shard.slots) if topo.cluster_mode else None
         group_id = f"{index:04d}"
-        shards.append(
-            {
-                "ShardIndex": index,
-                "NodeGroupId": group_id,
-                "Slots": slots,
-                "Host": node.host,
-                "Port": node.port,
-                "CacheNodeId": cache_node_id(cache, address),
-                "Role": node.role,
-            }
-        )
+        shard = {
+            "ShardIndex": index,
+            "NodeGroupId": group_id,
+            "Slots": slots,
+            "Host": node.host,
+            "Port": node.port,
+            "CacheNodeId": cache_node_id(cache, address),
+            "Role": node.role,
+            "ReplicationGroupId": cache["CacheName"],
+        }
+        # Inline in StartCapture or an ECS task: the Map's Choice reads Runner.
+        shards.append(shard | capture_runner.plan(shard, creds))
         entry: dict[str, Any] = {
             "NodeGroupId": group_id,
             "CacheNodeId": cache_node_id(cache, address),
@@ -283,8 +300,8 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_capture_step(event: dict[str, Any]) -> dict[str, Any]:
-    shard = event["Shard"]
-    capture_runner.start(event["SnapshotName"], shard, Settings.from_env())
+    """The inline runner: the whole capture inside this invocation (planned to fit well in it)."""
+    capture_runner.run_inline(event["SnapshotName"], event["Shard"], Settings.from_env())
     return {**event, "Capture": {"Done": False, "StartedAt": iso()}}
 
 
@@ -297,11 +314,26 @@ def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
             f"Capture of shard {shard['NodeGroupId']} from {shard['CacheNodeId']} failed: "
             f"{node.get('CaptureError', 'unknown error')}"
         )
-    if status == "running" and time.time() - float(node.get("Heartbeat", time.time())) > HEARTBEAT_TIMEOUT_S:
+    task_arn = next(iter((event.get("CaptureTask") or {}).get("TaskArns") or []), None)  # ecs:runTask's one task
+    timeout = heartbeat_timeout()
+    if status == "running" and time.time() - float(node.get("Heartbeat", time.time())) > timeout:
+        if task_arn:  # a hung worker must not go on streaming into an upload MarkFailed aborts
+            restore_targets.stop_tasks([task_arn], "capture heartbeat stalled")
         raise CaptureFailed(
             f"Capture of shard {shard['NodeGroupId']} stopped reporting progress for over "
-            f"{HEARTBEAT_TIMEOUT_S} s; its worker is gone."
+            f"{timeout:.0f} s; its worker is gone{' (task ' + task_arn + ' stopped)' if task_arn else ''}."
         )
+    if task_arn and status != "done":
+        task = capture_runner.task_state(task_arn)
+        if task["lastStatus"] == "STOPPED":
+            # Re-read: the worker may have written "done" just before it exited.
+            node = _catalog().capture_progress(event["SnapshotName"]).get(shard["NodeGroupId"], {})
+            status = node.get("CaptureStatus", "pending")
+            if status != "done":
+                raise CaptureFailed(
+                    f"Capture task of shard {shard['NodeGroupId']} stopped ({task['stoppedReason']}, exit codes "
+                    f"{task['exitCodes']}): {node.get('CaptureError', 'no capture result recorded')}"
+                )
     return {
         **event,
         "Capture": {
@@ -466,7 +498,7 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
     ours = record is not None and record.get("ExecutionName") == execution and execution
     if ours:
         assert record is not None
-        cleanup("stop the captures", lambda: capture_runner.cancel(name), errors)
+        cleanup("stop the captures", lambda: capture_runner.cancel(name, f"snapshot {name} failed"), errors)
         s3 = client("s3")
         prefix = storage.snapshot_prefix(name)
         bucket = settings.bucket

@@ -18,6 +18,13 @@ from cachevault.settings import Settings
 STACK_NAME = os.environ.get("CACHEVAULT_STACK", "cachevault")
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 STATE_MACHINE_ENV_SUFFIX = "_STATE_MACHINE_ARN"
+# Template logical id -> the environment variable the functions (Globals) get it as.
+ECS_ENV = {
+    "TaskCluster": "ECS_CLUSTER",
+    "CaptureWorkerTaskDefinition": "CAPTURE_TASK_DEFINITION",
+    "RedisNodeTaskDefinition": "REDIS_NODE_TASK_DEFINITION",
+    "ValkeyNodeTaskDefinition": "VALKEY_NODE_TASK_DEFINITION",
+}
 
 
 def state_machine_logical_id(env_name: str) -> str:
@@ -38,6 +45,7 @@ class StackInfo:
     endpoint_url: str | None = None
     pid: int | None = None
     imports_table: str = ""
+    ecs: dict[str, str] = field(default_factory=dict)  # logical id -> cluster name / task definition ARN
 
     def state_machine(self, logical_id: str) -> str:
         return self.state_machines[logical_id]
@@ -52,6 +60,7 @@ class StackInfo:
         }
         if self.imports_table:
             env["IMPORTS_TABLE"] = self.imports_table
+        env.update({ECS_ENV[lid]: value for lid, value in self.ecs.items() if lid in ECS_ENV})
         if self.endpoint_url:
             env["AWS_ENDPOINT_URL"] = self.endpoint_url
         return env
@@ -78,6 +87,7 @@ class StackInfo:
             idempotency_table=settings.idempotency_table,
             imports_table=settings.imports_table,
             state_machines=machines,
+            ecs={lid: os.environ[name] for lid, name in ECS_ENV.items() if os.environ.get(name)},
             endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
         )
 
@@ -101,6 +111,7 @@ def from_deployed(stack: Any, endpoint_url: str | None = None, pid: int | None =
         imports_table=stack.tables.get("ImportsTable", ""),
         state_machines=dict(stack.state_machines),
         functions={lid: f.name for lid, f in stack.functions.items()},
+        ecs=dict(getattr(stack, "ecs", {})),
         endpoint_url=endpoint_url,
         pid=pid,
     )
@@ -144,4 +155,5 @@ def from_cloudformation(stack_name: str = STACK_NAME) -> StackInfo:
         imports_table=resources.get("ImportsTable", ""),
         state_machines={k: v for k, v in resources.items() if k.endswith("StateMachine")},
         functions={k: v for k, v in resources.items() if k.endswith("Function")},
+        ecs={k: v for k, v in resources.items() if k in ECS_ENV},
     )

@@ -41,6 +41,7 @@ def register(sub: Any) -> None:
     create.add_argument(
         "--kind", choices=list(caches.KINDS), default="node-based", help="ElastiCache deployment kind it stands for"
     )
+    create.add_argument("--engine", choices=["redis", "valkey"], default="redis", help="image of the nodes (ECS tasks)")
     create.add_argument("--data-tiering", action="store_true", help="label the cache as data tiering (r6gd)")
     _backup_options(create)
     _security_options(create)
@@ -151,6 +152,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         node_type=args.node_type,
         kind=args.kind,
         data_tiering=args.data_tiering,
+        engine=args.engine,
         extra=backups,
         settings=control.settings,
         auth_secret_arn=args.auth_secret_arn,

@@ -95,6 +95,7 @@ class DeployedStack:
     schedules: list[ScheduleInfo] = field(default_factory=list)
     routes: list[RouteInfo] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
+    ecs: dict[str, str] = field(default_factory=dict)  # logical id -> cluster name / task definition ARN
     skipped: dict[str, str] = field(default_factory=dict)  # logical id -> why
     session: boto3.Session | None = field(default=None, repr=False)
     endpoint_url: str | None = None
@@ -188,6 +189,8 @@ class _Deployer:
             "AWS::Events::Rule": self._events_rule,
             "AWS::Events::EventBus": self._event_bus,
             "AWS::Scheduler::Schedule": self._scheduler_schedule,
+            "AWS::ECS::Cluster": self._ecs_cluster,
+            "AWS::ECS::TaskDefinition": self._ecs_task_definition,
         }
         for lid in self._order():
             res = self.resources[lid]
@@ -449,6 +452,27 @@ class _Deployer:
                 raise
             scheduler.update_schedule(**args)
 
+    # -- ECS (tasks run as local processes: cachevault.local.ecs) --
+
+    def _ecs_cluster(self, lid: str, raw_props: dict[str, Any]) -> None:
+        name = self._name(lid, raw_props, "ClusterName", 255)
+        self.client("ecs").create_cluster(clusterName=name)
+        self.ctx.refs[lid] = name
+        region, account = self.stack.region, self.stack.account_id
+        self.ctx.attrs[(lid, "Arn")] = f"arn:{self.ctx.partition}:ecs:{region}:{account}:cluster/{name}"
+        self.stack.ecs[lid] = name
+
+    def _ecs_task_definition(self, lid: str, raw_props: dict[str, Any]) -> None:
+        props = _camel_keys(resolve(raw_props, self.ctx))
+        props.setdefault("family", f"{self.stack.stack_name}-{lid}")
+        for key in ("taskRoleArn", "executionRoleArn"):
+            if key in props and not str(props[key]).startswith("arn:"):
+                props.pop(key)
+        arn = self.client("ecs").register_task_definition(**props)["taskDefinition"]["taskDefinitionArn"]
+        self.ctx.refs[lid] = arn
+        self.ctx.attrs[(lid, "TaskDefinitionArn")] = arn
+        self.stack.ecs[lid] = arn
+
     def _event_bus(self, lid: str, raw_props: dict[str, Any]) -> None:
         name = self._name(lid, raw_props, "Name", 256)
         events = self.client("events")
@@ -697,6 +721,15 @@ def _merge_globals(globals_fn: dict[str, Any], props: dict[str, Any]) -> dict[st
 
 def _is_intrinsic(value: dict[str, Any]) -> bool:
     return (len(value) == 1 and next(iter(value)) in ("Ref", "Condition")) or any(k.startswith("Fn::") for k in value)
+
+
+def _camel_keys(value: Any) -> Any:
+    """CloudFormation's PascalCase properties in the ECS API's camelCase (values untouched)."""
+    if isinstance(value, dict):
+        return {k[:1].lower() + k[1:]: _camel_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_camel_keys(v) for v in value]
+    return value
 
 
 def _env_text(value: Any) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import boto3
 
-from cachevault.local import lambda_runtime, s3_files
+from cachevault.local import ecs, lambda_runtime, s3_files
 from cachevault.local.deployer import DeployedStack, deploy
 from cachevault.settings import Settings
 
@@ -81,9 +81,11 @@ class InProcessAWS:
         lambda_runtime.install()
         s3_files.install(_s3_dir())
         lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": None}
+        ecs.install()  # ECS tasks run as processes (workers cannot call an in-process mock)
         return self
 
     def stop(self) -> None:
+        ecs.RUNNER.stop_all()
         if self._mock is not None:
             self._mock.stop()
             self._mock = None
@@ -128,6 +130,10 @@ class ServerAWS:
             werkzeug_log.setLevel(logging.WARNING)
         # moto's ASL interpreter calls Lambda at http://localhost:$MOTO_PORT in server mode.
         self._env.set("MOTO_PORT", str(self.port))
+        # Set for good: a Lambda invocation's environment overlay would otherwise add and pop
+        # it around each handler, and a Step Functions service task creating its boto3 client
+        # on another thread at that moment read it half-gone (KeyError 'AWS_REGION').
+        self._env.set("AWS_REGION", os.environ.get("AWS_REGION") or self.region)
         self._previous_sfn = bool(default_user_config.get("stepfunctions", {}).get("execute_state_machine"))
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
         self._server.start()
@@ -137,9 +143,16 @@ class ServerAWS:
         s3_files.install(_s3_dir())
         # Handlers run inside the server process: their boto3 clients must call it back.
         lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, **_FAKE_CREDENTIALS}
+        ecs.install()
+        # Task processes (capture workers) call the server back, as a task reaches AWS.
+        ecs.RUNNER.base_env = {
+            "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region, **_FAKE_CREDENTIALS,
+        }
         return self
 
     def stop(self) -> None:
+        ecs.RUNNER.stop_all()
+        ecs.RUNNER.base_env = {}
         if self._server is not None:
             # Leave the process as found: the config is process-global, the backends too.
             _post_json(

@@ -39,10 +39,12 @@ class LocalEnvironment:
         port: int | None = None,
         state_dir: Path | None = None,
         log_level: str = "INFO",
+        parameter_overrides: dict[str, str] | None = None,
     ) -> None:
         self.server = server
         self.log_level = log_level
         self.port = port
+        self.parameter_overrides = dict(parameter_overrides or {})
         self.state_dir = Path(state_dir or Settings.from_env().state_dir).resolve()
         self.aws: InProcessAWS | ServerAWS | None = None
         self.deployed: Any = None
@@ -65,7 +67,9 @@ class LocalEnvironment:
             self.aws = InProcessAWS().start()
             endpoint = None
         try:
-            self.deployed = self.aws.deploy(find_template(), parameter_overrides={"LogLevel": self.log_level})
+            self.deployed = self.aws.deploy(
+                find_template(), parameter_overrides={"LogLevel": self.log_level, **self.parameter_overrides}
+            )
             self.info = stack_info.from_deployed(self.deployed, endpoint_url=endpoint, pid=os.getpid())
             for name, value in self.info.env().items():
                 self._set_env(name, value)
