@@ -13,7 +13,7 @@ product's own clients, retries and cleanup are what is under test.
 moto limitation found here: moto's DynamoDB does not serialize writes to one item, so two
 conditional writes racing from two threads could both succeed (measured: 3-29 % of
 8-thread rounds). Real DynamoDB serializes per item; the embedded AWS puts that guarantee
-back (``local.lambda_runtime._patch_dynamodb_item_atomicity``) rather than the product
+back (``local.lambda_runtime._patch_dynamodb_item_atomicity``, in the server) rather than the product
 weakening its conditional writes.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault import caches, capture_runner, datagen, storage, topology
+from cachevault import caches, datagen, storage, topology
 from cachevault.catalog import Catalog
 from cachevault.errors import (
     CacheVaultError,
@@ -36,6 +36,7 @@ from cachevault.errors import (
     SnapshotAlreadyExistsFault,
     SnapshotQuotaExceededFault,
 )
+from cachevault.local import lambda_runtime
 from cachevault.local.redis_process import free_port
 from cachevault.timeutil import iso, utcnow
 from moto.s3.exceptions import S3ClientError
@@ -190,20 +191,23 @@ def test_master_link_lost_after_source_selection_fails_with_nomasterlink(
     sync_replicas(primary, 1)
     digest = node_digest(primary)
     [replica] = node_addresses(cache, "replica")
-    real_start = capture_runner.start
+    # The handlers run in worker processes: the fault is injected where the embedded AWS
+    # hands StartCapture its event, after SelectSources chose a healthy replica.
+    real_invoke = lambda_runtime.RUNTIME.invoke
+    start_function = product.env.deployed.function_name("CaptureStartFunction")
 
-    def link_breaks_first(snapshot: str, shard: dict[str, Any], settings: Any) -> None:
-        # SelectSources chose a healthy replica; its link drops before the capture connects.
-        if snapshot == "nml2-snap":
+    def link_breaks_first(config: Any, event: Any) -> Any:
+        if config.function_name == start_function and event.get("SnapshotName") == "nml2-snap":
+            shard = event["Shard"]
             _replicaof(f"{shard['Host']}:{shard['Port']}", f"127.0.0.1:{free_port()}")
-        real_start(snapshot, shard, settings)
+        return real_invoke(config, event)
 
-    monkeypatch.setattr(capture_runner, "start", link_breaks_first)
+    monkeypatch.setattr(lambda_runtime.RUNTIME, "invoke", link_breaks_first)
     product.control.create_snapshot(cache["CacheName"], "nml2-snap")
     record = _assert_failed_cleanly(product, cache["CacheName"], "nml2-snap", reason="NOMASTERLINK")
     assert node_id_at(cache, replica) in record["FailureReason"]
 
-    monkeypatch.setattr(capture_runner, "start", real_start)
+    monkeypatch.setattr(lambda_runtime.RUNTIME, "invoke", real_invoke)
     _replicaof(replica, primary)
     sync_replicas(primary, 1)
     product.control.create_snapshot(cache["CacheName"], "nml2-retry")

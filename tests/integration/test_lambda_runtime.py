@@ -187,6 +187,7 @@ def test_redis_server_is_not_found_from_a_handler(stack: DeployedStack) -> None:
         "/usr/bin/redis-server": "FileNotFoundError: /usr/bin/redis-server",
         "redis-cli": "FileNotFoundError: redis-cli",
     }
+    assert out["shell"] == "other tools run"  # only Redis is gone from PATH
 
 
 def test_audit_isolation_refuses_writes_and_shared_tmp(stack: DeployedStack) -> None:

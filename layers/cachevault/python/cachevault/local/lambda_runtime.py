@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -322,12 +323,14 @@ class LambdaRuntime:
 
     def _lambda_path(self) -> str:
         """PATH with no Redis binary on it: directories holding one are replaced by a copy without."""
-        root = self._scratch_root() / "path"
+        host_path = os.environ.get("PATH", "/usr/bin:/bin")
+        # Not under /tmp: a private /tmp hides the host's. Symlinks only, keyed by PATH.
+        root = Path.home() / ".cache" / "cachevault" / "lambda-path" / hashlib.sha1(host_path.encode()).hexdigest()[:12]
         with self._lock:
             if (root / ".done").exists():
                 return (root / ".done").read_text()
             entries = [str(Path(sys.executable).parent)]
-            for index, directory in enumerate(os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)):
+            for index, directory in enumerate(host_path.split(os.pathsep)):
                 path = Path(directory)
                 if not path.is_dir() or directory in entries:
                     continue
