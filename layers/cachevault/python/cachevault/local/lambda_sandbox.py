@@ -10,7 +10,9 @@ as Lambda freezes an environment when the handler returns.
 
 from __future__ import annotations
 
+import array
 import ctypes
+import fcntl
 import os
 import queue
 import select
@@ -18,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -147,6 +150,8 @@ class ExecutionEnvironment:
         self.frozen = False
         self._scratch = Path(scratch_root) / f"env-{os.getpid()}-{id(self):x}"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._forwarder: threading.Thread | None = None
+        self._output_lock = threading.Lock()
         self._requests: Any = None
         self._replies: Any = None
 
@@ -174,6 +179,8 @@ class ExecutionEnvironment:
                 cwd=self.setup.code_dir,
                 env={**dict(self.setup.env), **dict(extra_env or {})},
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 pass_fds=(req_read, rep_write),
                 preexec_fn=_die_with_parent,  # only a prctl; forked by the spawner thread
                 start_new_session=True,
@@ -186,6 +193,8 @@ class ExecutionEnvironment:
             os.close(rep_write)
         self._requests = os.fdopen(req_write, "wb", buffering=0)
         self._replies = os.fdopen(rep_read, "rb", buffering=0)
+        self._forwarder = threading.Thread(target=self._forward_output, name="lambda-output", daemon=True)
+        self._forwarder.start()
         write_message(
             self._requests,
             {
@@ -217,6 +226,7 @@ class ExecutionEnvironment:
         outcome = self._await(timeout_s, memory_mb)
         if outcome.kind != "result":
             return outcome
+        self._drain_output()
         reply = outcome.body
         if "error" in reply:
             return Outcome("error", reply["error"])
@@ -247,6 +257,39 @@ class ExecutionEnvironment:
             if self._proc.poll() is not None and not select.select([self._replies], [], [], 0)[0]:
                 return Outcome("exit", detail=_exit_text(self._proc.returncode))
 
+    def _forward_output(self) -> None:
+        """The worker's stdout/stderr to this process's (what Lambda sends to CloudWatch Logs).
+
+        A thread reads continuously: a handler's threads may keep printing after it returns
+        (unfrozen environments), and a full pipe would block them.
+        """
+        assert self._proc is not None and self._proc.stdout is not None and self._proc.stderr is not None
+        streams = {self._proc.stdout.fileno(): "stdout", self._proc.stderr.fileno(): "stderr"}
+        while streams:
+            readable, _, _ = select.select(list(streams), [], [])
+            for fd in readable:
+                with self._output_lock:
+                    data = os.read(fd, 1 << 16)
+                    if not data:
+                        del streams[fd]
+                        continue
+                    target = getattr(sys, streams[fd])
+                    target.write(data.decode("utf-8", "replace"))
+                    target.flush()
+        self._proc.stdout.close()
+        self._proc.stderr.close()
+
+    def _drain_output(self, timeout_s: float = 5.0) -> None:
+        """Wait until what the worker printed before replying has been forwarded (it flushes first)."""
+        if self._proc is None or self._proc.stdout is None or self._proc.stderr is None:
+            return
+        fds = (self._proc.stdout.fileno(), self._proc.stderr.fileno())
+        deadline = time.monotonic() + timeout_s
+        while any(_pending(fd) for fd in fds) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with self._output_lock:  # a chunk read but not yet written
+            pass
+
     def freeze(self) -> None:
         """SIGSTOP the worker and everything it started: no progress until :meth:`thaw`."""
         if self.alive and not self.frozen:
@@ -270,8 +313,20 @@ class ExecutionEnvironment:
             if stream is not None:
                 stream.close()
         self._requests = self._replies = None
+        if self._forwarder is not None:
+            # EOF once every holder of the pipes is gone; it closes them then.
+            self._forwarder.join(timeout=1)
         self.frozen = False
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _pending(fd: int) -> int:
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]
 
 
 def _exit_text(code: int | None) -> str:

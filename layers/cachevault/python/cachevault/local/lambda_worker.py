@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                 message = f"Unable to marshal response: {exc}"
                 reply = {"error": {"errorType": "Runtime.MarshalError", "errorMessage": message, "stackTrace": []}}
             result = None
+        # What the handler printed is in the pipes before the reply: the runtime forwards it first.
+        sys.stdout.flush()
+        sys.stderr.flush()
         write_message(replies, reply)
 
 
