@@ -375,9 +375,10 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
         prefix = storage.snapshot_prefix(name)
         storage.abort_incomplete_uploads(s3, settings.bucket, prefix)
         storage.delete_prefix(s3, settings.bucket, prefix)
-        catalog.update_snapshot(name, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso())
         catalog.delete_capture_progress(name)
         catalog.unlock_cache(record["ReplicationGroupId"], owner=name)
+        # The status last: whoever sees "failed" finds the cleanup done and the cache unlocked.
+        catalog.update_snapshot(name, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso())
         metrics.add_metric(name="SnapshotFailures", unit="Count", value=1)
         events.snapshot_status(events.SNAPSHOT_CREATION_FAILED, record, SnapshotStatus="failed", FailureReason=reason)
     logger.error("snapshot failed", snapshot=name, reason=reason, record_owned=bool(ours))
