@@ -134,12 +134,22 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def _signal_tree(pid: int, sig: int) -> None:
-    for member in process_tree(pid):
+def _signal_tree(pid: int, sig: int, *, own_session_only: bool = False) -> None:
+    members = process_tree(pid)
+    if own_session_only:
+        members = [m for m in members if _session(m) == pid]  # the worker leads its session
+    for member in members:
         try:
             os.kill(member, sig)
         except ProcessLookupError:
             continue
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
 
 
 class ExecutionEnvironment:
@@ -290,24 +300,30 @@ class ExecutionEnvironment:
         with self._output_lock:  # a chunk read but not yet written
             pass
 
+    @property
+    def _spares_nodes(self) -> bool:
+        # Redis allowed (a relaxation): the nodes a handler starts in their own session
+        # (local.redis_process) belong to the local fleet, not to this environment.
+        return not self.setup.no_redis
+
     def freeze(self) -> None:
         """SIGSTOP the worker and everything it started: no progress until :meth:`thaw`."""
         if self.alive and not self.frozen:
             assert self._proc is not None
-            _signal_tree(self._proc.pid, signal.SIGSTOP)
+            _signal_tree(self._proc.pid, signal.SIGSTOP, own_session_only=self._spares_nodes)
             self.frozen = True
 
     def thaw(self) -> None:
         if self.alive and self.frozen:
             assert self._proc is not None
-            _signal_tree(self._proc.pid, signal.SIGCONT)
+            _signal_tree(self._proc.pid, signal.SIGCONT, own_session_only=self._spares_nodes)
         self.frozen = False
 
     def kill(self) -> None:
         """End the environment: the worker, what it started, its scratch directory."""
         if self._proc is not None:
             if self._proc.poll() is None:
-                _signal_tree(self._proc.pid, signal.SIGKILL)
+                _signal_tree(self._proc.pid, signal.SIGKILL, own_session_only=self._spares_nodes)
             self._proc.wait()
         for stream in (self._requests, self._replies):
             if stream is not None:
