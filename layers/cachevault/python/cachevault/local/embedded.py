@@ -4,7 +4,9 @@
 default, LocalStack's port) for the CLI, ``make demo``, the tests and every other process.
 :mod:`cachevault.local.lambda_runtime` is installed so Lambda invocations run the handlers
 registered by the deployer, each function in worker processes of its own that call the
-server back over HTTP (an in-process ``mock_aws`` cannot serve them).
+server back over HTTP (an in-process ``mock_aws`` cannot serve them), and
+:mod:`cachevault.local.s3_files` keeps S3 object bodies as files under
+``$CACHEVAULT_HOME/s3/`` (memory flat in object size).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 
 import boto3
 
-from cachevault.local import lambda_runtime
+from cachevault.local import lambda_runtime, s3_files
 from cachevault.local.deployer import DeployedStack, deploy
+from cachevault.settings import Settings
 
 SFN_EXECUTE = {"stepfunctions": {"execute_state_machine": True}}
 DEFAULT_PORT = 4566
@@ -83,6 +86,7 @@ class ServerAWS:
         _wait_ready(self.endpoint_url, timeout_s)
         _post_json(f"{self.endpoint_url}/moto-api/config", SFN_EXECUTE)
         lambda_runtime.install()
+        s3_files.install(_s3_dir())
         # Handlers run in worker processes: their boto3 clients call this server back, with
         # the credentials of their role (the runtime assumes it with these).
         lambda_runtime.RUNTIME.base_env = {
@@ -128,6 +132,10 @@ class ServerAWS:
 
 def start_server(port: int = DEFAULT_PORT, host: str = "127.0.0.1", region: str = DEFAULT_REGION) -> ServerAWS:
     return ServerAWS(port, host, region).start()
+
+
+def _s3_dir() -> Path:
+    return Settings.from_env().state_dir / "s3"
 
 
 def _check_port_free(host: str, port: int) -> None:
