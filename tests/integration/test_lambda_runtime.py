@@ -170,6 +170,12 @@ def test_memory_overrun_kills_the_environment(stack: DeployedStack) -> None:
     assert ok(stack, "SmallFunction", {"action": "alloc", "mb": 16, "hold_s": 0}) == {"allocated": 16 << 20}
 
 
+def test_large_events_and_results_cross_the_pipes_whole(stack: DeployedStack) -> None:
+    big = "x" * (5 << 20)  # far beyond a pipe's 64 KiB buffer, under Lambda's 6 MB payload
+
+    assert ok(stack, "ProbeFunction", {"action": "echo", "blob": big}) == {"echo": {"action": "echo", "blob": big}}
+
+
 def test_an_unhandled_exception_has_lambdas_error_shape(stack: DeployedStack) -> None:
     payload, error = call(stack, "ProbeFunction", {"action": "raise", "message": "no such thing"})
 

@@ -76,20 +76,33 @@ REDIS_BINARIES = frozenset(
 # --- framing ----------------------------------------------------------------------------
 
 
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    # An unbuffered pipe returns what is there: a large message arrives in several reads.
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_message(stream: BinaryIO) -> Any:
-    head = stream.read(4)
-    if len(head) < 4:
+    head = _read_exactly(stream, 4)
+    if head is None:
         return None
     (size,) = struct.unpack(">I", head)
-    body = stream.read(size)
-    if len(body) < size:
-        return None
-    return json.loads(body)
+    body = _read_exactly(stream, size)
+    return None if body is None else json.loads(body)
 
 
 def write_message(stream: BinaryIO, message: Any) -> None:
     body = json.dumps(message).encode()
-    stream.write(struct.pack(">I", len(body)) + body)
+    view = memoryview(struct.pack(">I", len(body)) + body)
+    while view:  # a raw pipe may take less than asked
+        written = stream.write(view)
+        view = view[written or 0 :]
     stream.flush()
 
 
