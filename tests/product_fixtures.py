@@ -1,6 +1,6 @@
 """Fixtures for end-to-end tests of the product: template.yaml deployed into the embedded AWS.
 
-``product`` is one in-process embedded AWS per test module with template.yaml deployed
+``product`` is one embedded AWS (loopback server) per test module with template.yaml deployed
 and the real handlers wired; ``new_cache`` creates registered local caches (real
 redis-server processes) that are destroyed after the test.
 """
@@ -96,7 +96,7 @@ class Product:
 @pytest.fixture(scope="module")
 def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     state = tmp_path_factory.mktemp("cachevault-home")
-    env = LocalEnvironment(server=False, state_dir=state, log_level="WARNING")
+    env = LocalEnvironment(state_dir=state, log_level="WARNING")
     info = env.start()
     settings = Settings.from_env()
     fleet = Fleet(settings.state_dir)

@@ -3,8 +3,8 @@
 The fixture app (tests/fixtures/samapp) has a handler that raises ``FlakyError`` until
 a DynamoDB counter says it has failed enough, a state machine that retries it and
 catches a permanent error into a fallback, a Map over another handler, schedules and an
-S3 notification. Everything runs in moto: in-process (``mock_aws``) and once over HTTP
-(moto's threaded server on a free loopback port).
+S3 notification. Everything runs in moto's threaded server on a free loopback port, the
+handlers in worker processes that call it back over HTTP.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pytest
 from cachevault.local import lambda_runtime
 from cachevault.local.cfn_intrinsics import load_template
 from cachevault.local.deployer import DeployedStack, deploy
-from cachevault.local.embedded import InProcessAWS, ServerAWS
+from cachevault.local.embedded import ServerAWS
+from cachevault.local.redis_process import free_port
 from cachevault.local.schedules import ScheduleTicker, find_schedule, fire_schedule, next_fire
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,18 +54,18 @@ def invoke(stack: DeployedStack, logical_id: str, event: Any) -> tuple[Any, str 
 
 
 @pytest.fixture(scope="class")
-def aws() -> Iterator[InProcessAWS]:
-    with InProcessAWS() as embedded:
+def aws() -> Iterator[ServerAWS]:
+    with ServerAWS(port=free_port()) as embedded:
         yield embedded
 
 
 @pytest.fixture(scope="class")
-def stack(aws: InProcessAWS) -> DeployedStack:
+def stack(aws: ServerAWS) -> DeployedStack:
     return aws.deploy(SAMAPP, stack_name="samapp")
 
 
-class TestInProcess:
-    """mock_aws in this process: one deployed stack shared by the tests of this class."""
+class TestDeployedApp:
+    """One server and one deployed stack shared by the tests of this class."""
 
     # --- deploy -------------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class TestInProcess:
         rules = stack.client("events").list_rules()["Rules"]
         assert {"samapp-RetryStateMachine-Tick"} <= {r["Name"] for r in rules}
 
-    def test_redeploy_updates_in_place(self, aws: InProcessAWS, stack: DeployedStack) -> None:
+    def test_redeploy_updates_in_place(self, aws: ServerAWS, stack: DeployedStack) -> None:
         again = aws.deploy(SAMAPP, stack_name="samapp")
         assert again.state_machines == stack.state_machines
         assert {k: f.arn for k, f in again.functions.items()} == {k: f.arn for k, f in stack.functions.items()}
@@ -115,7 +116,7 @@ class TestInProcess:
         names = [f["FunctionName"] for f in stack.client("lambda").list_functions()["Functions"]]
         assert sorted(n for n in names if n.startswith("samapp-")) == ["samapp-EchoFunction", "samapp-FlakyFunction"]
 
-    def test_parameter_override_changes_conditions(self, aws: InProcessAWS) -> None:
+    def test_parameter_override_changes_conditions(self, aws: ServerAWS) -> None:
         prod = aws.deploy(SAMAPP, stack_name="samprod", parameter_overrides={"Stage": "prod"})
         assert prod.outputs["Mode"] == "production"
         assert prod.client("s3").get_bucket_versioning(Bucket=prod.buckets["ArtifactsBucket"])["Status"] == "Enabled"
@@ -350,7 +351,7 @@ class TestInProcess:
 
     # --- the product template -------------------------------------------------------------
 
-    def test_product_template_deploys(self, aws: InProcessAWS) -> None:
+    def test_product_template_deploys(self, aws: ServerAWS) -> None:
         if not PRODUCT_TEMPLATE.exists():
             pytest.fail(f"{PRODUCT_TEMPLATE} is missing: the product SAM template must exist")
         template = load_template(PRODUCT_TEMPLATE)

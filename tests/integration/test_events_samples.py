@@ -29,7 +29,6 @@ function error are listed in ``EXPECTED_ERRORS``.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -83,7 +82,9 @@ FEATURE_ORDER = [
 LAST = ["delete_cache_start", "delete_cache_poll", "delete_cache_finish"]
 # Samples whose purpose is a function error: file stem -> expected errorType.
 EXPECTED_ERRORS: dict[str, str] = {}
-TIME_BUDGET_S = 60
+# Each function cold-starts an execution environment of its own (a worker process that
+# imports boto3 and Powertools), as on Lambda: about 25 cold starts on a loaded 2-core box.
+TIME_BUDGET_S = 150
 
 
 def fill_demo(cache: dict[str, Any], keys: int = 300) -> None:
@@ -302,19 +303,15 @@ def test_cli_local_invoke_prints_result_and_fails_on_function_error(
         stack_info.local_stack_file(product.settings).unlink(missing_ok=True)
 
 
-def test_step_logs_carry_the_execution_name_as_correlation_id(product: Product, world: dict[str, Any]) -> None:
-    from cachevault.handler import logger
-
+def test_step_logs_carry_the_execution_name_as_correlation_id(
+    product: Product, world: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     sample = _sample("snapshot_fail")
-    # The handler's own stream (stdout in Lambda), swapped for a buffer for this one call.
-    buffer = io.StringIO()
-    previous = logger.registered_handler.setStream(buffer)
-    try:
-        result = run_sample(product, "snapshot_fail")
-    finally:
-        logger.registered_handler.setStream(previous)
+    capsys.readouterr()
+    # The handler's own stream (stdout in Lambda): the runtime forwards the worker's to ours.
+    result = run_sample(product, "snapshot_fail")
     assert result.function_error is None
-    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     logged = [line for line in lines if line.get("message") == "snapshot failed"]
     assert logged, lines
     # The execution name, not the handler's fallback path (State.SnapshotName).

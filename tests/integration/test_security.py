@@ -68,25 +68,44 @@ def _restore(product: Product, target: str, snapshot: str, **security: Any) -> d
 
 
 class _Capture(logging.Handler):
-    def __init__(self) -> None:
+    """Log lines of this process's steps plus what the Lambda workers printed (forwarded to stdout)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
         super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
+        self._capsys = capsys
+        self._lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+        self._lines.append(self.format(record))
+
+    @property
+    def lines(self) -> list[str]:
+        self._lines.extend(self._capsys.readouterr().out.splitlines())
+        return self._lines
 
 
 @pytest.fixture
-def captured_logs() -> Any:
-    handler = _Capture()
+def captured_logs(product: Product, capsys: pytest.CaptureFixture[str]) -> Any:
+    handler = _Capture(capsys)
     handler.setFormatter(logger.registered_formatter)
     inner = logger._logger
     level = inner.level
     inner.addHandler(handler)
     inner.setLevel(logging.DEBUG)  # step inputs are logged at DEBUG: they must be clean too
+    # The steps run in Lambda workers: they log at DEBUG when their LOG_LEVEL says so.
+    lam = client("lambda")
+    originals: dict[str, dict[str, str]] = {}
+    for function in product.env.deployed.functions.values():
+        env = lam.get_function_configuration(FunctionName=function.name)["Environment"]["Variables"]
+        originals[function.name] = env
+        lam.update_function_configuration(
+            FunctionName=function.name, Environment={"Variables": {**env, "LOG_LEVEL": "DEBUG"}}
+        )
     try:
         yield handler
     finally:
+        for name, env in originals.items():
+            lam.update_function_configuration(FunctionName=name, Environment={"Variables": env})
         inner.removeHandler(handler)
         inner.setLevel(level)
 

@@ -15,9 +15,7 @@ codes and status (404 for unknown names, 400 for bad requests and conflicts).
 Create and restore answer once every check a request can fail synchronously has passed
 (the same preflight rules the state machine runs, minus the node I/O), then start the
 state machine and return: nothing is written for a refused request. They do not wait
-for the state machine's own preflight: under the local Lambda runtime another function
-cannot run while this one is in progress (see ``local/lambda_runtime.py``), and on AWS
-API Gateway cuts a request at 29 s anyway. The execution ARN in the answer tracks it.
+for the state machine's own preflight: API Gateway cuts a request at 29 s. The execution ARN in the answer tracks it.
 """
 
 from __future__ import annotations

@@ -504,13 +504,14 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
         bucket = settings.bucket
         cleanup("abort the multipart uploads", lambda: storage.abort_incomplete_uploads(s3, bucket, prefix), errors)
         cleanup("delete the objects", lambda: storage.delete_prefix(s3, settings.bucket, prefix), errors)
+        cleanup("delete the capture progress", lambda: catalog.delete_capture_progress(name), errors)
+        cleanup("unlock the cache", lambda: catalog.unlock_cache(record["ReplicationGroupId"], owner=name), errors)
+        # The status last: whoever sees "failed" finds the cleanup done and the cache unlocked.
         cleanup(
             "mark the snapshot failed",
             lambda: catalog.update_snapshot(name, SnapshotStatus="failed", FailureReason=reason, FailedAt=iso()),
             errors,
         )
-        cleanup("delete the capture progress", lambda: catalog.delete_capture_progress(name), errors)
-        cleanup("unlock the cache", lambda: catalog.unlock_cache(record["ReplicationGroupId"], owner=name), errors)
         metrics.add_metric(name="SnapshotFailures", unit="Count", value=1)
         cleanup(
             "publish the failure event",

@@ -326,6 +326,8 @@ class _Deployer:
             "Layers": layers,
             "Description": str(props.get("Description", "")),
         }
+        if isinstance(props.get("EphemeralStorage"), dict):  # the private /tmp size the runtime enforces
+            config["EphemeralStorage"] = {"Size": int(props["EphemeralStorage"]["Size"])}
         lam = self.client("lambda")
         try:
             arn = lam.create_function(FunctionName=name, Code={"ZipFile": self._zip}, **config)["FunctionArn"]

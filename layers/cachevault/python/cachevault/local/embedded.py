@@ -1,15 +1,10 @@
-"""The embedded AWS: moto, with Step Functions executing and Lambda running real handlers.
+"""The embedded AWS: moto's threaded server on loopback, Step Functions executing, Lambda running real handlers.
 
-Two modes:
-
-* in-process (:class:`InProcessAWS`): ``mock_aws`` intercepts every boto3 call in this
-  process; what tests use.
-* server (:class:`ServerAWS`): moto's threaded HTTP server on ``127.0.0.1:<port>`` (4566
-  by default, LocalStack's port) for the CLI, ``make demo`` and other processes. The
-  server is threaded, so a handler running inside it may call back into it over HTTP.
-
-Either way, :mod:`cachevault.local.lambda_runtime` is installed so Lambda invocations run
-the handlers registered by the deployer, and Step Functions executes state machines, and
+:class:`ServerAWS` runs moto's threaded HTTP server on ``127.0.0.1:<port>`` (4566 by
+default, LocalStack's port) for the CLI, ``make demo``, the tests and every other process.
+:mod:`cachevault.local.lambda_runtime` is installed so Lambda invocations run the handlers
+registered by the deployer, each function in worker processes of its own that call the
+server back over HTTP (an in-process ``mock_aws`` cannot serve them), and
 :mod:`cachevault.local.s3_files` keeps S3 object bodies as files under
 ``$CACHEVAULT_HOME/s3/`` (memory flat in object size).
 """
@@ -60,51 +55,6 @@ class EnvPatch:
         self._saved.clear()
 
 
-class InProcessAWS:
-    """``mock_aws`` with state-machine execution on and the local Lambda runtime."""
-
-    endpoint_url: str | None = None
-
-    def __init__(self, region: str = DEFAULT_REGION) -> None:
-        self.region = region
-        self._mock: Any = None
-        self._env = EnvPatch()
-
-    def start(self) -> InProcessAWS:
-        from moto import mock_aws
-
-        # An endpoint in the environment would send boto3 past the in-process mock.
-        self._env.set("AWS_ENDPOINT_URL", None)
-        self._env.set("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION") or self.region)
-        self._mock = mock_aws(config=SFN_EXECUTE)  # type: ignore[arg-type]
-        self._mock.start()
-        lambda_runtime.install()
-        s3_files.install(_s3_dir())
-        lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": None}
-        ecs.install()  # ECS tasks run as processes (workers cannot call an in-process mock)
-        return self
-
-    def stop(self) -> None:
-        ecs.RUNNER.stop_all()
-        if self._mock is not None:
-            self._mock.stop()
-            self._mock = None
-        lambda_runtime.RUNTIME.base_env = {}
-        self._env.restore()
-
-    def session(self) -> boto3.Session:
-        return boto3.Session(region_name=self.region)
-
-    def deploy(self, template: Path, **kwargs: Any) -> DeployedStack:
-        return deploy(template, session=self.session(), **kwargs)
-
-    def __enter__(self) -> InProcessAWS:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 class ServerAWS:
     """moto's ThreadedMotoServer on loopback, configured to execute state machines."""
 
@@ -141,8 +91,13 @@ class ServerAWS:
         _post_json(f"{self.endpoint_url}/moto-api/config", SFN_EXECUTE)
         lambda_runtime.install()
         s3_files.install(_s3_dir())
-        # Handlers run inside the server process: their boto3 clients must call it back.
-        lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, **_FAKE_CREDENTIALS}
+        # Handlers run in worker processes: their boto3 clients call this server back, with
+        # the credentials of their role (the runtime assumes it with these).
+        lambda_runtime.RUNTIME.base_env = {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon here
+        }
+        lambda_runtime.RUNTIME.admin_credentials = dict(_FAKE_CREDENTIALS)
         ecs.install()
         # Task processes (capture workers) call the server back, as a task reaches AWS.
         ecs.RUNNER.base_env = {
@@ -153,6 +108,7 @@ class ServerAWS:
     def stop(self) -> None:
         ecs.RUNNER.stop_all()
         ecs.RUNNER.base_env = {}
+        lambda_runtime.RUNTIME.shutdown()
         if self._server is not None:
             # Leave the process as found: the config is process-global, the backends too.
             _post_json(
@@ -183,10 +139,6 @@ class ServerAWS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def start_in_process(region: str = DEFAULT_REGION) -> InProcessAWS:
-    return InProcessAWS(region).start()
 
 
 def start_server(port: int = DEFAULT_PORT, host: str = "127.0.0.1", region: str = DEFAULT_REGION) -> ServerAWS:

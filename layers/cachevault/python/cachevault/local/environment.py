@@ -1,9 +1,9 @@
 """The whole local product in one object: embedded AWS + template.yaml deployed + env applied.
 
-Used three ways: by the ``cachevault local up`` server process, by ``cachevault demo``
-(server mode on a free loopback port, inside the demo's own process) and by the tests
-(in-process ``mock_aws``). In every case the real handlers under ``functions/`` run
-when the state machines call them.
+Used three ways: by the ``cachevault local up`` server process, by ``cachevault demo`` and
+by the tests (both on a free loopback port, inside their own process). In every case the
+embedded AWS is the loopback server and the real handlers under ``functions/`` run in
+Lambda execution environments of their own when the state machines call them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cachevault import stack as stack_info
-from cachevault.local.embedded import EnvPatch, InProcessAWS, ServerAWS
+from cachevault.local import lambda_runtime
+from cachevault.local.embedded import EnvPatch, ServerAWS
 from cachevault.local.redis_process import ChildReaper, free_port
 from cachevault.settings import Settings
 
@@ -31,22 +32,40 @@ def find_template() -> Path:
     raise FileNotFoundError("template.yaml not found: set CACHEVAULT_TEMPLATE to the SAM template of cachevault")
 
 
+# The product stack's Lambda semantics: the ONE place where Lambda's restrictions are
+# relaxed for template.yaml's functions (every other stack gets them all). Each relaxation
+# goes when the change named beside it has landed; then delete the line.
+PRODUCT_LAMBDA_SEMANTICS = lambda_runtime.LambdaSemantics(
+    # CaptureRunner "thread": the capture runs after StartCapture returns
+    # -> captures as ECS tasks (or inline).
+    freeze=False,
+    # Steps share state on disk under CACHEVAULT_HOME (restore staging, the local fleet's
+    # registry) -> restore reads S3 directly, nodes run as ECS tasks.
+    read_only_code=False,
+    # That shared state dir may itself be under /tmp (the tests' temp dirs) -> same as above.
+    private_tmp=False,
+    # ProvisionCache starts redis-server inside the Lambda (caches._fleet -> local.fleet), so
+    # the nodes are children of the worker and their memory counts -> nodes as ECS tasks.
+    memory=False,
+    no_redis=False,
+    host_env=("CACHEVAULT_HOME", "CACHEVAULT_REDIS_SERVER"),  # the local fleet's state dir and binary
+)
+
+
 class LocalEnvironment:
     def __init__(
         self,
         *,
-        server: bool,
         port: int | None = None,
         state_dir: Path | None = None,
         log_level: str = "INFO",
         parameter_overrides: dict[str, str] | None = None,
     ) -> None:
-        self.server = server
         self.log_level = log_level
         self.port = port
         self.parameter_overrides = dict(parameter_overrides or {})
         self.state_dir = Path(state_dir or Settings.from_env().state_dir).resolve()
-        self.aws: InProcessAWS | ServerAWS | None = None
+        self.aws: ServerAWS | None = None
         self.deployed: Any = None
         self.info: stack_info.StackInfo | None = None
         self._env = EnvPatch()
@@ -57,26 +76,23 @@ class LocalEnvironment:
         # No X-Ray daemon here: Powertools' Tracer would only discard subsegments noisily.
         self._set_env("POWERTOOLS_TRACE_DISABLED", "true")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # Restores start nodes in this process; a node stopped by another process
-        # (`cachevault cache delete`) must still be waited for here, or it stays a zombie.
+        # Nodes started in this process (the tests' own, the CLI's) are waited for here when
+        # another process stops them (`cachevault cache delete`), or they stay zombies.
         self._reaper = ChildReaper().start()
-        if self.server:
-            self.aws = ServerAWS(port=self.port or free_port()).start()
-            endpoint = self.aws.endpoint_url
-        else:
-            self.aws = InProcessAWS().start()
-            endpoint = None
+        self.aws = ServerAWS(port=self.port or free_port()).start()
+        endpoint = self.aws.endpoint_url
         try:
             self.deployed = self.aws.deploy(
                 find_template(), parameter_overrides={"LogLevel": self.log_level, **self.parameter_overrides}
             )
+            for function in self.deployed.functions.values():
+                lambda_runtime.RUNTIME.set_semantics(function.name, PRODUCT_LAMBDA_SEMANTICS)
             self.info = stack_info.from_deployed(self.deployed, endpoint_url=endpoint, pid=os.getpid())
             for name, value in self.info.env().items():
                 self._set_env(name, value)
-            if endpoint:
-                for name, value in stack_info.FAKE_CREDENTIALS.items():
-                    self._set_env(name, value)
-                self._set_env("AWS_DEFAULT_REGION", self.aws.region)
+            for name, value in stack_info.FAKE_CREDENTIALS.items():
+                self._set_env(name, value)
+            self._set_env("AWS_DEFAULT_REGION", self.aws.region)
         except BaseException:
             self.stop()
             raise

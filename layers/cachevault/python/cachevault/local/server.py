@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    env = LocalEnvironment(server=True, port=args.port, state_dir=args.state_dir)
+    env = LocalEnvironment(port=args.port, state_dir=args.state_dir)
     info = env.start()
     settings = Settings.from_env()
     ticker = ScheduleTicker(env.deployed, interval_s=5.0)
