@@ -18,7 +18,6 @@ import pytest
 from cachevault.local import lambda_runtime
 from cachevault.local.deployer import DeployedStack
 from cachevault.local.embedded import ServerAWS
-from cachevault.local.environment import PRODUCT_LAMBDA_SEMANTICS
 from cachevault.local.redis_process import free_port
 
 from tests.integration.test_embedded_aws import history, wait_execution
@@ -52,8 +51,6 @@ def test_every_restriction_is_on_by_default() -> None:
     semantics = lambda_runtime.LambdaSemantics()
     assert (semantics.freeze, semantics.read_only_code, semantics.private_tmp) == (True, True, True)
     assert (semantics.timeout, semantics.memory, semantics.no_redis, semantics.host_env) == (True, True, True, ())
-    # The product stack relaxes only what today's product code still needs, in one place.
-    assert PRODUCT_LAMBDA_SEMANTICS.timeout
 
 
 def test_warm_reuse_keeps_module_state_in_one_environment(stack: DeployedStack) -> None:

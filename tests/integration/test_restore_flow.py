@@ -22,7 +22,7 @@ import redis
 from cachevault import caches, datagen, storage
 from cachevault.aws import client
 from cachevault.errors import InvalidS3Location, RestoreFailed
-from cachevault.local import ecs
+from cachevault.local import ecs, lambda_runtime
 from cachevault.local.redis_process import process_alive
 from cachevault.slots import SlotRouter, key_slot
 from cachevault.verify import cache_digest, combined_digest
@@ -534,3 +534,9 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
     assert product.control.describe_snapshot("big-snap")["SnapshotStatus"] == "available"
     assert _s3_objects(product, "big-snap") == objects
     print(f"retry restore of a 24 MB dataset into 2 shards: {seconds:.2f} s")
+
+
+def test_every_product_function_runs_with_every_lambda_restriction(product: Product) -> None:
+    # No relaxation for template.yaml's functions: frozen, read-only, private /tmp, limits, no Redis.
+    for function in product.env.deployed.functions.values():
+        assert lambda_runtime.RUNTIME.semantics_for(function.name) == lambda_runtime.LambdaSemantics()

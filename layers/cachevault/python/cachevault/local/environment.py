@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from cachevault import stack as stack_info
-from cachevault.local import lambda_runtime
 from cachevault.local.embedded import EnvPatch, ServerAWS
 from cachevault.local.redis_process import ChildReaper, free_port
 from cachevault.settings import Settings
@@ -30,26 +29,6 @@ def find_template() -> Path:
         if candidate.exists() and (parent / "functions").is_dir():
             return candidate
     raise FileNotFoundError("template.yaml not found: set CACHEVAULT_TEMPLATE to the SAM template of cachevault")
-
-
-# The product stack's Lambda semantics: the ONE place where Lambda's restrictions are
-# relaxed for template.yaml's functions (every other stack gets them all). Each relaxation
-# goes when the change named beside it has landed; then delete the line.
-PRODUCT_LAMBDA_SEMANTICS = lambda_runtime.LambdaSemantics(
-    # CaptureRunner "thread": the capture runs after StartCapture returns
-    # -> captures as ECS tasks (or inline).
-    freeze=False,
-    # Steps share state on disk under CACHEVAULT_HOME (restore staging, the local fleet's
-    # registry) -> restore reads S3 directly, nodes run as ECS tasks.
-    read_only_code=False,
-    # That shared state dir may itself be under /tmp (the tests' temp dirs) -> same as above.
-    private_tmp=False,
-    # ProvisionCache starts redis-server inside the Lambda (caches._fleet -> local.fleet), so
-    # the nodes are children of the worker and their memory counts -> nodes as ECS tasks.
-    memory=False,
-    no_redis=False,
-    host_env=("CACHEVAULT_HOME", "CACHEVAULT_REDIS_SERVER"),  # the local fleet's state dir and binary
-)
 
 
 class LocalEnvironment:
@@ -85,8 +64,6 @@ class LocalEnvironment:
             self.deployed = self.aws.deploy(
                 find_template(), parameter_overrides={"LogLevel": self.log_level, **self.parameter_overrides}
             )
-            for function in self.deployed.functions.values():
-                lambda_runtime.RUNTIME.set_semantics(function.name, PRODUCT_LAMBDA_SEMANTICS)
             self.info = stack_info.from_deployed(self.deployed, endpoint_url=endpoint, pid=os.getpid())
             for name, value in self.info.env().items():
                 self._set_env(name, value)
