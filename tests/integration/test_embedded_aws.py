@@ -107,6 +107,37 @@ class TestInProcess:
         rules = stack.client("events").list_rules()["Rules"]
         assert {"samapp-RetryStateMachine-Tick"} <= {r["Name"] for r in rules}
 
+    def test_roles_and_policies_are_the_translators(self, stack: DeployedStack) -> None:
+        """The SAM translator's roles land in IAM as CloudFormation would create them."""
+        iam = stack.client("iam")
+        translated = stack.cloudformation["Resources"]
+        flaky_role = translated["FlakyFunctionRole"]["Properties"]
+        role_name = stack.roles["FlakyFunctionRole"].rsplit("/", 1)[1]
+        assert stack.functions["FlakyFunction"].role_arn == stack.roles["FlakyFunctionRole"]
+
+        attached = {p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]}
+        assert attached == set(flaky_role["ManagedPolicyArns"])  # basic execution + X-Ray (Tracing: Active)
+        [inline] = iam.list_role_policies(RoleName=role_name)["PolicyNames"]
+        assert inline == flaky_role["Policies"][0]["PolicyName"]
+        document = iam.get_role_policy(RoleName=role_name, PolicyName=inline)["PolicyDocument"]
+        [statement] = document["Statement"]
+        assert "dynamodb:PutItem" in statement["Action"]  # DynamoDBCrudPolicy, expanded by the translator
+        table_arn = "arn:aws:dynamodb:us-east-1:123456789012:table/samapp-counters"
+        assert statement["Resource"] == [table_arn, f"{table_arn}/index/*"]
+        trust = iam.get_role(RoleName=role_name)["Role"]["AssumeRolePolicyDocument"]
+        assert trust["Statement"][0]["Principal"] == {"Service": ["lambda.amazonaws.com"]}
+
+        # A state machine role holds exactly its LambdaInvokePolicy; the Map machine's none.
+        retry_role = stack.state_machine_roles["RetryStateMachine"].rsplit("/", 1)[1]
+        [policy] = iam.list_role_policies(RoleName=retry_role)["PolicyNames"]
+        invoke = iam.get_role_policy(RoleName=retry_role, PolicyName=policy)["PolicyDocument"]["Statement"]
+        assert invoke[0]["Action"] == ["lambda:InvokeFunction"]
+        assert invoke[0]["Resource"] == stack.functions["FlakyFunction"].arn + "*"
+        map_role = stack.state_machine_roles["MapStateMachine"].rsplit("/", 1)[1]
+        assert iam.list_role_policies(RoleName=map_role)["PolicyNames"] == []
+        # bucket -> permission -> function -> bucket (ARTIFACTS_BUCKET in Globals): sam deploy fails on it
+        assert {"ArtifactsBucket", "EchoFunction", "EchoFunctionUploadsPermission"} <= set(stack.cloudformation_cycle)
+
     def test_redeploy_updates_in_place(self, aws: InProcessAWS, stack: DeployedStack) -> None:
         again = aws.deploy(SAMAPP, stack_name="samapp")
         assert again.state_machines == stack.state_machines

@@ -29,7 +29,9 @@ import boto3
 from cachevault.local import lambda_runtime
 from cachevault.local.deployer import DeployedStack, deploy
 
-SFN_EXECUTE = {"stepfunctions": {"execute_state_machine": True}}
+# State machines execute; IAM has the AWS managed policies SAM roles attach
+# (AWSLambdaBasicExecutionRole ...), so roles are created exactly as translated.
+SFN_EXECUTE = {"stepfunctions": {"execute_state_machine": True}, "iam": {"load_aws_managed_policies": True}}
 DEFAULT_PORT = 4566
 DEFAULT_REGION = "us-east-1"
 _FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -109,6 +111,7 @@ class ServerAWS:
         self._server: Any = None
         self._env = EnvPatch()
         self._previous_sfn: bool = False
+        self._previous_iam: dict[str, Any] = {}
 
     @property
     def endpoint_url(self) -> str:
@@ -129,6 +132,11 @@ class ServerAWS:
         self._server.start()
         _wait_ready(self.endpoint_url, timeout_s)
         _post_json(f"{self.endpoint_url}/moto-api/config", SFN_EXECUTE)
+        # /moto-api/config takes no "iam" key; the threaded server runs in this process, so set
+        # it here and start the backends afresh (the readiness probe instantiated them).
+        self._previous_iam = dict(default_user_config.get("iam", {}))
+        default_user_config["iam"] = dict(SFN_EXECUTE["iam"])
+        _post_json(f"{self.endpoint_url}/moto-api/reset", None)
         lambda_runtime.install()
         # Handlers run inside the server process: their boto3 clients must call it back.
         lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, **_FAKE_CREDENTIALS}
@@ -143,6 +151,9 @@ class ServerAWS:
             )
             _post_json(f"{self.endpoint_url}/moto-api/reset", None)
             self._server.stop()
+            from moto.core.config import default_user_config
+
+            default_user_config["iam"] = self._previous_iam
             self._server = None
         lambda_runtime.RUNTIME.base_env = {}
         self._env.restore()
