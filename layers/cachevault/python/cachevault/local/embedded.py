@@ -26,7 +26,7 @@ from typing import Any
 
 import boto3
 
-from cachevault.local import lambda_runtime
+from cachevault.local import iam, lambda_runtime
 from cachevault.local.deployer import DeployedStack, deploy
 
 # State machines execute; IAM has the AWS managed policies SAM roles attach
@@ -66,6 +66,7 @@ class InProcessAWS:
 
     def __init__(self, region: str = DEFAULT_REGION) -> None:
         self.region = region
+        self.credentials: dict[str, str] = {}  # the admin identity's keys (IAM enforced)
         self._mock: Any = None
         self._env = EnvPatch()
 
@@ -78,10 +79,15 @@ class InProcessAWS:
         self._mock = mock_aws(config=SFN_EXECUTE)  # type: ignore[arg-type]
         self._mock.start()
         lambda_runtime.install()
-        lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": None}
+        lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": None, "AWS_SESSION_TOKEN": None}
+        self.credentials = _enforce_iam(self.region, None, self.session)
+        for name, value in self.credentials.items():  # every boto3 client of this process: the admin
+            self._env.set(name, value)
+        self._env.set("AWS_SESSION_TOKEN", None)
         return self
 
     def stop(self) -> None:
+        _relax_iam()
         if self._mock is not None:
             self._mock.stop()
             self._mock = None
@@ -89,7 +95,12 @@ class InProcessAWS:
         self._env.restore()
 
     def session(self) -> boto3.Session:
-        return boto3.Session(region_name=self.region)
+        creds = self.credentials or _FAKE_CREDENTIALS
+        return boto3.Session(
+            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.region,
+        )
 
     def deploy(self, template: Path, **kwargs: Any) -> DeployedStack:
         return deploy(template, session=self.session(), **kwargs)
@@ -112,6 +123,7 @@ class ServerAWS:
         self._env = EnvPatch()
         self._previous_sfn: bool = False
         self._previous_iam: dict[str, Any] = {}
+        self.credentials: dict[str, str] = {}  # the admin identity's keys (IAM enforced)
 
     @property
     def endpoint_url(self) -> str:
@@ -138,11 +150,17 @@ class ServerAWS:
         default_user_config["iam"] = dict(SFN_EXECUTE["iam"])
         _post_json(f"{self.endpoint_url}/moto-api/reset", None)
         lambda_runtime.install()
+        self.credentials = _enforce_iam(self.region, self.endpoint_url, self.session)
         # Handlers run inside the server process: their boto3 clients must call it back.
-        lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, **_FAKE_CREDENTIALS}
+        lambda_runtime.RUNTIME.base_env = {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_SESSION_TOKEN": None,
+            **(self.credentials or _FAKE_CREDENTIALS),
+        }
         return self
 
     def stop(self) -> None:
+        _relax_iam()
         if self._server is not None:
             # Leave the process as found: the config is process-global, the backends too.
             _post_json(
@@ -159,9 +177,10 @@ class ServerAWS:
         self._env.restore()
 
     def session(self) -> boto3.Session:
+        creds = self.credentials or _FAKE_CREDENTIALS
         return boto3.Session(
-            aws_access_key_id=_FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=_FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
             region_name=self.region,
         )
 
@@ -176,6 +195,33 @@ class ServerAWS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _enforce_iam(region: str, endpoint_url: str | None, admin_session: Any) -> dict[str, str]:
+    """Create the admin identity, route invocations through role credentials, enforce IAM.
+
+    Returns the admin's keys, or {} when ``CACHEVAULT_LOCAL_IAM=off``.
+    """
+    if not iam.enforcement_wanted():
+        return {}
+    bootstrap = boto3.Session(
+        aws_access_key_id=_FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=_FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=region,
+    )
+    credentials = iam.create_admin(bootstrap, endpoint_url)  # before enforcement: nobody could
+    iam.install_seams(admin_session)
+    lambda_runtime.RUNTIME.role_credentials = lambda role_arn: iam.role_credentials(
+        admin_session(), role_arn, endpoint_url
+    )
+    iam.enforce(True)
+    return credentials
+
+
+def _relax_iam() -> None:
+    iam.enforce(False)
+    iam.forget_credentials()
+    lambda_runtime.RUNTIME.role_credentials = None
 
 
 def start_in_process(region: str = DEFAULT_REGION) -> InProcessAWS:

@@ -61,6 +61,7 @@ class FunctionConfig:
     env: Mapping[str, str]
     runtime: str = "python3.11"
     version: str = "$LATEST"
+    role_arn: str = ""  # the execution role: its credentials are the invocation's
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,17 @@ class _EnvGate:
                     self._cond.notify_all()
 
 
+def _default_session_for(access_key_id: str) -> None:
+    """boto3's default session keeps the credentials it first resolved: a handler's
+    ``boto3.client()`` must use this invocation's role credentials instead."""
+    import boto3
+
+    current = boto3.DEFAULT_SESSION
+    creds = current.get_credentials() if current is not None else None
+    if creds is None or creds.access_key != access_key_id:
+        boto3.DEFAULT_SESSION = None
+
+
 def _apply(overlay: Mapping[str, str | None]) -> dict[str, str | None]:
     saved = {name: os.environ.get(name) for name in overlay}
     _restore(overlay)
@@ -169,6 +181,9 @@ class LambdaRuntime:
     # Report an invocation that ran past its template Timeout as Lambda does. The
     # handler cannot be killed in-process, so this is judged when it returns.
     enforce_timeout: bool = True
+    # role ARN -> AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN of that role
+    # (cachevault.local.iam.role_credentials), set when the embedded AWS enforces IAM.
+    role_credentials: Callable[[str], Mapping[str, str]] | None = None
     _specs: dict[str, HandlerSpec] = field(default_factory=dict)
     _modules: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = field(default_factory=dict)
     _load_lock: threading.RLock = field(default_factory=threading.RLock)
@@ -202,9 +217,14 @@ class LambdaRuntime:
                 request_id,
                 started,
             )
-        overlay = self._overlay(config, spec)
+        try:
+            overlay = self._overlay(config, spec)
+        except Exception as exc:  # Lambda reports a role it cannot assume as an init error
+            return _error_result("Runtime.AssumeRoleFailed", f"{config.role_arn}: {exc}", [], request_id, started)
         try:
             with self._gate.applied(overlay, timeout=max(config.timeout, 1) + 5):
+                if overlay.get("AWS_SESSION_TOKEN"):
+                    _default_session_for(str(overlay.get("AWS_ACCESS_KEY_ID")))
                 handler = self._handler(spec)
                 context = LambdaContext(config, request_id, started)
                 result = handler(event, context)
@@ -251,6 +271,9 @@ class LambdaRuntime:
             }
         )
         overlay.update({k: str(v) for k, v in config.env.items()})
+        if self.role_credentials is not None and config.role_arn:
+            # Lambda's credentials come last: the template cannot override them.
+            overlay.update(self.role_credentials(config.role_arn))
         return overlay
 
     def _handler(self, spec: HandlerSpec) -> Callable[..., Any]:
@@ -349,6 +372,7 @@ def install(runtime: LambdaRuntime = RUNTIME) -> None:
                 memory_mb=int(self.memory_size or 128),
                 env=dict(self.environment_vars or {}),
                 runtime=str(self.run_time or "python3.11"),
+                role_arn=str(self.role or ""),
             )
             result = runtime.invoke(config, {} if event is None else event)
             _save_logs(self, result.logs)
