@@ -17,8 +17,8 @@ these (moto 5.2.1, pinned):
 * most services authorize against resource ``*`` (only IAM, SQS and STS name the
   resource), so a statement scoped to a table / state machine / secret never matches:
   the resource ARN is derived from the request for the services cachevault calls;
-* Lambda's REST operation ``Invoke`` is checked as ``lambda:Invoke``; IAM's action is
-  ``lambda:InvokeFunction``;
+* Lambda's REST operation ``Invoke`` is checked as ``lambda:Invoke`` and S3's HeadBucket
+  as ``s3:HeadBucket``; IAM's actions are ``lambda:InvokeFunction`` and ``s3:ListBucket``;
 * a trust policy naming a service principal (``lambda.amazonaws.com``) makes moto's
   trust check raise; the admin identity, standing in for the AWS service that assumes
   the role, is trusted where the trust policy names a service;
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,7 @@ from urllib.parse import quote
 
 import boto3
 
+LOG = logging.getLogger(__name__)
 ENFORCE_ENV = "CACHEVAULT_LOCAL_IAM"
 ADMIN_USER = "cachevault-local-admin"
 _ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
@@ -150,6 +152,17 @@ def install_seams(admin_session: Callable[[], boto3.Session]) -> None:
             request.url = quote(path, safe="/~") + sep + query
         return request
 
+    original_check = access_control.IAMRequestBase.check_action_permitted
+
+    def check(self: Any, resource: str) -> None:
+        try:
+            original_check(self, resource)
+        except Exception:
+            # What AWS would put in CloudTrail: the identity, the action, the resource.
+            LOG.warning("AccessDenied: %s %s on %s", getattr(self._access_key, "arn", "?"), self._action, resource)
+            raise
+
+    access_control.IAMRequestBase.check_action_permitted = check  # type: ignore[method-assign]
     access_control.IAMRequestBase._create_aws_request = aws_request  # type: ignore[method-assign]
     access_control.IAMRequestBase.__init__ = init  # type: ignore[method-assign]
     access_control.IAMRequestBase._check_role_trust_relationship = trust  # type: ignore[method-assign]
@@ -171,8 +184,9 @@ def _trusts_a_service(document: Any) -> bool:
     return False
 
 
-# IAM action names where moto's operation name differs.
-_IAM_ACTION_NAMES = {"lambda:Invoke": "lambda:InvokeFunction", "lambda:InvokeAsync": "lambda:InvokeAsync"}
+# IAM action names where moto's operation name differs: Lambda's Invoke is authorized as
+# lambda:InvokeFunction, S3's HeadBucket as s3:ListBucket (there is no s3:HeadBucket action).
+_IAM_ACTION_NAMES = {"lambda:Invoke": "lambda:InvokeFunction", "s3:HeadBucket": "s3:ListBucket"}
 
 
 def _install_resource_seam() -> None:
