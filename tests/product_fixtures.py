@@ -22,6 +22,7 @@ import pytest
 import redis
 from cachevault import caches, storage
 from cachevault.aws import client
+from cachevault.local import iam
 from cachevault.local.environment import LocalEnvironment
 from cachevault.local.fleet import Fleet
 from cachevault.local.redis_process import start_node
@@ -56,10 +57,21 @@ class Product:
 
 
 @pytest.fixture(scope="module")
-def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
+def product(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     state = tmp_path_factory.mktemp("cachevault-home")
     env = LocalEnvironment(server=False, state_dir=state, log_level="WARNING")
-    info = env.start()
+    # The embedded AWS enforces IAM unless the test module sets LOCAL_IAM = "off" (saying why).
+    mode = getattr(request.module, "LOCAL_IAM", None)
+    saved = os.environ.get(iam.ENFORCE_ENV)
+    if mode is not None:
+        os.environ[iam.ENFORCE_ENV] = mode
+    try:
+        info = env.start()
+    finally:
+        if saved is None:
+            os.environ.pop(iam.ENFORCE_ENV, None)
+        else:
+            os.environ[iam.ENFORCE_ENV] = saved
     settings = Settings.from_env()
     fleet = Fleet(settings.state_dir)
     try:

@@ -60,6 +60,13 @@ def cleanup(product: Product) -> Iterator[list[str]]:
     delete_caches(product, names)
 
 
+# The in-process Lambda runtime applies an invocation's environment, role credentials
+# included, to os.environ: these tests upload and poll from the test thread while the
+# import's restore runs, so their clients would pick up a function role's credentials
+# (RestorePreflight's s3:PutObject on imports/..., dynamodb:Scan on the imports table).
+# Worker processes (issue 9) end the shared environment; until then IAM is off here.
+LOCAL_IAM = "off"
+
 def _upload(product: Product, key: str, body: bytes, **metadata: str) -> float:
     started = time.monotonic()
     if metadata:

@@ -23,7 +23,8 @@ these (moto 5.2.1, pinned):
   trust check raise; the admin identity, standing in for the AWS service that assumes
   the role, is trusted where the trust policy names a service;
 * a REST GET/DELETE with a query string fails moto's signature check (it signs the
-  query parameters again as a form body);
+  query parameters again as a form body), and so does a path or query the server has
+  already URL-decoded (an ARN in Lambda's path, ``Prefix=a/b/``) but the client signed quoted;
 * moto's Step Functions interpreter calls Lambda with fixed keys ``ak``/``sk``: its
   clients get the execution role's credentials instead.
 
@@ -40,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import boto3
 
@@ -149,7 +150,11 @@ def install_seams(admin_session: Callable[[], boto3.Session]) -> None:
             request.data = b""  # the query string is in the URL already, not the signed payload
         path, sep, query = request.url.partition("?")
         if ":" in path:  # the server decoded a %3A-quoted ARN in the path; the client signed it quoted
-            request.url = quote(path, safe="/~") + sep + query
+            path = quote(path, safe="/~")
+        if query:  # the server decoded the query too (Prefix=a/b/); SigV4 signs it quoted
+            pairs = (pair.partition("=") for pair in query.split("&"))
+            query = "&".join(f"{quote(unquote(k), safe='-_.~')}={quote(unquote(v), safe='-_.~')}" for k, _, v in pairs)
+        request.url = path + sep + query
         return request
 
     original_check = access_control.IAMRequestBase.check_action_permitted
