@@ -26,6 +26,8 @@ WILDCARD_ALLOWED = {
     ("SnapshotCopyObjectFunctionRole", "s3:PutObject"): "export: write into the user's bucket",
     ("SnapshotCopyFailFunctionRole", "s3:DeleteObject"): "export: remove a half-made export",
     ("ApiFunctionRole", "s3:GetObject"): "export checks from the HTTP API (bucket exists, name free)",
+    # Restore from an RDB the user names by S3 ARN (ElastiCache's SnapshotArns).
+    ("RestorePreflightFunctionRole", "s3:GetObject"): "restore: read the user's RDB (and its version)",
 }
 # AWS managed policies SAM attaches: CloudWatch Logs (per-function log groups are created
 # by Lambda on first write) and X-Ray (PutTraceSegments has no resource-level permission).
