@@ -72,7 +72,7 @@ class TestDeployedApp:
     def test_deploy_creates_the_template_resources(self, stack: DeployedStack) -> None:
         lam, ddb, s3 = stack.client("lambda"), stack.client("dynamodb"), stack.client("s3")
 
-        assert set(stack.functions) == {"FlakyFunction", "EchoFunction"}
+        assert set(stack.functions) == {"FlakyFunction", "EchoFunction", "UnpermittedFunction"}
         flaky = lam.get_function(FunctionName="samapp-FlakyFunction")["Configuration"]
         # Globals merged with the function's own: env, timeout, memory, layer
         assert flaky["Environment"]["Variables"] == {
@@ -108,13 +108,49 @@ class TestDeployedApp:
         rules = stack.client("events").list_rules()["Rules"]
         assert {"samapp-RetryStateMachine-Tick"} <= {r["Name"] for r in rules}
 
+    def test_roles_and_policies_are_the_translators(self, stack: DeployedStack) -> None:
+        """The SAM translator's roles land in IAM as CloudFormation would create them."""
+        iam = stack.client("iam")
+        translated = stack.cloudformation["Resources"]
+        flaky_role = translated["FlakyFunctionRole"]["Properties"]
+        role_name = stack.roles["FlakyFunctionRole"].rsplit("/", 1)[1]
+        assert stack.functions["FlakyFunction"].role_arn == stack.roles["FlakyFunctionRole"]
+
+        attached = {p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]}
+        assert attached == set(flaky_role["ManagedPolicyArns"])  # basic execution + X-Ray (Tracing: Active)
+        [inline] = iam.list_role_policies(RoleName=role_name)["PolicyNames"]
+        assert inline == flaky_role["Policies"][0]["PolicyName"]
+        document = iam.get_role_policy(RoleName=role_name, PolicyName=inline)["PolicyDocument"]
+        [statement] = document["Statement"]
+        assert "dynamodb:PutItem" in statement["Action"]  # DynamoDBCrudPolicy, expanded by the translator
+        table_arn = "arn:aws:dynamodb:us-east-1:123456789012:table/samapp-counters"
+        assert statement["Resource"] == [table_arn, f"{table_arn}/index/*"]
+        trust = iam.get_role(RoleName=role_name)["Role"]["AssumeRolePolicyDocument"]
+        assert trust["Statement"][0]["Principal"] == {"Service": ["lambda.amazonaws.com"]}
+
+        # A state machine role holds exactly its LambdaInvokePolicy statements.
+        retry_role = stack.state_machine_roles["RetryStateMachine"].rsplit("/", 1)[1]
+        names = iam.list_role_policies(RoleName=retry_role)["PolicyNames"]
+        assert len(names) == 2  # FlakyFunction, EchoFunction
+        invoke = iam.get_role_policy(RoleName=retry_role, PolicyName=names[0])["PolicyDocument"]["Statement"]
+        assert invoke[0]["Action"] == ["lambda:InvokeFunction"]
+        assert invoke[0]["Resource"] == stack.functions["FlakyFunction"].arn + "*"
+        unpermitted = stack.functions["UnpermittedFunction"].role_arn.rsplit("/", 1)[1]
+        assert iam.list_role_policies(RoleName=unpermitted)["PolicyNames"] == []
+        # bucket -> permission -> function -> bucket (ARTIFACTS_BUCKET in Globals): sam deploy fails on it
+        assert {"ArtifactsBucket", "EchoFunction", "EchoFunctionUploadsPermission"} <= set(stack.cloudformation_cycle)
+
     def test_redeploy_updates_in_place(self, aws: ServerAWS, stack: DeployedStack) -> None:
         again = aws.deploy(SAMAPP, stack_name="samapp")
         assert again.state_machines == stack.state_machines
         assert {k: f.arn for k, f in again.functions.items()} == {k: f.arn for k, f in stack.functions.items()}
         assert again.layers == stack.layers
         names = [f["FunctionName"] for f in stack.client("lambda").list_functions()["Functions"]]
-        assert sorted(n for n in names if n.startswith("samapp-")) == ["samapp-EchoFunction", "samapp-FlakyFunction"]
+        assert sorted(n for n in names if n.startswith("samapp-")) == [
+            "samapp-EchoFunction",
+            "samapp-FlakyFunction",
+            "samapp-UnpermittedFunction",
+        ]
 
     def test_parameter_override_changes_conditions(self, aws: ServerAWS) -> None:
         prod = aws.deploy(SAMAPP, stack_name="samprod", parameter_overrides={"Stage": "prod"})
@@ -187,6 +223,27 @@ class TestDeployedApp:
         assert json.loads(fallback["echo"]["error"]["Cause"])["errorMessage"] == "cannot ever process perm"
         entered = [e["stateEnteredEventDetails"]["name"] for e in history(sfn, arn) if "stateEnteredEventDetails" in e]
         assert entered == ["Flaky", "Fallback"]
+
+    def test_a_function_without_the_permission_is_denied_through_the_state_machine(
+        self, stack: DeployedStack
+    ) -> None:
+        """IAM is enforced: the handler runs with its role's credentials, which lack DynamoDB."""
+        sfn = stack.client("stepfunctions")
+        arn = sfn.start_execution(
+            stateMachineArn=stack.state_machines["DeniedStateMachine"], name="denied", input=json.dumps({"key": "d"})
+        )["executionArn"]
+        desc = wait_execution(sfn, arn)
+        assert desc["status"] == "SUCCEEDED", desc  # the Catch recorded the error
+        output = json.loads(desc["output"])
+        assert "error" in output, output
+        error = output["error"]
+        assert error["Error"] == "ClientError"
+        cause = json.loads(error["Cause"])["errorMessage"]
+        assert "AccessDenied" in cause and "assumed-role/samapp-UnpermittedFunctionRole/" in cause
+        assert "dynamodb:UpdateItem" in cause
+        # The same call with the permission (FlakyFunction's role) is allowed.
+        payload, function_error = invoke(stack, "FlakyFunction", {"key": "allowed"})
+        assert function_error is None and payload["attempts"] == 1
 
     def test_map_runs_iterations_of_one_function_in_parallel(self, stack: DeployedStack) -> None:
         lam, sfn = stack.client("lambda"), stack.client("stepfunctions")
@@ -263,7 +320,7 @@ class TestDeployedApp:
 
         for kind, payload in results:
             if kind == "echo":
-                assert payload["env_function_name"] == "samapp-EchoFunction", payload
+                assert payload.get("env_function_name") == "samapp-EchoFunction", payload
             else:
                 assert payload["greeting"] == "hello-from-flaky", payload
                 assert payload["attempts"] == 1

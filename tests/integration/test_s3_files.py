@@ -50,12 +50,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack_inf
 @pytest.fixture(scope="module")
 def s3(server: tuple[stack_info.StackInfo, Path]) -> Any:
     info, _ = server
+    keys = info.credentials or stack_info.FAKE_CREDENTIALS  # the local AWS enforces IAM: its admin's keys
     return boto3.client(
         "s3",
         endpoint_url=info.endpoint_url,
         region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
     )
 
 

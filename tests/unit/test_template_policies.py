@@ -1,20 +1,20 @@
 """IAM in template.yaml is scoped to named resources (checked on the SAM-expanded template).
 
-The template is expanded by the SAM translator (through cfn-lint, offline), so SAM policy
-templates (DynamoDBCrudPolicy ...) are checked as the statements they become. A statement
+The template is expanded by the SAM translator exactly as the local deployer expands it
+(cachevault.local.sam_translate), so SAM policy templates (DynamoDBCrudPolicy ...) are
+checked as the statements they become and as the embedded AWS enforces them. A statement
 whose resource is any bucket / any ARN (``*``) must be on the allow-list below, each with
 the reason AWS or the feature leaves no narrower choice.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cfnlint.decode import decode
-from cfnlint.template.transforms._sam import Transform
+from cachevault.local.cfn_intrinsics import load_template
+from cachevault.local.sam_translate import translate
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 
@@ -26,6 +26,8 @@ WILDCARD_ALLOWED = {
     ("SnapshotCopyObjectFunctionRole", "s3:PutObject"): "export: write into the user's bucket",
     ("SnapshotCopyFailFunctionRole", "s3:DeleteObject"): "export: remove a half-made export",
     ("ApiFunctionRole", "s3:GetObject"): "export checks from the HTTP API (bucket exists, name free)",
+    # Restore from an RDB the user names by S3 ARN (ElastiCache's SnapshotArns).
+    ("RestorePreflightFunctionRole", "s3:GetObject"): "restore: read the user's RDB (and its version)",
 }
 # AWS managed policies SAM attaches: CloudWatch Logs (per-function log groups are created
 # by Lambda on first write) and X-Ray (PutTraceSegments has no resource-level permission).
@@ -77,19 +79,7 @@ def _wildcard(resource: str) -> bool:
 
 @pytest.fixture(scope="module")
 def expanded() -> dict[str, Any]:
-    saved = os.environ.get("AWS_DEFAULT_REGION")
-    try:
-        template, matches = decode(str(TEMPLATE))
-        assert not matches, matches
-        transform = Transform(str(TEMPLATE), template, "us-east-1")
-        errors = transform.transform_template()
-        assert not errors, errors
-        return transform.template()
-    finally:  # the SAM transform sets AWS_DEFAULT_REGION process-wide
-        if saved is None:
-            os.environ.pop("AWS_DEFAULT_REGION", None)
-        else:
-            os.environ["AWS_DEFAULT_REGION"] = saved
+    return translate(load_template(TEMPLATE), region="us-east-1").template
 
 
 def _statements(resources: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -148,7 +138,7 @@ def test_secrets_are_read_only_by_the_steps_that_connect_to_nodes(expanded: dict
 
 
 def test_bucket_encrypted_private_and_tls_only() -> None:
-    template, _ = decode(str(TEMPLATE))
+    template = load_template(TEMPLATE)
     resources = template["Resources"]
     bucket = resources["SnapshotBucket"]["Properties"]
     rule = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]

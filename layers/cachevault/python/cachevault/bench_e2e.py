@@ -223,7 +223,7 @@ def _local_stack(home: Path) -> Iterator[tuple[stack_info.StackInfo, dict[str, s
         env = dict(os.environ)
         for name, value in info.env().items():
             env[name] = value
-        env.update(stack_info.FAKE_CREDENTIALS)
+        env.update(info.credentials or stack_info.FAKE_CREDENTIALS)  # the local AWS enforces IAM
         env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         try:
             yield info, env
@@ -272,10 +272,11 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
     ops: list[dict[str, Any]] = []
     try:
         with _local_stack(workdir / "home") as (info, env):
+            keys = info.credentials or {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
             sfn = boto3.client(
                 "stepfunctions", endpoint_url=info.endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
-                aws_access_key_id="testing", aws_secret_access_key="testing",
-            )  # fmt: skip
+                aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+            )  # fmt: skip  (the embedded AWS enforces IAM: its admin's keys)
             _, created, _ = _cli(["cache", "create", "src", "--replicas", "1"], env)
             nodes = _extra(created["ReplicationGroup"])["Nodes"]
             primary = _address(next(n["Address"] for n in nodes if n["Role"] == "primary"))

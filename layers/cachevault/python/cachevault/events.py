@@ -56,19 +56,12 @@ _CACHE_FIELDS = ("CacheNodeType", "ClusterMode", "NumNodeGroups", "ReplicasPerNo
 
 LOG = logging.getLogger(__name__)
 _missing_buses: set[str] = set()  # warn once per process about a bus that does not exist
-_clients: dict[tuple[str, str], Any] = {}
 
 
 def _events_client() -> Any:
-    # One client per endpoint and region: making a client costs 0.1-1 s of model loading,
-    # which every terminal step would otherwise pay again (boto3 clients are thread safe).
-    key = (
-        os.environ.get("AWS_ENDPOINT_URL", ""),
-        os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "")),
-    )
-    if key not in _clients:
-        _clients[key] = client("events")
-    return _clients[key]
+    # cachevault.aws caches clients per endpoint, region and credentials: each function
+    # publishes with its own role's credentials (a per-endpoint cache would reuse another's).
+    return client("events")
 
 
 def bus_name() -> str | None:

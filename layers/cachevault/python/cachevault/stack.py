@@ -46,6 +46,8 @@ class StackInfo:
     pid: int | None = None
     imports_table: str = ""
     ecs: dict[str, str] = field(default_factory=dict)  # logical id -> cluster name / task definition ARN
+    # Keys of the embedded AWS's admin identity (it enforces IAM; see cachevault/local/iam.py).
+    credentials: dict[str, str] = field(default_factory=dict)
 
     def state_machine(self, logical_id: str) -> str:
         return self.state_machines[logical_id]
@@ -95,12 +97,17 @@ class StackInfo:
         """Point this process's boto3 clients and Settings at the stack."""
         os.environ.update(self.env())
         if self.endpoint_url:
+            if self.credentials:  # the local AWS enforces IAM: only its admin keys are valid
+                os.environ.update(self.credentials)
+                os.environ.pop("AWS_SESSION_TOKEN", None)
             for name, value in FAKE_CREDENTIALS.items():
                 os.environ.setdefault(name, value)
             os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-def from_deployed(stack: Any, endpoint_url: str | None = None, pid: int | None = None) -> StackInfo:
+def from_deployed(
+    stack: Any, endpoint_url: str | None = None, pid: int | None = None, credentials: dict[str, str] | None = None
+) -> StackInfo:
     """From the local deployer's DeployedStack."""
     return StackInfo(
         bucket=stack.buckets["SnapshotBucket"],
@@ -114,6 +121,7 @@ def from_deployed(stack: Any, endpoint_url: str | None = None, pid: int | None =
         ecs=dict(getattr(stack, "ecs", {})),
         endpoint_url=endpoint_url,
         pid=pid,
+        credentials=dict(credentials or {}),
     )
 
 

@@ -68,7 +68,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             'for the aws CLI and boto3 in this shell: eval "$(cachevault local env)", which sets',
             *(f"  export {k}={shlex.quote(v)}" for k, v in env.items()),
             f"or a named profile for the aws CLI ({PROFILE}):",
-            *(f"  {line}" for line in profile_setup(info.endpoint_url or "")),
+            *(f"  {line}" for line in profile_setup(info.endpoint_url or "", info.credentials)),
         ]
     )
     payload = {
@@ -87,11 +87,15 @@ PORT_ENV = "CACHEVAULT_LOCAL_PORT"
 PROFILE = "cachevault-local"
 
 
-def profile_setup(endpoint: str) -> list[str]:
-    """The aws CLI commands that make a profile for the embedded AWS, and one using it."""
+def profile_setup(endpoint: str, credentials: dict[str, str] | None = None) -> list[str]:
+    """The aws CLI commands that make a profile for the embedded AWS, and one using it.
+
+    ``credentials``: the embedded AWS's admin keys (it enforces IAM; cachevault/local/iam.py).
+    """
+    keys = credentials or {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     settings = {
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing",
+        "aws_access_key_id": keys["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": keys["AWS_SECRET_ACCESS_KEY"],
         "region": "us-east-1",
         "endpoint_url": endpoint,
     }

@@ -1,12 +1,15 @@
 """Deploys a SAM template into whatever AWS boto3 talks to (normally the embedded moto).
 
-One source of truth: the functions, layers, state machines, buckets, tables and
-schedules ``sam deploy`` would create come from the same ``template.yaml``. Resources
-are created in dependency order (Ref / GetAtt / Sub / DependsOn), names are
-deterministic (``<stack>-<LogicalId>`` unless the template names them) so a re-deploy
-updates in place. Each function's code dir and handler are registered with the local
-Lambda runtime, which runs the real handler when moto's Lambda is invoked. Resource
-types this deployer does not know are skipped with a logged note.
+The template goes through the real SAM translator first (:mod:`cachevault.local.sam_translate`):
+what is created here is the CloudFormation ``sam deploy`` would submit, IAM roles and
+policies included. This module creates those CloudFormation resources through the AWS
+APIs, in dependency order (Ref / GetAtt / Sub / DependsOn), with deterministic names
+(``<stack>-<LogicalId>`` unless the template names them) so a re-deploy updates in place.
+It keeps only the glue moto's own CloudFormation lacks (DESIGN.md "moto facts"): local
+code directories registered with the local Lambda runtime, definitions read from the
+local file with ``DefinitionSubstitutions`` applied, the bucket's Lambda notifications,
+the schedules the local ticker fires (cachevault/local/schedules.py), an API's routes.
+Resource types this deployer does not know are skipped with a logged note.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from cachevault.local.cfn_intrinsics import (
     resolve,
     resolve_parameters,
 )
+from cachevault.local.sam_translate import aws_managed_policy_map, local_path, translate
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_ACCOUNT = "123456789012"
+_PERMISSION = "AWS::Lambda::Permission"
 
 
 class DeployError(RuntimeError):
@@ -54,6 +59,7 @@ class FunctionInfo:
     logical_id: str = ""
     memory_mb: int = 128
     layers: list[str] = field(default_factory=list)
+    role_arn: str = ""
 
 
 @dataclass
@@ -89,14 +95,18 @@ class DeployedStack:
     template_path: Path
     functions: dict[str, FunctionInfo] = field(default_factory=dict)
     state_machines: dict[str, str] = field(default_factory=dict)
+    state_machine_roles: dict[str, str] = field(default_factory=dict)  # logical id -> role ARN
     buckets: dict[str, str] = field(default_factory=dict)
     tables: dict[str, str] = field(default_factory=dict)
-    layers: dict[str, str] = field(default_factory=dict)  # logical id -> layer version ARN
+    layers: dict[str, str] = field(default_factory=dict)  # SAM logical id -> layer version ARN
+    roles: dict[str, str] = field(default_factory=dict)  # logical id -> role ARN
     schedules: list[ScheduleInfo] = field(default_factory=list)
     routes: list[RouteInfo] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
     ecs: dict[str, str] = field(default_factory=dict)  # logical id -> cluster name / task definition ARN
     skipped: dict[str, str] = field(default_factory=dict)  # logical id -> why
+    cloudformation: dict[str, Any] = field(default_factory=dict, repr=False)  # the translated template
+    cloudformation_cycle: list[str] = field(default_factory=list)  # resources CloudFormation finds circular
     session: boto3.Session | None = field(default=None, repr=False)
     endpoint_url: str | None = None
 
@@ -119,13 +129,13 @@ def deploy(
     session: boto3.Session | None = None,
     endpoint_url: str | None = None,
 ) -> DeployedStack:
-    """Create (or update) every supported resource of ``template_path``.
+    """Translate ``template_path`` (SAM) and create (or update) every supported resource.
 
     Clients honour ``endpoint_url`` or, unset, ``AWS_ENDPOINT_URL`` (boto3 itself), so this
     works against in-process ``mock_aws`` and against the embedded server alike.
     """
     template_path = Path(template_path).resolve()
-    template = load_template(template_path)
+    source = load_template(template_path)
     session = session or boto3.Session()
     region = session.region_name or "us-east-1"
     stack = DeployedStack(
@@ -138,12 +148,20 @@ def deploy(
     )
     stack.account_id = _account_id(stack)
     ctx = Context(region=region, account_id=stack.account_id, stack_name=stack_name)
-    ctx.parameters = resolve_parameters(template.get("Parameters"), parameter_overrides)
+    ctx.parameters = resolve_parameters(source.get("Parameters"), parameter_overrides)
+    translated = translate(
+        source,
+        region=region,
+        parameter_values={k: v for k, v in (parameter_overrides or {}).items()},
+        managed_policy_map=aws_managed_policy_map(stack.client("iam")),
+    )
+    template = translated.template
+    stack.cloudformation = template
     ctx.mappings = template.get("Mappings") or {}
     evaluate_conditions(template.get("Conditions"), ctx)
 
     lambda_runtime.install()
-    deployer = _Deployer(stack, ctx, template, template_path.parent)
+    deployer = _Deployer(stack, ctx, template, template_path.parent, translated.events, translated.renamed)
     deployer.run()
     return stack
 
@@ -152,11 +170,20 @@ def deploy(
 
 
 class _Deployer:
-    def __init__(self, stack: DeployedStack, ctx: Context, template: dict[str, Any], base: Path) -> None:
+    def __init__(
+        self,
+        stack: DeployedStack,
+        ctx: Context,
+        template: dict[str, Any],
+        base: Path,
+        sam_events: dict[str, tuple[str, str]],
+        renamed: dict[str, str],
+    ) -> None:
         self.stack = stack
         self.ctx = ctx
         self.base = base
-        self.globals_fn: dict[str, Any] = (template.get("Globals") or {}).get("Function") or {}
+        self.sam_events = sam_events
+        self.renamed = renamed
         self.resources: dict[str, dict[str, Any]] = {}
         for lid, res in (template.get("Resources") or {}).items():
             cond = res.get("Condition")
@@ -166,7 +193,8 @@ class _Deployer:
             self.resources[lid] = res
         self.outputs = template.get("Outputs") or {}
         self.layer_dirs: dict[str, Path] = {}  # layer version ARN -> python dir
-        self.s3_notifications: dict[str, list[dict[str, Any]]] = {}  # bucket -> lambda configs
+        self.s3_notifications: dict[str, Any] = {}  # bucket -> its NotificationConfiguration (CFN)
+        self.apis: dict[str, dict[str, Any]] = {}  # RestApi logical id -> its OpenAPI body
         self._clients: dict[str, Any] = {}
         self._zip = _placeholder_zip()
 
@@ -176,22 +204,24 @@ class _Deployer:
         return self._clients[service]
 
     def run(self) -> None:
-        self._implicit_refs()
         creators: dict[str, Callable[[str, dict[str, Any]], None]] = {
-            "AWS::Serverless::LayerVersion": self._layer,
+            "AWS::IAM::Role": self._role,
+            "AWS::IAM::Policy": self._policy,
+            "AWS::IAM::ManagedPolicy": self._managed_policy,
             "AWS::Lambda::LayerVersion": self._layer,
-            "AWS::Serverless::Function": self._function,
-            "AWS::Serverless::StateMachine": self._state_machine,
+            "AWS::Lambda::Function": self._function,
+            "AWS::Lambda::Permission": self._permission,
             "AWS::StepFunctions::StateMachine": self._state_machine,
             "AWS::S3::Bucket": self._bucket,
             "AWS::DynamoDB::Table": self._table,
-            "AWS::Serverless::SimpleTable": self._simple_table,
             "AWS::Events::Rule": self._events_rule,
             "AWS::Events::EventBus": self._event_bus,
             "AWS::Scheduler::Schedule": self._scheduler_schedule,
             "AWS::ECS::Cluster": self._ecs_cluster,
             "AWS::ECS::TaskDefinition": self._ecs_task_definition,
+            "AWS::ApiGateway::RestApi": self._rest_api,
         }
+        self._cycles_cloudformation_rejects()
         for lid in self._order():
             res = self.resources[lid]
             rtype = str(res.get("Type"))
@@ -204,6 +234,7 @@ class _Deployer:
             except (ClientError, IntrinsicError, OSError, KeyError, ValueError) as exc:
                 raise DeployError(f"{lid} ({rtype}): {exc}") from exc
         self._apply_s3_notifications()
+        self._routes()
         self._outputs()
 
     # -- ordering and placeholders --
@@ -213,9 +244,13 @@ class _Deployer:
         for lid, res in self.resources.items():
             depends_on = res.get("DependsOn") or []
             depends_on = [depends_on] if isinstance(depends_on, str) else list(depends_on)
-            found = references(res.get("Properties") or {}) | set(depends_on)
-            if res.get("Type") == "AWS::Serverless::Function":
-                found |= references(self.globals_fn)  # Globals.Function applies to every function
+            props = res.get("Properties") or {}
+            if res.get("Type") == "AWS::S3::Bucket" and "NotificationConfiguration" in props:
+                # Notifications are applied after everything else, so the bucket need not wait
+                # for its functions. CloudFormation has no such escape: see _cycles_cloudformation_rejects.
+                props = {k: v for k, v in props.items() if k != "NotificationConfiguration"}
+                depends_on = [d for d in depends_on if self.resources.get(d, {}).get("Type") != _PERMISSION]
+            found = references(props) | set(depends_on)
             deps[lid] = {d for d in found if d in self.resources and d != lid}
         order: list[str] = []
         done: set[str] = set()
@@ -233,15 +268,28 @@ class _Deployer:
             order.extend(rest)
         return order
 
-    def _implicit_refs(self) -> None:
-        # SAM's generated resources that templates refer to: <Function>Role, ServerlessRestApi.
+    def _cycles_cloudformation_rejects(self) -> None:
+        """Warn about a circular dependency: ``sam deploy`` fails on it, this deployer does not.
+
+        The classic one: a function with an S3 event on a bucket it also names (Ref) in its
+        environment or policies (bucket -> permission -> function -> bucket).
+        """
+        deps: dict[str, set[str]] = {}
         for lid, res in self.resources.items():
-            if res.get("Type") in ("AWS::Serverless::Function", "AWS::Serverless::StateMachine"):
-                role = self._role_arn(lid)
-                self.ctx.refs[f"{lid}Role"] = role.rsplit("/", 1)[1]
-                self.ctx.attrs[(f"{lid}Role", "Arn")] = role
-        self.ctx.refs.setdefault("ServerlessRestApi", "cvlocalapi")
-        self.ctx.attrs[("ServerlessRestApi", "RootResourceId")] = "cvlocalroot"
+            depends_on = res.get("DependsOn") or []
+            depends_on = [depends_on] if isinstance(depends_on, str) else list(depends_on)
+            found = references(res.get("Properties") or {}) | set(depends_on)
+            deps[lid] = {d for d in found if d in self.resources and d != lid}
+        done: set[str] = set()
+        while True:
+            ready = {lid for lid in deps if lid not in done and deps[lid] <= done}
+            if not ready:
+                break
+            done |= ready
+        cyclic = sorted(set(deps) - done)
+        if cyclic:
+            self.stack.cloudformation_cycle = cyclic
+            LOG.warning("CloudFormation would reject this template: circular dependency involving %s", cyclic)
 
     def _skip(self, lid: str, rtype: str) -> None:
         LOG.info("local deployer: skipping %s (%s): not emulated", lid, rtype)
@@ -259,31 +307,88 @@ class _Deployer:
             return str(resolve(props[key], self.ctx))
         return f"{self.stack.stack_name}-{lid}"[:limit]
 
-    def _role_arn(self, lid: str) -> str:
-        name = f"{self.stack.stack_name}-{lid}-role"[:64]
-        return f"arn:{self.ctx.partition}:iam::{self.stack.account_id}:role/{name}"
+    # -- IAM: exactly the translated roles and policies --
 
-    def _ensure_role(self, lid: str, principal: str) -> str:
-        arn = self._role_arn(lid)
-        trust = {
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": {"Service": principal}, "Action": "sts:AssumeRole"}],
-        }
+    def _role(self, lid: str, raw_props: dict[str, Any]) -> None:
+        props = resolve(raw_props, self.ctx)
+        name = self._name(lid, raw_props, "RoleName")
+        iam = self.client("iam")
+        trust = json.dumps(props["AssumeRolePolicyDocument"])
         try:
-            self.client("iam").create_role(RoleName=arn.rsplit("/", 1)[1], AssumeRolePolicyDocument=json.dumps(trust))
+            arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=trust, Path=props.get("Path", "/"))["Role"][
+                "Arn"
+            ]
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "EntityAlreadyExists":
                 raise
-        return arn
+            iam.update_assume_role_policy(RoleName=name, PolicyDocument=trust)
+            arn = iam.get_role(RoleName=name)["Role"]["Arn"]
+        # A re-deploy converges on the template: stale inline / managed policies go.
+        wanted_inline = {p["PolicyName"]: _versioned(p["PolicyDocument"]) for p in props.get("Policies") or []}
+        for old in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+            if old not in wanted_inline and not self._policy_resource_named(old):
+                iam.delete_role_policy(RoleName=name, PolicyName=old)
+        for policy_name, document in wanted_inline.items():
+            iam.put_role_policy(RoleName=name, PolicyName=policy_name, PolicyDocument=json.dumps(document))
+        wanted_managed = [str(a) for a in props.get("ManagedPolicyArns") or []]
+        for attached in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
+            if attached["PolicyArn"] not in wanted_managed:
+                iam.detach_role_policy(RoleName=name, PolicyArn=attached["PolicyArn"])
+        for policy_arn in wanted_managed:
+            iam.attach_role_policy(RoleName=name, PolicyArn=policy_arn)
+        self.ctx.refs[lid] = name
+        self.ctx.attrs[(lid, "Arn")] = arn
+        self.ctx.attrs[(lid, "RoleId")] = name
+        self.stack.roles[lid] = arn
+
+    def _policy_resource_named(self, policy_name: str) -> bool:
+        # AWS::IAM::Policy resources are inline policies too: the role's sweep keeps them.
+        for res in self.resources.values():
+            props = res.get("Properties") or {}
+            if res.get("Type") == "AWS::IAM::Policy" and resolve(props.get("PolicyName"), self.ctx) == policy_name:
+                return True
+        return False
+
+    def _policy(self, lid: str, raw_props: dict[str, Any]) -> None:
+        # AWS::IAM::Policy is an inline policy put on each of its roles/users/groups.
+        props = resolve(raw_props, self.ctx)
+        iam = self.client("iam")
+        document = json.dumps(_versioned(props["PolicyDocument"]))
+        name = str(props["PolicyName"])
+        for role in props.get("Roles") or []:
+            iam.put_role_policy(RoleName=str(role), PolicyName=name, PolicyDocument=document)
+        for user in props.get("Users") or []:
+            iam.put_user_policy(UserName=str(user), PolicyName=name, PolicyDocument=document)
+        for group in props.get("Groups") or []:
+            iam.put_group_policy(GroupName=str(group), PolicyName=name, PolicyDocument=document)
+        self.ctx.refs[lid] = f"{self.stack.stack_name}-{lid}"
+
+    def _managed_policy(self, lid: str, raw_props: dict[str, Any]) -> None:
+        props = resolve(raw_props, self.ctx)
+        iam = self.client("iam")
+        name = self._name(lid, raw_props, "ManagedPolicyName", 128)
+        arn = f"arn:{self.ctx.partition}:iam::{self.stack.account_id}:policy/{name}"
+        document = json.dumps(_versioned(props["PolicyDocument"]))
+        try:
+            iam.create_policy(PolicyName=name, PolicyDocument=document)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "EntityAlreadyExists":
+                raise
+            for version in iam.list_policy_versions(PolicyArn=arn)["Versions"]:
+                if not version["IsDefaultVersion"]:
+                    iam.delete_policy_version(PolicyArn=arn, VersionId=version["VersionId"])
+            iam.create_policy_version(PolicyArn=arn, PolicyDocument=document, SetAsDefault=True)
+        for role in props.get("Roles") or []:
+            iam.attach_role_policy(RoleName=str(role), PolicyArn=arn)
+        self.ctx.refs[lid] = arn
 
     # -- layers and functions --
 
     def _layer(self, lid: str, props: dict[str, Any]) -> None:
         name = self._name(lid, props, "LayerName", 140)
-        content = props.get("ContentUri") or props.get("Content")
+        root = local_path(props.get("Content"), self.base)
         python_dir: Path | None = None
-        if isinstance(content, str):
-            root = (self.base / content).resolve()
+        if root is not None:
             python_dir = root / "python" if (root / "python").is_dir() else root
         lam = self.client("lambda")
         existing = lam.list_layer_versions(LayerName=name).get("LayerVersions", [])
@@ -296,26 +401,22 @@ class _Deployer:
                 CompatibleRuntimes=list(resolve(props.get("CompatibleRuntimes") or ["python3.11"], self.ctx)),
             )["LayerVersionArn"]
         self.ctx.refs[lid] = arn
-        self.stack.layers[lid] = arn
+        self.stack.layers[self.renamed.get(lid, lid)] = arn
         if python_dir is not None and python_dir.is_dir():  # e.g. a sam-build-only layer is absent
             self.layer_dirs[arn] = python_dir
 
     def _function(self, lid: str, raw_props: dict[str, Any]) -> None:
-        # Events and Policies are not function configuration (events are handled below,
-        # IAM is not enforced locally): leave them out of the resolution.
-        wanted = {k: v for k, v in raw_props.items() if k not in ("Events", "Policies")}
-        props = resolve(_merge_globals(self.globals_fn, wanted), self.ctx)
+        props = resolve(raw_props, self.ctx)
         name = self._name(lid, raw_props, "FunctionName")
-        code = props.get("CodeUri") or props.get("Code")
-        code_dir = (self.base / code).resolve() if isinstance(code, str) else None
+        code_dir = local_path(props.get("Code"), self.base)
         if code_dir is None:
-            LOG.warning("%s: CodeUri is not a local directory; invoking it will fail locally", lid)
+            LOG.warning("%s: Code is not a local directory; invoking it will fail locally", lid)
         handler = str(props.get("Handler", "app.lambda_handler"))
         env = {k: _env_text(v) for k, v in ((props.get("Environment") or {}).get("Variables") or {}).items()}
         timeout = int(props.get("Timeout", 3))
         memory = int(props.get("MemorySize", 128))
         layers = [str(arn) for arn in props.get("Layers") or []]
-        role = str(props["Role"]) if props.get("Role") else self._ensure_role(lid, "lambda.amazonaws.com")
+        role = str(props["Role"])
         config: dict[str, Any] = {
             "Runtime": str(props.get("Runtime", "python3.11")),
             "Role": role,
@@ -347,6 +448,7 @@ class _Deployer:
             logical_id=lid,
             memory_mb=memory,
             layers=layers,
+            role_arn=role,
         )
         if code_dir is not None:
             lambda_runtime.RUNTIME.register(
@@ -357,61 +459,86 @@ class _Deployer:
                     layer_dirs=tuple(self.layer_dirs[a] for a in layers if a in self.layer_dirs),
                 )
             )
-        for event_id, event in (raw_props.get("Events") or {}).items():
-            self._function_event(lid, name, arn, event_id, event)
 
-    def _function_event(self, lid: str, name: str, arn: str, event_id: str, event: dict[str, Any]) -> None:
-        etype = str(event.get("Type"))
-        props = resolve(event.get("Properties") or {}, self.ctx)
-        if etype in ("Schedule", "ScheduleV2"):
-            self._schedule(lid, arn, event_id, etype, props)
-        elif etype == "Api" or etype == "HttpApi":
-            api = props.get("RestApiId") or props.get("ApiId") or "ServerlessRestApi"
-            self.stack.routes.append(
-                RouteInfo(str(props.get("Method", "ANY")).upper(), str(props.get("Path", "/")), lid, name, str(api))
-            )
-        elif etype == "S3":
-            events = props.get("Events") or []
-            config: dict[str, Any] = {
-                "LambdaFunctionArn": arn,
-                "Events": [events] if isinstance(events, str) else list(events),
-            }
-            rules = ((props.get("Filter") or {}).get("S3Key") or {}).get("Rules")
-            if rules:  # CFN spells it S3Key.Rules, the S3 API Key.FilterRules
-                config["Filter"] = {"Key": {"FilterRules": rules}}
-            self.s3_notifications.setdefault(str(props["Bucket"]), []).append(config)
-        else:
-            LOG.info("local deployer: %s event %s of type %s is not emulated", lid, event_id, etype)
-            self.stack.skipped[f"{lid}.{event_id}"] = f"event type {etype} is not emulated locally"
+    def _permission(self, lid: str, raw_props: dict[str, Any]) -> None:
+        # The resource policy S3 / EventBridge / API Gateway invoke through.
+        props = resolve(raw_props, self.ctx)
+        args: dict[str, Any] = {
+            "FunctionName": str(props["FunctionName"]),
+            "StatementId": lid,
+            "Action": str(props["Action"]),
+            "Principal": str(props["Principal"]),
+        }
+        for key in ("SourceArn", "SourceAccount"):
+            if props.get(key):
+                args[key] = str(props[key])
+        try:
+            self.client("lambda").add_permission(**args)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ResourceConflictException":
+                raise
+        self.ctx.refs[lid] = lid
 
     def _apply_s3_notifications(self) -> None:
         s3 = self.client("s3")
-        for bucket, configs in self.s3_notifications.items():
+        for bucket, raw in self.s3_notifications.items():
+            configs: list[dict[str, Any]] = []
+            for config in resolve(raw, self.ctx).get("LambdaConfigurations") or []:
+                api: dict[str, Any] = {"LambdaFunctionArn": str(config["Function"]), "Events": [str(config["Event"])]}
+                rules = ((config.get("Filter") or {}).get("S3Key") or {}).get("Rules")
+                if rules:  # CFN spells it S3Key.Rules, the S3 API Key.FilterRules
+                    api["Filter"] = {"Key": {"FilterRules": rules}}
+                configs.append(api)
             # Note: moto delivers these synchronously, inside the PutObject call.
             s3.put_bucket_notification_configuration(
                 Bucket=bucket, NotificationConfiguration={"LambdaFunctionConfigurations": configs}
             )
 
-    # -- schedules --
+    # -- the API: routes for the local HTTP front (moto has no API Gateway -> Lambda) --
 
-    def _schedule(self, lid: str, target_arn: str, event_id: str, etype: str, props: dict[str, Any]) -> None:
-        expression = str(props.get("Schedule") or props.get("ScheduleExpression") or "")
-        if not expression:
-            raise DeployError(f"{lid}.{event_id}: schedule without an expression")
-        enabled = _schedule_enabled(props)
-        name = str(props.get("Name") or f"{self.stack.stack_name}-{lid}-{event_id}")[:64]
-        raw_input = props.get("Input")
-        info = ScheduleInfo(
-            name=name,
-            logical_id=lid,
-            expression=expression,
-            target_arn=target_arn,
-            input=None if raw_input is None else _json_text(raw_input),
-            event_id=event_id,
-            kind="ScheduleV2" if etype == "ScheduleV2" else "Schedule",
-            enabled=enabled,
-        )
-        self._register_schedule(info)
+    def _rest_api(self, lid: str, raw_props: dict[str, Any]) -> None:
+        props = raw_props
+        name = self._name(lid, raw_props, "Name", 128)  # moto requires a Name; SAM's implicit API has none
+        apigw = self.client("apigateway")
+        found = [api["id"] for api in apigw.get_rest_apis(limit=500)["items"] if api["name"] == name]
+        api_id = found[0] if found else apigw.create_rest_api(name=name)["id"]
+        self.ctx.refs[lid] = api_id
+        self.ctx.attrs[(lid, "RootResourceId")] = apigw.get_resources(restApiId=api_id)["items"][0]["id"]
+        self.apis[lid] = props.get("Body") or {}
+
+    def _routes(self) -> None:
+        by_arn = {fn.arn: lid for lid, fn in self.stack.functions.items()}
+        for api_lid, body in self.apis.items():
+            for path, methods in (body.get("paths") or {}).items():
+                for method, spec in methods.items():
+                    integration = spec.get("x-amazon-apigateway-integration") or {}
+                    try:
+                        uri = str(resolve(integration.get("uri"), self.ctx))
+                    except IntrinsicError:
+                        continue
+                    fn_arn = uri.split("/functions/", 1)[-1].removesuffix("/invocations")
+                    fn_lid = by_arn.get(fn_arn)
+                    if fn_lid is None:
+                        continue
+                    verb = "ANY" if method == "x-amazon-apigateway-any-method" else method.upper()
+                    self.stack.routes.append(
+                        RouteInfo(verb, str(path), fn_lid, self.stack.functions[fn_lid].name, api_lid)
+                    )
+
+    # -- schedules: moto never fires them; cachevault/local/schedules.py does --
+
+    def _schedule_name(self, lid: str, props: dict[str, Any]) -> tuple[str, str]:
+        """(name, event id): a SAM event keeps ``<stack>-<Resource>-<Event>`` unless named."""
+        if lid in self.sam_events:
+            resource, event_id = self.sam_events[lid]
+            sam_name = (self._sam_event_props(resource, event_id)).get("Name")
+            name = str(resolve(sam_name, self.ctx)) if sam_name else f"{self.stack.stack_name}-{resource}-{event_id}"
+            return name[:64], event_id
+        return self._name(lid, props, "Name"), lid
+
+    def _sam_event_props(self, resource: str, event_id: str) -> dict[str, Any]:
+        source = load_template(self.stack.template_path)["Resources"][resource]
+        return ((source.get("Properties") or {}).get("Events") or {})[event_id].get("Properties") or {}
 
     def _register_schedule(self, info: ScheduleInfo) -> None:
         self.stack.schedules = [s for s in self.stack.schedules if s.name != info.name]
@@ -435,9 +562,9 @@ class _Deployer:
             target["Input"] = info.input
         events.put_targets(Rule=info.name, Targets=[target])
 
-    def _mirror_scheduler(self, info: ScheduleInfo) -> None:
+    def _mirror_scheduler(self, info: ScheduleInfo, role_arn: str = "") -> None:
         scheduler = self.client("scheduler")
-        target: dict[str, Any] = {"Arn": info.target_arn, "RoleArn": self._role_arn(info.logical_id)}
+        target: dict[str, Any] = {"Arn": info.target_arn, "RoleArn": role_arn or self._any_role()}
         if info.input is not None:
             target["Input"] = info.input
         args: dict[str, Any] = {
@@ -475,6 +602,9 @@ class _Deployer:
         self.ctx.attrs[(lid, "TaskDefinitionArn")] = arn
         self.stack.ecs[lid] = arn
 
+    def _any_role(self) -> str:
+        return next(iter(self.stack.roles.values()), f"arn:{self.ctx.partition}:iam::{self.stack.account_id}:role/none")
+
     def _event_bus(self, lid: str, raw_props: dict[str, Any]) -> None:
         name = self._name(lid, raw_props, "Name", 256)
         events = self.client("events")
@@ -482,6 +612,7 @@ class _Deployer:
             events.describe_event_bus(Name=name)
         except ClientError:
             events.create_event_bus(Name=name)
+        # Ref of an EventBus is its name (moto's CloudFormation returns an object).
         self.ctx.refs[lid] = name
         self.ctx.attrs[(lid, "Arn")] = (
             f"arn:{self.ctx.partition}:events:{self.stack.region}:{self.stack.account_id}:event-bus/{name}"
@@ -490,7 +621,7 @@ class _Deployer:
 
     def _events_rule(self, lid: str, raw_props: dict[str, Any]) -> None:
         props = resolve(raw_props, self.ctx)
-        name = self._name(lid, raw_props, "Name")
+        name, event_id = self._schedule_name(lid, raw_props)
         arn = f"arn:{self.ctx.partition}:events:{self.stack.region}:{self.stack.account_id}:rule/{name}"
         self.ctx.refs[lid] = name
         self.ctx.attrs[(lid, "Arn")] = arn
@@ -498,15 +629,16 @@ class _Deployer:
         if not expression:
             self.stack.skipped[lid] = "event-pattern rules are not emulated locally"
             return
-        for target in props.get("Targets") or []:
+        targets = props.get("Targets") or []
+        for target in targets:
             target_arn = str(target["Arn"])
             info = ScheduleInfo(
-                name=name if len(props.get("Targets")) == 1 else f"{name}-{target.get('Id', 'target')}",
+                name=name if len(targets) == 1 else f"{name}-{target.get('Id', 'target')}",
                 logical_id=self._logical_for_arn(target_arn),
                 expression=str(expression),
                 target_arn=target_arn,
                 input=None if target.get("Input") is None else _json_text(target["Input"]),
-                event_id=lid,
+                event_id=event_id,
                 kind="Schedule",
                 enabled=_schedule_enabled(props),
             )
@@ -514,7 +646,7 @@ class _Deployer:
 
     def _scheduler_schedule(self, lid: str, raw_props: dict[str, Any]) -> None:
         props = resolve(raw_props, self.ctx)
-        name = self._name(lid, raw_props, "Name")
+        name, event_id = self._schedule_name(lid, {k: v for k, v in raw_props.items() if lid not in self.sam_events})
         self.ctx.refs[lid] = name
         target = props.get("Target") or {}
         target_arn = str(target.get("Arn", ""))
@@ -524,12 +656,16 @@ class _Deployer:
             expression=str(props["ScheduleExpression"]),
             target_arn=target_arn,
             input=None if target.get("Input") is None else _json_text(target["Input"]),
-            event_id=lid,
+            event_id=event_id,
             kind="ScheduleV2",
             enabled=_schedule_enabled(props),
         )
         self.stack.schedules = [s for s in self.stack.schedules if s.name != info.name]
         self.stack.schedules.append(info)
+        try:
+            self._mirror_scheduler(info, str(target.get("RoleArn", "")))
+        except ClientError as exc:
+            LOG.info("could not mirror schedule %s in moto: %s", info.name, exc)
 
     def _logical_for_arn(self, arn: str) -> str:
         for lid, fn in self.stack.functions.items():
@@ -544,11 +680,10 @@ class _Deployer:
 
     def _state_machine(self, lid: str, raw_props: dict[str, Any]) -> None:
         props = raw_props
-        name = self._name(lid, raw_props, "StateMachineName" if "StateMachineName" in props else "Name", 80)
+        name = self._name(lid, raw_props, "StateMachineName", 80)
         definition = self._definition(lid, props)
-        role = props.get("Role") or props.get("RoleArn")
-        role_arn = str(resolve(role, self.ctx)) if role else self._ensure_role(lid, "states.amazonaws.com")
-        sm_type = str(props.get("Type", "STANDARD"))
+        role_arn = str(resolve(props["RoleArn"], self.ctx))
+        sm_type = str(props.get("StateMachineType", "STANDARD"))
         arn = f"arn:{self.ctx.partition}:states:{self.stack.region}:{self.stack.account_id}:stateMachine:{name}"
         sfn = self.client("stepfunctions")
         try:
@@ -564,20 +699,15 @@ class _Deployer:
         self.ctx.attrs[(lid, "Arn")] = arn
         self.ctx.attrs[(lid, "Name")] = name
         self.stack.state_machines[lid] = arn
-        for event_id, event in (props.get("Events") or {}).items():
-            etype = str(event.get("Type"))
-            if etype in ("Schedule", "ScheduleV2"):
-                self._schedule(lid, arn, event_id, etype, resolve(event.get("Properties") or {}, self.ctx))
-            else:
-                LOG.info("local deployer: %s event %s of type %s is not emulated", lid, event_id, etype)
-                self.stack.skipped[f"{lid}.{event_id}"] = f"event type {etype} is not emulated locally"
+        self.stack.state_machine_roles[lid] = role_arn
 
     def _definition(self, lid: str, props: dict[str, Any]) -> str:
-        if props.get("DefinitionUri") is not None or props.get("DefinitionS3Location") is not None:
-            uri = resolve(props.get("DefinitionUri"), self.ctx)
-            if not isinstance(uri, str):
-                raise DeployError(f"{lid}: only a local DefinitionUri file is supported")
-            text = (self.base / uri).read_text(encoding="utf-8")
+        # moto ignores DefinitionS3Location and DefinitionSubstitutions: both are applied here.
+        if props.get("DefinitionS3Location") is not None:
+            path = local_path(props["DefinitionS3Location"], self.base)
+            if path is None:
+                raise DeployError(f"{lid}: only a local definition file is supported")
+            text = path.read_text(encoding="utf-8")
         elif props.get("DefinitionString") is not None:
             text = str(resolve(props["DefinitionString"], self.ctx))
         elif props.get("Definition") is not None:
@@ -593,7 +723,7 @@ class _Deployer:
     # -- storage --
 
     def _bucket(self, lid: str, raw_props: dict[str, Any]) -> None:
-        props = resolve(raw_props, self.ctx)
+        props = resolve({k: v for k, v in raw_props.items() if k != "NotificationConfiguration"}, self.ctx)
         name = self._name(lid, raw_props, "BucketName", 63).lower()
         s3 = self.client("s3")
         try:
@@ -622,6 +752,9 @@ class _Deployer:
         self.ctx.attrs[(lid, "DomainName")] = f"{name}.s3.amazonaws.com"
         self.ctx.attrs[(lid, "RegionalDomainName")] = f"{name}.s3.{self.stack.region}.amazonaws.com"
         self.stack.buckets[lid] = name
+        notifications = raw_props.get("NotificationConfiguration")
+        if notifications:  # resolved once the functions exist (_apply_s3_notifications)
+            self.s3_notifications[name] = notifications
 
     def _table(self, lid: str, raw_props: dict[str, Any]) -> None:
         props = resolve(raw_props, self.ctx)
@@ -707,22 +840,11 @@ def _account_id(stack: DeployedStack) -> str:
         return DEFAULT_ACCOUNT
 
 
-def _merge_globals(globals_fn: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-    """SAM's Globals rules: maps merge (resource wins), lists concatenate, scalars override."""
-    merged: dict[str, Any] = dict(globals_fn)
-    for key, value in props.items():
-        base = merged.get(key)
-        if isinstance(base, dict) and isinstance(value, dict) and not _is_intrinsic(value):
-            merged[key] = _merge_globals(base, value)
-        elif isinstance(base, list) and isinstance(value, list):
-            merged[key] = base + [v for v in value if v not in base]
-        else:
-            merged[key] = value
-    return merged
-
-
-def _is_intrinsic(value: dict[str, Any]) -> bool:
-    return (len(value) == 1 and next(iter(value)) in ("Ref", "Condition")) or any(k.startswith("Fn::") for k in value)
+def _versioned(document: dict[str, Any]) -> dict[str, Any]:
+    """SAM's policy templates carry no ``Version``; IAM accepts that (as 2008-10-17),
+    moto's validator does not. Same statements; the versions differ only in policy
+    variables, which none of these documents use."""
+    return document if "Version" in document else {"Version": "2012-10-17", **document}
 
 
 def _camel_keys(value: Any) -> Any:

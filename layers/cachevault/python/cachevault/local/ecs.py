@@ -17,8 +17,9 @@ moto 5.2.1's ECS keeps task records and runs nothing. This module wraps its back
 
 The processes belong to the process running moto (the test process or ``local up``), never
 to a Lambda invocation, so they outlive the step that asked for them, as tasks do. Workers
-reach the embedded AWS through ``RUNNER.base_env`` (the server endpoint); in in-process
-mode there is no endpoint a child process could call.
+reach the embedded AWS through ``RUNNER.base_env`` (the server endpoint) with their task
+role's credentials (``RUNNER.role_credentials``: STS AssumeRole of the definition's
+``taskRoleArn``, cachevault/local/iam.py), as a task's containers get them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,9 @@ class TaskRunner:
     def __init__(self) -> None:
         self.tasks: dict[str, LocalTask] = {}
         self.base_env: dict[str, str] = {}
+        # role ARN -> its STS credentials as env variables (the embedded AWS sets it): a task's
+        # processes run with its task role's credentials, as ECS gives them to containers.
+        self.role_credentials: Callable[[str], Mapping[str, str]] | None = None
         self._lock = threading.Lock()
         # Task working dirs (logs; a node's dump would go there): made on the first RunTask.
         self.root = Path(tempfile.gettempdir()) / f"cachevault-ecs-{os.getpid()}"
@@ -137,7 +142,11 @@ class TaskRunner:
         raise OSError("no free loopback address with :6379 and :16379 free")
 
     # -- lifecycle --
-    def start(self, arn: str, definitions: list[dict[str, Any]], overrides: dict[str, Any]) -> LocalTask:
+    def start(
+        self, arn: str, definitions: list[dict[str, Any]], overrides: dict[str, Any], task_role_arn: str = ""
+    ) -> LocalTask:
+        # Assumed first: a role that cannot be assumed fails RunTask, with no process started.
+        role_env = dict(self.role_credentials(task_role_arn)) if task_role_arn and self.role_credentials else {}
         address = self._pick_address()
         workdir = self.root / arn.rsplit("/", 1)[-1]
         workdir.mkdir(parents=True, mode=0o700)
@@ -159,6 +168,7 @@ class TaskRunner:
                 env.update(self.base_env)
                 for pair in [*(definition.get("environment") or []), *(override.get("environment") or [])]:
                     env[str(pair["name"])] = str(pair["value"])
+                env.update(role_env)  # after the definition's: a task cannot set its own credentials
                 env["ECS_TASK_ARN"] = arn
                 env["ECS_TASK_PRIVATE_IP"] = address
                 argv = list(container.argv)
@@ -314,7 +324,8 @@ def install(runner: TaskRunner = RUNNER) -> None:
                 args_list[net_index] = net
         tasks = real_run(self, cluster_str, task_definition_str, count, overrides, *args_list, **kwargs)
         for task in tasks:
-            runner.start(task.task_arn, definition.container_definitions, overrides or {})
+            task_role = (overrides or {}).get("taskRoleArn") or getattr(definition, "task_role_arn", None) or ""
+            runner.start(task.task_arn, definition.container_definitions, overrides or {}, str(task_role))
             runner.apply(task)
             if not runner.tasks[task.task_arn].done.is_set():
                 task._local_status = "PROVISIONING"  # what RunTask answers on Fargate

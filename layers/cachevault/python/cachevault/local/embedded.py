@@ -11,6 +11,7 @@ server back over HTTP (an in-process ``mock_aws`` cannot serve them), and
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,16 +19,19 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 
-from cachevault.local import ecs, lambda_runtime, s3_files
+from cachevault.local import ecs, iam, lambda_runtime, s3_files
 from cachevault.local.deployer import DeployedStack, deploy
 from cachevault.settings import Settings
 
-SFN_EXECUTE = {"stepfunctions": {"execute_state_machine": True}}
+# State machines execute; IAM has the AWS managed policies SAM roles attach
+# (AWSLambdaBasicExecutionRole ...), so roles are created exactly as translated.
+SFN_EXECUTE = {"stepfunctions": {"execute_state_machine": True}, "iam": {"load_aws_managed_policies": True}}
 DEFAULT_PORT = 4566
 DEFAULT_REGION = "us-east-1"
 _FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -65,6 +69,8 @@ class ServerAWS:
         self._server: Any = None
         self._env = EnvPatch()
         self._previous_sfn: bool = False
+        self._previous_iam: dict[str, Any] = {}
+        self.credentials: dict[str, str] = {}  # the admin identity's keys (IAM enforced)
 
     @property
     def endpoint_url(self) -> str:
@@ -89,26 +95,35 @@ class ServerAWS:
         self._server.start()
         _wait_ready(self.endpoint_url, timeout_s)
         _post_json(f"{self.endpoint_url}/moto-api/config", SFN_EXECUTE)
+        # /moto-api/config takes no "iam" key; the threaded server runs in this process, so set
+        # it here and start the backends afresh (the readiness probe instantiated them).
+        self._previous_iam = dict(default_user_config.get("iam", {}))
+        default_user_config["iam"] = dict(SFN_EXECUTE["iam"])
+        _post_json(f"{self.endpoint_url}/moto-api/reset", None)
         lambda_runtime.install()
         s3_files.install(_s3_dir())
-        # Handlers run in worker processes: their boto3 clients call this server back, with
-        # the credentials of their role (the runtime assumes it with these).
+        self.credentials = _enforce_iam(self.endpoint_url, self.session)
+        # Lambda environments and ECS tasks get their role's credentials (STS AssumeRole with
+        # the admin identity, cachevault/local/iam.py), the one way both obtain them.
+        role_credentials = functools.partial(_role_credentials, self.session, self.endpoint_url)
+        # Handlers run in worker processes: their boto3 clients call this server back.
         lambda_runtime.RUNTIME.base_env = {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon here
         }
-        lambda_runtime.RUNTIME.admin_credentials = dict(_FAKE_CREDENTIALS)
+        lambda_runtime.RUNTIME.role_credentials = role_credentials
         ecs.install()
         # Task processes (capture workers) call the server back, as a task reaches AWS.
-        ecs.RUNNER.base_env = {
-            "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region, **_FAKE_CREDENTIALS,
-        }
+        ecs.RUNNER.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region}
+        ecs.RUNNER.role_credentials = role_credentials
         return self
 
     def stop(self) -> None:
         ecs.RUNNER.stop_all()
         ecs.RUNNER.base_env = {}
+        ecs.RUNNER.role_credentials = None
         lambda_runtime.RUNTIME.shutdown()
+        _relax_iam()
         if self._server is not None:
             # Leave the process as found: the config is process-global, the backends too.
             _post_json(
@@ -117,14 +132,18 @@ class ServerAWS:
             )
             _post_json(f"{self.endpoint_url}/moto-api/reset", None)
             self._server.stop()
+            from moto.core.config import default_user_config
+
+            default_user_config["iam"] = self._previous_iam
             self._server = None
         lambda_runtime.RUNTIME.base_env = {}
         self._env.restore()
 
     def session(self) -> boto3.Session:
+        creds = self.credentials or _FAKE_CREDENTIALS
         return boto3.Session(
-            aws_access_key_id=_FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=_FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
             region_name=self.region,
         )
 
@@ -139,6 +158,31 @@ class ServerAWS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _enforce_iam(endpoint_url: str, admin_session: Callable[[], boto3.Session]) -> dict[str, str]:
+    """Create the admin identity, install moto's IAM seams, enforce IAM.
+
+    Returns the admin's keys, or {} when ``CACHEVAULT_LOCAL_IAM=off``.
+    """
+    if not iam.enforcement_wanted():
+        return {}
+    credentials = iam.create_admin(admin_session(), endpoint_url)  # before enforcement: nobody could
+    iam.install_seams(admin_session)
+    iam.enforce(True)
+    return credentials
+
+
+def _relax_iam() -> None:
+    iam.enforce(False)
+    iam.forget_credentials()
+    lambda_runtime.RUNTIME.role_credentials = None
+
+
+def _role_credentials(
+    admin_session: Callable[[], boto3.Session], endpoint_url: str, role_arn: str
+) -> dict[str, str]:
+    return iam.role_credentials(admin_session(), role_arn, endpoint_url)
 
 
 def start_server(port: int = DEFAULT_PORT, host: str = "127.0.0.1", region: str = DEFAULT_REGION) -> ServerAWS:

@@ -64,10 +64,12 @@ class LocalEnvironment:
             self.deployed = self.aws.deploy(
                 find_template(), parameter_overrides={"LogLevel": self.log_level, **self.parameter_overrides}
             )
-            self.info = stack_info.from_deployed(self.deployed, endpoint_url=endpoint, pid=os.getpid())
+            self.info = stack_info.from_deployed(
+                self.deployed, endpoint_url=endpoint, pid=os.getpid(), credentials=self.aws.credentials
+            )
             for name, value in self.info.env().items():
                 self._set_env(name, value)
-            for name, value in stack_info.FAKE_CREDENTIALS.items():
+            for name, value in (self.aws.credentials or stack_info.FAKE_CREDENTIALS).items():
                 self._set_env(name, value)
             self._set_env("AWS_DEFAULT_REGION", self.aws.region)
         except BaseException:

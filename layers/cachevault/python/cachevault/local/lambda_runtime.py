@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,9 @@ class LambdaRuntime:
     # What every environment gets from the emulator itself: the embedded AWS endpoint, and
     # POWERTOOLS_TRACE_DISABLED (no X-Ray daemon here).
     base_env: dict[str, str] = field(default_factory=dict)
-    # Credentials the runtime itself uses to call STS AssumeRole for each environment.
-    admin_credentials: dict[str, str] = field(default_factory=dict)
+    # role ARN -> AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN of that role
+    # (cachevault.local.iam.role_credentials: STS AssumeRole by the embedded AWS's admin).
+    role_credentials: Callable[[str], Mapping[str, str]] | None = None
     semantics: LambdaSemantics = field(default_factory=LambdaSemantics)
     init_timeout_s: float = 60.0  # a cold start on a loaded machine imports boto3 and Powertools
     _specs: dict[str, HandlerSpec] = field(default_factory=dict)
@@ -294,31 +295,20 @@ class LambdaRuntime:
     def _role_credentials(self, config: FunctionConfig) -> dict[str, str]:
         """Per environment: credentials from STS AssumeRole of the function's role, as Lambda does."""
         extra = {"AWS_LAMBDA_LOG_STREAM_NAME": time.strftime("%Y/%m/%d/[$LATEST]") + uuid.uuid4().hex}
-        endpoint = self.base_env.get("AWS_ENDPOINT_URL")
-        if not config.role or not endpoint:
+        if not config.role or self.role_credentials is None:
             raise InitError(
                 {
                     "errorType": "Runtime.InvalidEnvironment",
-                    "errorMessage": "the local Lambda runtime needs a role and the embedded AWS server endpoint",
+                    "errorMessage": "the local Lambda runtime needs a role and the embedded AWS to assume it",
                 }
             )
-        import boto3
-
-        sts = boto3.client(
-            "sts",
-            endpoint_url=endpoint,
-            region_name=config.region,
-            aws_access_key_id=self.admin_credentials.get("AWS_ACCESS_KEY_ID", "testing"),
-            aws_secret_access_key=self.admin_credentials.get("AWS_SECRET_ACCESS_KEY", "testing"),
-        )
-        creds = sts.assume_role(RoleArn=config.role, RoleSessionName=config.function_name[:64])["Credentials"]
-        extra.update(
-            {
-                "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
-                "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
-                "AWS_SESSION_TOKEN": creds["SessionToken"],
-            }
-        )
+        try:
+            creds = self.role_credentials(config.role)
+        except Exception as exc:  # Lambda reports a role it cannot assume as an init error
+            raise InitError({"errorType": "Runtime.AssumeRoleFailed", "errorMessage": f"{config.role}: {exc}"}) from exc
+        # Lambda's credentials come last: the template cannot override them.
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            extra[name] = creds[name]
         return extra
 
     def _lambda_path(self) -> str:
