@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     state = tmp_path_factory.mktemp("cachevault-ecs-home")
     env = LocalEnvironment(
-        server=True,
         state_dir=state,
         log_level="WARNING",
         parameter_overrides={"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3"},
@@ -107,9 +106,20 @@ def test_run_task_sync_from_a_state_machine_runs_and_reports_the_task(product: P
             }
         },
     }  # fmt: skip
-    arn = sfn.create_state_machine(
-        name="ecs-sync-probe", definition=json.dumps(definition), roleArn="arn:aws:iam::123456789012:role/x"
-    )["stateMachineArn"]
+    # The embedded AWS enforces IAM: the state machine's role may run and watch this task only.
+    trust = {"Statement": [{"Effect": "Allow", "Principal": {"Service": "states.amazonaws.com"},
+                            "Action": "sts:AssumeRole"}]}  # fmt: skip
+    tasks = f"arn:aws:ecs:us-east-1:123456789012:task/{cluster}/*"
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["ecs:RunTask"], "Resource": worker},
+        {"Effect": "Allow", "Action": ["ecs:DescribeTasks", "ecs:StopTask"], "Resource": tasks},
+    ]}  # fmt: skip
+    iam = client("iam")
+    role = iam.create_role(RoleName="ecs-sync-probe", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    iam.put_role_policy(RoleName="ecs-sync-probe", PolicyName="run", PolicyDocument=json.dumps(policy))
+    arn = sfn.create_state_machine(name="ecs-sync-probe", definition=json.dumps(definition), roleArn=role)[
+        "stateMachineArn"
+    ]
     run = sfn.start_execution(stateMachineArn=arn, name="probe-1")["executionArn"]
     done = wait_until(
         lambda: (d := sfn.describe_execution(executionArn=run))["status"] != "RUNNING" and d, 60, "runTask.sync"

@@ -28,6 +28,7 @@ WILDCARD_ALLOWED = {
     ("ApiFunctionRole", "s3:GetObject"): "export checks from the HTTP API (bucket exists, name free)",
     # Restore from an RDB the user names by S3 ARN (ElastiCache's SnapshotArns).
     ("RestorePreflightFunctionRole", "s3:GetObject"): "restore: read the user's RDB (and its version)",
+    ("RestoreLoadShardFunctionRole", "s3:GetObject"): "restore: stream the user's RDB (and its version) into the node",
 }
 # AWS managed policies SAM attaches: CloudWatch Logs (per-function log groups are created
 # by Lambda on first write) and X-Ray (PutTraceSegments has no resource-level permission).

@@ -15,7 +15,7 @@ moto's authorization gets some of our calls wrong; :func:`install_seams` fixes e
 these (moto 5.2.1, pinned):
 
 * most services authorize against resource ``*`` (only IAM, SQS and STS name the
-  resource), so a statement scoped to a table / state machine / secret never matches:
+  resource), so a statement scoped to a table / state machine / secret / task never matches:
   the resource ARN is derived from the request for the services cachevault calls;
 * Lambda's REST operation ``Invoke`` is checked as ``lambda:Invoke`` and S3's HeadBucket
   as ``s3:HeadBucket``; IAM's actions are ``lambda:InvokeFunction`` and ``s3:ListBucket``;
@@ -197,6 +197,7 @@ _IAM_ACTION_NAMES = {"lambda:Invoke": "lambda:InvokeFunction", "s3:HeadBucket": 
 def _install_resource_seam() -> None:
     from moto.awslambda.responses import LambdaResponse
     from moto.dynamodb.responses import DynamoHandler
+    from moto.ecs.responses import EC2ContainerServiceResponse
     from moto.events.responses import EventsHandler
     from moto.kms.responses import KmsResponse
     from moto.secretsmanager.responses import SecretsManagerResponse
@@ -211,6 +212,7 @@ def _install_resource_seam() -> None:
         (SimpleSystemManagerResponse, _ssm_resource),
         (KmsResponse, _kms_resource),
         (LambdaResponse, _lambda_resource),
+        (EC2ContainerServiceResponse, _ecs_resource),
     ):
         cls._determine_resource = fn  # type: ignore[attr-defined]
 
@@ -297,6 +299,27 @@ def _lambda_resource(self: Any) -> str:
 
     name = unquote(name).split(":")[-1] if unquote(name).startswith("arn:") else unquote(name)
     return _arn(self, "lambda", f"function:{name}")
+
+
+def _ecs_resource(self: Any) -> str:
+    """The resource IAM authorizes an ECS call on (the Service Authorization Reference's)."""
+    body = _body(self)
+    action = self._get_action()
+    cluster = str(body.get("cluster") or "default").rsplit("cluster/", 1)[-1]
+    if action in ("RunTask", "StartTask") and body.get("taskDefinition"):
+        definition = str(body["taskDefinition"])
+        with contextlib.suppress(Exception):  # a family alone means its latest revision
+            return str(self.ecs_backend.describe_task_definition(definition).arn)
+        return definition if definition.startswith("arn:") else _arn(self, "ecs", f"task-definition/{definition}")
+    if action in ("DescribeTasks", "StopTask"):
+        # DescribeTasks names several tasks; the first is checked (moto takes one resource).
+        task = body.get("task") or next(iter(body.get("tasks") or []), None)
+        if task:
+            return str(task) if str(task).startswith("arn:") else _arn(self, "ecs", f"task/{cluster}/{task}")
+    if action == "ListTasks":
+        # Authorized on the cluster's container instances (there is no task resource yet).
+        return _arn(self, "ecs", f"container-instance/{cluster}/*")
+    return "*"
 
 
 def _install_state_machine_credentials() -> None:

@@ -28,6 +28,8 @@ _LOCAL_URI_KEYS = {
     "AWS::Serverless::StateMachine": "DefinitionUri",
 }
 
+_GLOBAL_URI_KEYS = {"Function": "CodeUri", "LayerVersion": "ContentUri", "StateMachine": "DefinitionUri"}
+
 
 @dataclass
 class Translated:
@@ -62,6 +64,10 @@ def translate(
     sam = copy.deepcopy(template)
     events: dict[str, tuple[str, str]] = {}
     layers: dict[str, str] = {}
+    for section, key in _GLOBAL_URI_KEYS.items():  # a CodeUri in Globals (every function's)
+        props = (sam.get("Globals") or {}).get(section)
+        if isinstance(props, dict) and isinstance(props.get(key), str) and not props[key].startswith("s3://"):
+            props[key] = f"s3://{LOCAL_CODE_BUCKET}/{props[key]}"
     for lid, res in (sam.get("Resources") or {}).items():
         props = res.get("Properties")
         if not isinstance(props, dict):
