@@ -73,6 +73,50 @@ def _gone(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------ embedded ECS
+def test_task_processes_run_with_their_task_roles_credentials(product: Product) -> None:
+    """A task's process signs with its task role's STS credentials: allowed what the role allows, no more."""
+    ecs_client, cluster = client("ecs"), os.environ["ECS_CLUSTER"]
+    role = product.env.deployed.roles["WorkerTaskRole"]
+    probe = (
+        "import os, sys, boto3, botocore.exceptions as e\n"
+        "assert os.environ['AWS_SESSION_TOKEN'] and os.environ['AWS_ACCESS_KEY_ID'] != 'testing'\n"
+        "s3 = boto3.client('s3')\n"
+        "s3.put_object(Bucket=os.environ['BUCKET'], Key='roles-probe/ok', Body=b'x')  # the role allows it\n"
+        "try:\n"
+        "    s3.list_buckets()\n"
+        "except e.ClientError as exc:\n"
+        "    sys.exit(0 if exc.response['Error']['Code'] == 'AccessDenied' else 3)\n"
+        "sys.exit(4)  # the role does not allow ListAllMyBuckets\n"
+    )
+    definition = ecs_client.register_task_definition(
+        family="task-role-probe",
+        taskRoleArn=role,
+        requiresCompatibilities=["FARGATE"],
+        networkMode="awsvpc",
+        cpu="256",
+        memory="512",
+        containerDefinitions=[
+            {"name": "worker", "image": "cachevault-worker:latest", "memory": 512,
+             "command": ["python", "-c", probe],
+             "environment": [{"name": "BUCKET", "value": product.settings.bucket}]}
+        ],
+    )["taskDefinition"]["taskDefinitionArn"]  # fmt: skip
+    arn = ecs_client.run_task(
+        cluster=cluster,
+        taskDefinition=definition,
+        launchType="FARGATE",
+        networkConfiguration={"awsvpcConfiguration": {"subnets": ["subnet-local"]}},
+    )["tasks"][0]["taskArn"]
+    task = wait_until(
+        lambda: (t := ecs_client.describe_tasks(cluster=cluster, tasks=[arn])["tasks"][0])["lastStatus"] == "STOPPED"
+        and t,
+        60,
+        "the probe task to stop",
+    )
+    log = (ecs.RUNNER.tasks[arn].workdir / "worker.log").read_text()
+    assert task["containers"][0]["exitCode"] == 0, log
+
+
 def test_run_task_sync_from_a_state_machine_runs_and_reports_the_task(product: Product) -> None:
     sfn, ecs_client = client("stepfunctions"), client("ecs")
     cluster = os.environ["ECS_CLUSTER"]

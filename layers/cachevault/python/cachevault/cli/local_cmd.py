@@ -107,7 +107,8 @@ def user_environment(info: stack_info.StackInfo) -> dict[str, str]:
     """What the aws CLI, boto3 and cachevault itself need to reach the embedded AWS from any directory."""
     env = {
         "AWS_ENDPOINT_URL": info.endpoint_url or "",
-        **stack_info.FAKE_CREDENTIALS,
+        # The embedded AWS enforces IAM: its admin identity's keys (fake ones only with it off).
+        **(info.credentials or stack_info.FAKE_CREDENTIALS),
         "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         "SNAPSHOT_BUCKET": info.bucket,
         "CACHEVAULT_HOME": str(Settings.from_env().state_dir.resolve()),

@@ -7,6 +7,10 @@ registered by the deployer, each function in worker processes of its own that ca
 server back over HTTP (an in-process ``mock_aws`` cannot serve them), and
 :mod:`cachevault.local.s3_files` keeps S3 object bodies as files under
 ``$CACHEVAULT_HOME/s3/`` (memory flat in object size).
+
+IAM is enforced (:mod:`cachevault.local.iam`; ``CACHEVAULT_LOCAL_IAM=off`` turns it off):
+the deployer, CLI and tests use an admin identity (:attr:`ServerAWS.credentials`), Lambda
+environments and ECS tasks their role's STS credentials, Step Functions its role's.
 """
 
 from __future__ import annotations
