@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     state = tmp_path_factory.mktemp("cachevault-ecs-home")
     env = LocalEnvironment(
-        server=True,
         state_dir=state,
         log_level="WARNING",
         parameter_overrides={"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3"},
