@@ -141,7 +141,8 @@ def create_local_cache(
     catalog = _catalog_for_new(settings, name)
     security: dict[str, Any] = {}
     if tls:
-        security.update(TransitEncryptionEnabled=True, TlsCaBundle=tls["ca_file"])
+        # The record carries the CA as PEM text: the steps that connect run elsewhere.
+        security.update(TransitEncryptionEnabled=True, TlsCaBundle=creds_mod.read_ca_file(tls["ca_file"]))
     if auth_password:
         security.update(AuthSecretArn=_create_secret(name, auth_username, auth_password), AuthSecretManaged=True)
     elif auth_secret_arn:
@@ -232,6 +233,7 @@ def register_external_cache(
     The nodes are reached with the credentials the secret/parameter holds; the shape
     (shards, replicas, node ids) comes from the live topology, so preflight and capture
     work exactly as for a local cache. cachevault never stops or deletes such nodes.
+    ``tls_ca_bundle`` is the CA as PEM text (a path is refused: see ``credentials``).
     """
     settings = settings or Settings.from_env()
     name = names.cache_name(name)
@@ -253,7 +255,7 @@ def register_external_cache(
     if transit_encryption or tls_ca_bundle:
         security["TransitEncryptionEnabled"] = True
         if tls_ca_bundle:
-            security["TlsCaBundle"] = tls_ca_bundle
+            security["TlsCaBundle"] = creds_mod.check_ca_pem(tls_ca_bundle)
     creds = creds_mod.for_cache(security)
     topo = topology.discover(seeds, credentials=creds)
     if cluster_mode is not None and cluster_mode != topo.cluster_mode:

@@ -7,8 +7,9 @@ Preflight -> Map(CopyObject per shard RDB) -> Complete; every step is caught to 
   ``manual``, ``creating`` until every object is copied, then ``available``.
 * With a target bucket the RDBs are exported to the user's bucket under ElastiCache's
   export names (``TARGET-0001.rdb`` ... at the bucket root). Refused before anything is
-  written for snapshots of data tiering caches, a bucket that does not exist and a name
-  that is already taken there.
+  written for snapshots of data tiering caches, a bucket outside the deployment's
+  ExportBucketAllowList (``export_buckets``), a bucket that does not exist and a name that
+  is already taken there.
 
 The source snapshot is ``copying`` while the execution runs (so it can be neither
 deleted nor restored meanwhile) and returns to ``available`` when it ends, failed or not.
@@ -23,7 +24,7 @@ from typing import Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from cachevault import encryption, events, names, storage
+from cachevault import encryption, events, export_buckets, names, storage
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import (
@@ -64,8 +65,13 @@ def copy_object(
     *,
     multipart_threshold: int = MULTIPART_THRESHOLD,
     multipart_chunk: int = MULTIPART_CHUNK,
+    target_owner: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Server-side copy (managed multipart above the threshold); returns the target's head."""
+    """Server-side copy (managed multipart above the threshold); returns the target's head.
+
+    ``target_owner`` (``{"ExpectedBucketOwner": account}``) goes with every request on the target.
+    """
+    owner = target_owner or {}
     config = TransferConfig(
         multipart_threshold=multipart_threshold,
         multipart_chunksize=multipart_chunk,
@@ -76,10 +82,10 @@ def copy_object(
         {"Bucket": source_bucket, "Key": storage.check_key(source_key)},
         target_bucket,
         storage.check_key(target_key),
-        ExtraArgs=encryption.s3_args(),  # copies are encrypted like every object cachevault writes
+        ExtraArgs={**encryption.s3_args(), **owner},  # encrypted like every object cachevault writes
         Config=config,
     )
-    return s3.head_object(Bucket=target_bucket, Key=target_key)
+    return s3.head_object(Bucket=target_bucket, Key=target_key, **owner)
 
 
 def _error_code(err: ClientError) -> str:
@@ -154,8 +160,10 @@ def _check_export(s3: Any, source: dict[str, Any], target: str, bucket: str, cou
             f"Snapshot {source['SnapshotName']!r} is of a data tiering cache ({source.get('CacheNodeType')}); "
             "exporting snapshots of data tiering caches to Amazon S3 is not supported."
         )
+    export_buckets.check_allowed(bucket)
+    owner = export_buckets.owner_args()
     try:
-        s3.head_bucket(Bucket=bucket)
+        s3.head_bucket(Bucket=bucket, **owner)
     except ClientError as err:
         raise InvalidParameterValue(
             f"The S3 bucket {bucket!r} does not exist or cannot be accessed ({_error_code(err)}); "
@@ -164,7 +172,7 @@ def _check_export(s3: Any, source: dict[str, Any], target: str, bucket: str, cou
     for index in range(1, count + 1):
         key = export_key(target, index)
         try:
-            s3.head_object(Bucket=bucket, Key=key)
+            s3.head_object(Bucket=bucket, Key=key, **owner)
         except ClientError as err:
             if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
                 continue
@@ -213,8 +221,10 @@ def copy_object_step(event: dict[str, Any]) -> dict[str, Any]:
     """Copy one shard's RDB server side; the copy must have the size the manifest names."""
     obj = event["Object"]
     s3 = client("s3")
+    owner = export_buckets.owner_args() if event.get("TargetBucket") else {}
     try:
-        head = copy_object(s3, event["SourceBucket"], obj["SourceKey"], event["DestinationBucket"], obj["TargetKey"])
+        source, target = (event["SourceBucket"], obj["SourceKey"]), (event["DestinationBucket"], obj["TargetKey"])
+        head = copy_object(s3, *source, *target, target_owner=owner)
     except ClientError as err:
         if _error_code(err) not in ("404", "NoSuchKey", "NotFound"):
             raise
@@ -305,7 +315,9 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
             count = len(source.get("NodeSnapshots", []))
             keys = [{"Key": export_key(target, i)} for i in range(1, count + 1)]
             if keys:
-                s3.delete_objects(Bucket=target_bucket, Delete={"Objects": keys, "Quiet": True})
+                s3.delete_objects(
+                    Bucket=target_bucket, Delete={"Objects": keys, "Quiet": True}, **export_buckets.owner_args()
+                )
         else:
             record = catalog.find_snapshot(target)
             if record is not None and record.get("ExecutionName") == execution:
