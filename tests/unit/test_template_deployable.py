@@ -148,7 +148,7 @@ def test_export_reaches_only_the_allow_listed_buckets(expanded: dict[str, Any]) 
             resource = str(st["Resource"])
             assert "arn:aws:s3:::*" not in resource, (role, st)
             assert (
-                "{'Ref': 'SnapshotBucket'}" in resource
+                "SnapshotBucket" in resource
                 or "ExportBucketAllowList" in resource
                 or (
                     "snapshots-${AWS::AccountId}" in resource  # S3ImportFunction: the bucket by name

@@ -23,6 +23,7 @@ from cachevault.errors import (
     InvalidParameterCombination,
     InvalidParameterValue,
     InvalidSnapshotState,
+    NodeQuotaForClusterExceededFault,
     ReplicationGroupAlreadyExistsFault,
     ReplicationGroupNotFoundFault,
 )
@@ -88,6 +89,9 @@ def registry_record(
     }
 
 
+MAX_NODES_PER_CACHE = 500
+
+
 def validate_shape(*, cluster_mode: bool, num_shards: int, replicas: int, kind: str) -> None:
     if kind not in KINDS:
         raise InvalidParameterValue(f"Kind must be one of {', '.join(KINDS)}, not {kind!r}.")
@@ -95,6 +99,13 @@ def validate_shape(*, cluster_mode: bool, num_shards: int, replicas: int, kind: 
         raise InvalidParameterValue("NumNodeGroups must be between 1 and 500.")
     if not 0 <= replicas <= 5:
         raise InvalidParameterValue("ReplicasPerNodeGroup must be between 0 and 5.")
+    if num_shards * (1 + replicas) > MAX_NODES_PER_CACHE:
+        # ElastiCache's per-cluster node quota; it also keeps a cache's record (one entry per
+        # node) far under DynamoDB's 400 KB item limit.
+        raise NodeQuotaForClusterExceededFault(
+            f"{num_shards} shards with {replicas} replicas each is {num_shards * (1 + replicas)} nodes; "
+            f"a cache has at most {MAX_NODES_PER_CACHE} nodes."
+        )
     if num_shards > 1 and not cluster_mode:
         raise InvalidParameterCombination(
             "NumNodeGroups greater than 1 requires cluster mode enabled (ClusterMode=enabled)."

@@ -53,3 +53,4 @@ ChecksumMismatch = _fault("ChecksumMismatch", 500, code="SnapshotChecksumMismatc
 RdbFormatError = _fault("RdbFormatError", 400, code="InvalidRdbFormat")
 FinalSnapshotFailed = _fault("FinalSnapshotFailed", 500)
 ImportNotFoundFault = _fault("ImportNotFoundFault", 404)
+NodeQuotaForClusterExceededFault = _fault("NodeQuotaForClusterExceededFault")

@@ -9,6 +9,11 @@ otherwise it starts the primaries alone, LoadShard streams each file into them w
 pre-packed RESTORE batches, routed by hash slot, and AttachReplicas then adds the
 replicas, which full-sync from their loaded primary (a primary with replicas would
 propagate every RESTORE to them while it loads: 6x slower with one replica).
+
+What grows with the shard count stays out of the state payload (256 KB): the staged
+sources and each load's detailed result (per-target counts, key samples for Verify) are
+execution documents in S3 (``execution_store``); the state carries ``SourcesKey`` and,
+per load, its ``ResultKey``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cachevault import caches, events, names, storage, topology
+from cachevault import caches, events, execution_store, names, storage, topology
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
@@ -151,9 +156,15 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         "NumNodeGroups": num_shards,
         "ReplicasPerNodeGroup": replicas,
         "CacheNodeType": node_type,
-        "Sources": staged,
+        "SourcesKey": execution_store.put(execution, "sources", staged, settings),
+        "SourceCount": len(staged),
         "ExecutionName": execution,
     }
+
+
+def restore_sources(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The staged sources Preflight recorded for this execution (read from S3)."""
+    return list(execution_store.get(event["SourcesKey"]))
 
 
 def _check_target_free(catalog: Catalog, target: str) -> None:
@@ -244,8 +255,8 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_env()
     catalog = Catalog(settings)
     target, cluster_mode, shards = event["ReplicationGroupId"], event["ClusterMode"], event["NumNodeGroups"]
-    sources = event["Sources"]
-    seeded = _can_seed(event)
+    sources = restore_sources(event)
+    seeded = _can_seed(event, sources)
     fleet = caches._fleet(settings)
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
@@ -265,7 +276,7 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     targets = [
         {"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in layout.shards
     ]
-    tasks = [] if seeded else [{"Index": s["Index"], "Path": s["Path"]} for s in sources]
+    tasks = [] if seeded else [{"Index": s["Index"]} for s in sources]  # the rest is in SourcesKey
     logger.info("target provisioned", target=target, seeded=seeded, shards=len(targets))
     return {**event, "Seeded": seeded, "Targets": targets, "LoadTasks": tasks}
 
@@ -283,9 +294,8 @@ def _record_layout(catalog: Catalog, layout: Any, event: dict[str, Any], creds: 
     catalog.update_cache(layout.name, **{k: v for k, v in record.items() if k != "CacheName"})
 
 
-def _can_seed(event: dict[str, Any]) -> bool:
+def _can_seed(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
     """Seed from files when every target shard maps to exactly one source file."""
-    sources = event["Sources"]
     if event["ClusterMode"] != event["SourceClusterMode"] or len(sources) != event["NumNodeGroups"]:
         return False
     if not event["ClusterMode"]:
@@ -313,8 +323,13 @@ def _targets(event: dict[str, Any]) -> list[TargetShard]:
 
 
 def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Stream one staged RDB into the target primaries (routed by slot in cluster mode)."""
+    """Stream one staged RDB into the target primaries (routed by slot in cluster mode).
+
+    The detailed result (per-target counts, key samples for Verify) goes to an execution
+    document; the Map gathers only its key and the key count.
+    """
     task = event["Task"]
+    source = next(s for s in restore_sources(event) if s["Index"] == task["Index"])
     targets = _targets(event)
     samples: list[dict[str, Any]] = []
 
@@ -323,17 +338,17 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
             samples.append(_sample(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
 
     result = load_rdb_file(
-        task["Path"],
+        source["Path"],
         targets,
         cluster_mode=event["ClusterMode"],
-        sample_every=max(1, _key_count(event, task) // SAMPLES_PER_SOURCE),
+        sample_every=max(1, int(source["KeyCount"]) // SAMPLES_PER_SOURCE),
         on_sample=keep_sample,
     )
     skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
     for module in skipped:
         logger.warning("module value skipped", **module)
     metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
-    return {
+    detail = {
         "Index": task["Index"],
         "KeysPerTarget": result.keys_per_target,
         "KeysWithTtlPerTarget": [t.keys_with_ttl for t in result.targets],
@@ -344,10 +359,14 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         "ModuleKeysSkipped": skipped,
         "Samples": samples,
     }
+    key = execution_store.put(event["ExecutionName"], f"load-{int(task['Index']):04d}", detail)
+    return {"Index": task["Index"], "ResultKey": key, "KeysLoaded": result.keys_loaded}
 
 
-def _key_count(event: dict[str, Any], task: dict[str, Any]) -> int:
-    return next(int(s["KeyCount"]) for s in event["Sources"] if s["Index"] == task["Index"])
+def _load_details(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every LoadShard's detailed result, in source order."""
+    loads = sorted(event.get("LoadResults") or [], key=lambda r: r["Index"])
+    return [execution_store.get(r["ResultKey"]) for r in loads]
 
 
 def _sample(db: int, key: bytes, payload: bytes, expire_ms: int | None) -> dict[str, Any]:
@@ -378,7 +397,7 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
     creds = creds_mod.for_cache(catalog.get_cache(target))
     fleet = caches._fleet(settings)
     # A full sync moves the whole dataset once more: bound the wait by its size.
-    megabytes = sum(int(s["Size"]) for s in event["Sources"]) / MiB
+    megabytes = sum(int(s["Size"]) for s in restore_sources(event)) / MiB
     timeout = max(fleet.ready_timeout, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
     layout = fleet.add_replicas(target, wanted, username=creds.username, timeout=timeout)
     _record_layout(catalog, layout, event, creds)
@@ -389,12 +408,14 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- verify
 def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     targets = _targets(event)
+    loads: list[dict[str, Any]] = []
     if event["Seeded"]:
-        expected = [int(s["KeyCount"]) for s in event["Sources"]]
-        volatile = [sum(int(n) for n in s["ExpiresPerDb"].values()) for s in event["Sources"]]
-        samples = [e for s in event["Sources"] for e in _file_samples(s["Path"])]
+        sources = restore_sources(event)
+        expected = [int(s["KeyCount"]) for s in sources]
+        volatile = [sum(int(n) for n in s["ExpiresPerDb"].values()) for s in sources]
+        samples = [e for s in sources for e in _file_samples(s["Path"])]
     else:
-        loads = event.get("LoadResults") or []
+        loads = _load_details(event)
         expected = [sum(r["KeysPerTarget"][i] for r in loads) for i in range(len(targets))]
         volatile = [sum(r["KeysWithTtlPerTarget"][i] for r in loads) for i in range(len(targets))]
         samples = [
@@ -415,7 +436,7 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     logger.info("restore verified", target=event["ReplicationGroupId"], report=report)
     return {k: v for k, v in event.items() if k != "LoadResults"} | {
         "Verification": report,
-        "LoadSummary": _load_summary(event.get("LoadResults") or []),
+        "LoadSummary": _load_summary(loads),
     }
 
 
@@ -447,13 +468,18 @@ def _file_samples(path: str) -> list[RestoreEntry]:
     return samples
 
 
+MODULE_KEYS_LISTED = 20  # the summary names this many skipped module keys and counts them all
+
+
 def _load_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    skipped = [m for r in loads for m in r["ModuleKeysSkipped"]]
     return {
         "KeysLoaded": sum(sum(r["KeysPerTarget"]) for r in loads),
         "KeysExpiredSkipped": sum(r["KeysExpiredSkipped"] for r in loads),
         "BytesSent": sum(r["BytesSent"] for r in loads),
         "FunctionLibraries": max((r["FunctionLibraries"] for r in loads), default=0),
-        "ModuleKeysSkipped": [m for r in loads for m in r["ModuleKeysSkipped"]],
+        "ModuleKeysSkippedCount": len(skipped),
+        "ModuleKeysSkipped": skipped[:MODULE_KEYS_LISTED],
     }
 
 
@@ -467,6 +493,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
         catalog.update_snapshot(event["SnapshotName"], SnapshotStatus="available")
         catalog.update_cache(target, SnapshotRestoring=None)
     shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
+    execution_store.delete_all(event.get("ExecutionName", ""), settings)
     metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)
     # Request to available: the target's record is made by the restore's preflight.
     record_duration("RestoreDuration", (catalog.find_cache(target) or {}).get("CacheCreateTime"))
@@ -501,6 +528,7 @@ def fail_step(event: dict[str, Any]) -> dict[str, Any]:
         if cache.get("SnapshotRestoring"):
             catalog.update_snapshot(cache["SnapshotRestoring"], SnapshotStatus="available")
         shutil.rmtree(_staging_dir(settings, target), ignore_errors=True)
+        execution_store.delete_all(execution, settings)
         metrics.add_metric(name="RestoreFailures", unit="Count", value=1)
         events.restore_status(events.RESTORE_FAILED, target, Status="failed", FailureReason=reason)
     logger.error("restore failed", target=target, reason=reason, record_owned=ours)

@@ -11,7 +11,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cachevault import caches, capture_runner, encryption, events, names, preflight, storage, topology
+from cachevault import (
+    caches,
+    capture_runner,
+    encryption,
+    events,
+    names,
+    polling,
+    preflight,
+    snapshot_record,
+    storage,
+    topology,
+)
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
@@ -206,7 +217,13 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
 def start_capture_step(event: dict[str, Any]) -> dict[str, Any]:
     shard = event["Shard"]
     capture_runner.start(event["SnapshotName"], shard, Settings.from_env())
-    return {**event, "Capture": {"Done": False, "StartedAt": iso()}}
+    # WaitCapture waits Capture.NextPollSeconds: growing with the capture's age (polling.py).
+    capture = {"Done": False, "StartedAt": iso(), "StartedAtEpoch": time.time()}
+    return {**event, "Capture": {**capture, "NextPollSeconds": _poll_base(event)}}
+
+
+def _poll_base(event: dict[str, Any]) -> int:
+    return int(event.get("PollSeconds") or DEFAULT_POLL_SECONDS)
 
 
 def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +240,7 @@ def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
             f"Capture of shard {shard['NodeGroupId']} stopped reporting progress for over "
             f"{HEARTBEAT_TIMEOUT_S} s; its worker is gone."
         )
+    started = (event.get("Capture") or {}).get("StartedAtEpoch")
     return {
         **event,
         "Capture": {
@@ -230,6 +248,8 @@ def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
             "Status": status,
             "BytesCaptured": node.get("BytesCaptured", 0),
             "RateBytesPerSecond": node.get("RateBytesPerSecond", 0),
+            "StartedAtEpoch": started,
+            "NextPollSeconds": polling.next_poll_seconds(started, _poll_base(event)),
         },
     }
 
@@ -292,14 +312,13 @@ def write_manifest_step(event: dict[str, Any]) -> dict[str, Any]:
     )
     catalog.update_snapshot(
         record["SnapshotName"],
-        NodeSnapshots=record["NodeSnapshots"],
+        # The capture's details stay in the manifest: the record of 500 shards fits 400 KB.
+        NodeSnapshots=[snapshot_record.record_entry(n) for n in record["NodeSnapshots"]],
         ManifestKey=storage.manifest_key(record["SnapshotName"]),
         RdbVersion=manifest["RdbVersion"],
     )
     catalog.delete_capture_progress(record["SnapshotName"])
-    return {k: v for k, v in event.items() if k != "ShardResults"} | {
-        "ManifestKey": storage.manifest_key(record["SnapshotName"])
-    }
+    return {**event, "ManifestKey": storage.manifest_key(record["SnapshotName"])}
 
 
 def build_manifest(record: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
