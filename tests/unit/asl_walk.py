@@ -58,9 +58,7 @@ class Walk:
         return output
 
     # -- states -------------------------------------------------------------------------
-    def _states(
-        self, machine: dict[str, Any], data: Any, clock: float, map_ctx: dict[str, Any]
-    ) -> tuple[Any, float]:
+    def _states(self, machine: dict[str, Any], data: Any, clock: float, map_ctx: dict[str, Any]) -> tuple[Any, float]:
         name = machine["StartAt"]
         while True:
             state = machine["States"][name]

@@ -268,13 +268,9 @@ def finish_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         )
     metrics.add_metric(name="BytesCaptured", unit="Bytes", value=int(node["Size"]))
     metrics.add_metric(name="CaptureDuration", unit="Seconds", value=float(node.get("CaptureSeconds", 0)))
-    return {
-        "NodeGroupId": shard["NodeGroupId"],
-        "CacheNodeId": shard["CacheNodeId"],
-        "Size": int(node["Size"]),
-        "Sha256": node["Sha256"],
-        "S3Key": key,
-    }
+    # Small on purpose: the Map gathers one per shard into a single payload (256 KB at 500
+    # shards); WriteManifest reads the full results from the progress table.
+    return {"NodeGroupId": shard["NodeGroupId"], "Size": int(node["Size"])}
 
 
 # What a finished capture contributes to its NodeSnapshots entry (ElastiCache names first).
