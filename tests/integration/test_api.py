@@ -295,6 +295,69 @@ REFUSALS = [
         dict(method="PUT", path="/caches"),
         404, "UnknownOperationException", id="unknown-route",
     ),
+    # Issue 12's bad inputs: each a 4xx with ElastiCache's code, none a 500.
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "NumNodeGroups": 0, "ClusterMode": "enabled"}),
+        400, "InvalidParameterValueException", id="restore-zero-shards",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "NumNodeGroups": 501, "ClusterMode": "enabled"}),
+        400, "InvalidParameterValueException", id="restore-501-shards",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "ReplicasPerNodeGroup": 6}),
+        400, "InvalidParameterValueException", id="restore-six-replicas",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "ReplicasPerNodeGroup": -1}),
+        400, "InvalidParameterValueException", id="restore-negative-replicas",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "CacheNodeType": "bogus"}),
+        400, "InvalidParameterValueException", id="restore-bogus-node-type",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "CacheNodeType": ""}),
+        400, "InvalidParameterValueException", id="restore-empty-node-type",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "api-new",
+                                                  "CacheNodeType": "cache.r7g.huge"}),
+        400, "InvalidParameterValueException", id="restore-unknown-node-size",
+    ),
+    pytest.param(
+        dict(method="POST", path="/restores", body={"SnapshotName": "api-snap", "ReplicationGroupId": "\u212aelvin"}),
+        400, "InvalidParameterValueException", id="restore-kelvin-sign-name",
+    ),
+    pytest.param(
+        dict(method="POST", path="/snapshots", body={"ReplicationGroupId": "api-src", "SnapshotName": "\u212a-snap"}),
+        400, "InvalidParameterValueException", id="snapshot-kelvin-sign-name",
+    ),
+    pytest.param(
+        dict(method="POST", path="/snapshots", raw_body='{"ReplicationGroupId": "api-src", "SnapshotName": "dup1", '
+                                                        '"SnapshotName": "dup2"}'),
+        400, "InvalidParameterValueException", id="duplicate-keys",
+    ),
+    pytest.param(
+        dict(method="POST", path="/snapshots", raw_body="[" * 100_000 + "]" * 100_000),
+        400, "InvalidParameterValueException", id="100k-deep-array",
+    ),
+    pytest.param(
+        dict(method="POST", path="/snapshots/api-snap/copy", resource="/snapshots/{name}/copy",
+             body={"TargetSnapshotName": "api-evil", "TargetBucket": "../evil"}),
+        400, "InvalidParameterValueException", id="export-bucket-path",
+    ),
+    pytest.param(
+        dict(method="POST", path="/snapshots", raw_body=json.dumps(
+            {"ReplicationGroupId": "api-src", "SnapshotName": "big", "Pad": "x" * (10 * 1024 * 1024)})),
+        413, "RequestEntityTooLarge", id="body-over-10mb",
+    ),
 ]
 
 
@@ -307,6 +370,23 @@ def test_refused_requests_change_nothing(
     assert (got_status, error_code(body)) == (status, code), body
     assert body["Error"]["Message"]
     assert body["Error"]["Type"] == "Sender"
+    assert "Traceback" not in body["Error"]["Message"] and "Error:" not in body["Error"]["Message"]
+    assert state_of_world(product) == before
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param([{"httpMethod": "POST", "path": "/snapshots"}], id="json-array-event"),
+        pytest.param("POST /snapshots", id="string-event"),
+        pytest.param({"path": "/snapshots"}, id="no-http-method"),
+    ],
+)
+def test_events_that_are_not_proxy_requests_are_refused(product: Product, source: dict[str, Any], event: Any) -> None:
+    before = state_of_world(product)
+    got_status, body = call(product, event)
+    assert got_status == 400 and error_code(body) == "InvalidParameterValueException", body
+    assert "API Gateway REST proxy request" in body["Error"]["Message"]
     assert state_of_world(product) == before
 
 

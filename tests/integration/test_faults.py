@@ -165,13 +165,23 @@ def test_failover_during_capture_fails_cleanly_and_retry_reads_the_new_topology(
 
 
 # ------------------------------------------------------------------------------ 2: NOMASTERLINK
+def _link_down(address: str) -> bool:
+    conn = connect(address)
+    try:
+        return conn.info("replication").get("master_link_status") == "down"
+    finally:
+        conn.close()
+
+
 def test_primary_down_is_refused_before_anything_is_written(product: Product, new_cache: Any) -> None:
     cache = new_cache("nml", replicas=2)
     fill(cache["Endpoints"][0], keys=300)
     sync_replicas(cache["Endpoints"][0], 2)
     primary_id = node_id_at(cache, cache["Endpoints"][0])
     product.fleet.kill_node(primary_id)
-    # The replicas now answer SYNC with -NOMASTERLINK; nothing may be captured from them.
+    # Each replica notices on its own schedule (replication cron): wait until both do, then
+    # they answer SYNC with -NOMASTERLINK and nothing may be captured from them.
+    wait_until(lambda: all(_link_down(a) for a in node_addresses(cache, "replica")), 30, "the replicas' link down")
     with pytest.raises(InvalidReplicationGroupState) as refused:
         product.control.create_snapshot(cache["CacheName"], "nml-snap")
     message = str(refused.value)
@@ -552,3 +562,25 @@ def test_interrupted_staging_download_fails_the_restore_before_any_write(
     finally:
         if product.control.catalog.find_cache("rsf-target") is not None:
             caches.delete_local_cache("rsf-target", product.settings)
+
+
+def test_a_preflight_still_queued_is_reported_not_failed(
+    product: Product, new_cache: Any, lock_hooks: dict[str, Callable[[], None]]
+) -> None:
+    """The caller stops waiting for acceptance; the execution goes on and ends on its own."""
+    cache = new_cache("queued", replicas=1)
+    fill(cache["Endpoints"][0], keys=50)
+    held = threading.Event()
+
+    def hold() -> None:  # the preflight stuck behind something slow, before it writes the record
+        held.wait(60)
+
+    lock_hooks["queued-snap"] = hold
+    try:
+        started = product.control.create_snapshot(cache["CacheName"], "queued-snap", accept_timeout_s=0.5)
+        assert started["Accepted"] is False and started["SnapshotStatus"] == "creating"
+        assert product.control.catalog.find_snapshot("queued-snap") is None  # nothing claimed yet
+    finally:
+        held.set()
+    record = product.control.wait_snapshot("queued-snap", execution_arn=started["ExecutionArn"])
+    assert record["SnapshotStatus"] == "available"

@@ -27,11 +27,13 @@ from cachevault.local.redis_process import (
     free_port,
     is_our_redis,
     process_alive,
+    reap_exited_children,
     start_node,
 )
 from cachevault.slots import key_slot
 from redis.cluster import ClusterNode, RedisCluster
 
+from tests.product_fixtures import wait_until
 from tests.redis_fixtures import own_fleet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -340,3 +342,23 @@ def test_add_replicas_to_a_loaded_cluster(fleet: Fleet) -> None:
         assert [n.pid for n in again.nodes] == [n.pid for n in grown.nodes]
     finally:
         fleet.destroy_cache("addclu")
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_a_node_killed_by_another_process_is_reaped_by_its_parent(tmp_path: Path) -> None:
+    """What the embedded AWS's reaper does: a node stopped from outside leaves no zombie."""
+    node = start_node(tmp_path / "node")
+    try:
+        os.kill(node.pid, signal.SIGKILL)  # as `cache delete` in another process does, by PID
+        wait_until(lambda: _proc_state(node.pid) == "Z", 10, "the killed node to become a zombie")
+        assert node.pid in reap_exited_children()
+        assert _proc_state(node.pid) is None  # gone from the process table
+        assert node.pid not in reap_exited_children()
+    finally:
+        node.stop()

@@ -21,7 +21,7 @@ import pytest
 import redis
 from cachevault import caches, datagen, storage
 from cachevault.aws import client
-from cachevault.errors import RestoreFailed
+from cachevault.errors import InvalidS3Location, RestoreFailed
 from cachevault.local.redis_process import process_alive
 from cachevault.slots import SlotRouter, key_slot
 from cachevault.verify import cache_digest, combined_digest
@@ -418,6 +418,43 @@ def test_seed_from_an_rdb_redis_server_made(product: Product, new_cache: Any, ta
         assert target.execute_command("DEBUG", "DIGEST") == digest
     finally:
         target.close()
+
+
+def test_s3_version_selector_is_honoured(product: Product, new_cache: Any, targets: list[str]) -> None:
+    """``s3://bucket/key?versionId=V`` restores version V, not the latest; an unknown version is refused."""
+    s3 = client("s3")
+    bucket = "cv-versioned-rdbs"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    cache = new_cache("ver", replicas=0)
+    conn = connect(cache["Endpoints"][0])
+    versions = []
+    try:
+        for generation in (1, 2):
+            conn.flushall()
+            conn.mset({f"gen{generation}:{i}": i for i in range(50 * generation)})
+            conn.save()
+            dump = Path(conn.config_get("dir")["dir"]) / conn.config_get("dbfilename")["dbfilename"]
+            with open(dump, "rb") as body:
+                put = s3.put_object(Bucket=bucket, Key="dumps/cache.rdb", Body=body)
+            versions.append((put["VersionId"], conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()))
+    finally:
+        conn.close()
+    (first, first_digest, first_keys), (_, latest_digest, _) = versions
+    assert first_digest != latest_digest
+
+    output, _ = _restore(product, targets, "rt-ver", s3_sources=[f"s3://{bucket}/dumps/cache.rdb?versionId={first}"])
+    assert output["Status"] == "available"
+    target = connect(product.control.catalog.get_cache("rt-ver")["Endpoints"][0])
+    try:
+        assert target.dbsize() == first_keys == 50
+        assert target.execute_command("DEBUG", "DIGEST") == first_digest
+    finally:
+        target.close()
+
+    with pytest.raises(InvalidS3Location, match=r"version no-such-version of s3://cv-versioned-rdbs/dumps/cache\.rdb"):
+        product.control.restore("rt-ver-bad", s3_sources=[f"s3://{bucket}/dumps/cache.rdb?versionId=no-such-version"])
+    assert product.control.catalog.find_cache("rt-ver-bad") is None
 
 
 # ------------------------------------------------------------------------------ 4: failure mid-load

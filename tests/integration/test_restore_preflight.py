@@ -22,9 +22,11 @@ from cachevault.errors import (
     CacheVaultError,
     ChecksumMismatch,
     InvalidParameterCombination,
+    InvalidParameterValue,
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
 )
+from cachevault.service import RESTORE_SNAPSHOT, execution_name
 
 from tests.product_fixtures import Product, connect, delete_caches, fill, fill_cluster, sync_replicas
 
@@ -304,3 +306,29 @@ def test_corrupt_external_rdb_is_refused_before_any_write(
         assert "checksum" in str(err)
     record = _nothing_healthy_left(product, target)
     assert record is not None
+
+
+# ------------------------------------------------------------------------------ request values
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"NumNodeGroups": 0, "ClusterMode": "enabled"}, "NumNodeGroups must be between 1 and 500, got 0"),
+        ({"ReplicasPerNodeGroup": 6}, "ReplicasPerNodeGroup must be between 0 and 5, got 6"),
+        ({"NumNodeGroups": "2"}, "NumNodeGroups must be an integer"),
+        ({"CacheNodeType": "bogus"}, "Invalid CacheNodeType 'bogus'"),
+        ({"CacheNodeType": ""}, "Invalid CacheNodeType ''"),
+    ],
+)
+def test_the_state_machine_refuses_bad_values_as_given(
+    product: Product, multi_db_snapshot: str, targets: list[str], fields: dict[str, Any], message: str
+) -> None:
+    """Started directly (not through the CLI or API checks): 0 is a value, never "not given"."""
+    targets.append("pf-values")
+    before = _s3_objects(product, multi_db_snapshot)
+    payload = {"ReplicationGroupId": "pf-values", "SnapshotName": multi_db_snapshot, **fields}
+    arn = product.control.start(RESTORE_SNAPSHOT, execution_name("restore", "pf-values"), payload)
+    with pytest.raises(InvalidParameterValue, match=message):
+        product.control.wait_execution(arn, timeout_s=60)
+    assert product.control.catalog.find_cache("pf-values") is None  # refused before the name was reserved
+    assert product.control.catalog.get_snapshot(multi_db_snapshot)["SnapshotStatus"] == "available"
+    assert _s3_objects(product, multi_db_snapshot) == before

@@ -29,7 +29,7 @@ from cachevault.errors import (
 from cachevault.service import CREATE_SNAPSHOT, execution_name
 from cachevault.timeutil import iso, utcnow
 
-from tests.product_fixtures import Product, connect, fill, node_addresses
+from tests.product_fixtures import Product, connect, fill, node_addresses, sync_replicas
 
 _fake_names = itertools.count(1)
 
@@ -298,3 +298,85 @@ def test_low_reserved_memory_warns_but_snapshots(product: Product, new_cache: An
     output = product.control.wait_execution(started["ExecutionArn"], timeout_s=30)
     assert output["Warnings"] == record["Warnings"]
     assert names.snapshot_name("tight") == output["SnapshotName"]
+
+
+# --------------------------------------------------------------------------- source node rules
+def _role_of(cache: dict[str, Any], node_id: str) -> str:
+    return next(n["Role"] for n in cache["Nodes"] if n["CacheNodeId"] == node_id)
+
+
+def test_cache_without_replica_is_snapshotted_from_the_primary_with_a_warning(
+    product: Product, new_cache: Any
+) -> None:
+    cache = new_cache("solo", replicas=0)
+    fill(cache["Endpoints"][0], keys=50)
+    started = product.control.create_snapshot(cache["CacheName"], "solo-snap")
+    record = product.control.wait_snapshot("solo-snap", execution_arn=started["ExecutionArn"])
+    assert record["SnapshotStatus"] == "available"
+    (node,) = record["NodeSnapshots"]
+    assert node["SourceRole"] == "primary"
+    (warning,) = record["Warnings"]
+    assert "no healthy replica (the shard has no replica), so the snapshot is taken from the primary " in warning
+    assert node["CacheNodeId"] in warning
+    assert started["Warnings"] == record["Warnings"]  # known at preflight, shown by create
+
+
+def test_shard_with_its_replica_down_is_snapshotted_from_the_primary_with_a_warning(
+    product: Product, new_cache: Any
+) -> None:
+    cache = new_cache("down", replicas=1)
+    fill(cache["Endpoints"][0], keys=50)
+    (replica,) = [n["CacheNodeId"] for n in cache["Nodes"] if n["Role"] == "replica"]
+    product.fleet.kill_node(replica)
+    started = product.control.create_snapshot(cache["CacheName"], "down-snap")
+    record = product.control.wait_snapshot("down-snap", execution_arn=started["ExecutionArn"])
+    assert record["SnapshotStatus"] == "available"
+    assert record["NodeSnapshots"][0]["SourceRole"] == "primary"
+    (warning,) = record["Warnings"]
+    assert f"no healthy replica (replicas down or unreachable: {replica})" in warning
+    assert "its fork can add latency for writers" in warning
+
+
+def test_primary_named_as_source_is_used_with_a_warning(product: Product, new_cache: Any) -> None:
+    cache = new_cache("named", replicas=1)
+    fill(cache["Endpoints"][0], keys=50)
+    (primary,) = [n["CacheNodeId"] for n in cache["Nodes"] if n["Role"] == "primary"]
+    started = product.control.create_snapshot(cache["CacheName"], "named-snap", source_node=primary)
+    record = product.control.wait_snapshot("named-snap", execution_arn=started["ExecutionArn"])
+    assert record["NodeSnapshots"][0]["CacheNodeId"] == primary
+    (warning,) = record["Warnings"]
+    assert f"taken from the primary {primary}, as asked (SourceNode)" in warning
+
+
+def test_healthy_replica_is_never_skipped_for_the_primary(product: Product, new_cache: Any) -> None:
+    cache = new_cache("healthy", replicas=1)
+    fill(cache["Endpoints"][0], keys=50)
+    started = product.control.create_snapshot(cache["CacheName"], "healthy-snap")
+    record = product.control.wait_snapshot("healthy-snap", execution_arn=started["ExecutionArn"])
+    assert record["NodeSnapshots"][0]["SourceRole"] == "replica"
+    assert record["Warnings"] == []
+
+
+def test_quota_is_per_node_and_the_next_healthy_replica_is_tried(product: Product, new_cache: Any) -> None:
+    cache = new_cache("next", replicas=2)
+    name = cache["CacheName"]
+    fill(cache["Endpoints"][0], keys=50)
+    sync_replicas(cache["Endpoints"][0], 2)
+    # The replica the snapshot would read now has used its quota; the other has none used.
+    first = product.control.create_snapshot(name, "next-first")
+    first_record = product.control.wait_snapshot("next-first", execution_arn=first["ExecutionArn"])
+    used_up = first_record["NodeSnapshots"][0]["CacheNodeId"]
+    assert _role_of(cache, used_up) == "replica"
+    _insert_snapshots(product, name, 19, node=used_up)  # with next-first: 20 from that node
+
+    started = product.control.create_snapshot(name, "next-second")
+    record = product.control.wait_snapshot("next-second", execution_arn=started["ExecutionArn"])
+    source = record["NodeSnapshots"][0]["CacheNodeId"]
+    assert source != used_up and _role_of(cache, source) == "replica"
+    assert record["Warnings"] == []
+
+    # Both replicas used up: refused with the quota error, never moved onto the primary.
+    _insert_snapshots(product, name, 19, node=source, age_h=1)
+    err = _refused(product, name, "next-third", SnapshotQuotaExceededFault, "20 manual snapshots")
+    assert "the quota is 20 per node per 24 hours" in err.message
+    _no_record(product, "next-third")

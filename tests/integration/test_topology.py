@@ -16,6 +16,7 @@ from cachevault.local.redis_process import free_port, server_path
 from cachevault.topology import Topology, choose_source, discover, engine_info, node_memory
 from redis.cluster import ClusterNode, RedisCluster
 
+from tests.product_fixtures import wait_until
 from tests.redis_fixtures import own_fleet
 
 
@@ -147,8 +148,10 @@ def test_replica_without_primary_is_unhealthy(fleet: Fleet) -> None:
         fleet.kill_node(shard_layout.primary.node_id)
         replica_ep = _ep(shard_layout.replicas[0])
         with redis.Redis(*replica_ep, decode_responses=True) as client:
-            # The state in which a replica answers SYNC with -NOMASTERLINK.
-            assert client.info("replication")["master_link_status"] == "down"
+            # The replica notices the dead primary on its own schedule (its replication cron,
+            # about once a second): wait for that, the state in which it answers -NOMASTERLINK.
+            link_down = lambda: client.info("replication")["master_link_status"] == "down"  # noqa: E731
+            wait_until(link_down, 30, "the replica to see its master link down")
             with pytest.raises(redis.ResponseError, match="NOMASTERLINK"):
                 client.execute_command("SYNC")
         (shard,) = discover([replica_ep], timeout=1).shards

@@ -41,7 +41,6 @@ def catalog(monkeypatch: pytest.MonkeyPatch) -> Iterator[Catalog]:
         settings = Settings.from_env()
         ddb = boto3.client("dynamodb", region_name="us-east-1")
         for table, keys in (
-            (settings.snapshots_table, ["SnapshotName"]),
             (settings.caches_table, ["CacheName"]),
             (settings.progress_table, ["SnapshotName", "NodeGroupId"]),
         ):
@@ -51,6 +50,26 @@ def catalog(monkeypatch: pytest.MonkeyPatch) -> Iterator[Catalog]:
                 AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k in keys],
                 KeySchema=[{"AttributeName": k, "KeyType": t} for k, t in zip(keys, ("HASH", "RANGE"), strict=False)],
             )
+        # As template.yaml declares it: the ByCache index lists a cache's snapshots by time.
+        ddb.create_table(
+            TableName=settings.snapshots_table,
+            BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[
+                {"AttributeName": k, "AttributeType": "S"}
+                for k in ("SnapshotName", "ReplicationGroupId", "SnapshotCreateTime")
+            ],
+            KeySchema=[{"AttributeName": "SnapshotName", "KeyType": "HASH"}],
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": "ByCache",
+                    "KeySchema": [
+                        {"AttributeName": "ReplicationGroupId", "KeyType": "HASH"},
+                        {"AttributeName": "SnapshotCreateTime", "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "ALL"},
+                }
+            ],
+        )
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=settings.bucket)
         yield Catalog(settings)
 
@@ -168,7 +187,7 @@ def test_a_500_shard_snapshot_record_fits_one_item(catalog: Catalog, monkeypatch
     snapshot_workflow.write_manifest_step(state)
     catalog.update_snapshot(SNAPSHOT, SnapshotStatus="available", CacheSize=str(500 << 40))
     size = _stored_size(catalog, catalog.snapshots, {"SnapshotName": SNAPSHOT})
-    assert size < ITEM_LIMIT, size
+    assert size < ITEM_LIMIT * 0.9, size
     record = catalog.get_snapshot(SNAPSHOT)
     # Read back whole: every shard's key, size and checksum (the manifest keeps the rest).
     assert [n["S3Key"] for n in record["NodeSnapshots"]] == [storage.rdb_key(SNAPSHOT, i) for i in range(1, 501)]

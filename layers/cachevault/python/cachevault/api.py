@@ -22,6 +22,8 @@ API Gateway cuts a request at 29 s anyway. The execution ARN in the answer track
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any, TypeVar
 
@@ -32,7 +34,7 @@ from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ValidationError
 
-from cachevault import caches, copy_workflow, credentials, names, preflight, service
+from cachevault import caches, copy_workflow, credentials, names, node_types, preflight, service, storage
 from cachevault.api_models import CopySnapshotRequest, CreateSnapshotRequest, ListSnapshotsQuery, RestoreRequest
 from cachevault.aws import client
 from cachevault.errors import (
@@ -41,6 +43,7 @@ from cachevault.errors import (
     InvalidParameterValue,
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
+    RequestEntityTooLarge,
     SnapshotAlreadyExistsFault,
 )
 from cachevault.handler import logger, metrics, tracer
@@ -64,14 +67,72 @@ def _json(status: int, payload: dict[str, Any]) -> Response:
     )
 
 
+MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit: larger requests never reach a function
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads hook: ``{"A": 1, "A": 2}`` is refused, not silently the last value."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidParameterValue(f"The request body gives the field {key!r} more than once.")
+        result[key] = value
+    return result
+
+
+def _body_text(event: dict[str, Any]) -> str:
+    body = event.get("body")
+    if body is None:
+        return ""
+    if not isinstance(body, str):
+        raise InvalidParameterValue("The request body must be JSON text.")
+    if event.get("isBase64Encoded"):
+        try:
+            return base64.b64decode(body, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise InvalidParameterValue("The request body is not valid base64-encoded UTF-8.") from exc
+    return body
+
+
 def _body(model: type[M]) -> M:
+    text = _body_text(app.current_event.raw_event)
     try:
-        raw = app.current_event.json_body
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys) if text else None
+    except RecursionError as exc:
+        raise InvalidParameterValue("The request body nests arrays or objects too deeply.") from exc
     except ValueError as exc:  # json.JSONDecodeError
         raise InvalidParameterValue(f"The request body is not valid JSON: {exc}.") from exc
     if not isinstance(raw, dict):
         raise InvalidParameterValue("The request body must be a JSON object.")
     return parse(event=raw, model=model)
+
+
+def _body_bytes(event: dict[str, Any]) -> int:
+    body = event.get("body")
+    if not isinstance(body, str):
+        return 0
+    if event.get("isBase64Encoded"):
+        return len(body) * 3 // 4
+    return len(body.encode("utf-8", errors="surrogatepass"))
+
+
+def _early_refusal(event: Any) -> dict[str, Any] | None:
+    """What API Gateway itself would refuse, answered before the resolver reads the event."""
+    if not isinstance(event, dict) or not isinstance(event.get("httpMethod"), str):
+        err: CacheVaultError = InvalidParameterValue(
+            "The event is not an API Gateway REST proxy request (a JSON object with httpMethod, path, ...)."
+        )
+    elif _body_bytes(event) > MAX_BODY_BYTES:
+        err = RequestEntityTooLarge(f"The request body is over {MAX_BODY_BYTES // (1024 * 1024)} MB.")
+    else:
+        return None
+    logger.info("request refused", code=err.code, status=err.http_status, reason=err.message)
+    return {
+        "statusCode": err.http_status,
+        "headers": {"Content-Type": content_types.APPLICATION_JSON},
+        "body": json.dumps({"Error": {**err.to_dict(), "Type": "Sender"}}),
+        "isBase64Encoded": False,
+    }
 
 
 def _validation_error(err: ValidationError) -> InvalidParameterValue:
@@ -91,8 +152,10 @@ def handle_error(exc: Exception) -> Response:
     elif isinstance(exc, CacheVaultError):
         err = exc
     else:
+        # The details stay in the log: an answer never carries Python internals.
         logger.exception("unexpected error")
-        err = CacheVaultError(f"{type(exc).__name__}: {exc}")
+        request = app.lambda_context.aws_request_id if app.lambda_context else "unknown"
+        err = CacheVaultError(f"The request could not be completed (internal error, request id {request}).")
     status = int(err.http_status)
     kind = "Sender" if status < 500 else "Receiver"
     metrics.add_metric(name=f"Api{'Client' if status < 500 else 'Server'}Errors", unit=MetricUnit.Count, value=1)
@@ -196,6 +259,8 @@ def copy_snapshot(name: str) -> Response:
     source = control.catalog.get_snapshot(names.snapshot_name(name, automatic=True))
     target = names.snapshot_name(request.TargetSnapshotName)  # a copy is manual: "automatic." refused
     bucket = (request.TargetBucket or "").strip() or None
+    if bucket:
+        storage.check_bucket_name(bucket)
     if source["SnapshotStatus"] != "available":
         raise InvalidSnapshotState(
             f"Snapshot {source['SnapshotName']!r} is {source['SnapshotStatus']!r}; only an available "
@@ -277,6 +342,8 @@ def _check_restore(control: service.ControlPlane, request: RestoreRequest, targe
             "The snapshot is of a cluster-mode-enabled cache; restoring it with cluster mode disabled "
             "merges every shard into one node. Ask for it explicitly with AllowClusterModeDisable."
         )
+    if request.CacheNodeType is not None:
+        node_types.node_type(request.CacheNodeType)
     if request.ClusterMode is not None or request.NumNodeGroups is not None:
         if request.ClusterMode is None:  # as the state machine decides it
             cluster = source_cluster or (request.NumNodeGroups or 1) > 1
@@ -306,5 +373,8 @@ def _check_restore(control: service.ControlPlane, request: RestoreRequest, targe
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
-def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
+    refused = _early_refusal(event)
+    if refused is not None:
+        return refused
     return app.resolve(event, context)

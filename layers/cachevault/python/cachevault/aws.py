@@ -25,7 +25,14 @@ _cache: dict[tuple[str, ...], Any] = {}
 
 def session() -> Any:
     if os.environ.get("CACHEVAULT_TARGET") == "localstack":
-        import localstack_client.session
+        try:
+            import localstack_client.session
+        except ImportError as exc:  # an extra, not a runtime dependency: no Lambda uses it
+            from cachevault.errors import CacheVaultError
+
+            raise CacheVaultError(
+                "CACHEVAULT_TARGET=localstack needs localstack-client: pip install 'cachevault[localstack]'"
+            ) from exc
 
         return localstack_client.session.Session()
     return boto3.session.Session()

@@ -1,8 +1,8 @@
 """Benchmark output: a markdown table, a JSON record and a PNG plot under ``bench/results/``.
 
-``run_bench`` is the one entry point the CLI calls. The PNG is drawn without matplotlib
-(not a dependency): per dataset size, grouped bars of anchor vs cachevault seconds (left)
-and the ratio with the 1.15 goal line (right); the markdown table carries the numbers.
+``run_bench`` is the one entry point the CLI calls. The PNG (matplotlib, the
+``[bench]`` extra): per dataset size, grouped bars of anchor vs cachevault seconds and, on
+their own panel, the ratios with each goal line; the markdown table carries the numbers.
 """
 
 from __future__ import annotations
@@ -62,8 +62,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 GOALS = {"capture": 1.1, "restore": GOAL_RATIO}  # the issues' goals, drawn on the ratio panel
 
 
+GOAL_COLOURS = {"capture": "#d62728", "restore": "#9467bd"}  # one colour per goal line, none used by a bar
+
+
 def plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
-    """Seconds (ours solid, anchor dashed) and ratio per dataset size, one line per variant."""
+    """Grouped bars per dataset size: seconds (one panel per bench, anchor hatched beside
+    cachevault) and, on their own panel, the ratio cachevault/anchor with each goal a labelled
+    line in its own colour; the ratio axis is scaled to the goals, taller bars are cut at the
+    top with their value written on them."""
     import io
 
     import matplotlib
@@ -71,30 +77,70 @@ def plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")  # no display: render straight to PNG
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        series.setdefault(f"{r['bench']}: {r['variant']}", []).append(r)
-    fig, (times, ratios) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for label, points in series.items():
-        points = sorted(points, key=lambda r: r["size_mb"])
-        sizes = [r["size_mb"] for r in points]
-        line = times.plot(sizes, [r["ours_s"] for r in points], marker="o", label=f"{label} (cachevault)")[0]
-        times.plot(sizes, [r["anchor_s"] for r in points], marker="x", linestyle="--", color=line.get_color(),
-                   label=f"{label} ({points[0]['anchor']})")  # fmt: skip
-        ratios.plot(sizes, [r["ratio"] for r in points], marker="o", color=line.get_color(), label=label)
-    for bench, goal in GOALS.items():
-        if any(r["bench"] == bench for r in rows):
-            ratios.axhline(goal, linestyle=":", color="green", label=f"{bench} goal {goal}")
+    benches = [b for b in ("capture", "restore") if any(r["bench"] == b for r in rows)]
+    series = list(dict.fromkeys((r["bench"], r["variant"]) for r in rows))  # in run order
+    colour = {key: f"C{i % 10}" for i, key in enumerate(series)}
+    sizes = sorted({r["size_mb"] for r in rows})
+    at = {(r["bench"], r["variant"], r["size_mb"]): r for r in rows}
+
+    fig = plt.figure(figsize=(12, 9))
+    grid = fig.add_gridspec(2, max(1, len(benches)), height_ratios=[1, 1])
+    for column, bench in enumerate(benches):
+        ax = fig.add_subplot(grid[0, column])
+        keys = [k for k in series if k[0] == bench]
+        width = 0.8 / (2 * len(keys))
+        for i, key in enumerate(keys):
+            for j, size in enumerate(sizes):
+                row = at.get((*key, size))
+                if row is None:
+                    continue
+                left = j - 0.4 + 2 * i * width
+                ax.bar(left, row["anchor_s"], width, align="edge", color=colour[key], alpha=0.35, hatch="//",
+                       edgecolor=colour[key], label=f"{key[1]}: {row['anchor']}" if j == 0 else None)
+                ax.bar(left + width, row["ours_s"], width, align="edge", color=colour[key],
+                       label=f"{key[1]}: cachevault" if j == 0 else None)  # fmt: skip
+        ax.set_xticks(range(len(sizes)), [_size_label(s) for s in sizes])
+        ax.set(title=f"{bench}: seconds (hatched = anchor, same run)", xlabel="dataset", ylabel="seconds")
+        ax.legend(fontsize=8, loc="upper left")
+
+    ratios = fig.add_subplot(grid[1, :])
+    width = 0.8 / max(1, len(series))
+    goals = {b: g for b, g in GOALS.items() if b in benches}
+    top = max([*goals.values(), 1.0]) * 1.3
+    for i, key in enumerate(series):
+        for j, size in enumerate(sizes):
+            row = at.get((*key, size))
+            if row is None:
+                continue
+            x = j - 0.4 + i * width
+            ratios.bar(x, min(row["ratio"], top), width, align="edge", color=colour[key],
+                       label=f"{key[0]}: {key[1]}" if j == 0 else None)  # fmt: skip
+            over = row["ratio"] > top
+            ratios.text(x + width / 2, top - 0.02 if over else row["ratio"] + 0.01,
+                        f"{row['ratio']:.2f}" + (" ↑" if over else ""), ha="center", va="top" if over else "bottom",
+                        fontsize=7, color="white" if over else "black")  # fmt: skip
     ratios.axhline(1.0, color="black", linewidth=0.8)
-    times.set(title="time per dataset size", xlabel="dataset (MB)", ylabel="seconds")
-    ratios.set(title="cachevault / anchor (same run)", xlabel="dataset (MB)", ylabel="ratio")
-    times.legend(fontsize=7)
-    ratios.legend(fontsize=7)
+    ratios.text(len(sizes) - 0.4, 1.0, " parity 1.0", va="top", fontsize=8)
+    for n, (bench, goal) in enumerate(sorted(goals.items(), key=lambda kv: kv[1])):
+        ratios.axhline(goal, color=GOAL_COLOURS[bench], linestyle="--", linewidth=1.5, label=f"{bench} goal <= {goal}")
+        # the lowest goal's label under its line, the others above theirs: close goals stay readable
+        ratios.text(len(sizes) - 0.4, goal, f" {bench} goal {goal}", va="top" if n == 0 else "bottom", fontsize=8,
+                    color=GOAL_COLOURS[bench])  # fmt: skip
+    ratios.set_xlim(-0.5, len(sizes) - 0.5 + 0.7)
+    ratios.set_ylim(0, top)
+    ratios.set_xticks(range(len(sizes)), [_size_label(s) for s in sizes])
+    ratios.set(title="cachevault / anchor (lower is better; bars past the axis show their value)",
+               xlabel="dataset", ylabel="ratio")  # fmt: skip
+    ratios.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=100)
     plt.close(fig)
     return out.getvalue()
+
+
+def _size_label(size_mb: int) -> str:
+    return f"{size_mb // 1024} GiB" if size_mb % 1024 == 0 else f"{size_mb} MiB"
 
 
 def machine() -> str:
@@ -122,8 +168,8 @@ def write_results(name: str, results: Sequence[dict[str, Any]], outdir: Path = R
     paths["json"].write_text(json.dumps({"date": stamp, "rows": rows, "results": list(results)}, indent=2,
                                         default=str))  # fmt: skip
     legend = (
-        "\n![plot](" + paths["png"].name + ")\n\nPlot: left, seconds per dataset size (solid = cachevault,"
-        " dashed = the anchor measured in the same run); right, ratio cachevault/anchor with the goals (dotted).\n"
+        "\n![plot](" + paths["png"].name + ")\n\nPlot: top, seconds per dataset size (hatched = the anchor measured"
+        " in the same run, solid = cachevault); bottom, ratio cachevault/anchor with each goal as a dashed line.\n"
     )
     paths["md"].write_text(f"# {name} benchmark, {stamp}\n\n{machine()}\n\n" + markdown_table(rows) + legend)
     paths["png"].write_bytes(plot_png(rows))

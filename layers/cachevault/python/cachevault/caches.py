@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cachevault import credentials as creds_mod
-from cachevault import names, topology
+from cachevault import names, node_types, topology
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.credentials import Credentials
@@ -92,13 +92,28 @@ def registry_record(
 MAX_NODES_PER_CACHE = 500
 
 
-def validate_shape(*, cluster_mode: bool, num_shards: int, replicas: int, kind: str) -> None:
+def check_shape_values(
+    *, num_shards: int | None = None, replicas: int | None = None, node_type: str | None = None
+) -> None:
+    """The ranges CreateReplicationGroup enforces, on the values given (0 is a value, not "unset")."""
+    for field, value, low, high in (("NumNodeGroups", num_shards, 1, 500), ("ReplicasPerNodeGroup", replicas, 0, 5)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidParameterValue(f"{field} must be an integer, not {value!r}.")
+        if not low <= value <= high:
+            raise InvalidParameterValue(f"{field} must be between {low} and {high}, got {value}.")
+    if node_type is not None:
+        node_types.node_type(node_type)
+
+
+def validate_shape(
+    *, cluster_mode: bool, num_shards: int, replicas: int, kind: str, node_type: str | None = None
+) -> None:
+    """ElastiCache's CreateReplicationGroup limits; ``node_type`` is checked when given."""
     if kind not in KINDS:
         raise InvalidParameterValue(f"Kind must be one of {', '.join(KINDS)}, not {kind!r}.")
-    if not 1 <= num_shards <= 500:
-        raise InvalidParameterValue("NumNodeGroups must be between 1 and 500.")
-    if not 0 <= replicas <= 5:
-        raise InvalidParameterValue("ReplicasPerNodeGroup must be between 0 and 5.")
+    check_shape_values(num_shards=num_shards, replicas=replicas, node_type=node_type)
     if num_shards * (1 + replicas) > MAX_NODES_PER_CACHE:
         # ElastiCache's per-cluster node quota; it also keeps a cache's record (one entry per
         # node) far under DynamoDB's 400 KB item limit.
@@ -146,7 +161,9 @@ def create_local_cache(
     """
     settings = settings or Settings.from_env()
     name = names.cache_name(name)
-    validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind=kind)
+    validate_shape(
+        cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind=kind, node_type=node_type
+    )
     if auth_secret_arn and auth_password:
         raise InvalidParameterCombination("Give --auth-secret-arn or --auth-password, not both.")
     catalog = _catalog_for_new(settings, name)
@@ -250,6 +267,7 @@ def register_external_cache(
     name = names.cache_name(name)
     if kind not in KINDS:
         raise InvalidParameterValue(f"Kind must be one of {', '.join(KINDS)}, not {kind!r}.")
+    node_types.node_type(node_type)
     if auth_secret_arn and auth_parameter_name:
         raise InvalidParameterCombination("Give AuthSecretArn or AuthParameterName, not both.")
     seeds = [parse_endpoint(e) for e in endpoints]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -205,6 +206,19 @@ class Catalog:
         with self.progress.batch_writer() as batch:  # 25 per request: 500 shards in 20 calls
             for group in self.capture_progress(name):
                 batch.delete_item(Key={"SnapshotName": name, "NodeGroupId": group})
+
+    # ---- restore and copy progress: the same table, keyed "<operation>#<subject>" -------------
+    # Names cannot contain "#", so these keys never collide with a snapshot's capture progress.
+    def set_operation_progress(self, operation: str, subject: str, part: str, fields: dict[str, Any]) -> None:
+        """One part (a download, a shard load, an object copy) of a restore or a copy, one writer each."""
+        self.set_capture_progress(f"{operation}#{subject}", part, {**fields, "Heartbeat": time.time()})
+
+    def operation_progress(self, operation: str, subject: str) -> dict[str, dict[str, Any]]:
+        """Part -> its progress fields (``Phase``, ``Done``, ``Total``, ``Unit``, ``Status``)."""
+        return self.capture_progress(f"{operation}#{subject}")
+
+    def delete_operation_progress(self, operation: str, subject: str) -> None:
+        self.delete_capture_progress(f"{operation}#{subject}")
 
     def describe_snapshot(self, name: str) -> dict[str, Any]:
         """The record with live capture progress merged into NodeSnapshots while creating."""

@@ -19,6 +19,7 @@ objects: more than 5 GB cannot be copied in one request), never through this pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from boto3.s3.transfer import TransferConfig
@@ -36,6 +37,7 @@ from cachevault.errors import (
 )
 from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics
+from cachevault.progress_report import COPY, PartProgress
 from cachevault.settings import Settings
 from cachevault.timeutil import iso
 
@@ -66,10 +68,12 @@ def copy_object(
     multipart_threshold: int = MULTIPART_THRESHOLD,
     multipart_chunk: int = MULTIPART_CHUNK,
     target_owner: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Server-side copy (managed multipart above the threshold); returns the target's head.
 
-    ``target_owner`` (``{"ExpectedBucketOwner": account}``) goes with every request on the target.
+    ``target_owner`` (``{"ExpectedBucketOwner": account}``) goes with every request on the target;
+    ``on_bytes(n)`` is boto3's transfer callback: the bytes copied since its last call.
     """
     owner = target_owner or {}
     config = TransferConfig(
@@ -84,6 +88,7 @@ def copy_object(
         storage.check_key(target_key),
         ExtraArgs={**encryption.s3_args(), **owner},  # encrypted like every object cachevault writes
         Config=config,
+        Callback=on_bytes,
     )
     return s3.head_object(Bucket=target_bucket, Key=target_key, **owner)
 
@@ -103,6 +108,8 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
     # A copy is a manual snapshot: the automatic. prefix stays reserved (as in ElastiCache).
     target = names.snapshot_name(request.get("TargetSnapshotName", ""))
     target_bucket = (request.get("TargetBucket") or "").strip() or None
+    if target_bucket:
+        storage.check_bucket_name(target_bucket)
     source = catalog.get_snapshot(source_name)
     if source["SnapshotStatus"] != "available":
         raise InvalidSnapshotState(
@@ -221,10 +228,26 @@ def copy_object_step(event: dict[str, Any]) -> dict[str, Any]:
     """Copy one shard's RDB server side; the copy must have the size the manifest names."""
     obj = event["Object"]
     s3 = client("s3")
+    report = PartProgress(
+        Catalog(Settings.from_env()),
+        COPY,
+        event.get("TargetSnapshotName") or obj["TargetKey"],
+        f"copy-{int(obj['Index']):04d}",
+        phase="copy",
+        total=int(obj["Size"]) if obj.get("Size") else None,
+    )
+    copied = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal copied
+        copied += n
+        report.update(copied)
+
     owner = export_buckets.owner_args() if event.get("TargetBucket") else {}
+    report.start()
     try:
         source, target = (event["SourceBucket"], obj["SourceKey"]), (event["DestinationBucket"], obj["TargetKey"])
-        head = copy_object(s3, *source, *target, target_owner=owner)
+        head = copy_object(s3, *source, *target, target_owner=owner, on_bytes=on_bytes)
     except ClientError as err:
         if _error_code(err) not in ("404", "NoSuchKey", "NotFound"):
             raise
@@ -239,6 +262,7 @@ def copy_object_step(event: dict[str, Any]) -> dict[str, Any]:
             f"s3://{event['DestinationBucket']}/{obj['TargetKey']} has {size} bytes; the snapshot's "
             f"{obj['SourceKey']} has {obj['Size']}."
         )
+    report.finish(size)
     metrics.add_metric(name="BytesCopied", unit="Bytes", value=size)
     return {"Index": obj["Index"], "TargetKey": obj["TargetKey"], "Size": size, "ETag": head["ETag"]}
 

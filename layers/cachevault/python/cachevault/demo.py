@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cachevault import caches, datagen
-from cachevault.cli import context
+from cachevault.cli import context, shapes
 from cachevault.cli.cache_cmd import _describe_text
 from cachevault.cli.output import human_bytes, table
 from cachevault.cli.restore_cmd import restore_summary
@@ -24,6 +25,7 @@ from cachevault.settings import Settings
 from cachevault.verify import cache_digest, combined_digest
 
 T = TypeVar("T")
+SUMMARY_WIDTH = 80  # the summary fits a standard terminal
 SOURCE, RESTORED = "demo-orders", "demo-orders-sharded"
 MANUAL, FINAL = "demo-orders-manual", "demo-orders-final"
 
@@ -33,15 +35,23 @@ class Story:
         self.as_json = as_json
         self.steps: list[dict[str, Any]] = []
 
-    def step(self, title: str, action: Callable[[], T], detail: Callable[[T], str] | None = None) -> T:
+    def step(
+        self,
+        title: str,
+        action: Callable[[], T],
+        detail: Callable[[T], str] | None = None,
+        result: Callable[[T], str] | None = None,
+    ) -> T:
+        """Run one step; ``detail`` is printed now, ``result`` (one short phrase) goes to the summary."""
         self.say(f"\n== {title}")
         started = time.monotonic()
         value = action()
         seconds = time.monotonic() - started
         note = detail(value) if detail else ""
-        first = note.strip().splitlines()[0] if note.strip() else "ok"
-        # The summary keeps one short line per step; the full detail was printed above.
-        self.steps.append({"Step": title.split(" (")[0], "Seconds": round(seconds, 2), "Result": first[:72]})
+        first = note.strip().splitlines()[0].strip() if note.strip() else "ok"
+        self.steps.append(
+            {"Step": title.split(" (")[0], "Seconds": round(seconds, 2), "Result": result(value) if result else first}
+        )
         if note:
             self.say(note)
         self.say(f"   ({seconds:.1f} s)")
@@ -62,40 +72,59 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
             "start the embedded AWS and deploy template.yaml",
             lambda: context.local_up(free_port()),
             lambda i: f"   embedded AWS on {i.endpoint_url}",
+            lambda i: f"on {i.endpoint_url}",
         )
         control = context.control_plane()
         source = story.step(
             "create a cache: cluster mode disabled, 1 primary + 2 replicas",
             lambda: caches.create_local_cache(SOURCE, replicas=2, settings=control.settings),
             lambda c: _describe_text(caches.describe_cache(c["CacheName"], control.settings)),
+            lambda c: f"{c['CacheName']}: {c['Engine']} {c['EngineVersion']}, {c['CacheNodeType']}",
         )
         host, port = caches.parse_endpoint(source["Endpoints"][0])
         stats = story.step(
             f"write {size_mb} MB of mixed data (strings with TTLs, hashes, lists, sets, zsets, streams, functions)",
             lambda: datagen.generate(host, port, size_mb, seed=42),
-            lambda s: f"   {s.keys} keys, {human_bytes(s.payload_bytes)}, by type {s.by_type}",
+            lambda s: f"   {s.keys:,} keys, {human_bytes(s.payload_bytes)}, by type: {_counts(s.by_type)}",
+            lambda s: f"{s.keys:,} keys, {human_bytes(s.payload_bytes)}",
         )
         source_digest = cache_digest([(host, port)])[0]
 
         def snapshot() -> dict[str, Any]:
-            control.create_snapshot(SOURCE, MANUAL)
-            return wait_with_progress(control, MANUAL)
+            # The demo waits for the execution itself, however long its preflight is queued.
+            return wait_with_progress(control, control.create_snapshot(SOURCE, MANUAL, accept_timeout_s=None))
 
-        record = story.step("snapshot it (taken from a replica, streamed to S3)", snapshot, _snapshot_text)
+        record = story.step(
+            "snapshot it (taken from a replica, streamed to S3)",
+            snapshot,
+            _snapshot_text,
+            lambda r: f"{r['SnapshotName']}: {r['SnapshotStatus']}, {human_bytes(shapes.snapshot_bytes(r))}",
+        )
         story.step(
             "list snapshots",
             lambda: control.list_snapshots(cache=SOURCE)["Snapshots"],
             lambda rows: (
                 f"   {len(rows)} snapshot(s) of {SOURCE}\n"
-                + table(rows, ["SnapshotName", "SnapshotStatus", "SnapshotSource", "CacheSize", "SnapshotCreateTime"])
+                + table(
+                    [{**r, "Size": human_bytes(shapes.snapshot_bytes(r))} for r in rows],
+                    ["SnapshotName", "SnapshotStatus", "SnapshotSource", "Size", "SnapshotCreateTime"],
+                )
             ),
+            lambda rows: f"{len(rows)} snapshot(s) of {SOURCE}",
         )
 
         def restore() -> dict[str, Any]:
-            arn, target = control.restore(RESTORED, snapshot=MANUAL, num_shards=3, replicas=1, cluster_mode="enabled")
+            arn, target = control.restore(
+                RESTORED, snapshot=MANUAL, num_shards=3, replicas=1, cluster_mode="enabled", accept_timeout_s=None
+            )
             return control.wait_restore(arn, target)
 
-        restored = story.step("restore into a NEW cache with 3 shards (cluster mode enabled)", restore, restore_summary)
+        restored = story.step(
+            "restore into a NEW cache with 3 shards (cluster mode enabled)",
+            restore,
+            restore_summary,
+            lambda r: f"{r['ReplicationGroupId']}: {r['Status']}, {r['NumNodeGroups']} shards",
+        )
 
         def compare() -> dict[str, Any]:
             cache = caches.describe_cache(RESTORED, control.settings)
@@ -107,14 +136,16 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
             "verify: DEBUG DIGEST of the source vs the union of the 3 new shards",
             compare,
             lambda d: f"   equal: {d['Equal']}\n   source   {d['SourceDigest']}\n   restored {d['RestoredDigest']}",
+            lambda d: "digests equal" if d["Equal"] else "digests DIFFER",
         )
         deleted = story.step(
             "delete the original cache with a final snapshot (taken from the primary)",
             lambda: control.delete_cache(SOURCE, final_snapshot=FINAL),
             lambda r: (
                 f"   final snapshot {r['FinalSnapshot']['SnapshotName']}: {r['FinalSnapshot']['SnapshotStatus']}, "
-                f"{human_bytes(int(r['FinalSnapshot'].get('CacheSize') or 0))}; cache {r['CacheName']} deleted"
+                f"{human_bytes(shapes.snapshot_bytes(r['FinalSnapshot']))}; cache {r['CacheName']} deleted"
             ),
+            lambda r: f"final snapshot {r['FinalSnapshot']['SnapshotName']}; {r['CacheName']} deleted",
         )
         summary = {
             "Steps": story.steps,
@@ -131,7 +162,7 @@ def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
             print(json.dumps(summary, indent=2, default=str))
         else:
             print("\n== summary")
-            print(table(story.steps, ["Step", "Seconds", "Result"]))
+            print(summary_text(story.steps))
             print(f"\nsource and restored data identical (DEBUG DIGEST): {digests['Equal']}")
         return 0 if digests["Equal"] else 1
     finally:
@@ -154,4 +185,25 @@ def _snapshot_text(record: dict[str, Any]) -> str:
             f"   shard {node['NodeGroupId']} from {node.get('CacheNodeId')} ({node.get('SourceRole')}) -> "
             f"s3://…/{node.get('S3Key')}  sha256 {str(node.get('Sha256'))[:16]}…"
         )
+    return "\n".join(lines)
+
+
+def _counts(by_type: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n:,}" for kind, n in sorted(by_type.items(), key=lambda kv: -kv[1]))
+
+
+def summary_text(steps: list[dict[str, Any]], width: int = SUMMARY_WIDTH) -> str:
+    """One block per step, wrapped at word boundaries to ``width`` columns (nothing cut)."""
+    lines = []
+    for number, step in enumerate(steps, start=1):
+        seconds = f"{step['Seconds']:.1f} s"
+        head = textwrap.wrap(
+            f"{number}. {step['Step']}", width=width - len(seconds) - 2, subsequent_indent="   ", break_long_words=False
+        )
+        lines.append(head[0].ljust(width - len(seconds)) + seconds)
+        lines.extend(head[1:])
+        lines.extend(
+            textwrap.wrap(str(step["Result"]), width=width, initial_indent="   ", subsequent_indent="   ",
+                          break_long_words=False, break_on_hyphens=False)
+        )  # fmt: skip
     return "\n".join(lines)

@@ -53,4 +53,6 @@ ChecksumMismatch = _fault("ChecksumMismatch", 500, code="SnapshotChecksumMismatc
 RdbFormatError = _fault("RdbFormatError", 400, code="InvalidRdbFormat")
 FinalSnapshotFailed = _fault("FinalSnapshotFailed", 500)
 ImportNotFoundFault = _fault("ImportNotFoundFault", 404)
+# API Gateway refuses a payload over 10 MB with 413 before any integration runs.
+RequestEntityTooLarge = _fault("RequestEntityTooLarge", 413)
 NodeQuotaForClusterExceededFault = _fault("NodeQuotaForClusterExceededFault")

@@ -18,14 +18,32 @@ CACHE_NAME_MAX = 40
 SNAPSHOT_NAME_MAX = 255
 
 
+def _fold(raw: str | None, field: str) -> str:
+    """Strip and lowercase an ASCII name; anything else is refused before folding.
+
+    ``str.lower`` maps some non-ASCII letters onto ASCII ones (the Kelvin sign U+212A
+    becomes ``k``): folding first would accept a name ElastiCache refuses.
+    """
+    if raw is not None and not isinstance(raw, str):
+        raise InvalidParameterValue(f"{field} must be a string, not {type(raw).__name__}.")
+    raw = raw or ""
+    if not raw.isascii():
+        bad = next(c for c in raw if not c.isascii())
+        raise InvalidParameterValue(
+            f"{field} {raw!r} is invalid: it contains the non-ASCII character {bad!r} "
+            f"(U+{ord(bad):04X}); only ASCII letters, digits and hyphens are allowed."
+        )
+    return raw.strip().lower()
+
+
 def cache_name(raw: str) -> str:
-    name = (raw or "").strip().lower()
+    name = _fold(raw, "ReplicationGroupId")
     _check(name, "ReplicationGroupId", CACHE_NAME_MAX)
     return name
 
 
 def snapshot_name(raw: str, *, automatic: bool = False) -> str:
-    name = (raw or "").strip().lower()
+    name = _fold(raw, "SnapshotName")
     if name.startswith(AUTOMATIC_PREFIX):
         if not automatic:
             raise InvalidParameterValue(

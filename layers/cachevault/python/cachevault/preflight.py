@@ -7,6 +7,7 @@ the memory headroom rule) returns a warning that is carried in the result and lo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -144,6 +145,12 @@ def within_quota(ctx: PreflightContext) -> None:
                 Count=len(used),
                 CacheNodeId=node,
             )
+
+
+def manual_snapshots_per_node(catalog: Any, cache_name: str) -> Counter[str]:
+    """CacheNodeId -> manual snapshots read from it in the rolling 24 h (the per-node quota's count)."""
+    recent = catalog.snapshots_created_since(cache_name, utcnow() - QUOTA_WINDOW, source="manual")
+    return Counter(node for snapshot in recent for node in _source_nodes(snapshot))
 
 
 def _source_nodes(snapshot: dict[str, Any]) -> set[str]:

@@ -16,7 +16,7 @@ snapshot of 3 shards restores into 2 or 5); otherwise everything goes to the one
 from __future__ import annotations
 
 import os
-import socket
+import select
 import ssl
 import struct
 import time
@@ -137,21 +137,28 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSL
 
 
 class _Conn:
-    """One raw socket to one target primary, shared by ShardLoader and _Pipe.
+    """One raw non-blocking socket to one target primary, shared by ShardLoader and _Pipe.
 
+    The socket never has a timeout: a Python socket with one waits in poll() for the whole
+    timeout before even a ``recv(MSG_DONTWAIT)`` (DESIGN.md, pitfalls), and a loader that
+    waits for replies while the server waits for the rest of a multi-MB RESTORE deadlocks.
+    Every wait goes through ``wait``, which polls for whichever directions the caller still
+    has work in, and gives up after ``timeout`` seconds without any progress.
     Every socket failure becomes RestoreFailed naming the target, the same way for both loaders.
     """
 
     def __init__(self, creds: Credentials, host: str, port: int, timeout: float) -> None:
         self.address = f"{host}:{port}"
         self.timeout = timeout
-        # An SSLSocket refuses MSG_DONTWAIT: over TLS the caller flips the socket non-blocking instead.
         self.tls = creds.tls is not None
-        self._dontwait = 0 if self.tls else socket.MSG_DONTWAIT
         try:
             self.sock = creds.connect(host, port, timeout)
         except OSError as exc:  # TlsError is an OSError too
             raise RestoreFailed(f"Cannot connect to target {self.address}: {exc}", Target=self.address) from exc
+        self.sock.setblocking(False)
+        self._poll = select.poll()
+        self._poll.register(self.sock.fileno(), select.POLLIN)
+        self._mask = select.POLLIN
 
     def auth(self, username: str | None, password: str) -> None:
         """AUTH before any other command; a refusal (or a dead socket) closes the connection."""
@@ -168,27 +175,40 @@ class _Conn:
             self.close()
             raise RestoreFailed(f"Authentication to {self.address} failed: {reply}", Target=self.address)
 
+    def wait(self, *, read: bool, write: bool) -> None:
+        """Block until the socket is readable (``read``) or writable (``write``), at most ``timeout``."""
+        if read and self.tls and self.sock.pending():  # decrypted bytes poll() cannot see
+            return
+        mask = (select.POLLIN if read else 0) | (select.POLLOUT if write else 0)
+        if mask != self._mask:
+            self._poll.modify(self.sock.fileno(), mask)
+            self._mask = mask
+        if not self._poll.poll(self.timeout * 1000):
+            what = "Reading from" if read else "Sending to"
+            raise self._failed(what, TimeoutError(f"no progress for {self.timeout:g} s"))
+        # POLLERR/POLLHUP: the caller's next send/recv raises the real error.
+
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise self._failed("Sending to", exc) from exc
+        """Send every byte (waiting for the socket to take them); reads nothing meanwhile."""
+        out = deque([memoryview(data)])
+        while out:  # bounded: each round sends something or wait() raises after the timeout
+            self.send_ready(out)
+            if out:
+                self.wait(read=False, write=True)
 
     def recv(self) -> bytes:
-        """Block (up to the socket timeout) for the next bytes from the target."""
-        try:
-            data = self.sock.recv(_RECV_SIZE)
-        except OSError as exc:
-            raise self._failed("Reading from", exc) from exc
-        return self._data(data)
+        """Wait (up to the timeout) for the next bytes from the target."""
+        while (data := self.recv_ready()) is None:  # bounded: wait() raises after the timeout
+            self.wait(read=True, write=False)
+        return data
 
     def send_ready(self, out: deque[memoryview]) -> None:
         """Send from the front of ``out`` what the socket accepts right now; never blocks."""
-        sock, flags = self.sock, self._dontwait
+        sock = self.sock
         try:
             while out:
                 head = out[0]
-                sent = sock.send(head, flags)
+                sent = sock.send(head)
                 if sent == len(head):
                     out.popleft()
                     head.release()
@@ -204,7 +224,7 @@ class _Conn:
     def recv_ready(self) -> bytes | None:
         """The bytes that have arrived, None when nothing has yet; never blocks."""
         try:
-            data = self.sock.recv(_RECV_SIZE, self._dontwait)
+            data = self.sock.recv(_RECV_SIZE)
         except _WOULD_BLOCK:
             return None
         except OSError as exc:
@@ -575,9 +595,11 @@ class _Pipe:
     ``sendall`` of a multi-MB batch blocks until the server has *processed* most of it
     (redis reads 16 KB at a time and runs those commands first), so a blocking send would
     serialize packing and the server's work. Instead the caller calls ``pump`` every few
-    tens of KB packed: it moves whatever the socket takes right now (MSG_DONTWAIT) and
-    collects replies, so the socket never runs dry while the next batch is being packed.
-    At most ``max_batches`` batches are sent but unanswered (memory bound).
+    tens of KB packed: it moves whatever the socket takes right now and collects the
+    replies that have arrived, so the socket never runs dry while the next batch is being
+    packed. When the caller must wait (``max_batches`` batches sent but unanswered, or the
+    final ``drain``), it waits for the socket to take bytes *or* replies to arrive, so a
+    RESTORE larger than the socket buffers is always sent whole while replies are read.
     """
 
     def __init__(self, target: TargetShard, timeout: float, max_batches: int = 2) -> None:
@@ -592,33 +614,20 @@ class _Pipe:
             self._conn.auth(target.username, target.password)
 
     def submit(self, batch: Batch) -> None:
-        while len(self._pending) >= self._max:  # bounded: each round settles one batch or raises
-            self._flush_out()
-            self._settle(block=True)
+        while len(self._pending) >= self._max:  # bounded: each round progresses or wait() raises
+            self._step(block=True)
         self._pending.append(batch)
         self._out.extend(memoryview(p) for p in batch[0])
         self.pump()
 
     def pump(self) -> None:
         """Send what the socket accepts now and take in the replies that have arrived; never blocks."""
-        conn = self._conn
-        if conn.tls:  # see _Conn: over TLS the socket is non-blocking for this call only
-            conn.sock.setblocking(False)
-        try:
-            conn.send_ready(self._out)
-            data = conn.recv_ready() if self._pending else None
-        finally:
-            if conn.tls:
-                conn.sock.settimeout(conn.timeout)
-        if data is not None:
-            self._rbuf += data
-            self._settle(block=False)
+        self._step(block=False)
 
     def drain(self) -> None:
         """Send everything and wait for every reply; RestoreFailed on any error reply."""
-        self._flush_out()
-        while self._pending:  # bounded: each round settles one batch or raises
-            self._settle(block=True)
+        while self._pending:  # bounded: each round progresses or wait() raises
+            self._step(block=True)
 
     def close(self) -> None:
         for view in self._out:
@@ -626,27 +635,26 @@ class _Pipe:
         self._out.clear()
         self._conn.close()
 
-    def _flush_out(self) -> None:
-        out, sendall = self._out, self._conn.sendall
-        while out:
-            view = out.popleft()
-            sendall(view)
-            view.release()
+    def _step(self, *, block: bool) -> None:
+        conn = self._conn
+        if block:  # replies are awaited only together with room to send the rest
+            conn.wait(read=True, write=bool(self._out))
+        if self._out:
+            conn.send_ready(self._out)
+        if self._pending and (data := conn.recv_ready()) is not None:
+            self._rbuf += data
+            self._settle()
 
-    def _settle(self, *, block: bool) -> None:
+    def _settle(self) -> None:
         """Retire answered batches from the front. All ``+OK`` is checked by comparing bytes."""
         pending, rbuf = self._pending, self._rbuf
         while pending:  # bounded: each round retires one batch, returns or raises
             parts, labels, ttl = pending[0]
             want = len(labels) * len(_OK)
             if not _ok_prefix(rbuf, want):
-                self._flush_out()  # the failing batch must be sent whole before reading its replies
                 self._raise_errors(labels)
             if len(rbuf) < want:
-                if not block:
-                    return
-                rbuf += self._conn.recv()
-                continue
+                return
             del rbuf[:want]
             pending.popleft()
             stats = self.stats
@@ -656,13 +664,19 @@ class _Pipe:
             stats.batches += 1
 
     def _raise_errors(self, labels: list[bytes | int]) -> None:
+        # The failing batch must be sent whole before all its replies can be read.
+        out, conn = self._out, self._conn
+        while out:  # bounded: each round sends something or wait() raises
+            conn.send_ready(out)
+            if out:
+                conn.wait(read=False, write=True)
         reader = hiredis.Reader()
         reader.feed(bytes(self._rbuf))
         self._rbuf.clear()
         errors: list[tuple[bytes | int, str]] = []
         for label in labels:  # bounded: exactly one reply per command sent
             while (reply := reader.gets()) is False:
-                reader.feed(self._conn.recv())
+                reader.feed(conn.recv())
             if isinstance(reply, hiredis.ReplyError):
                 errors.append((label, str(reply)))
         if not errors:

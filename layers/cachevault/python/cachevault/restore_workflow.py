@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs
 
 from cachevault import caches, events, execution_store, names, storage, topology
 from cachevault import credentials as creds_mod
@@ -41,6 +41,7 @@ from cachevault.errors import (
 )
 from cachevault.failures import caught_failure
 from cachevault.handler import logger, metrics, record_duration
+from cachevault.progress_report import RESTORE, PartProgress
 from cachevault.rdb import RdbFile, RdbKey, scan_rdb
 from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
 from cachevault.settings import Settings
@@ -50,6 +51,7 @@ from cachevault.verify import verify_restore
 
 SAMPLES_PER_SOURCE = 40
 SAMPLE_MAX_PAYLOAD = 2048  # keep the state machine's payload small (256 KB limit)
+LOAD_PROGRESS_EVERY = 20_000  # keys between progress reports (each is a cheap callback; writes are throttled)
 DATA_TIERING_NODE_FAMILY = "r6gd"
 MiB = 1 << 20
 ATTACH_BASE_TIMEOUT_S = 60.0
@@ -111,10 +113,15 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         source_node_type, source_tiering = "", False
 
     cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
-    num_shards = int(request.get("NumNodeGroups") or (len(sources) if cluster_mode else 1))
-    replicas = int(request["ReplicasPerNodeGroup"]) if request.get("ReplicasPerNodeGroup") is not None else 1
-    node_type = request.get("CacheNodeType") or source_node_type or caches.DEFAULT_NODE_TYPE
-    caches.validate_shape(cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based")
+    # Given values are checked as given: 0 shards is refused, never taken for "not given".
+    asked_shards = request.get("NumNodeGroups")
+    num_shards = asked_shards if asked_shards is not None else (len(sources) if cluster_mode else 1)
+    replicas = request["ReplicasPerNodeGroup"] if request.get("ReplicasPerNodeGroup") is not None else 1
+    asked_type = request.get("CacheNodeType")
+    node_type = asked_type if asked_type is not None else (source_node_type or caches.DEFAULT_NODE_TYPE)
+    caches.validate_shape(
+        cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based", node_type=node_type
+    )
     _check_data_tiering(source_node_type, source_tiering, node_type)
 
     # Reserve the target name and mark the snapshot before the (long) staging read.
@@ -181,7 +188,8 @@ def _check_target_free(catalog: Catalog, target: str) -> None:
 def _target_cluster_mode(request: dict[str, Any], source_cluster: bool, sources: int) -> bool:
     wanted = request.get("ClusterMode")
     if wanted is None:
-        return source_cluster or int(request.get("NumNodeGroups") or 1) > 1
+        shards = request.get("NumNodeGroups")
+        return source_cluster or (isinstance(shards, int) and shards > 1)
     if wanted not in ("enabled", "disabled"):
         raise InvalidParameterValue(f"ClusterMode must be enabled or disabled, not {wanted!r}.")
     if wanted == "disabled" and source_cluster and not request.get("AllowClusterModeDisable"):
@@ -203,22 +211,44 @@ def _check_data_tiering(source_node_type: str, source_tiering: bool, target_node
 
 
 def _s3_source(arn: str) -> dict[str, Any]:
-    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``."""
+    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``, with an optional ``?versionId=``.
+
+    A version selector is honoured (HeadObject and GetObject of that version); any other
+    query is refused rather than dropped, so the object read is always the one named.
+    """
     if arn.startswith("arn:aws:s3:::"):
-        bucket, _, key = arn.removeprefix("arn:aws:s3:::").partition("/")
+        rest = arn.removeprefix("arn:aws:s3:::")
+    elif arn.startswith("s3://"):
+        rest = arn.removeprefix("s3://")
     else:
-        parsed = urlparse(arn)
-        if parsed.scheme != "s3":
-            raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
-        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
+    bucket, _, key = rest.partition("/")
+    version_id = None
+    if "?" in key:
+        key, _, query = key.partition("?")
+        fields = parse_qs(query, keep_blank_values=True)
+        if set(fields) != {"versionId"} or len(fields["versionId"]) != 1 or not fields["versionId"][0]:
+            raise InvalidS3Location(
+                f"{arn!r}: the only query an S3 source may carry is one ?versionId=<id> (got ?{query})."
+            )
+        version_id = fields["versionId"][0]
     if not bucket or not key:
         raise InvalidS3Location(f"{arn!r} names no object.")
     storage.check_key(key)  # no "..", absolute or percent-encoded escapes
+    version = {"VersionId": version_id} if version_id else {}
     try:
-        head = client("s3").head_object(Bucket=bucket, Key=key)
+        head = client("s3").head_object(Bucket=bucket, Key=key, **version)
     except Exception as exc:
-        raise InvalidS3Location(f"No readable RDB at {arn}: {exc}") from exc
-    return {"Bucket": bucket, "Key": key, "Sha256": None, "Size": int(head["ContentLength"]), "Slots": None}
+        what = f"version {version_id} of " if version_id else ""
+        raise InvalidS3Location(f"No readable RDB at {what}s3://{bucket}/{key}: {exc}") from exc
+    return {
+        "Bucket": bucket,
+        "Key": key,
+        "VersionId": version_id,
+        "Sha256": None,
+        "Size": int(head["ContentLength"]),
+        "Slots": None,
+    }
 
 
 def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -229,7 +259,15 @@ def _stage_sources(settings: Settings, target: str, sources: list[dict[str, Any]
     s3 = client("s3")
     for index, source in enumerate(sources, start=1):
         path = staging / f"{index:04d}.rdb"
-        storage.download_to_file(s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"])
+        report = PartProgress(
+            Catalog(settings), RESTORE, target, f"download-{index:04d}", phase="download", total=source.get("Size")
+        )
+        report.start()
+        got = storage.download_to_file(
+            s3, source["Bucket"], source["Key"], path, expected_sha256=source["Sha256"], on_bytes=report.update,
+            version_id=source.get("VersionId"),
+        )
+        report.finish(got["size"])
         summary = scan_rdb(path)
         if not summary.checksum_ok:
             raise InvalidParameterValue(f"{source['Key']}: the RDB's own CRC64 trailer does not match.")
@@ -337,13 +375,27 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         if len(samples) < SAMPLES_PER_SOURCE and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
             samples.append(_sample(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
 
+    total_keys = int(source["KeyCount"])
+    report = PartProgress(
+        Catalog(Settings.from_env()),
+        RESTORE,
+        event.get("ReplicationGroupId") or "",
+        f"load-{int(task['Index']):04d}",
+        phase="load",
+        total=total_keys,
+        unit="keys",
+    )
+    report.start()
     result = load_rdb_file(
         source["Path"],
         targets,
         cluster_mode=event["ClusterMode"],
-        sample_every=max(1, int(source["KeyCount"]) // SAMPLES_PER_SOURCE),
+        sample_every=max(1, total_keys // SAMPLES_PER_SOURCE),
         on_sample=keep_sample,
+        progress=lambda seen, _expired: report.update(seen),
+        progress_every=LOAD_PROGRESS_EVERY,
     )
+    report.finish(result.keys_loaded + result.keys_expired_skipped)
     skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
     for module in skipped:
         logger.warning("module value skipped", **module)

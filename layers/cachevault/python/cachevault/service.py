@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from cachevault import credentials, errors, names, storage
+from cachevault import caches, credentials, errors, names, storage
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import CacheVaultError, InvalidParameterValue, InvalidSnapshotState
@@ -26,6 +26,19 @@ DELETE_CACHE = "DeleteCacheStateMachine"
 TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
 
 Progress = Callable[[dict[str, Any]], None]
+# How long a call without --wait waits for the state machine to accept the request
+# (its preflight passed): long enough for a normal preflight, not a promise.
+ACCEPT_TIMEOUT_S = 60.0
+
+
+class StillRunning(CacheVaultError):
+    """A wait gave up; the execution itself goes on (nothing failed)."""
+
+    code = "OperationStillRunning"
+
+    def __init__(self, message: str, *, execution_arn: str, **details: Any) -> None:
+        super().__init__(message, ExecutionArn=execution_arn, **details)
+        self.execution_arn = execution_arn
 
 
 def execution_name(kind: str, subject: str) -> str:
@@ -90,18 +103,24 @@ class ControlPlane:
         self,
         arn: str,
         *,
-        timeout_s: float,
+        timeout_s: float | None = None,
         on_tick: Callable[[], None] | None = None,
         interval_s: float = 0.5,
     ) -> dict[str, Any]:
-        """Poll until the execution ends; raise its error if it failed."""
-        deadline = time.monotonic() + timeout_s
+        """Poll until the execution ends (``timeout_s`` None: however long it takes); raise its error if it failed.
+
+        Giving up raises ``StillRunning``: the execution is not stopped.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             desc = self.describe_execution(arn)
             if desc["status"] in TERMINAL:
                 break
-            if time.monotonic() > deadline:
-                raise CacheVaultError(f"Execution {arn} still {desc['status']} after {timeout_s:.0f} s.")
+            if deadline is not None and time.monotonic() > deadline:
+                raise StillRunning(
+                    f"Execution {arn} is still {desc['status']} after {timeout_s:.0f} s; it goes on.",
+                    execution_arn=arn,
+                )
             if on_tick:
                 on_tick()
             time.sleep(interval_s)
@@ -109,19 +128,31 @@ class ControlPlane:
             raise error_from_execution(desc)
         return json.loads(desc.get("output") or "{}")
 
-    def _wait_started(self, arn: str, ready: Callable[[], bool], timeout_s: float = 60.0) -> None:
-        """Return once ``ready()`` (the record exists); raise the execution's error if it fails first."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    def _wait_started(
+        self,
+        arn: str,
+        ready: Callable[[], bool],
+        timeout_s: float | None = ACCEPT_TIMEOUT_S,
+        on_tick: Callable[[], None] | None = None,
+    ) -> bool:
+        """True once ``ready()`` (the record exists) or the execution ended well; raise its error if it failed.
+
+        False when ``timeout_s`` passed first: the request is still queued or in its
+        preflight, and its execution goes on (``None``: wait however long it takes).
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
             if ready():
-                return
+                return True
             desc = self.describe_execution(arn)
             if desc["status"] in TERMINAL:
                 if desc["status"] != "SUCCEEDED":
                     raise error_from_execution(desc)
-                return
+                return True
+            if on_tick:
+                on_tick()
             time.sleep(0.2)
-        raise CacheVaultError(f"Execution {arn} did not get past its preflight within {timeout_s:.0f} s.")
+        return ready()
 
     # ---- snapshots ----------------------------------------------------------------------
     def create_snapshot(
@@ -133,8 +164,15 @@ class ControlPlane:
         source: str = "manual",
         final: bool = False,
         poll_seconds: int | None = None,
+        accept_timeout_s: float | None = ACCEPT_TIMEOUT_S,
+        on_tick: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Start CreateSnapshot; returns the record once preflight passed (status creating)."""
+        """Start CreateSnapshot; returns the record once preflight passed (status creating).
+
+        If the preflight has not run within ``accept_timeout_s`` (another operation holds
+        the runtime), returns what was requested with ``"Accepted": False``: the execution
+        goes on and may still refuse the request.
+        """
         automatic = source == "automated"
         snapshot = names.snapshot_name(snapshot, automatic=automatic)
         cache = names.cache_name(cache)
@@ -153,16 +191,47 @@ class ControlPlane:
             record = self.catalog.find_snapshot(snapshot)
             return record is not None and record.get("ExecutionName") == execution
 
-        self._wait_started(arn, ours)
+        if not self._wait_started(arn, ours, accept_timeout_s, on_tick):
+            return {
+                "SnapshotName": snapshot,
+                "ReplicationGroupId": cache,
+                "SnapshotStatus": "creating",
+                "SnapshotSource": source,
+                "Accepted": False,
+                "ExecutionArn": arn,
+            }
         record = self.catalog.get_snapshot(snapshot)
         record["ExecutionArn"] = arn
         return record
 
     def wait_snapshot(
-        self, snapshot: str, *, timeout_s: float = 3600, progress: Progress | None = None
+        self,
+        snapshot: str,
+        *,
+        timeout_s: float | None = 3600,
+        progress: Progress | None = None,
+        execution_arn: str | None = None,
     ) -> dict[str, Any]:
-        """Until the snapshot leaves ``creating``; a failed snapshot raises with its reason."""
-        deadline = time.monotonic() + timeout_s
+        """Until the snapshot leaves ``creating``; a failed snapshot raises with its reason.
+
+        With ``execution_arn`` it waits on the execution itself (its end, its error) and
+        reports the record's progress meanwhile; ``timeout_s`` None waits however long.
+        """
+        if execution_arn:
+
+            def tick() -> None:
+                if progress:
+                    record = self.catalog.find_snapshot(snapshot)
+                    if record is not None:
+                        progress(self.catalog.describe_snapshot(snapshot) if record["SnapshotStatus"] == "creating"
+                                 else record)
+
+            self.wait_execution(execution_arn, timeout_s=timeout_s, on_tick=tick)
+            record = self.catalog.describe_snapshot(snapshot)
+            if progress:
+                progress(record)
+            return record
+        deadline = time.monotonic() + (timeout_s or 3600)
         while True:
             record = self.catalog.describe_snapshot(snapshot)
             if progress:
@@ -219,13 +288,18 @@ class ControlPlane:
         cluster_mode: str | None = None,
         allow_cluster_mode_disable: bool = False,
         security: dict[str, Any] | None = None,
+        accept_timeout_s: float | None = ACCEPT_TIMEOUT_S,
+        on_tick: Callable[[], None] | None = None,
     ) -> tuple[str, str]:
-        """Start RestoreSnapshot; returns (execution ARN, target name) once preflight passed.
+        """Start RestoreSnapshot; returns (execution ARN, target name) once preflight passed,
+        or once ``accept_timeout_s`` passed with the execution still queued (it goes on).
 
         ``security`` holds the new cache's protection by reference only (AuthSecretArn,
         AuthParameterName, AuthUsername, TransitEncryptionEnabled, Tls*): never a secret.
         """
         target = names.cache_name(target)
+        # Refused before anything starts (the state machine's preflight checks the same).
+        caches.check_shape_values(num_shards=num_shards, replicas=replicas, node_type=node_type)
         payload: dict[str, Any] = {"ReplicationGroupId": target}
         if snapshot:
             payload["SnapshotName"] = names.snapshot_name(snapshot, automatic=True)
@@ -249,19 +323,23 @@ class ControlPlane:
             cache = self.catalog.find_cache(target)
             return cache is not None and cache.get("RestoreExecution") == execution
 
-        self._wait_started(arn, ours)
+        self._wait_started(arn, ours, accept_timeout_s, on_tick)
         return arn, target
 
     def wait_restore(
-        self, arn: str, target: str, *, timeout_s: float = 3600, progress: Progress | None = None
+        self, arn: str, target: str, *, timeout_s: float | None = None, progress: Progress | None = None
     ) -> dict[str, Any]:
         def tick() -> None:
             if progress:
                 cache = self.catalog.find_cache(target)
                 if cache:
+                    # Download and load progress the steps record (progress_report.PartProgress).
+                    cache["RestoreProgress"] = self.catalog.operation_progress("restore", target)
                     progress(cache)
 
-        return self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)
+        result = self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick)
+        tick()  # the finished parts, also when the execution ended before the first tick
+        return result
 
     # ---- copy / export (ElastiCache CopySnapshot) ----------------------------------------
     COPY_SNAPSHOT = "CopySnapshotStateMachine"
@@ -273,7 +351,9 @@ class ControlPlane:
         target_bucket: str | None = None,
         *,
         wait: bool = False,
-        timeout_s: float = 3600,
+        timeout_s: float | None = None,
+        accept_timeout_s: float | None = ACCEPT_TIMEOUT_S,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Copy SOURCE to a new catalog snapshot TARGET, or export its RDBs to ``target_bucket``.
 
@@ -284,7 +364,7 @@ class ControlPlane:
         target = names.snapshot_name(target)
         payload: dict[str, Any] = {"SourceSnapshotName": source, "TargetSnapshotName": target}
         if target_bucket:
-            payload["TargetBucket"] = target_bucket
+            payload["TargetBucket"] = storage.check_bucket_name(target_bucket)
         execution = execution_name("copy", target)
         arn = self.start(self.COPY_SNAPSHOT, execution, payload)
 
@@ -292,7 +372,7 @@ class ControlPlane:
             record = self.catalog.find_snapshot(source)
             return record is not None and record.get("CopyExecution") == execution
 
-        self._wait_started(arn, accepted)
+        accepted_now = self._wait_started(arn, accepted, None if wait else accept_timeout_s)
         result: dict[str, Any] = {
             "SourceSnapshotName": source,
             "TargetSnapshotName": target,
@@ -301,8 +381,16 @@ class ControlPlane:
             "SnapshotStatus": "copying",
         }
         if wait:
-            result.update(self.wait_execution(arn, timeout_s=timeout_s))
-        if not target_bucket:
+
+            def tick() -> None:
+                if progress:
+                    progress({**result, "CopyProgress": self.catalog.operation_progress("copy", target)})
+
+            result.update(self.wait_execution(arn, timeout_s=timeout_s, on_tick=tick))
+            tick()  # the finished parts, also when the execution ended before the first tick
+        if not accepted_now:
+            result["Accepted"] = False
+        elif not target_bucket:
             result["Snapshot"] = self.catalog.get_snapshot(target)
         result["ExecutionArn"] = arn
         return result
@@ -323,8 +411,6 @@ class ControlPlane:
         DeleteCache state machine runs (snapshot from the primaries, then delete) and this
         waits for it: a failed snapshot raises its reason and the cache stays.
         """
-        from cachevault import caches
-
         name = names.cache_name(cache)
         record = self.catalog.get_cache(name)
         if record.get("LockedBy"):

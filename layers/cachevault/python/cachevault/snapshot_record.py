@@ -3,8 +3,9 @@
 A record's ``NodeSnapshots`` has one entry per shard. Two things keep it small:
 
 * each entry keeps what the catalog's readers use (ElastiCache's describe fields, size,
-  checksum, key count); the capture's details (replication id/offset, timings, keys per
-  database, RDB version per shard) live in the manifest, which is the durable truth;
+  checksum, key count, what `snapshot describe` shows); the rest of the capture's details
+  (start/end times, keys per database, RDB version per shard) live in the manifest, which
+  is the durable truth;
 * ``S3Key`` is not stored when it is the standard ``storage.rdb_key(SnapshotName, shard)``
   (it holds the snapshot name twice: ~530 bytes per shard for a 255-character name) and is
   filled back on every read.
@@ -29,6 +30,11 @@ RECORD_NODE_FIELDS = (
     "KeyCount",
     "CacheSize",
     "SnapshotCreateTime",
+    # shown by `snapshot describe` (cli/shapes.py, cli/snapshot_cmd.py)
+    "CaptureSeconds",
+    "CaptureMode",
+    "ReplicationId",
+    "ReplicationOffset",
 )
 
 

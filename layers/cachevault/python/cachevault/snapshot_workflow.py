@@ -9,6 +9,8 @@ watches (``snapshot describe``): every step moves it forward, MarkFailed moves i
 from __future__ import annotations
 
 import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from cachevault import (
@@ -151,23 +153,85 @@ def _predict_sources(ctx: preflight.PreflightContext) -> None:
     credentials = creds_mod.for_cache(cache)  # resolved per step: never in the payload
     topo = topology.discover(caches.seed_endpoints(cache), credentials=credentials)
     prefer = _resolve_source_node(cache, req.source_node)
-    for _, node in pick_sources(topo, prefer=prefer, final=req.final):
-        node_id = cache_node_id(cache, node_address(node))
+    quota_used = _quota_used(ctx.catalog, cache, req)
+    for pick in pick_sources(topo, cache, prefer=prefer, final=req.final, quota_used=quota_used):
+        node_id = cache_node_id(cache, node_address(pick.node))
         ctx.source_nodes.append(node_id)
-        ctx.node_memory[node_id] = topology.node_memory(node.host, node.port, credentials=credentials)
+        ctx.node_memory[node_id] = topology.node_memory(pick.node.host, pick.node.port, credentials=credentials)
+        if pick.warning and pick.warning not in ctx.warnings:
+            ctx.warnings.append(pick.warning)
 
 
-def pick_sources(topo: Any, *, prefer: str | None, final: bool) -> list[tuple[Any, Any]]:
-    """(shard, node) per shard: the named node, the primary for a final snapshot, else the healthiest replica."""
+def _quota_used(catalog: Catalog, cache: dict[str, Any], req: preflight.SnapshotRequest) -> Counter[str] | None:
+    """Per-node counts of the manual quota, when this snapshot counts against it."""
+    if req.source != "manual" or cache.get("Kind") == "serverless":
+        return None
+    return preflight.manual_snapshots_per_node(catalog, cache["CacheName"])
+
+
+def _replicas_of(cache: dict[str, Any], shard: Any) -> list[str]:
+    """The shard's replicas: those the topology shows, and the registry's (a dead node drops out of INFO)."""
+    found = [cache_node_id(cache, node_address(r)) for r in shard.replicas]
+    primary = node_address(shard.primary)
+    group = next((n.get("NodeGroupId") for n in cache.get("Nodes", []) if n.get("Address") == primary), None)
+    for node in cache.get("Nodes", []):
+        same_shard = group and node.get("NodeGroupId") == group and node.get("Address") != primary
+        if same_shard and node["CacheNodeId"] not in found:
+            found.append(node["CacheNodeId"])
+    return found
+
+
+@dataclass(frozen=True)
+class SourcePick:
+    shard: Any
+    node: Any
+    warning: str | None = None
+
+
+def pick_sources(
+    topo: Any,
+    cache: dict[str, Any],
+    *,
+    prefer: str | None,
+    final: bool,
+    quota_used: Counter[str] | None = None,
+) -> list[SourcePick]:
+    """Each shard's source, as ElastiCache picks it.
+
+    The named node; the primary for a final snapshot; else the healthiest replica that has
+    not used its 20 manual snapshots of the last 24 h (the next healthy one if it has).
+    The primary is read only when named or when the shard has no healthy replica, and
+    then with a warning the snapshot record keeps: its fork costs the writers latency.
+    """
+
+    def exhausted(node: Any) -> bool:
+        used = quota_used.get(cache_node_id(cache, node_address(node)), 0) if quota_used else 0
+        return used >= preflight.MANUAL_QUOTA_NODE_BASED
+
     picks = []
     for shard in topo.shards:
+        warning = None
         if prefer and not topo.cluster_mode:
             node = topology.choose_source(shard, prefer_node=prefer, allow_primary=True)
+            if node is shard.primary:
+                warning = (
+                    f"Shard {shard.shard_id}: the snapshot is taken from the primary "
+                    f"{cache_node_id(cache, node_address(node))}, as asked (SourceNode); its fork can add "
+                    "latency for writers while it runs."
+                )
         elif final:
             node = shard.primary  # ElastiCache takes a final snapshot from the primary
         else:
-            node = topology.choose_source(shard, allow_primary=True)
-        picks.append((shard, node))
+            node = topology.choose_source(shard, allow_primary=True, exhausted=exhausted)
+            if node is shard.primary:
+                down = _replicas_of(cache, shard)
+                why = f"replicas down or unreachable: {', '.join(down)}" if down else "the shard has no replica"
+                warning = (
+                    f"Shard {shard.shard_id}: no healthy replica ({why}), so the snapshot is taken "
+                    f"from the primary {cache_node_id(cache, node_address(node))}; its fork can add latency "
+                    "for writers while it runs."
+                )
+        picks.append(SourcePick(shard, node, warning))
     return picks
 
 
@@ -178,8 +242,22 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
     topo = topology.discover(caches.seed_endpoints(cache), credentials=creds_mod.for_cache(cache))
     prefer = _resolve_source_node(cache, event.get("SourceNode"))
     shards, node_snapshots = [], []
-    picks = pick_sources(topo, prefer=prefer, final=bool(event.get("FinalSnapshot")))
-    for index, (shard, node) in enumerate(picks, start=1):
+    request = preflight.SnapshotRequest(
+        snapshot_name=event["SnapshotName"],
+        cache_name=cache["CacheName"],
+        source=event.get("SnapshotSource", "manual"),
+        final=bool(event.get("FinalSnapshot")),
+    )
+    picks = pick_sources(
+        topo, cache, prefer=prefer, final=request.final, quota_used=_quota_used(catalog, cache, request)
+    )
+    warnings = list(catalog.get_snapshot(event["SnapshotName"]).get("Warnings") or [])
+    for pick in picks:
+        if pick.warning and pick.warning not in warnings:
+            warnings.append(pick.warning)  # the topology changed since preflight: the record says so
+            logger.warning(pick.warning, snapshot=event["SnapshotName"])
+    for index, pick in enumerate(picks, start=1):
+        shard, node = pick.shard, pick.node
         address = node_address(node)
         slots = format_slot_ranges(shard.slots) if topo.cluster_mode else None
         group_id = f"{index:04d}"
@@ -209,9 +287,10 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
         NodeSnapshots=node_snapshots,
         NumNodeGroups=len(shards),
         SlotsPerNodeGroup=[s["Slots"] for s in shards] if topo.cluster_mode else None,
+        Warnings=warnings,
     )
     logger.info("sources selected", snapshot=event["SnapshotName"], shards=shards)
-    return {**event, "Shards": shards}
+    return {**event, "Shards": shards, "Warnings": warnings}
 
 
 def start_capture_step(event: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +42,21 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 def check_snapshot_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise InvalidParameterValue(f"snapshot name {name!r} cannot be used in an S3 key")
+    return name
+
+
+# S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, starting and
+# ending with a letter or digit, no "..", not an IP address.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+
+
+def check_bucket_name(name: object, field: str = "TargetBucket") -> str:
+    if not isinstance(name, str) or not _BUCKET_RE.match(name) or ".." in name or _IP_RE.match(name):
+        raise InvalidParameterValue(
+            f"{field} {name!r} is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots "
+            "and hyphens, beginning and ending with a letter or digit."
+        )
     return name
 
 
@@ -384,24 +400,33 @@ def verify_object(client: Any, bucket: str, key: str, sha256: str, size: int) ->
 
 
 def download_to_file(
-    client: Any, bucket: str, key: str, path: str | os.PathLike[str], expected_sha256: str | None = None
+    client: Any,
+    bucket: str,
+    key: str,
+    path: str | os.PathLike[str],
+    expected_sha256: str | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    version_id: str | None = None,
 ) -> dict[str, Any]:
-    """Stream an object to ``path`` (via a ``.part`` file renamed at the end).
+    """Stream an object (``version_id``: that version of it) to ``path`` (a ``.part`` file renamed at the end).
 
     Returns ``{"size", "sha256"}``; on a checksum mismatch the partial file is removed and
-    ``ChecksumMismatch`` is raised.
+    ``ChecksumMismatch`` is raised. ``on_bytes(total_so_far)`` is called after every chunk.
     """
     dest = Path(path)
     tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
     size = 0
-    resp = client.get_object(Bucket=bucket, Key=check_key(key))
+    version = {"VersionId": version_id} if version_id else {}
+    resp = client.get_object(Bucket=bucket, Key=check_key(key), **version)
     try:
         with open(tmp, "wb") as fh:
             for chunk in resp["Body"].iter_chunks(DOWNLOAD_CHUNK):
                 digest.update(chunk)
                 fh.write(chunk)
                 size += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(size)
         actual = digest.hexdigest()
         if expected_sha256 is not None and actual != expected_sha256.lower():
             raise ChecksumMismatch(

@@ -12,7 +12,7 @@ Topology must be re-read before every capture: a failover can move the primary.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -375,12 +375,21 @@ def _health_check(raw: list[_RawShard], auth: _Auth) -> list[Shard]:
 # ----- choosing a capture source -------------------------------------------------------
 
 
-def choose_source(shard: Shard, prefer_node: str | None = None, *, allow_primary: bool = False) -> Node:
+def choose_source(
+    shard: Shard,
+    prefer_node: str | None = None,
+    *,
+    allow_primary: bool = False,
+    exhausted: Callable[[Node], bool] | None = None,
+) -> Node:
     """The node to capture from: a healthy replica with the smallest lag.
 
     ``prefer_node`` (``host:port``, cluster node id or run id) names the node explicitly;
-    naming the primary is an explicit choice and allowed. Without a healthy replica the
-    primary is used only with ``allow_primary`` (its fork costs the writers latency).
+    naming the primary is an explicit choice and allowed. ``exhausted(node)`` tells a
+    replica that has used its snapshot quota: the next healthy replica is taken instead
+    (if every healthy one has, the healthiest is returned and the quota rule refuses it).
+    Without a healthy replica the primary is used only with ``allow_primary`` (its fork
+    costs the writers latency).
     """
     if prefer_node:
         for node in shard.nodes:
@@ -397,9 +406,12 @@ def choose_source(shard: Shard, prefer_node: str | None = None, *, allow_primary
             node=prefer_node,
             shard_id=shard.shard_id,
         )
-    healthy = [r for r in shard.replicas if r.link_up]
+    healthy = sorted(
+        (r for r in shard.replicas if r.link_up), key=lambda r: r.lag_bytes if r.lag_bytes is not None else 1 << 62
+    )
     if healthy:
-        return min(healthy, key=lambda r: r.lag_bytes if r.lag_bytes is not None else 1 << 62)
+        with_quota = [r for r in healthy if exhausted is None or not exhausted(r)]
+        return (with_quota or healthy)[0]
     if allow_primary and shard.primary.link_up:
         return shard.primary
     # Name the replicas and why: a replica without its master link refuses SYNC with

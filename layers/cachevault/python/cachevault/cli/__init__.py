@@ -7,10 +7,11 @@ operation: message``) so scripts written against ElastiCache read them the same 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from cachevault.cli import bench_cmd, cache_cmd, demo_cmd, import_cmd, local_cmd, restore_cmd, snapshot_cmd
+from cachevault.cli import bench_cmd, cache_cmd, context, demo_cmd, import_cmd, local_cmd, restore_cmd, snapshot_cmd
 from cachevault.cli.output import fail
 from cachevault.errors import CacheVaultError
 
@@ -39,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # an unreachable endpoint, a botocore error, a bug: one line, exit 254
+        if os.environ.get("CACHEVAULT_DEBUG"):
+            raise
+        return fail(args, context.service_error(exc))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ from cachevault.cli.output import add_json_flag, emit
 
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks against redis-cli --rdb and redis-server start-up load")
-    bench.add_argument("kind", choices=["capture", "restore", "all"])
+    bench.add_argument(
+        "kind",
+        choices=["capture", "restore", "all"],
+        help="capture vs redis-cli --rdb, restore vs start-up load, or both",
+    )
     bench.add_argument(
         "--size-mb",
         type=int,
@@ -28,6 +32,9 @@ def register(sub: Any) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cachevault.bench_report import run_bench  # heavy imports only for this command
+    from cachevault.cli import extras
+
+    extras.require("bench", "the benchmark (its plot)")
 
     sizes = args.sizes or [1024]
     if args.workdir:

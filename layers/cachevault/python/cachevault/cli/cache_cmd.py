@@ -7,8 +7,9 @@ from typing import Any
 
 from cachevault import caches, scheduler
 from cachevault import credentials as creds_mod
-from cachevault.cli import context
-from cachevault.cli.output import add_json_flag, emit, table
+from cachevault.cli import context, shapes
+from cachevault.cli.output import add_json_flag, emit, name_argument, pick_name, table
+from cachevault.cli.progress import ProgressView, capture_parts
 
 
 def register(sub: Any) -> None:
@@ -16,8 +17,10 @@ def register(sub: Any) -> None:
     verbs = cache.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     create = verbs.add_parser("create", help="start a local cache of real redis-server nodes and register it")
-    create.add_argument("name", help="ReplicationGroupId (1-40 chars, letters, digits, hyphens)")
-    create.add_argument("--cluster-mode", choices=["enabled", "disabled"], default="disabled")
+    name_argument(create, "name", "--replication-group-id", "the cache's name (1-40 chars, letters, digits, hyphens)")
+    create.add_argument(
+        "--cluster-mode", choices=["enabled", "disabled"], default="disabled", help="cluster mode (default disabled)"
+    )
     create.add_argument(
         "--num-node-groups",
         "--shards",
@@ -26,9 +29,19 @@ def register(sub: Any) -> None:
         dest="shards",
         help="shards (cluster mode enabled; default 3 there, 1 otherwise)",
     )
-    create.add_argument("--replicas-per-node-group", "--replicas", type=int, default=1, dest="replicas")
-    create.add_argument("--cache-node-type", default=caches.DEFAULT_NODE_TYPE, dest="node_type")
-    create.add_argument("--kind", choices=list(caches.KINDS), default="node-based")
+    create.add_argument(
+        "--replicas-per-node-group", "--replicas", type=int, default=1, dest="replicas", help="replicas per shard, 0-5"
+    )
+    create.add_argument(
+        "--cache-node-type",
+        "--node-type",
+        default=caches.DEFAULT_NODE_TYPE,
+        dest="node_type",
+        help=f"node type label (default {caches.DEFAULT_NODE_TYPE}; r6gd means data tiering)",
+    )
+    create.add_argument(
+        "--kind", choices=list(caches.KINDS), default="node-based", help="ElastiCache deployment kind it stands for"
+    )
     create.add_argument("--data-tiering", action="store_true", help="label the cache as data tiering (r6gd)")
     _backup_options(create)
     _security_options(create)
@@ -44,12 +57,20 @@ def register(sub: Any) -> None:
     create.set_defaults(func=cmd_create, operation="CreateReplicationGroup")
 
     reg = verbs.add_parser("register", help="register your own Redis/Valkey (Managed: external) by its endpoints")
-    reg.add_argument("name", help="ReplicationGroupId (1-40 chars, letters, digits, hyphens)")
+    name_argument(reg, "name", "--replication-group-id", "the cache's name (1-40 chars, letters, digits, hyphens)")
     reg.add_argument("--endpoint", action="append", required=True, help="host:port of a node (repeatable)")
     reg.add_argument("--cluster-mode", choices=["enabled", "disabled"], default=None, help="checked against the nodes")
-    reg.add_argument("--cache-node-type", "--node-type", default=caches.DEFAULT_NODE_TYPE, dest="node_type")
-    reg.add_argument("--kind", choices=list(caches.KINDS), default="node-based")
-    reg.add_argument("--data-tiering", action="store_true")
+    reg.add_argument(
+        "--cache-node-type",
+        "--node-type",
+        default=caches.DEFAULT_NODE_TYPE,
+        dest="node_type",
+        help=f"node type label (default {caches.DEFAULT_NODE_TYPE})",
+    )
+    reg.add_argument(
+        "--kind", choices=list(caches.KINDS), default="node-based", help="ElastiCache deployment kind it stands for"
+    )
+    reg.add_argument("--data-tiering", action="store_true", help="label the cache as data tiering (r6gd)")
     reg.add_argument("--auth-parameter-name", default=None, help="SSM SecureString holding the credentials")
     reg.add_argument("--transit-encryption", action="store_true", help="connect over TLS")
     _security_options(reg)
@@ -57,7 +78,7 @@ def register(sub: Any) -> None:
     reg.set_defaults(func=cmd_register, operation="CreateReplicationGroup")
 
     modify = verbs.add_parser("modify", help="change a cache's automatic backup settings")
-    modify.add_argument("name")
+    name_argument(modify, "name", "--replication-group-id", "the cache")
     _backup_options(modify)
     add_json_flag(modify)
     modify.set_defaults(func=cmd_modify, operation="ModifyReplicationGroup")
@@ -67,12 +88,12 @@ def register(sub: Any) -> None:
     lst.set_defaults(func=cmd_list, operation="DescribeReplicationGroups")
 
     describe = verbs.add_parser("describe", help="a cache with its live topology (shards, slots, replicas)")
-    describe.add_argument("name")
+    name_argument(describe, "name", "--replication-group-id", "the cache")
     add_json_flag(describe)
     describe.set_defaults(func=cmd_describe, operation="DescribeReplicationGroups")
 
     delete = verbs.add_parser("delete", help="stop a cache's nodes and remove it from the registry")
-    delete.add_argument("name")
+    name_argument(delete, "name", "--replication-group-id", "the cache")
     delete.add_argument(
         "--final-snapshot",
         "--final-snapshot-identifier",
@@ -120,11 +141,11 @@ def _backup_options(parser: argparse.ArgumentParser) -> None:
 def cmd_create(args: argparse.Namespace) -> int:
     control = context.control_plane()
     cluster = args.cluster_mode == "enabled"
-    shards = args.shards or (3 if cluster else 1)
+    shards = args.shards if args.shards is not None else (3 if cluster else 1)  # --shards 0 is refused
     # Validated before any node starts: a bad window costs nothing.
     backups = scheduler.backup_fields(None, retention_limit=args.retention, window=args.window)
     record = caches.create_local_cache(
-        args.name,
+        pick_name(args, "name", "--replication-group-id"),
         cluster_mode=cluster,
         num_shards=shards,
         replicas=args.replicas,
@@ -138,9 +159,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         auth_username=args.auth_username,
         tls=_local_tls(args),
     )
-    emit(
-        args, {"ReplicationGroup": record}, _describe_text(caches.describe_cache(record["CacheName"], control.settings))
-    )
+    described = caches.describe_cache(record["CacheName"], control.settings)
+    emit(args, {"ReplicationGroup": _shape(control, described)}, _describe_text(described))
     return 0
 
 
@@ -158,7 +178,7 @@ def _local_tls(args: argparse.Namespace) -> dict[str, str] | None:
 def cmd_register(args: argparse.Namespace) -> int:
     control = context.control_plane()
     record = caches.register_external_cache(
-        args.name,
+        pick_name(args, "name", "--replication-group-id"),
         args.endpoint,
         auth_secret_arn=args.auth_secret_arn,
         auth_parameter_name=args.auth_parameter_name,
@@ -172,20 +192,21 @@ def cmd_register(args: argparse.Namespace) -> int:
         data_tiering=args.data_tiering,
         settings=control.settings,
     )
-    emit(
-        args, {"ReplicationGroup": record}, _describe_text(caches.describe_cache(record["CacheName"], control.settings))
-    )
+    described = caches.describe_cache(record["CacheName"], control.settings)
+    emit(args, {"ReplicationGroup": _shape(control, described)}, _describe_text(described))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     control = context.control_plane()
     rows = control.catalog.list_caches()
+    human_rows = [{**r, "ClusterMode": shapes.cluster_mode(r.get("ClusterMode"))} for r in rows]
     emit(
         args,
-        {"ReplicationGroups": rows},
+        {"ReplicationGroups": [_shape(control, r) for r in rows]},
         table(
-            rows, ["CacheName", "Status", "Engine", "EngineVersion", "ClusterMode", "NumNodeGroups", "CacheNodeType"]
+            human_rows,
+            ["CacheName", "Status", "Engine", "EngineVersion", "ClusterMode", "NumNodeGroups", "CacheNodeType"],
         ),
     )
     return 0
@@ -193,50 +214,55 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     control = context.control_plane()
-    record = caches.describe_cache(args.name, control.settings)
-    emit(args, {"ReplicationGroup": record}, _describe_text(record))
+    record = caches.describe_cache(pick_name(args, "name", "--replication-group-id"), control.settings)
+    emit(args, {"ReplicationGroups": [_shape(control, record)]}, _describe_text(record))
     return 0
 
 
 def cmd_modify(args: argparse.Namespace) -> int:
     control = context.control_plane()
     record = scheduler.modify_backup_settings(
-        control.catalog, args.name, retention_limit=args.retention, window=args.window
+        control.catalog,
+        pick_name(args, "name", "--replication-group-id"),
+        retention_limit=args.retention,
+        window=args.window,
     )
     retention = record.get("SnapshotRetentionLimit", 0)
     human = f"{record['CacheName']}: automatic backups " + (
         f"kept {retention} day(s), window {record.get('SnapshotWindow')} UTC" if retention else "off"
     )
-    emit(args, {"ReplicationGroup": record}, human)
+    emit(args, {"ReplicationGroup": _shape(control, record)}, human)
     return 0
+
+
+def _shape(control: Any, record: dict[str, Any]) -> dict[str, Any]:
+    return shapes.replication_group(record, shapes.ArnBuilder(control.stack))
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     control = context.control_plane()
-    progress = None if args.json else _final_snapshot_progress()
-    result = control.delete_cache(args.name, final_snapshot=args.final_snapshot, progress=progress)
+    name = pick_name(args, "name", "--replication-group-id")
+    view = ProgressView(f"final snapshot {args.final_snapshot}") if args.final_snapshot else None
+    try:
+        result = control.delete_cache(
+            name,
+            final_snapshot=args.final_snapshot,
+            progress=(lambda r: view.show(r["SnapshotStatus"], capture_parts(r))) if view else None,
+        )
+    finally:
+        if view:
+            view.close()
     human = f"deleted {result['CacheName']}"
     if args.final_snapshot:
         final = result["FinalSnapshot"]
         human += f" after final snapshot {final['SnapshotName']} ({final['SnapshotStatus']})"
-    emit(args, {"ReplicationGroup": result}, human)
+    group = {
+        "ReplicationGroupId": result["CacheName"],
+        "Status": "deleting",
+        shapes.EXTRAS: {k: v for k, v in result.items() if k != "CacheName"},
+    }
+    emit(args, {"ReplicationGroup": group}, human)
     return 0
-
-
-def _final_snapshot_progress() -> Any:
-    """Prints the final snapshot's progress line whenever it changes (stderr, human mode)."""
-    import sys
-
-    last: list[str] = []
-
-    def show(record: dict[str, Any]) -> None:
-        captured = sum(int(n.get("BytesCaptured") or n.get("Size") or 0) for n in record.get("NodeSnapshots", []))
-        line = f"final snapshot {record['SnapshotName']}: {record['SnapshotStatus']} {captured / 1e6:.1f} MB"
-        if not last or last[-1] != line:
-            last.append(line)
-            print(line, file=sys.stderr, flush=True)
-
-    return show
 
 
 def _describe_text(cache: dict[str, Any]) -> str:

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
 from cachevault import stack as stack_info
 from cachevault.errors import CacheVaultError
 from cachevault.local.redis_process import process_alive
-from cachevault.service import ControlPlane
+from cachevault.service import ControlPlane, StillRunning
 from cachevault.settings import Settings
 
 UP_TIMEOUT_S = 90
@@ -27,6 +29,45 @@ def quiet_libraries() -> None:
     # moto logs every caught task failure with a full traceback; the CLI reports errors itself.
     for name in ("moto", "botocore", "werkzeug", "aws_xray_sdk"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def service_error(exc: Exception) -> CacheVaultError:
+    """Any failure as the ``An error occurred (Code)`` a user reads; never a traceback.
+
+    botocore's own errors keep their code (``EndpointConnectionError``, the service's
+    ``Error.Code``); anything else is an ``InternalFailure`` naming what broke.
+    """
+    if isinstance(exc, CacheVaultError):
+        return exc
+    if isinstance(exc, EndpointConnectionError):
+        err = CacheVaultError(
+            f"{exc}: the AWS endpoint is not answering. For the embedded AWS, see `cachevault local status` "
+            "and start it with `cachevault local up`; operations already started resume their record there."
+        )
+        err.code = "EndpointConnectionError"
+        return err
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        err = CacheVaultError(str(error.get("Message") or exc))
+        err.code = str(error.get("Code") or "ClientError")
+        return err
+    if isinstance(exc, BotoCoreError):
+        err = CacheVaultError(str(exc))
+        err.code = type(exc).__name__
+        return err
+    err = CacheVaultError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    err.code = "InternalFailure"
+    return err
+
+
+def gave_up_waiting(err: StillRunning, operation: str, follow: str) -> int:
+    """The line for a wait that ran out: nothing failed, the operation goes on; how to follow it."""
+    print(
+        f"Stopped waiting: {operation} is still running and continues without this command. "
+        f"Follow it with: {follow}  (execution {err.execution_arn})",
+        file=sys.stderr,
+    )
+    return 255  # the AWS CLI's exit code when a waiter gives up
 
 
 def resolve_stack() -> stack_info.StackInfo:
@@ -47,6 +88,9 @@ def control_plane() -> ControlPlane:
 
 
 def local_up(port: int) -> stack_info.StackInfo:
+    from cachevault.cli import extras
+
+    extras.require("local", "the embedded AWS (`cachevault local up`)")
     settings = Settings.from_env()
     running = stack_info.load_local(settings)
     if running is not None and process_alive(running.pid):

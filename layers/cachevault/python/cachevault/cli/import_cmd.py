@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
     lst.set_defaults(func=cmd_list, operation="DescribeImports")
 
     describe = verbs.add_parser("describe", help="one import by ImportId, object key or cache name")
-    describe.add_argument("ref")
+    describe.add_argument("ref", metavar="REF", help="ImportId, the object's key, or the cache's name")
     add_json_flag(describe)
     describe.set_defaults(func=cmd_describe, operation="DescribeImports")
 
@@ -29,7 +29,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     control = context.control_plane()
     items = imports.list_imports(control.settings, sfn=control.sfn)
     rows = [{**i, "Size": human_bytes(int(i.get("Size") or 0))} for i in items]
-    emit(args, {"Imports": items}, table(rows, ["ImportId", "Key", "CacheName", "Status", "Size", "ImportTime"]))
+    human = table(rows, ["ImportId", "Key", "CacheName", "Status", "Size", "ImportTime"])
+    # Why an import failed, under the table (a reason is too long for a column).
+    reasons = [f"{i['ImportId']} failed: {i['FailureReason']}" for i in items if i.get("FailureReason")]
+    emit(args, {"Imports": items}, "\n".join([human, *reasons]))
     return 0
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,21 @@ def register(sub: Any) -> None:
     local = sub.add_parser("local", help="the embedded AWS (moto) with template.yaml deployed, on 127.0.0.1")
     verbs = local.add_subparsers(dest="verb", required=True, metavar="VERB")
     up = verbs.add_parser("up", help="start the embedded AWS in the background and deploy template.yaml")
-    up.add_argument("--port", type=int, default=4566, help="loopback port (default 4566)")
+    up.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get(PORT_ENV) or DEFAULT_PORT),
+        help=f"loopback port (default {DEFAULT_PORT}, or ${PORT_ENV})",
+    )
     add_json_flag(up)
     up.set_defaults(func=cmd_up, operation="LocalUp")
+    env = verbs.add_parser(
+        "env",
+        help="the environment for the aws CLI and boto3 against the running embedded AWS",
+        description='in a shell: eval "$(cachevault local env)"',
+    )
+    add_json_flag(env)
+    env.set_defaults(func=cmd_env, operation="LocalEnv")
     down = verbs.add_parser("down", help="stop the embedded AWS and every local cache node")
     add_json_flag(down)
     down.set_defaults(func=cmd_down, operation="LocalDown")
@@ -43,11 +58,67 @@ def register(sub: Any) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     info = context.local_up(args.port)
-    emit(
-        args,
-        {"Endpoint": info.endpoint_url, "Pid": info.pid},
-        f"embedded AWS up on {info.endpoint_url} (pid {info.pid})",
+    env = user_environment(info)
+    schedules = _schedule_names(info)
+    human = "\n".join(
+        [
+            f"embedded AWS up on {info.endpoint_url} (pid {info.pid})",
+            f"snapshot bucket: {info.bucket}",
+            f"schedules: {', '.join(schedules) or '(none)'}",
+            'for the aws CLI and boto3 in this shell: eval "$(cachevault local env)", which sets',
+            *(f"  export {k}={shlex.quote(v)}" for k, v in env.items()),
+            f"or a profile: {PROFILE_SETUP.format(endpoint=info.endpoint_url)}",
+        ]
     )
+    payload = {
+        "Endpoint": info.endpoint_url,
+        "Pid": info.pid,
+        "Bucket": info.bucket,
+        "Schedules": schedules,
+        "Environment": env,
+    }
+    emit(args, payload, human)
+    return 0
+
+
+DEFAULT_PORT = 4566
+PORT_ENV = "CACHEVAULT_LOCAL_PORT"
+PROFILE = "cachevault-local"
+PROFILE_SETUP = (
+    f"aws configure set aws_access_key_id testing --profile {PROFILE} && "
+    f"aws configure set aws_secret_access_key testing --profile {PROFILE} && "
+    f"aws configure set region us-east-1 --profile {PROFILE} && "
+    f"aws configure set endpoint_url {{endpoint}} --profile {PROFILE}; then: aws --profile {PROFILE} s3 ls"
+)
+
+
+def user_environment(info: stack_info.StackInfo) -> dict[str, str]:
+    """What the aws CLI, boto3 and cachevault itself need to reach the embedded AWS from any directory."""
+    env = {
+        "AWS_ENDPOINT_URL": info.endpoint_url or "",
+        **stack_info.FAKE_CREDENTIALS,
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        "SNAPSHOT_BUCKET": info.bucket,
+        "CACHEVAULT_HOME": str(Settings.from_env().state_dir.resolve()),
+    }
+    return env
+
+
+def _schedule_names(info: stack_info.StackInfo) -> list[str]:
+    from cachevault.aws import client
+
+    info.apply()
+    events = client("events")
+    rules = [r for page in events.get_paginator("list_rules").paginate() for r in page["Rules"]]
+    return sorted(r["Name"] for r in rules if r.get("ScheduleExpression"))
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    info = stack_info.load_local(Settings.from_env())
+    if info is None or not process_alive(info.pid):
+        raise context.NotRunning("the local embedded AWS is not running: start it with `cachevault local up`.")
+    env = user_environment(info)
+    emit(args, {"Environment": env}, "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
     return 0
 
 
@@ -167,5 +238,21 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     context.quiet_libraries()
     name = invoke.resolve_function(args.function, info.functions, find_template())
     result = invoke.invoke(name, invoke.load_event(args.event))
-    print(json.dumps(result.payload, indent=2, default=str))
+    payload = result.payload
+    if result.function_error and isinstance(payload, dict):
+        if not args.json:  # the one-line reason and what to do, not a Python traceback
+            payload = {k: v for k, v in payload.items() if k != "stackTrace"}
+        print(_invoke_hint(name, payload, args.event), file=sys.stderr)
+    print(json.dumps(payload, indent=2, default=str))
     return 1 if result.function_error else 0
+
+
+def _invoke_hint(function: str, error: dict[str, Any], event: Path | None) -> str:
+    line = f"{function} failed: {error.get('errorType')}: {error.get('errorMessage')}"
+    if str(error.get("errorType", "")).endswith("NotFoundFault"):
+        line += (
+            f"\nthe event ({event or 'empty'}) names something that does not exist in this embedded AWS: "
+            "create it first (e.g. `cachevault cache create NAME`, `cachevault snapshot create CACHE NAME --wait`) "
+            "or edit the event's names"
+        )
+    return line

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
-from cachevault.errors import CacheVaultError
+from cachevault.cli.units import iec_bytes
+from cachevault.errors import CacheVaultError, InvalidParameterCombination
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -39,36 +39,22 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-class ProgressLine:
-    """One updating line on a terminal; periodic plain lines otherwise (CI logs)."""
-
-    def __init__(self, every_s: float = 5.0) -> None:
-        self.tty = sys.stderr.isatty()
-        self.every_s = every_s
-        self._last = 0.0
-        self._text = ""
-
-    def update(self, text: str) -> None:
-        if text == self._text:
-            return
-        now = time.monotonic()
-        if self.tty:
-            sys.stderr.write("\r\033[K" + text)
-            sys.stderr.flush()
-        elif now - self._last >= self.every_s:
-            print(text, file=sys.stderr, flush=True)
-            self._last = now
-        self._text = text
-
-    def done(self) -> None:
-        if self.tty and self._text:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
+    """IEC units (KiB, MiB, GiB): the one unit system of human output."""
+    return iec_bytes(n)
+
+
+def name_argument(parser: argparse.ArgumentParser, dest: str, flag: str, help_text: str) -> None:
+    """A name given positionally (``NAME``) or with the AWS CLI's flag (``--snapshot-name NAME``)."""
+    parser.add_argument(dest, nargs="?", default=None, metavar=dest.upper(), help=f"{help_text} (or {flag})")
+    parser.add_argument(flag, dest=f"{dest}_flag", default=None, metavar=dest.upper(), help=f"same as {dest.upper()}")
+
+
+def pick_name(args: argparse.Namespace, dest: str, flag: str) -> str:
+    positional, flagged = getattr(args, dest), getattr(args, f"{dest}_flag")
+    if positional and flagged and positional != flagged:
+        raise InvalidParameterCombination(f"{dest.upper()} {positional!r} and {flag} {flagged!r} differ: give one.")
+    value = positional or flagged
+    if not value:
+        raise InvalidParameterCombination(f"give {dest.upper()} (or {flag} {dest.upper()}).")
+    return value

@@ -9,7 +9,9 @@ Two modes:
   server is threaded, so a handler running inside it may call back into it over HTTP.
 
 Either way, :mod:`cachevault.local.lambda_runtime` is installed so Lambda invocations run
-the handlers registered by the deployer, and Step Functions executes state machines.
+the handlers registered by the deployer, and Step Functions executes state machines, and
+:mod:`cachevault.local.s3_files` keeps S3 object bodies as files under
+``$CACHEVAULT_HOME/s3/`` (memory flat in object size).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Any
 
 import boto3
 
-from cachevault.local import lambda_runtime
+from cachevault.local import lambda_runtime, s3_files
 from cachevault.local.deployer import DeployedStack, deploy
+from cachevault.settings import Settings
 
 SFN_EXECUTE = {"stepfunctions": {"execute_state_machine": True}}
 DEFAULT_PORT = 4566
@@ -76,6 +79,7 @@ class InProcessAWS:
         self._mock = mock_aws(config=SFN_EXECUTE)  # type: ignore[arg-type]
         self._mock.start()
         lambda_runtime.install()
+        s3_files.install(_s3_dir())
         lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": None}
         return self
 
@@ -130,6 +134,7 @@ class ServerAWS:
         _wait_ready(self.endpoint_url, timeout_s)
         _post_json(f"{self.endpoint_url}/moto-api/config", SFN_EXECUTE)
         lambda_runtime.install()
+        s3_files.install(_s3_dir())
         # Handlers run inside the server process: their boto3 clients must call it back.
         lambda_runtime.RUNTIME.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, **_FAKE_CREDENTIALS}
         return self
@@ -173,6 +178,10 @@ def start_in_process(region: str = DEFAULT_REGION) -> InProcessAWS:
 
 def start_server(port: int = DEFAULT_PORT, host: str = "127.0.0.1", region: str = DEFAULT_REGION) -> ServerAWS:
     return ServerAWS(port, host, region).start()
+
+
+def _s3_dir() -> Path:
+    return Settings.from_env().state_dir / "s3"
 
 
 def _check_port_free(host: str, port: int) -> None:

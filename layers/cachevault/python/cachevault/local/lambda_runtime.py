@@ -366,6 +366,7 @@ def install(runtime: LambdaRuntime = RUNTIME) -> None:
         LambdaFunction.invoke = invoke
         _patch_state_machine_clone()
         _patch_dynamodb_item_atomicity()
+        _patch_invoke_non_object_payload()
 
 
 def uninstall() -> None:
@@ -377,6 +378,33 @@ def uninstall() -> None:
         LambdaFunction._invoke_lambda = _originals.pop("_invoke_lambda")
         LambdaFunction.invoke = _originals.pop("invoke")
         # The state-machine clone fix stays: it only repairs a moto bug.
+
+
+def _patch_invoke_non_object_payload() -> None:
+    """Fix moto 5.2.1: ``lambda invoke`` with a JSON array (or string) payload answers 500.
+
+    ``Invoke`` reads its ``Qualifier`` with ``BaseResponse._get_param``, which also looks
+    in the JSON body and indexes it by name: a list body raises TypeError there. Lambda
+    accepts any JSON value as an event, so such a body is simply not a parameter source.
+    """
+    from moto.awslambda.responses import LambdaResponse
+
+    if getattr(LambdaResponse, "_cachevault_payload_fix", False):
+        return
+    real = LambdaResponse._get_param
+
+    def _get_param(self: Any, param_name: str, if_none: Any = None) -> Any:
+        try:
+            return real(self, param_name, if_none)
+        except TypeError:
+            body, self.body = self.body, None
+            try:
+                return real(self, param_name, if_none)
+            finally:
+                self.body = body
+
+    LambdaResponse._get_param = _get_param
+    LambdaResponse._cachevault_payload_fix = True
 
 
 def _patch_state_machine_clone() -> None:

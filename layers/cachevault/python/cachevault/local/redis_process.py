@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -211,6 +212,43 @@ def _reap(pid: int) -> None:
         return
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def reap_exited_children() -> list[int]:
+    """Wait for every node this process started that has exited; returns their PIDs.
+
+    A node is often stopped by another process (``cachevault cache delete`` kills by PID
+    the nodes a restore started inside the embedded AWS): only its parent can reap it.
+    Only our own Popen handles are polled, so no other child's exit status is taken.
+    """
+    reaped = []
+    for pid, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            _CHILDREN.pop(pid, None)
+            reaped.append(pid)
+    return reaped
+
+
+class ChildReaper:
+    """A daemon thread reaping exited nodes of a long-lived process (the embedded AWS)."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-reaper", daemon=True)
+
+    def start(self) -> ChildReaper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        reap_exited_children()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            reap_exited_children()
 
 
 def _log_tail(data_dir: Path) -> str:

@@ -1,0 +1,149 @@
+"""The embedded S3 keeps object bodies as files: memory flat in object size, GETs streamed.
+
+Runs the real `cachevault local up` server process (its own PID, its own RSS) on a free
+port with CACHEVAULT_HOME under the test's tmp dir; boto3 uploads a few-hundred-MB object
+in 16 MiB parts, then downloads it and reads ranges of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from boto3.s3.transfer import TransferConfig
+from cachevault import stack as stack_info
+from cachevault.cli import context
+from cachevault.local.redis_process import free_port
+
+MiB = 1 << 20
+OBJECT_MB = 256
+PART = 16 * MiB
+
+
+def _kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} missing for pid {pid}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack_info.StackInfo, Path]]:
+    home = tmp_path_factory.mktemp("s3-files-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CACHEVAULT_HOME", str(home))
+    try:
+        info = context.local_up(free_port())
+        try:
+            yield info, home
+        finally:
+            context.local_down()
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def s3(server: tuple[stack_info.StackInfo, Path]) -> Any:
+    info, _ = server
+    return boto3.client(
+        "s3",
+        endpoint_url=info.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    path = tmp_path_factory.mktemp("s3-files-data") / "big.bin"
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for _ in range(OBJECT_MB // 16):
+            chunk = os.urandom(PART)
+            digest.update(chunk)
+            fh.write(chunk)
+    yield path, digest.hexdigest()
+    path.unlink()
+
+
+def _reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (proc(5))
+
+
+def test_completion_and_gets_keep_server_memory_flat(
+    server: tuple[stack_info.StackInfo, Path], s3: Any, big_file: tuple[Path, str], tmp_path: Path
+) -> None:
+    info, home = server
+    path, sha = big_file
+    size = path.stat().st_size
+    s3.create_bucket(Bucket="flat")
+    upload = s3.create_multipart_upload(
+        Bucket="flat", Key="big.bin", Metadata={"sha256": sha}, ServerSideEncryption="AES256"
+    )
+    parts = []
+    _reset_peak(info.pid)
+    before = _kb(info.pid, "VmRSS")
+    with open(path, "rb") as fh:
+        for number in range(1, size // PART + 1):
+            reply = s3.upload_part(
+                Bucket="flat", Key="big.bin", UploadId=upload["UploadId"], PartNumber=number, Body=fh.read(PART)
+            )
+            parts.append({"PartNumber": number, "ETag": reply["ETag"]})
+
+    # Part bodies go to files; moto's request cycles are collected every 64 MiB (s3_files).
+    parts_mb = (_kb(info.pid, "VmHWM") - before) / 1024
+    assert parts_mb < 120, f"uploading {len(parts)} parts raised peak RSS by {parts_mb:.0f} MB"
+
+    # moto alone assembles the object in memory twice on completion (+2x its size).
+    _reset_peak(info.pid)
+    before = _kb(info.pid, "VmRSS")
+    s3.complete_multipart_upload(
+        Bucket="flat", Key="big.bin", UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    complete_mb = (_kb(info.pid, "VmHWM") - before) / 1024
+    assert complete_mb < 48, f"completing a {size // MiB} MB upload raised peak RSS by {complete_mb:.0f} MB"
+    head = s3.head_object(Bucket="flat", Key="big.bin")
+    assert head["ContentLength"] == size
+    assert head["ETag"].strip('"').endswith(f"-{len(parts)}")
+    assert head["Metadata"] == {"sha256": sha} and head["ServerSideEncryption"] == "AES256"
+    # The body is one file of the object's size under $CACHEVAULT_HOME/s3/ (the part files are gone).
+    files = sorted(p.stat().st_size for p in (home / "s3").iterdir())
+    assert files.count(size) == 1 and sum(files) < size + MiB
+
+    # moto alone holds the whole body per GET; streamed, the peak stays flat.
+    _reset_peak(info.pid)
+    before = _kb(info.pid, "VmRSS")
+    out = tmp_path / "back.bin"
+    s3.download_file("flat", "big.bin", str(out), Config=TransferConfig(max_concurrency=2))
+    get_mb = (_kb(info.pid, "VmHWM") - before) / 1024
+    assert get_mb < 48, f"a GET of {size // MiB} MB raised peak RSS by {get_mb:.0f} MB"
+    digest = hashlib.sha256()
+    with open(out, "rb") as fh:
+        while chunk := fh.read(PART):
+            digest.update(chunk)
+    assert digest.hexdigest() == sha
+    out.unlink()
+    with open(path, "rb") as fh:
+        fh.seek(PART - 100)
+        expected = fh.read(MiB)
+        fh.seek(size - 1000)
+        tail = fh.read()
+    got = s3.get_object(Bucket="flat", Key="big.bin", Range=f"bytes={PART - 100}-{PART - 100 + MiB - 1}")
+    assert got["ContentRange"] == f"bytes {PART - 100}-{PART - 100 + MiB - 1}/{size}"
+    assert got["Body"].read() == expected
+    assert s3.get_object(Bucket="flat", Key="big.bin", Range="bytes=-1000")["Body"].read() == tail
+
+    # Copy (UploadPartCopy of ranges) is byte-identical; deleting frees the files.
+    config = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=2)
+    s3.copy({"Bucket": "flat", "Key": "big.bin"}, "flat", "copy.bin", Config=config)
+    assert s3.head_object(Bucket="flat", Key="copy.bin")["ContentLength"] == size
+    assert s3.get_object(Bucket="flat", Key="copy.bin", Range="bytes=-1000")["Body"].read() == tail
+    s3.delete_object(Bucket="flat", Key="big.bin")
+    s3.delete_object(Bucket="flat", Key="copy.bin")
+    assert sum(p.stat().st_size for p in (home / "s3").iterdir()) < MiB
