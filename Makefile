@@ -51,6 +51,7 @@ demo: bootstrap
 	$(BIN)/cachevault demo
 
 # The benchmarks (up to 1 GB): explicit, never part of `make test`. Sizes: BENCH_SIZES="256 512 1024".
+# `all`: the CLI commands end to end (both dataset shapes, bench/results/e2e-*), then the components.
 BENCH_SIZES ?= 256 512 1024
 bench: bootstrap
 	$(BIN)/cachevault bench all $(foreach s,$(BENCH_SIZES),--size-mb $(s))

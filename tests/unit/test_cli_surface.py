@@ -7,10 +7,18 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cachevault.cli import build_parser, shapes
-from cachevault.cli.progress import Part, ProgressView, capture_parts, describe_part, operation_parts
+from cachevault.cli.progress import (
+    Part,
+    ProgressView,
+    capture_parts,
+    describe_part,
+    expected_capture_sizes,
+    operation_parts,
+)
 from cachevault.cli.units import iec_bytes
 from cachevault.demo import summary_text
 
@@ -205,3 +213,62 @@ def test_bench_plot_renders_the_recorded_run() -> None:
     recorded = json.loads((root / "bench/results/all-2026-11-24T231736Z.json").read_text())
     png = plot_png(recorded["rows"])
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_an_unreachable_endpoint_says_how_to_start_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachevault import aws
+    from cachevault.cli import main
+    from cachevault.local.redis_process import free_port
+
+    monkeypatch.setenv("CACHEVAULT_HOME", str(tmp_path))  # no local stack here
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(aws, "_RETRIES", aws.Config(retries={"max_attempts": 1}, connect_timeout=2))
+    assert main(["snapshot", "list"]) == 254
+    err = capsys.readouterr().err
+    assert "(EndpointConnectionError)" in err and "cachevault local up" in err
+
+
+def test_a_running_capture_is_measured_against_the_previous_snapshot() -> None:
+    class _Catalog:
+        def all_snapshots(self, *, cache: str) -> list[dict[str, object]]:
+            assert cache == "orders"
+            return [
+                {**SNAPSHOT, "SnapshotName": "older", "SnapshotCreateTime": "2026-11-20T00:00:00Z"},
+                {**SNAPSHOT, "SnapshotName": "failed-one", "SnapshotStatus": "failed", "NodeSnapshots": []},
+            ]
+
+    running = {
+        "SnapshotName": "nightly-2",
+        "ReplicationGroupId": "orders",
+        "SnapshotStatus": "creating",
+        "NodeSnapshots": [
+            {"NodeGroupId": "0001", "CaptureStatus": "running", "BytesCaptured": 250},
+            {"NodeGroupId": "0002", "CaptureStatus": "running", "BytesCaptured": 4096},  # past its estimate
+        ],
+    }
+    expected = expected_capture_sizes(_Catalog(), running)
+    assert expected == {"0001": 1000, "0002": 2048}
+    first, second = capture_parts(running, expected)
+    assert (first.done, first.total) == (250, 1000)
+    assert describe_part(first).startswith("capture shard 0001:  25% 250 B of 1000 B")
+    assert second.total is not None and second.done < second.total  # never past 100 % while running
+    assert capture_parts(running)[0].total is None  # no estimate: bytes and rate only
+
+
+def test_a_finished_parts_rate_stays_what_it_was_at_the_end() -> None:
+    from cachevault.cli import progress
+
+    seen = progress._Observed(0)
+    seen.t0 -= 10  # observed from 10 s ago
+    done = Part("d", "download shard 0001", 100 << 20, 100 << 20, status="done")
+    first = seen.rate(done)
+    seen.t0 -= 100  # much later: the rate must not decay
+    assert first is not None and seen.rate(done) == first

@@ -1,8 +1,12 @@
 """Benchmark output: a markdown table, a JSON record and a PNG plot under ``bench/results/``.
 
-``run_bench`` is the one entry point the CLI calls. The PNG (matplotlib, the
-``[bench]`` extra): per dataset size, grouped bars of anchor vs cachevault seconds and, on
-their own panel, the ratios with each goal line; the markdown table carries the numbers.
+``run_bench`` is the one entry point the CLI calls. The PNGs are drawn with matplotlib
+(the ``[bench]`` extra). ``e2e`` (bench_e2e: the CLI commands with ``--wait`` against
+anchors of the same run) gets its own files: a table of the end-to-end ratios, the
+per-state breakdown and peak RSS per process, and a plot of grouped bars per dataset (left)
+and the ratios with one labelled goal line per operation (right). The component
+benchmarks (capture, restore) keep theirs: per dataset size, grouped bars of anchor vs
+cachevault seconds and, on their own panel, the ratios with each goal line.
 """
 
 from __future__ import annotations
@@ -14,18 +18,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cachevault.bench_capture import run_capture_bench
+from cachevault.bench_e2e import GOALS as E2E_GOALS
+from cachevault.bench_e2e import SHAPES, run_e2e_bench
 from cachevault.bench_restore import run_restore_bench
 
 RESULTS_DIR = Path("bench/results")
 GOAL_RATIO = 1.15
-Kind = Literal["capture", "restore", "all"]
+Kind = Literal["capture", "restore", "e2e", "all"]
 
 
 def rows_of(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flatten capture and restore results into table rows (one per size and variant)."""
     rows: list[dict[str, Any]] = []
     for r in results:
-        if r.get("kind") == "restore":
+        if r.get("kind") == "e2e":
+            for op in r["operations"]:
+                rows.append({
+                    "bench": "e2e", "size_mb": r["size_mb"], "variant": f"{r['shape']}: {op['operation']}",
+                    "rdb_mb": round(r["rdb_bytes"] / (1 << 20), 1), "anchor": op["anchor"],
+                    "anchor_s": op["anchor_s"], "ours_s": op["ours_s"], "ratio": op["ratio"],
+                    "correct": op["correct"], "goal": op["goal"],
+                    "peak_rss_mb": max(op["peak_rss_mb"].values(), default=None),
+                })  # fmt: skip
+        elif r.get("kind") == "restore":
             for v in r["variants"]:
                 mem = v.get("memory", {})
                 rows.append({
@@ -51,11 +66,82 @@ _COLUMNS = ("bench", "size_mb", "variant", "rdb_mb", "anchor", "anchor_s", "ours
             "anon_mb_per_gb", "rss_mb_per_gb")  # fmt: skip
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+_E2E_COLUMNS = ("size_mb", "variant", "rdb_mb", "anchor", "anchor_s", "ours_s", "ratio", "goal", "correct",
+                "peak_rss_mb")  # fmt: skip
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in _COLUMNS) + " |")
+        lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def e2e_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """The end-to-end table, then per operation where the time went and each process's peak RSS."""
+    rows = rows_of([r for r in results if r.get("kind") == "e2e"])
+    parts = [markdown_table(rows, _E2E_COLUMNS)]
+    parts.append(
+        "\nEach figure is what a user waits for: the `cachevault` command with `--wait` (a new CLI process,"
+        " the Step Functions execution in the embedded AWS started by `cachevault local up`, its Lambda"
+        " handlers, S3 and the cache nodes), timed from the outside. Anchors ran in the same run on the same"
+        " data: `redis-cli --rdb` from the same replica; redis-server loading the same RDB at start-up; for"
+        " the resharded restore, the restored primaries' own RDBs loaded at start-up in parallel.\n"
+    )
+    for r in results:
+        if r.get("kind") != "e2e":
+            continue
+        for op in r["operations"]:
+            parts.append(f"\n### {r['shape']}, {r['size_mb']} MB: `{op['operation']}` ({op['ours_s']} s)\n\n")
+            parts.append("| state (first entry to last exit) | seconds |\n|---|---|\n")
+            parts += [f"| {name} | {sec} |\n" for name, sec in op["states_s"].items()]
+            parts.append("\n| process | peak RSS (MB) |\n|---|---|\n")
+            parts += [f"| {name} | {mb} |\n" for name, mb in sorted(op["peak_rss_mb"].items())]
+    return "".join(parts)
+
+
+_OP_COLOURS = {"capture": "tab:blue", "restore": "tab:orange", "reshard": "tab:purple"}
+
+
+def plot_e2e_png(results: Sequence[dict[str, Any]]) -> bytes:
+    """Left: grouped bars per dataset (cachevault solid, anchor hatched); right: ratios and goals."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e = [r for r in results if r.get("kind") == "e2e"]
+    groups = [f"{r['shape']}\n{r['size_mb']} MB" for r in e2e]
+    kinds = list(_OP_COLOURS)
+    width = 0.8 / (2 * len(kinds))
+    fig, (times, ratios) = plt.subplots(1, 2, figsize=(14, 5.2))
+    for k, kind in enumerate(kinds):
+        ops = [next((o for o in r["operations"] if o["goal_kind"] == kind), None) for r in e2e]
+        name = next((o["operation"] for o in ops if o), kind)
+        anchor = next((o["anchor"] for o in ops if o), "anchor")
+        xs = [g + (2 * k) * width - 0.4 + width / 2 for g in range(len(e2e))]
+        colour = _OP_COLOURS[kind]
+        times.bar(xs, [o["ours_s"] if o else 0 for o in ops], width, color=colour, label=f"cachevault {name}")
+        times.bar([x + width for x in xs], [o["anchor_s"] if o else 0 for o in ops], width, color=colour,
+                  alpha=0.35, hatch="//", label=f"anchor: {anchor}")  # fmt: skip
+        rx = [g + k * (0.8 / len(kinds)) - 0.4 + 0.4 / len(kinds) for g in range(len(e2e))]
+        ratios.bar(rx, [o["ratio"] or 0 if o else 0 for o in ops], 0.8 / len(kinds), color=colour, label=name)
+        ratios.axhline(E2E_GOALS[kind], linestyle="--", color=colour, linewidth=1.2,
+                       label=f"goal {kind} <= {E2E_GOALS[kind]}x")  # fmt: skip
+    ratios.axhline(1.0, color="black", linewidth=0.8)
+    for ax in (times, ratios):
+        ax.set_xticks(range(len(e2e)), groups)
+    times.set(title="end to end, seconds (solid: cachevault --wait; hatched: anchor)", ylabel="seconds")
+    ratios.set(title="cachevault / anchor, same run", ylabel="ratio")
+    times.legend(fontsize=7)
+    ratios.legend(fontsize=7)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
+    plt.close(fig)
+    return out.getvalue()
 
 
 # ------------------------------------------------------------------------------- PNG
@@ -171,24 +257,57 @@ def write_results(name: str, results: Sequence[dict[str, Any]], outdir: Path = R
         "\n![plot](" + paths["png"].name + ")\n\nPlot: top, seconds per dataset size (hatched = the anchor measured"
         " in the same run, solid = cachevault); bottom, ratio cachevault/anchor with each goal as a dashed line.\n"
     )
+    if name == "e2e":
+        legend = (
+            "\n![plot](" + paths["png"].name + ")\n\nPlot: left, seconds per dataset (solid = cachevault"
+            " command with --wait, hatched = its anchor); right, ratio with each goal as a dashed line of the"
+            " operation's colour.\n"
+        )
+        paths["md"].write_text(f"# end-to-end benchmark, {stamp}\n\n{machine()}\n\n" + e2e_markdown(results) + legend)
+        paths["png"].write_bytes(plot_e2e_png(results))
+        return paths
     paths["md"].write_text(f"# {name} benchmark, {stamp}\n\n{machine()}\n\n" + markdown_table(rows) + legend)
     paths["png"].write_bytes(plot_png(rows))
     return paths
 
 
-def run_bench(kind: Kind, sizes_mb: list[int], workdir: Path, *, outdir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
-    """Run the capture and/or restore benchmarks per size, print the table, write bench/results/."""
-    if kind not in ("capture", "restore", "all"):
-        raise ValueError(f"unknown bench kind {kind!r}: capture, restore or all")
+def run_bench(
+    kind: Kind,
+    sizes_mb: list[int],
+    workdir: Path,
+    *,
+    outdir: Path = RESULTS_DIR,
+    shapes: Sequence[str] = SHAPES,
+) -> list[dict[str, Any]]:
+    """Run the benchmarks per size, print the tables, write bench/results/.
+
+    ``e2e``: the CLI commands end to end for every shape; ``capture``/``restore``: the
+    component benchmarks; ``all``: e2e first, then the components as the breakdown.
+    """
+    if kind not in ("capture", "restore", "e2e", "all"):
+        raise ValueError(f"unknown bench kind {kind!r}: capture, restore, e2e or all")
     results: list[dict[str, Any]] = []
+    if kind in ("e2e", "all"):
+        e2e = [
+            run_e2e_bench(size, shape, Path(workdir) / f"e2e-{shape}-{size}")
+            for size in sizes_mb
+            for shape in shapes
+        ]
+        paths = write_results("e2e", e2e, outdir)
+        print(e2e_markdown(e2e), end="")
+        print(f"written: {', '.join(str(p) for p in paths.values())}")
+        results += e2e
+    if kind == "e2e":
+        return results
+    components: list[dict[str, Any]] = []
     for size in sizes_mb:
         if kind in ("capture", "all"):
             res = run_capture_bench(size, Path(workdir) / f"capture-{size}")
             res["kind"] = "capture"
-            results.append(res)
+            components.append(res)
         if kind in ("restore", "all"):
-            results.append(run_restore_bench(size, Path(workdir) / f"restore-{size}"))
-    paths = write_results(kind, results, outdir)
-    print(markdown_table(rows_of(results)), end="")
+            components.append(run_restore_bench(size, Path(workdir) / f"restore-{size}"))
+    paths = write_results("components" if kind == "all" else kind, components, outdir)
+    print(markdown_table(rows_of(components)), end="")
     print(f"written: {', '.join(str(p) for p in paths.values())}")
-    return results
+    return results + components

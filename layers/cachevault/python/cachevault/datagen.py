@@ -157,6 +157,73 @@ def _commands(rnd: random.Random, target: int, stats: DatasetStats) -> Iterator[
         by_type[kind] = by_type.get(kind, 0) + 1
 
 
+def _small_keys(rnd: random.Random, target: int, stats: DatasetStats) -> Iterator[bytes]:
+    """Many small keys (~900 B average, ~1.1 M per GiB): strings, a fifth with a TTL, some small hashes."""
+    pool = _Pool(rnd)
+    i = 0
+    while stats.payload_bytes < target:
+        i += 1
+        if rnd.random() < 0.9:
+            v = pool.take(rnd.randrange(100, 1700))
+            if rnd.random() < 0.2:
+                yield pack("SET", b"k:%d" % i, v, "EX", TTL_FAR_S + rnd.randrange(3600))
+            else:
+                yield pack("SET", b"k:%d" % i, v)
+            kind, size = "string", len(v)
+        else:
+            args: list[bytes | str | int] = ["HSET", b"h:%d" % i]
+            for f in range(rnd.randrange(2, 16)):
+                args += [b"f%d" % f, pool.take(rnd.randrange(16, 120))]
+            yield pack(*args)
+            kind, size = "hash", sum(len(a) for a in args[3::2])  # type: ignore[arg-type]
+        stats.commands += 1
+        stats.keys += 1
+        stats.payload_bytes += size
+        stats.by_type[kind] = stats.by_type.get(kind, 0) + 1
+
+
+def _large_values(rnd: random.Random, target: int, stats: DatasetStats) -> Iterator[bytes]:
+    """Few large values (4-32 MiB each) of every type, each sent in commands of ~1 MiB."""
+    pool = _Pool(rnd)
+    kinds = ("string", "hash", "list", "set", "zset", "stream")
+    i = 0
+    while stats.payload_bytes < target:
+        kind = kinds[i % len(kinds)]
+        i += 1
+        key = b"%s:%d" % (kind.encode(), i)
+        total = min(rnd.randrange(4 * MiB, 32 * MiB), max(target - stats.payload_bytes, 1))
+        if kind == "string":
+            value = b"".join(pool.take(min(MiB, total - at)) for at in range(0, total, MiB))
+            yield pack("SET", key, value)
+            stats.commands += 1
+        else:
+            element = 4096
+            n = max(1, total // element)
+            for start in range(0, n, 256):
+                ids = range(start, min(n, start + 256))
+                members = [b"%08d" % j + pool.take(element - 8) for j in ids]
+                if kind == "hash":
+                    yield pack("HSET", key, *[x for j, m in zip(ids, members, strict=True) for x in (b"f%d" % j, m)])
+                elif kind == "list":
+                    yield pack("RPUSH", key, *members)
+                elif kind == "set":
+                    yield pack("SADD", key, *members)
+                elif kind == "zset":
+                    yield pack("ZADD", key, *[x for j, m in zip(ids, members, strict=True) for x in (j, m)])
+                else:
+                    for m in members:
+                        yield pack("XADD", key, "*", "v", m)
+                        stats.commands += 1
+                stats.commands += 1
+            total = n * element
+        stats.keys += 1
+        stats.payload_bytes += total
+        stats.by_type[kind] = stats.by_type.get(kind, 0) + 1
+
+
+SHAPES = {"mixed": _commands, "small-keys": _small_keys, "large-values": _large_values}
+
+
 def _read_replies(sock: socket.socket, reader: hiredis.Reader, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     got = 0
@@ -183,8 +250,9 @@ def generate(
     seed: int = 1,
     password: str | None = None,
     timeout: float = 600.0,
+    shape: str = "mixed",
 ) -> DatasetStats:
-    """Load about ``size_mb`` MiB of mixed, seeded data into ``host:port`` (db 0).
+    """Load about ``size_mb`` MiB of seeded data of ``shape`` (see SHAPES) into ``host:port`` (db 0).
 
     The same seed always produces the same keys and values (stream IDs and TTL deadlines
     depend on the clock).
@@ -200,7 +268,7 @@ def generate(
         batch: list[bytes] = []
         batch_len = 0
         in_flight = 0  # replies owed for the batch sent before this one
-        for cmd in _commands(rnd, size_mb * MiB, stats):
+        for cmd in SHAPES[shape](rnd, size_mb * MiB, stats):
             batch.append(cmd)
             batch_len += len(cmd)
             if batch_len >= BATCH_BYTES:

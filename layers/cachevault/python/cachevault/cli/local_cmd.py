@@ -67,7 +67,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"schedules: {', '.join(schedules) or '(none)'}",
             'for the aws CLI and boto3 in this shell: eval "$(cachevault local env)", which sets',
             *(f"  export {k}={shlex.quote(v)}" for k, v in env.items()),
-            f"or a profile: {PROFILE_SETUP.format(endpoint=info.endpoint_url)}",
+            f"or a named profile for the aws CLI ({PROFILE}):",
+            *(f"  {line}" for line in profile_setup(info.endpoint_url or "")),
         ]
     )
     payload = {
@@ -84,12 +85,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 DEFAULT_PORT = 4566
 PORT_ENV = "CACHEVAULT_LOCAL_PORT"
 PROFILE = "cachevault-local"
-PROFILE_SETUP = (
-    f"aws configure set aws_access_key_id testing --profile {PROFILE} && "
-    f"aws configure set aws_secret_access_key testing --profile {PROFILE} && "
-    f"aws configure set region us-east-1 --profile {PROFILE} && "
-    f"aws configure set endpoint_url {{endpoint}} --profile {PROFILE}; then: aws --profile {PROFILE} s3 ls"
-)
+
+
+def profile_setup(endpoint: str) -> list[str]:
+    """The aws CLI commands that make a profile for the embedded AWS, and one using it."""
+    settings = {
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "region": "us-east-1",
+        "endpoint_url": endpoint,
+    }
+    lines = [f"aws configure set {k} {shlex.quote(v)} --profile {PROFILE}" for k, v in settings.items()]
+    return [*lines, f"aws --profile {PROFILE} s3 ls"]
 
 
 def user_environment(info: stack_info.StackInfo) -> dict[str, str]:

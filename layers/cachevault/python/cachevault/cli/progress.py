@@ -49,8 +49,35 @@ def eta_text(seconds: float | None) -> str:
 
 
 # ------------------------------------------------------------------ records -> parts
-def capture_parts(record: dict[str, Any]) -> list[Part]:
-    """One part per shard of a snapshot (describe_snapshot's NodeSnapshots)."""
+def expected_capture_sizes(catalog: Any, record: dict[str, Any]) -> dict[str, int]:
+    """NodeGroupId -> the size of that shard in the cache's latest available snapshot.
+
+    A capture's size is known only when it ends (diskless SYNC streams without a length);
+    the same shard's previous RDB is the estimate that gives a running capture its percent
+    and ETA. Without one (a first snapshot, another shard count) the bar shows bytes and rate.
+    """
+    cache = record.get("ReplicationGroupId")
+    if not cache:
+        return {}
+    try:
+        previous = [
+            s
+            for s in catalog.all_snapshots(cache=cache)
+            if s.get("SnapshotStatus") == "available" and s.get("SnapshotName") != record.get("SnapshotName")
+        ]
+    except Exception:  # an estimate only: never fail a wait over it
+        return {}
+    if not previous:
+        return {}
+    latest = max(previous, key=lambda s: s.get("SnapshotCreateTime") or "")
+    sizes = {n.get("NodeGroupId"): _int(n.get("Size") or n.get("CacheSize")) for n in latest.get("NodeSnapshots", [])}
+    return {k: v for k, v in sizes.items() if k and v}
+
+
+def capture_parts(record: dict[str, Any], expected: dict[str, int] | None = None) -> list[Part]:
+    """One part per shard of a snapshot (describe_snapshot's NodeSnapshots); ``expected`` sizes
+    (expected_capture_sizes) give a running capture a total."""
+    expected = expected or {}
     parts = []
     for node in record.get("NodeSnapshots", []):
         status = node.get("CaptureStatus") or ("done" if record.get("SnapshotStatus") == "available" else "pending")
@@ -63,12 +90,17 @@ def capture_parts(record: dict[str, Any]) -> list[Part]:
                 key=f"capture-{node.get('NodeGroupId')}",
                 label=f"capture shard {node.get('NodeGroupId')}",
                 done=done,
-                total=size if status == "done" else _int(node.get("ExpectedBytes")),
+                total=size if status == "done" else _estimate(done, expected.get(node.get("NodeGroupId"))),
                 status=status,
                 rate=float(rate) if rate else None,
             )
         )
     return parts
+
+
+def _estimate(done: int, expected: int | None) -> int | None:
+    # A capture larger than its estimate keeps a bar just short of full until its real end.
+    return max(expected, int(done * 1.01) + 1) if expected else None
 
 
 def operation_parts(progress: dict[str, dict[str, Any]]) -> list[Part]:
@@ -113,12 +145,17 @@ class _Observed:
 
     def __init__(self, done: int) -> None:
         self.t0, self.done0 = time.monotonic(), done
+        self.final_rate: float | None = None
+        self.finished = False
 
     def rate(self, part: Part) -> float | None:
+        if self.finished:  # frozen at the end: a finished part's rate does not decay
+            return self.final_rate
         elapsed = time.monotonic() - self.t0
-        if elapsed >= 1.0 and part.done > self.done0:
-            return (part.done - self.done0) / elapsed
-        return part.rate
+        rate = (part.done - self.done0) / elapsed if elapsed >= 1.0 and part.done > self.done0 else part.rate
+        if part.status == "done":
+            self.finished, self.final_rate = True, rate
+        return rate
 
     def eta(self, part: Part) -> float | None:
         rate = self.rate(part)

@@ -9,7 +9,7 @@ from typing import Any
 from cachevault import service
 from cachevault.cli import context, shapes
 from cachevault.cli.output import add_json_flag, emit, human_bytes, name_argument, pick_name, table
-from cachevault.cli.progress import ProgressView, capture_parts, copy_parts, describe_part
+from cachevault.cli.progress import ProgressView, capture_parts, copy_parts, describe_part, expected_capture_sizes
 
 
 def register(sub: Any) -> None:
@@ -124,12 +124,13 @@ def progress_text(record: dict[str, Any]) -> str:
 def wait_with_progress(control: Any, record: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
     """Until the execution behind ``record`` ends (or ``timeout_s``), showing the capture's progress."""
     view = ProgressView(record["SnapshotName"])
+    expected = expected_capture_sizes(control.catalog, record)
     try:
         return control.wait_snapshot(
             record["SnapshotName"],
             timeout_s=timeout_s,
             execution_arn=record.get("ExecutionArn"),
-            progress=lambda r: view.show(r["SnapshotStatus"], capture_parts(r)),
+            progress=lambda r: view.show(r["SnapshotStatus"], capture_parts(r, expected)),
         )
     finally:
         view.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 from cachevault import stack as stack_info
 from cachevault.local.embedded import EnvPatch, InProcessAWS, ServerAWS
-from cachevault.local.redis_process import free_port
+from cachevault.local.redis_process import ChildReaper, free_port
 from cachevault.settings import Settings
 
 
@@ -67,12 +67,16 @@ class LocalEnvironment:
         self.deployed: Any = None
         self.info: stack_info.StackInfo | None = None
         self._env = EnvPatch()
+        self._reaper: ChildReaper | None = None
 
     def start(self) -> stack_info.StackInfo:
         self._set_env("CACHEVAULT_HOME", str(self.state_dir))
         # No X-Ray daemon here: Powertools' Tracer would only discard subsegments noisily.
         self._set_env("POWERTOOLS_TRACE_DISABLED", "true")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Restores start nodes in this process; a node stopped by another process
+        # (`cachevault cache delete`) must still be waited for here, or it stays a zombie.
+        self._reaper = ChildReaper().start()
         if self.server:
             self.aws = ServerAWS(port=self.port or free_port()).start()
             endpoint = self.aws.endpoint_url
@@ -101,6 +105,9 @@ class LocalEnvironment:
         if self.aws is not None:
             self.aws.stop()
             self.aws = None
+        if self._reaper is not None:
+            self._reaper.stop()
+            self._reaper = None
         self._env.restore()
 
     def __enter__(self) -> LocalEnvironment:

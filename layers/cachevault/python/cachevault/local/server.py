@@ -15,7 +15,6 @@ from pathlib import Path
 
 from cachevault import stack as stack_info
 from cachevault.local.environment import LocalEnvironment
-from cachevault.local.redis_process import ChildReaper
 from cachevault.local.schedules import ScheduleTicker
 from cachevault.settings import Settings
 
@@ -33,13 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     ticker = ScheduleTicker(env.deployed, interval_s=5.0)
     ticker.start()
-    reaper = ChildReaper().start()  # nodes this process started and another one stopped
     path = stack_info.save_local(info, settings)
     print(f"cachevault local: embedded AWS on {info.endpoint_url}; stack in {path}", flush=True)
     try:
         stop.wait()
     finally:
-        reaper.stop()
         ticker.stop()
         path.unlink(missing_ok=True)
         env.stop()

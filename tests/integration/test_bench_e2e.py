@@ -1,0 +1,42 @@
+"""The end-to-end bench (bench_e2e) at a tiny size: the CLI commands with --wait through a
+`cachevault local up` server, anchors of the same run, per-state breakdown, peak RSS, report files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import matplotlib.image
+from cachevault import datagen
+from cachevault.bench_e2e import GOALS, SHAPES, run_e2e_bench
+from cachevault.bench_report import write_results
+from cachevault.cli import bench_cmd
+
+
+def test_e2e_bench_small_run_and_report(tmp_path: Path) -> None:
+    result = run_e2e_bench(4, "large-values", tmp_path / "run")
+    ops = {op["goal_kind"]: op for op in result["operations"]}
+    assert set(ops) == set(GOALS)
+    for op in ops.values():
+        assert op["correct"] is True, op
+        assert op["anchor_s"] > 0 and op["ours_s"] > op["anchor_s"] * 0.1
+        assert {"embedded AWS", "cachevault CLI", "redis-server"} <= set(op["peak_rss_mb"]), op["peak_rss_mb"]
+    assert {"CaptureShards", "WriteManifest"} <= set(ops["capture"]["states_s"])
+    assert {"ProvisionCache", "LoadShards", "Verify"} <= set(ops["reshard"]["states_s"])
+    assert result["keys"] > 0 and result["rdb_bytes"] > 4 << 20
+
+    paths = write_results("e2e", [result], tmp_path / "out")
+    record = json.loads(paths["json"].read_text())
+    assert [r["variant"] for r in record["rows"]] == [f"large-values: {op['operation']}" for op in result["operations"]]
+    text = paths["md"].read_text()
+    assert "| size_mb | variant |" in text and "peak RSS (MB)" in text and "first entry to last exit" in text
+    png = paths["png"].read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    pixels = matplotlib.image.imread(paths["png"])
+    assert pixels.shape[:2] == (height, width) and width > 800
+    assert pixels[..., :3].min() < 0.5
+
+
+def test_shapes_agree_between_cli_and_bench() -> None:
+    assert tuple(bench_cmd.SHAPES) == SHAPES and set(SHAPES) <= set(datagen.SHAPES)
