@@ -50,7 +50,7 @@ def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
         server=True,
         state_dir=state,
         log_level="WARNING",
-        parameter_overrides={"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3"},
+        parameters={"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3"},
     )
     info = env.start()
     settings = Settings.from_env()
