@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from botocore.exceptions import ClientError
+
 from cachevault import caches, encryption, events, names, restore_targets, storage, topology
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
@@ -512,8 +514,18 @@ def load_job(event: dict[str, Any]) -> dict[str, Any]:
 
 def load_result_step(event: dict[str, Any]) -> dict[str, Any]:
     """The output of a LoadShard that ran as a worker job, read from its result object."""
-    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(event["Task"]["Index"]))
-    return dict(_load_details(key)["Output"])
+    index = int(event["Task"]["Index"])
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], index)
+    try:
+        return dict(_load_details(key)["Output"])
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        # runTask.sync ends when the task stops, whatever its exit code: no result means it failed.
+        raise RestoreFailed(
+            f"The load of source {index} ran as an ECS task that ended without a result ({key} is missing); "
+            "its log says why."
+        ) from None
 
 
 def _source_mode() -> str:
