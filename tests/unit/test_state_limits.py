@@ -239,7 +239,8 @@ def restore_steps(sources: int) -> dict[str, Any]:
             **event,
             "Seeded": False,
             "Targets": targets,
-            "LoadTasks": [{"Index": i, "Runner": "inline"} for i in range(1, sources + 1)],
+            # restore_workflow.load_task: half the sources too big for a Lambda load in worker tasks
+            "LoadTasks": [{"Index": i, "Runner": "ecs" if i % 2 else "inline"} for i in range(1, sources + 1)],
         }
 
     def load_shard(event: dict[str, Any], clock: float) -> dict[str, Any]:
@@ -250,7 +251,18 @@ def restore_steps(sources: int) -> dict[str, Any]:
             "ResultKey": storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], index),
         }
 
+    load_events: list[str] = []
+
+    def run_load_task(event: dict[str, Any], clock: float) -> dict[str, Any]:
+        (container,) = event["Overrides"]["ContainerOverrides"]
+        assert container["Command"] == ["python", "-m", "cachevault.worker", "load"]
+        load_events.append(container["Environment"][0]["Value"])
+        arn = f"arn:aws:ecs:eu-west-1:123456789012:task/cachevault/{'f' * 32}"
+        return {"TaskArn": arn, "LastStatus": "STOPPED", "Containers": [{"Name": "worker", "ExitCode": 0}]}
+
     def attach(event: dict[str, Any], clock: float) -> dict[str, Any]:
+        # ECS overrides hold 8 KB: a worker's LOAD_EVENT must not grow with the shard count.
+        assert load_events and max(len(e) for e in load_events) < 2048
         return event
 
     # What each load wrote to its execution document, at its worst: every target reached,
@@ -296,6 +308,8 @@ def restore_steps(sources: int) -> dict[str, Any]:
         "RestorePreflightFunction": restore_preflight,
         "RestoreProvisionFunction": provision,
         "RestoreLoadShardFunction": load_shard,
+        "runTask.sync": run_load_task,
+        "RestoreLoadResultFunction": load_shard,  # the same output, read back from S3
         "RestoreAttachReplicasFunction": attach,
         "RestoreVerifyFunction": verify,
         "RestoreCompleteFunction": complete,

@@ -387,6 +387,8 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
     # The Map's items stay small (Index, Runner): each LoadShard reads its source from SourcesKey.
     tasks = [{k: t[k] for k in ("Index", "Runner")} for t in map(load_task, restore_sources(event))]
+    if any(t["Runner"] == "ecs" for t in tasks):  # worker tasks read the targets from S3 (load_job)
+        _put_json(storage.restore_targets_key(target, event["ExecutionName"]), targets)
     logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets))
     return {**event, "Seeded": False, "Targets": targets, "LoadTasks": tasks}
 
@@ -505,10 +507,14 @@ def load_outputs(
 def load_job(event: dict[str, Any]) -> dict[str, Any]:
     """LoadShard as a worker job (an ECS task for a shard too big for a Lambda's 15 minutes).
 
-    Same input as the Lambda step (an item of the LoadShards Map). An ECS task returns no
-    output to the state machine: the result is in S3 (``ResultKey``), and ``load_result_step``
-    (a Lambda after the task) hands it to the Map as the Lambda step would have.
+    Same input as the Lambda step (an item of the LoadShards Map) but for ``Targets``, read
+    from the object ProvisionCache wrote (the task's environment holds 8 KB). An ECS task
+    returns no output to the state machine: the result is in S3 (``ResultKey``), and
+    ``load_result_step`` (a Lambda after the task) hands it to the Map as the Lambda step would have.
     """
+    if "Targets" not in event:
+        key = storage.restore_targets_key(event["ReplicationGroupId"], event["ExecutionName"])
+        event = {**event, "Targets": _read_json(key)}
     return load_shard_step(event)
 
 

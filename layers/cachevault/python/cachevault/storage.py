@@ -100,6 +100,12 @@ def restore_work_key(target: str, execution: str, source_index: int) -> str:
     return f"{restore_prefix(target, execution)}load-{source_index:04d}.json"
 
 
+def restore_targets_key(target: str, execution: str) -> str:
+    """The primaries ProvisionCache made ready to load (what a LoadShard worker task reads: ECS
+    overrides hold 8 KB, not the Targets of a 500-shard restore)."""
+    return f"{restore_prefix(target, execution)}targets.json"
+
+
 def restore_sources_key(target: str, execution: str) -> str:
     """The checked sources of one restore execution (Preflight writes it, the later steps read it)."""
     return f"{restore_prefix(target, execution)}sources.json"
