@@ -18,20 +18,16 @@ from cfnlint.template.transforms._sam import Transform
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 
-# (role, first action) -> why a wildcard resource is unavoidable.
-WILDCARD_ALLOWED = {
-    # Export to a bucket the user names at run time (snapshot copy --target-bucket):
-    # the bucket is unknown at deploy time.
-    ("SnapshotCopyPreflightFunctionRole", "s3:ListBucket"): "export: check the user's bucket",
-    ("SnapshotCopyObjectFunctionRole", "s3:PutObject"): "export: write into the user's bucket",
-    ("SnapshotCopyFailFunctionRole", "s3:DeleteObject"): "export: remove a half-made export",
-    ("ApiFunctionRole", "s3:GetObject"): "export checks from the HTTP API (bucket exists, name free)",
-}
+# (role, first action) -> why a wildcard resource is unavoidable. Export buckets are not
+# here: they come from the ExportBucketAllowList parameter (test_template_deployable.py).
+WILDCARD_ALLOWED: dict[tuple[str, str], str] = {}
 # AWS managed policies SAM attaches: CloudWatch Logs (per-function log groups are created
-# by Lambda on first write) and X-Ray (PutTraceSegments has no resource-level permission).
+# by Lambda on first write), X-Ray (PutTraceSegments has no resource-level permission) and,
+# for functions with VpcConfig, the ENI permissions Lambda needs to place them in the VPC.
 MANAGED_ALLOWED = {
     "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
     "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
+    "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
 }
 CREDENTIAL_READERS = {
     "SnapshotPreflightFunctionRole",
@@ -63,6 +59,12 @@ def _text(value: Any) -> str:
         return template
     if isinstance(value, dict) and "Fn::If" in value:
         return " | ".join(_text(v) for v in value["Fn::If"][1:])
+    if isinstance(value, dict) and "Fn::Join" in value:
+        sep, parts = value["Fn::Join"]
+        return sep.join(_text(v) for v in _listed(parts))
+    if isinstance(value, dict) and "Fn::Split" in value:
+        sep, source = value["Fn::Split"]
+        return " | ".join(_text(source).split(sep))
     return str(value)
 
 
