@@ -4,9 +4,12 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
+# The SAM CLI pins its own boto3/cfn-lint: a venv of its own, used only for `sam validate --lint`.
+SAM_VENV := .venv-sam
+SAM_STAMP := $(SAM_VENV)/.installed-$(shell sha1sum requirements-sam.txt | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap redis venv test lint demo bench bench-capture bench-restore clean
+.PHONY: bootstrap redis venv sam-venv test lint demo bench bench-capture bench-restore clean
 
 bootstrap: redis venv
 
@@ -36,9 +39,19 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --no-deps -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
-lint: venv
+sam-venv: $(SAM_STAMP)
+
+$(SAM_STAMP):
+	@test -x $(SAM_VENV)/bin/python || $(PY) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/python -m pip install -q -r requirements-sam.txt
+	@rm -f $(SAM_VENV)/.installed-* && touch $@
+
+# ASL: tests/unit/test_state_machine_definitions.py validates every state machine with its
+# DefinitionSubstitutions filled (statelint and cfn-lint's definition schema), part of pytest.
+lint: venv sam-venv
 	$(BIN)/ruff check .
 	$(BIN)/cfn-lint template.yaml
+	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --template template.yaml --region us-east-1
 
 test: bootstrap lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -60,4 +73,4 @@ bench-restore: bootstrap
 
 clean:
 	-$(BIN)/cachevault local down 2>/dev/null
-	rm -rf .cachevault .pytest_cache .ruff_cache
+	rm -rf .cachevault .pytest_cache .ruff_cache .venv-sam

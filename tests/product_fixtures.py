@@ -96,7 +96,8 @@ class Product:
 @pytest.fixture(scope="module")
 def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     state = tmp_path_factory.mktemp("cachevault-home")
-    env = LocalEnvironment(state_dir=state, log_level="WARNING")
+    # Exports go to the buckets tests create (test_snapshot_copy: user-exports-N-PID).
+    env = LocalEnvironment(state_dir=state, log_level="WARNING", parameters={"ExportBucketAllowList": "user-exports-*"})
     info = env.start()
     settings = Settings.from_env()
     fleet = Fleet(settings.state_dir)

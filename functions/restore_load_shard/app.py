@@ -3,4 +3,4 @@
 from cachevault.handler import step_handler
 from cachevault.restore_workflow import load_shard_step
 
-lambda_handler = step_handler(load_shard_step, correlation_id_path="Task.Key")
+lambda_handler = step_handler(load_shard_step, correlation_id_path="ReplicationGroupId")

@@ -2,8 +2,9 @@
 
 The embedded AWS runs in server mode here (as ``cachevault local up`` does), so the worker
 tasks the embedded ECS starts as processes can call it back. ``InlineCaptureMaxSeconds=0``
-sends every shard of a capture to an ECS task; a 3 s heartbeat timeout lets a hung worker
-be caught quickly.
+sends every shard of a capture to an ECS task and ``LoadInlineMaxBytes=0`` every source of a
+restore (LoadShards' ``runTask.sync`` of ``python -m cachevault.worker load``); a 3 s
+heartbeat timeout lets a hung worker be caught quickly.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     env = LocalEnvironment(
         state_dir=state,
         log_level="WARNING",
-        parameter_overrides={"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3"},
+        parameters={"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3", "LoadInlineMaxBytes": "0"},
     )
     info = env.start()
     settings = Settings.from_env()
@@ -364,6 +365,12 @@ def test_restore_into_a_new_ecs_cache_with_another_shard_count(product: Product,
         output = product.control.wait_restore(arn, name, timeout_s=120)
         assert output["Status"] == "available" and output["NumNodeGroups"] == 2
         assert output["Verification"]["Mismatches"] == []
+        # Every source loaded in a worker task (LoadShardTask, then LoadResult read its S3 result).
+        history = client("stepfunctions").get_execution_history(executionArn=arn, maxResults=1000)["events"]
+        entered = [e["stateEnteredEventDetails"]["name"] for e in history if "stateEnteredEventDetails" in e]
+        assert entered.count("LoadShardTask") == 3 and entered.count("LoadResult") == 3
+        assert "LoadShard" not in entered
+        assert output["LoadSummary"]["KeysLoaded"] == expected_keys
         record = product.control.catalog.get_cache("ecs-two")
         assert record["Managed"] == "ecs" and record["NumNodeGroups"] == 2
         assert len(record["Nodes"]) == 4 and all(n["TaskArn"] for n in record["Nodes"])

@@ -64,6 +64,7 @@ STEP_ORDER = [
     "restore_preflight",
     "restore_provision",
     "restore_load_shard",
+    "restore_load_result",  # what the Map's LoadResult hands on for a worker task: the same load's output
     "restore_attach_replicas",
     "restore_verify",
     "restore_complete",
@@ -234,6 +235,8 @@ def _check_step_samples(product: Product, results: dict[str, invoke.Invocation])
     restored = catalog.get_cache("demo-restored")
     assert restored["Status"] == "available" and restored["NumNodeGroups"] == 2
     assert results["restore_complete"].payload["Verification"]["Mismatches"] == []
+    # A LoadShard run as a worker task hands the Map the same output, read back from S3.
+    assert results["restore_load_result"].payload == results["restore_load_shard"].payload
     host, _, port = restored["Endpoints"][0].rpartition(":")
     cluster = redis.RedisCluster(host=host, port=int(port))
     try:

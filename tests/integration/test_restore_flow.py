@@ -21,13 +21,13 @@ import pytest
 import redis
 from cachevault import caches, datagen, storage
 from cachevault.aws import client
-from cachevault.errors import InvalidS3Location, RestoreFailed
+from cachevault.errors import CacheVaultError, InvalidS3Location, RestoreFailed
 from cachevault.local import ecs, lambda_runtime
 from cachevault.local.redis_process import process_alive
 from cachevault.slots import SlotRouter, key_slot
 from cachevault.verify import cache_digest, combined_digest
 
-from tests.product_fixtures import Product, connect, host_port, sync_replicas, wait_until
+from tests.product_fixtures import Product, connect, fill, host_port, sync_replicas, wait_until
 
 LIBRARY = """#!lua name=cvtest
 redis.register_function('cvt_get', function(keys, args) return redis.call('GET', keys[1]) end)
@@ -540,3 +540,46 @@ def test_every_product_function_runs_with_every_lambda_restriction(product: Prod
     # No relaxation for template.yaml's functions: frozen, read-only, private /tmp, limits, no Redis.
     for function in product.env.deployed.functions.values():
         assert lambda_runtime.RUNTIME.semantics_for(function.name) == lambda_runtime.LambdaSemantics()
+
+
+def test_a_timed_out_load_step_fails_the_restore_with_its_reason(
+    product: Product, new_cache: Any, targets: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoadShard past its Timeout is killed as Lambda kills it; MarkFailed ends the restore, never stuck."""
+    cache = new_cache("slow", replicas=0)
+    fill(cache["Endpoints"][0], keys=500, seed=9)
+    product.control.create_snapshot(cache["CacheName"], "slow-snap")
+    product.control.wait_snapshot("slow-snap", timeout_s=60)
+    load_shard = product.env.deployed.function_name("RestoreLoadShardFunction")
+    lam = client("lambda")
+    lam.update_function_configuration(FunctionName=load_shard, Timeout=2)
+    real_invoke = lambda_runtime.RUNTIME.invoke
+    paused: list[str] = []
+
+    def targets_hold_writes(config: Any, event: Any) -> Any:
+        # Its target holds every write: the RESTORE batch waits, the invocation runs into its Timeout.
+        if config.function_name == load_shard and isinstance(event, dict) and event.get("Targets"):
+            for target in event["Targets"]:
+                conn = redis.Redis(host=target["Host"], port=int(target["Port"]), socket_timeout=10)
+                try:
+                    conn.execute_command("CLIENT", "PAUSE", 30000, "WRITE")
+                finally:
+                    conn.close()
+                paused.append(f"{target['Host']}:{target['Port']}")
+        return real_invoke(config, event)
+
+    monkeypatch.setattr(lambda_runtime.RUNTIME, "invoke", targets_hold_writes)
+    targets.append("slow-copy")
+    try:
+        arn, name = product.control.restore("slow-copy", snapshot="slow-snap", replicas=0)
+        with pytest.raises(CacheVaultError) as failure:
+            product.control.wait_restore(arn, name, timeout_s=120)
+    finally:
+        lam.update_function_configuration(FunctionName=load_shard, Timeout=900)
+    assert paused, "LoadShard was never invoked"
+    assert "Sandbox.Timedout" in f"{failure.value.code} {failure.value}"
+    failed = product.control.catalog.get_cache(name)
+    assert failed["Status"] == "failed"
+    assert "timed out" in failed["FailureReason"]
+    assert product.running_tasks(name) == []  # the target's node tasks were stopped
+    assert product.control.describe_snapshot("slow-snap")["SnapshotStatus"] == "available"

@@ -255,7 +255,10 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
     try:
         assert cache["TransitEncryptionEnabled"] is True
         creds = credentials.for_cache(cache)
-        assert creds.tls is not None and creds.tls.ca_file == tls_files.ca_file
+        # The record holds the CA's PEM text, not the path it was read from.
+        ca_pem = Path(tls_files.ca_file).read_text()
+        assert cache["TlsCaBundle"] == ca_pem
+        assert creds.tls is not None and creds.tls.ca_pem == ca_pem and creds.tls.ca_file is None
         primary = cache["Endpoints"][0]
         with pytest.raises(redis.ConnectionError):  # no plaintext listener: port 0
             _client(primary, Credentials(None, password)).ping()
@@ -271,7 +274,7 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
             "sec-tls-snap",
             AuthSecretArn=cache["AuthSecretArn"],
             TransitEncryptionEnabled=True,
-            TlsCaBundle=tls_files.ca_file,
+            TlsCaBundle=ca_pem,
             TlsServerName="localhost",
             TlsCertificateFile=tls_files.cert_file,
             TlsKeyFile=tls_files.key_file,
@@ -287,7 +290,7 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
                 "sec-tls-bad",
                 [primary],
                 auth_secret_arn=cache["AuthSecretArn"],
-                tls_ca_bundle=tls_files.other_ca_file,
+                tls_ca_bundle=Path(tls_files.other_ca_file).read_text(),
                 settings=product.settings,
             )
         assert product.control.catalog.find_cache("sec-tls-bad") is None

@@ -167,8 +167,11 @@ def test_export_refusals_write_nothing(product: Product, source: Source) -> None
     client("s3").put_object(Bucket=bucket, Key="taken-0001.rdb", Body=b"the user's own object")
     before = _snapshot_names(product)
 
-    with pytest.raises(InvalidParameterValue, match="does not exist"):
+    # Outside the deployment's ExportBucketAllowList (the product fixture allows user-exports-*).
+    with pytest.raises(InvalidParameterValue, match="not in this deployment's ExportBucketAllowList"):
         product.control.copy_snapshot("copy-src", "anywhere", "no-such-bucket-here")
+    with pytest.raises(InvalidParameterValue, match="does not exist"):
+        product.control.copy_snapshot("copy-src", "anywhere", f"user-exports-missing-{os.getpid()}")
     with pytest.raises(InvalidParameterValue, match=r"taken-0001\.rdb.*already exists"):
         product.control.copy_snapshot("copy-src", "taken", bucket)
 

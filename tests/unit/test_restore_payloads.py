@@ -1,7 +1,7 @@
-"""Every state of a 100-shard restore stays under Step Functions' 256 KB payload limit.
+"""Every state of a 500-shard restore stays under Step Functions' 256 KB payload limit.
 
-The states are built by the restore's own functions from realistic values (100 shards
-restored into 100, each source spread over every target and skipping module values,
+The states are built by the restore's own functions from realistic values (500 shards
+restored into 500, each source spread over every target and skipping module values,
 the longest names the checks allow), and passed through the ASL's own Parameters and
 ResultPath the way the interpreter does.
 """
@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from cachevault import restore_workflow as rw
+from cachevault import storage
 from cachevault.rdb import RdbModuleSkipped
 from cachevault.restore_load import LoadResult, LoadStats
 from cachevault.slots import even_split, format_slot_ranges
 
-SHARDS = 100
+SHARDS = 500
 LIMIT = 256 * 1024
 ASL = json.loads((Path(__file__).resolve().parents[2] / "statemachines" / "restore_snapshot.asl.json").read_text())
 BUCKET = "cachevault-snapshots-123456789012-ap-southeast-2"
@@ -65,7 +66,7 @@ def test_load_tasks_too_big_for_a_lambda_go_to_a_worker(monkeypatch) -> None:
     assert set(rw.load_task(source)) == {"Index", "Bucket", "Key", "Sha256", "Size", "KeyCount", "Runner"}
 
 
-def test_every_state_of_a_100_shard_restore_is_below_256_kb() -> None:
+def test_every_state_of_a_500_shard_restore_is_below_256_kb() -> None:
     ranges = [format_slot_ranges([r]) for r in even_split(SHARDS)]
     request = {
         "SnapshotName": SNAPSHOT,
@@ -85,14 +86,17 @@ def test_every_state_of_a_100_shard_restore_is_below_256_kb() -> None:
         "NumNodeGroups": SHARDS,
         "ReplicasPerNodeGroup": 5,
         "CacheNodeType": "cache.r7g.16xlarge",
-        "Sources": sources,
+        "TargetType": "ecs",
+        "Engine": "valkey",
+        "SourcesKey": storage.restore_sources_key(TARGET, EXECUTION),  # the sources are in S3
+        "SourceCount": len(sources),
         "ExecutionName": EXECUTION,
     }
     targets = [{"Host": f"10.123.{i}.{200 + i % 50}", "Port": 6379, "Slots": ranges[i]} for i in range(SHARDS)]
     provision = preflight | {
         "Seeded": False,
         "Targets": targets,
-        "LoadTasks": [rw.load_task(s) for s in sources],
+        "LoadTasks": [{k: rw.load_task(s)[k] for k in ("Index", "Runner")} for s in sources],  # as provision_step
     }
     sizes = {"Preflight input": _size(request), "Preflight": _size(preflight), "ProvisionCache": _size(provision)}
 
@@ -108,10 +112,10 @@ def test_every_state_of_a_100_shard_restore_is_below_256_kb() -> None:
         )
         for key, value in params.items()
     }
-    assert "Sources" not in item and "Path" not in item["Task"]
+    assert set(item["Task"]) == {"Index", "Runner"} and item["SourcesKey"] == preflight["SourcesKey"]
     sizes["LoadShard input"] = _size(item)
 
-    loads = []
+    loads, all_details = [], []
     for task in provision["LoadTasks"]:
         result = LoadResult(
             [LoadStats(f"{t['Host']}:6379", 1_234_567, 234_567, 9_876_543_210, 9876, 123.456) for t in targets],
@@ -124,9 +128,9 @@ def test_every_state_of_a_100_shard_restore_is_below_256_kb() -> None:
         details, output = rw.load_outputs(task, result, samples)
         assert "Samples" not in output and "KeysPerTarget" not in output and "ModuleKeysSkipped" not in output
         assert len(details["ModuleKeysSkipped"]) == 1000 and len(details["KeysPerTarget"]) == SHARDS
-        skipped = details["ModuleKeysSkipped"]
-        loads.append(output | {"ResultKey": f"restores/{TARGET}/{EXECUTION}/load-{task['Index']:04d}.json"})
+        loads.append(output | {"ResultKey": storage.restore_work_key(TARGET, EXECUTION, task["Index"])})
         assert len(json.dumps(details | {"Output": loads[-1]})) < 1 << 20  # the S3 result object stays small
+        all_details.append(details)
     sizes["LoadShard output"] = max(_size(r) for r in loads)
     after_map = provision | {ASL["States"]["LoadShards"]["ResultPath"].removeprefix("$."): loads}
     sizes["after LoadShards"] = _size(after_map)
@@ -143,7 +147,7 @@ def test_every_state_of_a_100_shard_restore_is_below_256_kb() -> None:
     }
     verified = {k: v for k, v in after_map.items() if k != "LoadResults"} | {
         "Verification": report,
-        "LoadSummary": rw._load_summary(loads, skipped),
+        "LoadSummary": rw._load_summary(all_details),
     }
     sizes["Verify"] = _size(verified)
     failed = {"State": after_map | {"Error": {"Error": "RestoreFailed", "Cause": "c" * 4096}}}

@@ -18,23 +18,20 @@ from cachevault.local.sam_translate import translate
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 
-# (role, first action) -> why a wildcard resource is unavoidable.
+# (role, first action) -> why a wildcard resource is unavoidable. Export buckets are not
+# here: they come from the ExportBucketAllowList parameter (test_template_deployable.py).
 WILDCARD_ALLOWED = {
-    # Export to a bucket the user names at run time (snapshot copy --target-bucket):
-    # the bucket is unknown at deploy time.
-    ("SnapshotCopyPreflightFunctionRole", "s3:ListBucket"): "export: check the user's bucket",
-    ("SnapshotCopyObjectFunctionRole", "s3:PutObject"): "export: write into the user's bucket",
-    ("SnapshotCopyFailFunctionRole", "s3:DeleteObject"): "export: remove a half-made export",
-    ("ApiFunctionRole", "s3:GetObject"): "export checks from the HTTP API (bucket exists, name free)",
-    # Restore from an RDB the user names by S3 ARN (ElastiCache's SnapshotArns).
+    # Restore from an RDB the user names by S3 ARN (ElastiCache's SnapshotArns): read only.
     ("RestorePreflightFunctionRole", "s3:GetObject"): "restore: read the user's RDB (and its version)",
     ("RestoreLoadShardFunctionRole", "s3:GetObject"): "restore: stream the user's RDB (and its version) into the node",
 }
 # AWS managed policies SAM attaches: CloudWatch Logs (per-function log groups are created
-# by Lambda on first write) and X-Ray (PutTraceSegments has no resource-level permission).
+# by Lambda on first write), X-Ray (PutTraceSegments has no resource-level permission) and,
+# for functions with VpcConfig, the ENI permissions Lambda needs to place them in the VPC.
 MANAGED_ALLOWED = {
     "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
     "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
+    "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
 }
 CREDENTIAL_READERS = {
     "SnapshotPreflightFunctionRole",
@@ -66,6 +63,12 @@ def _text(value: Any) -> str:
         return template
     if isinstance(value, dict) and "Fn::If" in value:
         return " | ".join(_text(v) for v in value["Fn::If"][1:])
+    if isinstance(value, dict) and "Fn::Join" in value:
+        sep, parts = value["Fn::Join"]
+        return sep.join(_text(v) for v in _listed(parts))
+    if isinstance(value, dict) and "Fn::Split" in value:
+        sep, source = value["Fn::Split"]
+        return " | ".join(_text(source).split(sep))
     return str(value)
 
 

@@ -23,6 +23,7 @@ from cachevault.errors import (
     InvalidParameterValue,
     InvalidReplicationGroupState,
     InvalidSnapshotState,
+    NodeQuotaForClusterExceededFault,
     ReplicationGroupAlreadyExistsFault,
 )
 from cachevault.settings import Settings
@@ -70,6 +71,9 @@ def registry_record(
     }
 
 
+MAX_NODES_PER_CACHE = 500
+
+
 def check_shape_values(
     *, num_shards: int | None = None, replicas: int | None = None, node_type: str | None = None
 ) -> None:
@@ -92,6 +96,13 @@ def validate_shape(
     if kind not in KINDS:
         raise InvalidParameterValue(f"Kind must be one of {', '.join(KINDS)}, not {kind!r}.")
     check_shape_values(num_shards=num_shards, replicas=replicas, node_type=node_type)
+    if num_shards * (1 + replicas) > MAX_NODES_PER_CACHE:
+        # ElastiCache's per-cluster node quota; it also keeps a cache's record (one entry per
+        # node) far under DynamoDB's 400 KB item limit.
+        raise NodeQuotaForClusterExceededFault(
+            f"{num_shards} shards with {replicas} replicas each is {num_shards * (1 + replicas)} nodes; "
+            f"a cache has at most {MAX_NODES_PER_CACHE} nodes."
+        )
     if num_shards > 1 and not cluster_mode:
         raise InvalidParameterCombination(
             "NumNodeGroups greater than 1 requires cluster mode enabled (ClusterMode=enabled)."
@@ -141,9 +152,10 @@ def create_local_cache(
     catalog = _catalog_for_new(settings, name)
     security: dict[str, Any] = {}
     if tls:
+        # The record carries the CA as PEM text: the steps that connect run elsewhere.
         security.update(
             TransitEncryptionEnabled=True,
-            TlsCaBundle=tls["ca_file"],
+            TlsCaBundle=creds_mod.read_ca_file(tls["ca_file"]),
             TlsCertificateFile=tls["cert_file"],
             TlsKeyFile=tls["key_file"],
         )
@@ -229,6 +241,7 @@ def register_external_cache(
     The nodes are reached with the credentials the secret/parameter holds; the shape
     (shards, replicas, node ids) comes from the live topology, so preflight and capture
     work exactly as for a local cache. cachevault never stops or deletes such nodes.
+    ``tls_ca_bundle`` is the CA as PEM text (a path is refused: see ``credentials``).
     """
     settings = settings or Settings.from_env()
     name = names.cache_name(name)
@@ -251,7 +264,7 @@ def register_external_cache(
     if transit_encryption or tls_ca_bundle:
         security["TransitEncryptionEnabled"] = True
         if tls_ca_bundle:
-            security["TlsCaBundle"] = tls_ca_bundle
+            security["TlsCaBundle"] = creds_mod.check_ca_pem(tls_ca_bundle)
     creds = creds_mod.for_cache(security)
     topo = topology.discover(seeds, credentials=creds)
     if cluster_mode is not None and cluster_mode != topo.cluster_mode:

@@ -114,15 +114,19 @@ def task_state(task_arn: str) -> dict[str, Any]:
     }
 
 
-def _keys_per_db(host: str, port: int, credentials: Credentials = creds_mod.NONE) -> dict[str, int]:
+def _node_stats(host: str, port: int, credentials: Credentials = creds_mod.NONE) -> tuple[dict[str, int], int]:
+    """Keys per database and the predicted RDB size: the dataset's memory (an RDB is rarely
+    larger; the multipart plan tolerates a prediction 16x too low)."""
     conn = redis.Redis(
         host=host, port=port, socket_timeout=10, socket_connect_timeout=5, **credentials.redis_kwargs()
     )
     try:
         keyspace = conn.info("keyspace")
+        memory = conn.info("memory")
     finally:
         conn.close()
-    return {db.removeprefix("db"): int(info["keys"]) for db, info in keyspace.items()}
+    predicted = int(memory.get("used_memory_dataset") or memory.get("used_memory") or 0)
+    return {db.removeprefix("db"): int(info["keys"]) for db, info in keyspace.items()}, predicted
 
 
 def run(
@@ -160,7 +164,7 @@ def run(
         )
 
     try:
-        keys = _keys_per_db(shard["Host"], int(shard["Port"]), credentials)
+        keys, predicted_size = _node_stats(shard["Host"], int(shard["Port"]), credentials)
         catalog.set_capture_progress(
             snapshot,
             group,
@@ -172,7 +176,9 @@ def run(
                 "KeyCount": sum(keys.values()),
             },
         )
-        with storage.S3MultipartWriter(s3, bucket, key, extra_args=extra_args or encryption.s3_args()) as writer:
+        with storage.S3MultipartWriter(
+            s3, bucket, key, extra_args=extra_args or encryption.s3_args(), expected_size=predicted_size
+        ) as writer:
             result = capture_rdb(
                 shard["Host"], int(shard["Port"]), writer.write, progress=report, credentials=credentials
             )

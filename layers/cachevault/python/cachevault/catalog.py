@@ -20,7 +20,7 @@ from typing import Any
 from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 
-from cachevault import aws
+from cachevault import aws, snapshot_record
 from cachevault.errors import (
     InvalidParameterValue,
     InvalidReplicationGroupState,
@@ -159,7 +159,7 @@ class Catalog:
     def create_snapshot(self, record: dict[str, Any]) -> dict[str, Any]:
         try:
             self.snapshots.put_item(
-                Item=_dynamo(record), ConditionExpression=Attr("SnapshotName").not_exists()
+                Item=_dynamo(snapshot_record.stored(record)), ConditionExpression=Attr("SnapshotName").not_exists()
             )
         except ClientError as err:
             if _conditional_failed(err):
@@ -177,9 +177,11 @@ class Catalog:
 
     def find_snapshot(self, name: str) -> dict[str, Any] | None:
         item = self.snapshots.get_item(Key={"SnapshotName": name}, ConsistentRead=True).get("Item")
-        return _plain(item) if item else None
+        return snapshot_record.loaded(_plain(item)) if item else None
 
     def update_snapshot(self, name: str, *, expect_status: str | None = None, **fields: Any) -> None:
+        if fields.get("NodeSnapshots"):
+            fields["NodeSnapshots"] = snapshot_record.stored_nodes(name, fields["NodeSnapshots"])
         _update(
             self.snapshots,
             {"SnapshotName": name},
@@ -201,8 +203,9 @@ class Catalog:
         return {i["NodeGroupId"]: _plain(i) for i in page.get("Items", [])}
 
     def delete_capture_progress(self, name: str) -> None:
-        for group in self.capture_progress(name):
-            self.progress.delete_item(Key={"SnapshotName": name, "NodeGroupId": group})
+        with self.progress.batch_writer() as batch:  # 25 per request: 500 shards in 20 calls
+            for group in self.capture_progress(name):
+                batch.delete_item(Key={"SnapshotName": name, "NodeGroupId": group})
 
     # ---- restore and copy progress: the same table, keyed "<operation>#<subject>" -------------
     # Names cannot contain "#", so these keys never collide with a snapshot's capture progress.
@@ -262,7 +265,7 @@ class Catalog:
                 )
             else:
                 page = self.snapshots.scan(**query)
-            items.extend(_plain(i) for i in page.get("Items", []))
+            items.extend(snapshot_record.loaded(_plain(i)) for i in page.get("Items", []))
             last = page.get("LastEvaluatedKey")
             if not last or (limit and len(items) >= limit):
                 break
@@ -282,7 +285,7 @@ class Catalog:
             & Key("SnapshotCreateTime").gte(iso(since)),
             FilterExpression=Attr("SnapshotSource").eq(source),
         )
-        items = [_plain(i) for i in page.get("Items", [])]
+        items = [snapshot_record.loaded(_plain(i)) for i in page.get("Items", [])]
         while page.get("LastEvaluatedKey"):
             page = self.snapshots.query(
                 IndexName=BY_CACHE_INDEX,
@@ -291,7 +294,7 @@ class Catalog:
                 FilterExpression=Attr("SnapshotSource").eq(source),
                 ExclusiveStartKey=page["LastEvaluatedKey"],
             )
-            items.extend(_plain(i) for i in page.get("Items", []))
+            items.extend(snapshot_record.loaded(_plain(i)) for i in page.get("Items", []))
         return items
 
 

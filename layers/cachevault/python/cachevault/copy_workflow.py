@@ -7,8 +7,9 @@ Preflight -> Map(CopyObject per shard RDB) -> Complete; every step is caught to 
   ``manual``, ``creating`` until every object is copied, then ``available``.
 * With a target bucket the RDBs are exported to the user's bucket under ElastiCache's
   export names (``TARGET-0001.rdb`` ... at the bucket root). Refused before anything is
-  written for snapshots of data tiering caches, a bucket that does not exist and a name
-  that is already taken there.
+  written for snapshots of data tiering caches, a bucket outside the deployment's
+  ExportBucketAllowList (``export_buckets``), a bucket that does not exist and a name that
+  is already taken there.
 
 The source snapshot is ``copying`` while the execution runs (so it can be neither
 deleted nor restored meanwhile) and returns to ``available`` when it ends, failed or not.
@@ -24,7 +25,7 @@ from typing import Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from cachevault import encryption, events, names, storage
+from cachevault import encryption, events, export_buckets, names, storage
 from cachevault.aws import client
 from cachevault.catalog import Catalog
 from cachevault.errors import (
@@ -66,12 +67,15 @@ def copy_object(
     *,
     multipart_threshold: int = MULTIPART_THRESHOLD,
     multipart_chunk: int = MULTIPART_CHUNK,
+    target_owner: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Server-side copy (managed multipart above the threshold); returns the target's head.
 
+    ``target_owner`` (``{"ExpectedBucketOwner": account}``) goes with every request on the target;
     ``on_bytes(n)`` is boto3's transfer callback: the bytes copied since its last call.
     """
+    owner = target_owner or {}
     config = TransferConfig(
         multipart_threshold=multipart_threshold,
         multipart_chunksize=multipart_chunk,
@@ -82,11 +86,11 @@ def copy_object(
         {"Bucket": source_bucket, "Key": storage.check_key(source_key)},
         target_bucket,
         storage.check_key(target_key),
-        ExtraArgs=encryption.s3_args(),  # copies are encrypted like every object cachevault writes
+        ExtraArgs={**encryption.s3_args(), **owner},  # encrypted like every object cachevault writes
         Config=config,
         Callback=on_bytes,
     )
-    return s3.head_object(Bucket=target_bucket, Key=target_key)
+    return s3.head_object(Bucket=target_bucket, Key=target_key, **owner)
 
 
 def _error_code(err: ClientError) -> str:
@@ -163,8 +167,10 @@ def _check_export(s3: Any, source: dict[str, Any], target: str, bucket: str, cou
             f"Snapshot {source['SnapshotName']!r} is of a data tiering cache ({source.get('CacheNodeType')}); "
             "exporting snapshots of data tiering caches to Amazon S3 is not supported."
         )
+    export_buckets.check_allowed(bucket)
+    owner = export_buckets.owner_args()
     try:
-        s3.head_bucket(Bucket=bucket)
+        s3.head_bucket(Bucket=bucket, **owner)
     except ClientError as err:
         raise InvalidParameterValue(
             f"The S3 bucket {bucket!r} does not exist or cannot be accessed ({_error_code(err)}); "
@@ -173,7 +179,7 @@ def _check_export(s3: Any, source: dict[str, Any], target: str, bucket: str, cou
     for index in range(1, count + 1):
         key = export_key(target, index)
         try:
-            s3.head_object(Bucket=bucket, Key=key)
+            s3.head_object(Bucket=bucket, Key=key, **owner)
         except ClientError as err:
             if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
                 continue
@@ -237,11 +243,11 @@ def copy_object_step(event: dict[str, Any]) -> dict[str, Any]:
         copied += n
         report.update(copied)
 
+    owner = export_buckets.owner_args() if event.get("TargetBucket") else {}
     report.start()
     try:
-        head = copy_object(
-            s3, event["SourceBucket"], obj["SourceKey"], event["DestinationBucket"], obj["TargetKey"], on_bytes=on_bytes
-        )
+        source, target = (event["SourceBucket"], obj["SourceKey"]), (event["DestinationBucket"], obj["TargetKey"])
+        head = copy_object(s3, *source, *target, target_owner=owner, on_bytes=on_bytes)
     except ClientError as err:
         if _error_code(err) not in ("404", "NoSuchKey", "NotFound"):
             raise
@@ -343,7 +349,9 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
             if keys:
                 cleanup(
                     "delete the exported objects",
-                    lambda: s3.delete_objects(Bucket=target_bucket, Delete={"Objects": keys, "Quiet": True}),
+                    lambda: s3.delete_objects(
+                        Bucket=target_bucket, Delete={"Objects": keys, "Quiet": True}, **export_buckets.owner_args()
+                    ),
                     errors,
                 )
         else:

@@ -7,8 +7,9 @@ A cache record never holds a password. It names where the password lives:
 * ``AuthParameterName``: an SSM SecureString parameter with the same content.
 
 ``TransitEncryptionEnabled`` (ElastiCache's name) turns on TLS; the server certificate is
-checked against ``TlsCaBundle`` (a path to a PEM file, or PEM text) or a ``ca`` field of
-the secret. Values are read with Powertools parameters (cached ``max_age`` seconds, so a
+checked against ``TlsCaBundle`` (PEM text, never a file path: the steps that read it run
+where no file of the requester's machine exists; the CLI reads ``--tls-ca-file`` and sends
+its PEM) or a ``ca`` field of the secret. Values are read with Powertools parameters (cached ``max_age`` seconds, so a
 Map of 50 shards reads the secret once per warm Lambda). State machine payloads carry the
 cache name only: each step resolves the credentials itself, so no secret ever lands in an
 execution history, a log line or a manifest. ``Credentials.__repr__`` masks the password.
@@ -16,9 +17,12 @@ execution history, a log line or a manifest. ``Credentials.__repr__`` masks the 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
 import ssl
+import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -181,16 +185,27 @@ def read_parameter(name: str, *, force: bool = False) -> dict[str, str]:
     return _parse(raw, f"Parameter {name}")
 
 
+def check_ca_pem(bundle: str, what: str = "TlsCaBundle") -> str:
+    """``bundle`` if it is PEM text (one or more certificates), else InvalidParameterValue."""
+    if not bundle.lstrip().startswith(_PEM_MARK) or "-----END" not in bundle:
+        shown = bundle if len(bundle) <= 80 else bundle[:77] + "..."
+        raise InvalidParameterValue(
+            f"{what} must be the CA certificate(s) as PEM text (-----BEGIN CERTIFICATE-----...), not "
+            f"{shown!r}: a file path cannot be read by the steps that connect to the nodes. "
+            "The CLI's --tls-ca-file reads the file and sends its PEM."
+        )
+    return bundle
+
+
 def _tls(cache: Mapping[str, Any], secret: Mapping[str, str]) -> Tls | None:
     if not cache.get("TransitEncryptionEnabled"):
         return None
-    bundle = str(cache.get("TlsCaBundle") or secret.get("ca") or "")
     server_name = cache.get("TlsServerName") or None
-    if bundle.lstrip().startswith(_PEM_MARK):
-        return Tls(ca_pem=bundle, server_name=server_name)
-    if bundle and not Path(bundle).is_file():
-        raise InvalidParameterValue(f"TlsCaBundle {bundle} is not a readable PEM file.")
-    return Tls(ca_file=bundle or None, server_name=server_name)
+    if cache.get("TlsCaBundle"):
+        return Tls(ca_pem=check_ca_pem(str(cache["TlsCaBundle"])), server_name=server_name)
+    if secret.get("ca"):
+        return Tls(ca_pem=check_ca_pem(str(secret["ca"]), "The secret's ca field"), server_name=server_name)
+    return Tls(server_name=server_name)  # the system CAs
 
 
 def for_cache(cache: Mapping[str, Any], *, force: bool = False) -> Credentials:
@@ -221,7 +236,7 @@ def secret_document(username: str | None, password: str) -> str:
 
 
 # --------------------------------------------------------------------------- registry fields
-# What a request may say about a (new) cache's security: names and paths, never a secret.
+# What a request may say about a (new) cache's security: names and PEM text, never a secret.
 SECURITY_FIELDS = (
     "AuthSecretArn",
     "AuthParameterName",
@@ -242,22 +257,46 @@ def security_fields(request: Mapping[str, Any]) -> dict[str, Any]:
     if "Password" in request or "AuthToken" in request:
         # A secret in a request would be kept in the execution history: refuse it.
         raise InvalidParameterValue("Pass credentials by AuthSecretArn or AuthParameterName, never inline.")
+    if fields.get("TlsCaBundle"):
+        check_ca_pem(str(fields["TlsCaBundle"]))
     return fields
 
 
+def read_ca_file(path: str | Path) -> str:
+    """The PEM text of a CA file on this machine (the CLI's --tls-ca-file), checked."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParameterValue(f"Cannot read the CA file {path}: {exc}") from None
+    return check_ca_pem(text, f"CA file {path}")
+
+
 def fleet_tls(cache: Mapping[str, Any]) -> dict[str, str] | None:
-    """The local fleet's TLS files for a cache with transit encryption (None without)."""
+    """The local fleet's TLS files for a cache with transit encryption (None without).
+
+    The nodes' own certificate and key are files of the machine running them; the CA comes
+    as PEM text (``TlsCaBundle``) and is written to a private file for redis-server's
+    ``tls-ca-cert-file``.
+    """
     if not cache.get("TransitEncryptionEnabled"):
         return None
-    files = {
-        "cert_file": cache.get("TlsCertificateFile"),
-        "key_file": cache.get("TlsKeyFile"),
-        "ca_file": cache.get("TlsCaBundle"),
-    }
-    missing = [k for k, v in files.items() if not v]
-    if missing:
+    files = {"cert_file": cache.get("TlsCertificateFile"), "key_file": cache.get("TlsKeyFile")}
+    if not all(files.values()) or not cache.get("TlsCaBundle"):
         raise InvalidParameterValue(
-            "A local cache with TransitEncryptionEnabled needs TlsCertificateFile, TlsKeyFile and "
-            "TlsCaBundle (paths of PEM files)."
+            "A local cache with TransitEncryptionEnabled needs TlsCertificateFile and TlsKeyFile (paths of "
+            "PEM files on the machine running the nodes) and TlsCaBundle (PEM text)."
         )
-    return {k: str(v) for k, v in files.items()}
+    return {**{k: str(v) for k, v in files.items()}, "ca_file": str(_ca_file(str(cache["TlsCaBundle"])))}
+
+
+def _ca_file(pem: str) -> Path:
+    """A file holding ``pem`` (content-addressed under the temp dir, the only writable place on Lambda)."""
+    check_ca_pem(pem)
+    directory = Path(tempfile.gettempdir()) / "cachevault-ca"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{hashlib.sha256(pem.encode()).hexdigest()[:32]}.pem"
+    if not path.exists():
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(pem)
+        partial.replace(path)  # atomic: concurrent writers of the same CA race harmlessly
+    return path

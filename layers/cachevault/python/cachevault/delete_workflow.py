@@ -19,9 +19,10 @@ that name is refused with SnapshotAlreadyExistsFault, as ElastiCache does.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from cachevault import caches, names
+from cachevault import caches, names, polling
 from cachevault.errors import (
     FinalSnapshotFailed,
     InvalidReplicationGroupState,
@@ -33,7 +34,9 @@ from cachevault.service import CREATE_SNAPSHOT, error_from_execution, execution_
 from cachevault.settings import Settings
 
 DEFAULT_POLL_SECONDS = 2
-DEFAULT_MAX_POLLS = 5400  # 3 hours at the default poll interval
+# Polls wait longer as the snapshot ages (polling.py): 2,000 polls cover weeks and stay
+# within the 25,000 history events of one execution (~9 events per poll).
+DEFAULT_MAX_POLLS = 2000
 
 
 def check_request(control: Any, cache: str, snapshot: str) -> tuple[str, str, dict[str, Any] | None]:
@@ -91,6 +94,8 @@ def start_final_snapshot_step(event: dict[str, Any]) -> dict[str, Any]:
         "MaxPolls": int(event.get("MaxPolls") or DEFAULT_MAX_POLLS),
         "Polls": 0,
         "Done": False,
+        "StartedAtEpoch": time.time(),
+        "NextPollSeconds": poll_seconds,
         "ExecutionName": event.get("ExecutionName"),
     }
 
@@ -110,6 +115,7 @@ def poll_final_snapshot_step(event: dict[str, Any]) -> dict[str, Any]:
     )
     if ours and record["SnapshotStatus"] == "available":
         return {**event, "Polls": polls, "Done": True}
+    wait = polling.next_poll_seconds(event.get("StartedAtEpoch"), int(event.get("PollSeconds") or DEFAULT_POLL_SECONDS))
     if ours and record["SnapshotStatus"] == "failed":
         raise FinalSnapshotFailed(
             f"Final snapshot {snapshot!r} failed, so replication group {event['ReplicationGroupId']!r} was not "
@@ -125,7 +131,7 @@ def poll_final_snapshot_step(event: dict[str, Any]) -> dict[str, Any]:
             f"Final snapshot {snapshot!r} still {record['SnapshotStatus'] if ours else 'starting'} after "
             f"{polls} polls; replication group {event['ReplicationGroupId']!r} was not deleted."
         )
-    return {**event, "Polls": polls, "Done": False}
+    return {**event, "Polls": polls, "Done": False, "NextPollSeconds": wait}
 
 
 def delete_cache_step(event: dict[str, Any]) -> dict[str, Any]:

@@ -55,3 +55,4 @@ FinalSnapshotFailed = _fault("FinalSnapshotFailed", 500)
 ImportNotFoundFault = _fault("ImportNotFoundFault", 404)
 # API Gateway refuses a payload over 10 MB with 413 before any integration runs.
 RequestEntityTooLarge = _fault("RequestEntityTooLarge", 413)
+NodeQuotaForClusterExceededFault = _fault("NodeQuotaForClusterExceededFault")

@@ -157,6 +157,9 @@ def _source_nodes(snapshot: dict[str, Any]) -> set[str]:
     return {str(n.get("CacheNodeId")) for n in snapshot.get("NodeSnapshots", [])}
 
 
+WARNED_NODES = 5  # memory warnings named one by one
+
+
 def memory_headroom(ctx: PreflightContext) -> None:
     """Warn when the fork's copy-on-write may page: reserved memory below the configured share.
 
@@ -164,6 +167,7 @@ def memory_headroom(ctx: PreflightContext) -> None:
     maxmemory (or minus used memory when no maxmemory is set).
     """
     pct = ctx.reserved_memory_percent
+    low = []
     for node, mem in ctx.node_memory.items():
         total = mem.get("total_system_memory") or 0
         if not total:
@@ -171,10 +175,13 @@ def memory_headroom(ctx: PreflightContext) -> None:
         limit = mem.get("maxmemory") or mem.get("used_memory", 0)
         reserved = max(total - limit, 0)
         if reserved * 100 < pct * total:
-            ctx.warnings.append(
-                f"Node {node}: reserved memory is {reserved * 100 // total}% of {total} bytes, below "
-                f"reserved-memory-percent {pct}%; the snapshot's fork may page (copy-on-write)."
-            )
+            low.append(f"Node {node}: reserved memory is {reserved * 100 // total}% of {total} bytes")
+    # One warning per node up to a few; beyond, one line for the rest: the warnings travel in
+    # the state payload (256 KB) and the snapshot record (400 KB) of a 500-shard snapshot too.
+    advice = f"below reserved-memory-percent {pct}%; the snapshot's fork may page (copy-on-write)."
+    ctx.warnings.extend(f"{line}, {advice}" for line in low[:WARNED_NODES])
+    if len(low) > WARNED_NODES:
+        ctx.warnings.append(f"{len(low) - WARNED_NODES} more nodes reserve less memory than that, {advice}")
 
 
 RULES: tuple[Rule, ...] = (

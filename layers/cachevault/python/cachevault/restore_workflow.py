@@ -13,9 +13,15 @@ each LoadShard reads its own source from S3 (into its own temp dir when it fits 
 else as a stream of ranged GETs, SHA-256 checked either way) and sends pre-packed RESTORE
 batches, routed by hash slot; AttachReplicas then adds the replicas, which full-sync from
 their loaded primary (a primary with replicas would propagate every RESTORE to them while
-it loads: 6x slower with one replica). A LoadShard leaves its per-target key counts and
-sample keys in a small S3 object under the restore's prefix (the state payload stays
-small for any shard count); Verify reads those, MarkAvailable/MarkFailed delete them.
+it loads: 6x slower with one replica).
+
+What grows with the shard count stays out of the state payload (256 KB at 500 shards,
+tests/unit/test_state_limits.py): Preflight writes the checked sources to
+``restores/<target>/<execution>/sources.json`` and the state carries its key
+(``SourcesKey``); each LoadShards item is ``{Index, Runner}`` and the step reads its source
+(``load_task``) from that document. A LoadShard leaves its per-target key counts, totals
+and sample keys in ``load-NNNN.json`` beside it and returns only its key and key count;
+Verify reads those, MarkAvailable/MarkFailed delete the whole prefix.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
+
+from botocore.exceptions import ClientError
 
 from cachevault import caches, encryption, events, names, restore_targets, storage, topology
 from cachevault import credentials as creds_mod
@@ -189,9 +197,18 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         "CacheNodeType": node_type,
         "TargetType": "external" if external is not None else "ecs",
         "Engine": engine,
-        "Sources": checked,
+        "SourcesKey": _put_json(storage.restore_sources_key(target, execution), checked),
+        "SourceCount": len(checked),
         "ExecutionName": execution,
     }
+
+
+def restore_sources(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checked sources Preflight recorded for this execution (read from S3)."""
+    key = str(event["SourcesKey"])
+    if not key.startswith(storage.RESTORES_PREFIX):
+        raise InvalidParameterValue(f"SourcesKey {key!r} is not a restore's sources document.")
+    return list(_read_json(key))
 
 
 def _check_target_free(catalog: Catalog, target: str) -> dict[str, Any] | None:
@@ -368,7 +385,10 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
         _record_nodes(catalog, nodes, event, creds)
         targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
-    tasks = [load_task(s) for s in event["Sources"]]
+    # The Map's items stay small (Index, Runner): each LoadShard reads its source from SourcesKey.
+    tasks = [{k: t[k] for k in ("Index", "Runner")} for t in map(load_task, restore_sources(event))]
+    if any(t["Runner"] == "ecs" for t in tasks):  # worker tasks read the targets from S3 (load_job)
+        _put_json(storage.restore_targets_key(target, event["ExecutionName"]), targets)
     logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets))
     return {**event, "Seeded": False, "Targets": targets, "LoadTasks": tasks}
 
@@ -418,10 +438,11 @@ def _targets(event: dict[str, Any]) -> list[TargetShard]:
 def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
     """Read one source RDB from S3 and stream it into the target primaries (routed by slot).
 
-    The per-target counts and the sample keys go to a small S3 object under the restore's
-    prefix (``ResultKey``); the returned state holds only totals.
+    The per-target counts, totals and sample keys go to a small S3 object under the
+    restore's prefix (``ResultKey``); the returned state holds only that key and the count.
     """
-    task = event["Task"]
+    index = int(event["Task"]["Index"])
+    task = load_task(next(s for s in restore_sources(event) if int(s["Index"]) == index))
     targets = _targets(event)
     samples: list[dict[str, Any]] = []
 
@@ -456,53 +477,61 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
     metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
     key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(task["Index"]))
     output["ResultKey"] = key
-    _put_load_details(key, details | {"Output": output})
+    _put_json(key, details | {"Output": output})
     return output
 
 
 def load_outputs(
     task: dict[str, Any], result: LoadResult, samples: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(details for Verify, kept in S3; the step's output, without its ResultKey yet).
+    """(details for Verify and the summary, kept in S3; the step's output, without its ResultKey yet).
 
-    The output's size does not grow with the number of targets or skipped module values,
-    so the Map's results stay far below the 256 KB state limit for any shard count.
+    The output's size does not grow with the number of targets or skipped module values:
+    the Map gathers 500 of them into one state, which must stay below 256 KB.
     """
     skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
     details = {
         "Index": task["Index"],
         "KeysPerTarget": result.keys_per_target,
         "KeysWithTtlPerTarget": [t.keys_with_ttl for t in result.targets],
-        "ModuleKeysSkipped": skipped,
-        "Samples": samples,
-    }
-    output = {
-        "Index": task["Index"],
-        "KeysLoaded": result.keys_loaded,
         "KeysExpiredSkipped": result.keys_expired_skipped,
         "BytesSent": result.bytes_sent,
         "Seconds": round(result.seconds, 3),
         "FunctionLibraries": result.function_libraries_loaded,
-        "ModuleKeysSkippedCount": len(skipped),
-        "ModulesSkipped": sorted({m["Module"] for m in skipped}),
+        "ModuleKeysSkipped": skipped,
+        "Samples": samples,
     }
-    return details, output
+    return details, {"Index": task["Index"], "KeysLoaded": result.keys_loaded}
 
 
 def load_job(event: dict[str, Any]) -> dict[str, Any]:
     """LoadShard as a worker job (an ECS task for a shard too big for a Lambda's 15 minutes).
 
-    Same input as the Lambda step (an item of the LoadShards Map). An ECS task returns no
-    output to the state machine: the result is in S3 (``ResultKey``), and ``load_result_step``
-    (a Lambda after the task) hands it to the Map as the Lambda step would have.
+    Same input as the Lambda step (an item of the LoadShards Map) but for ``Targets``, read
+    from the object ProvisionCache wrote (the task's environment holds 8 KB). An ECS task
+    returns no output to the state machine: the result is in S3 (``ResultKey``), and
+    ``load_result_step`` (a Lambda after the task) hands it to the Map as the Lambda step would have.
     """
+    if "Targets" not in event:
+        key = storage.restore_targets_key(event["ReplicationGroupId"], event["ExecutionName"])
+        event = {**event, "Targets": _read_json(key)}
     return load_shard_step(event)
 
 
 def load_result_step(event: dict[str, Any]) -> dict[str, Any]:
     """The output of a LoadShard that ran as a worker job, read from its result object."""
-    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(event["Task"]["Index"]))
-    return dict(_load_details(key)["Output"])
+    index = int(event["Task"]["Index"])
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], index)
+    try:
+        return dict(_load_details(key)["Output"])
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        # runTask.sync ends when the task stops, whatever its exit code: no result means it failed.
+        raise RestoreFailed(
+            f"The load of source {index} ran as an ECS task that ended without a result ({key} is missing); "
+            "its log says why."
+        ) from None
 
 
 def _source_mode() -> str:
@@ -537,17 +566,23 @@ def _opened_source(task: dict[str, Any]) -> Iterator[str | storage.S3RangeReader
         Path(name).unlink(missing_ok=True)
 
 
-def _put_load_details(key: str, details: dict[str, Any]) -> None:
+def _put_json(key: str, document: Any) -> str:
+    """Write one of the restore's work objects (under its prefix); returns its key."""
     client("s3").put_object(
         Bucket=Settings.from_env().bucket,
         Key=key,
-        Body=json.dumps(details, separators=(",", ":")).encode(),
+        Body=json.dumps(document, separators=(",", ":")).encode(),
         ContentType="application/json",
         **encryption.s3_args(),
     )
+    return key
 
 
 def _load_details(key: str) -> dict[str, Any]:
+    return dict(_read_json(key))
+
+
+def _read_json(key: str) -> Any:
     body = client("s3").get_object(Bucket=Settings.from_env().bucket, Key=storage.check_key(key))["Body"]
     with contextlib.closing(body):
         return json.loads(body.read())
@@ -581,7 +616,7 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)
     # A full sync moves the whole dataset once more: bound the wait by its size.
-    megabytes = sum(int(s["Size"]) for s in event["Sources"]) / MiB
+    megabytes = sum(int(s["Size"]) for s in restore_sources(event)) / MiB
     timeout = max(restore_targets.READY_TIMEOUT_S, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
     nodes = restore_targets.add_ecs_replicas(cache, wanted, creds, creds_mod.fleet_tls(cache), timeout)
     _record_nodes(catalog, nodes, event, creds)
@@ -593,8 +628,7 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
 def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     targets = _targets(event)
     loads = event.get("LoadResults") or []
-    details = [_load_details(r["ResultKey"]) for r in loads]
-    skipped = [m for d in details for m in d["ModuleKeysSkipped"]][:MODULE_KEYS_LISTED]
+    details = [_load_details(r["ResultKey"]) for r in sorted(loads, key=lambda r: int(r["Index"]))]
     expected = [sum(d["KeysPerTarget"][i] for d in details) for i in range(len(targets))]
     volatile = [sum(d["KeysWithTtlPerTarget"][i] for d in details) for i in range(len(targets))]
     samples = [
@@ -621,7 +655,7 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
     logger.info("restore verified", target=event["ReplicationGroupId"], report=report)
     return {k: v for k, v in event.items() if k != "LoadResults"} | {
         "Verification": report,
-        "LoadSummary": _load_summary(loads, skipped),
+        "LoadSummary": _load_summary(details),
     }
 
 
@@ -649,14 +683,15 @@ def _check_replicas(target: str, report: dict[str, Any]) -> int:
     return sum(len(s.replicas) for s in shards)
 
 
-def _load_summary(loads: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals of the LoadShard results; ``skipped``: the first module values skipped, named."""
+def _load_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals of the LoadShards' detailed results (their S3 objects); the first module values skipped, named."""
+    skipped = [m for r in loads for m in r["ModuleKeysSkipped"]]
     return {
-        "KeysLoaded": sum(r["KeysLoaded"] for r in loads),
+        "KeysLoaded": sum(sum(r["KeysPerTarget"]) for r in loads),
         "KeysExpiredSkipped": sum(r["KeysExpiredSkipped"] for r in loads),
         "BytesSent": sum(r["BytesSent"] for r in loads),
         "FunctionLibraries": max((r["FunctionLibraries"] for r in loads), default=0),
-        "ModuleKeysSkippedCount": sum(r["ModuleKeysSkippedCount"] for r in loads),
+        "ModuleKeysSkippedCount": len(skipped),
         "ModuleKeysSkipped": skipped[:MODULE_KEYS_LISTED],
     }
 

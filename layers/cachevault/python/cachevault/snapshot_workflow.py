@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from cachevault import (
@@ -20,8 +21,10 @@ from cachevault import (
     encryption,
     events,
     names,
+    polling,
     preflight,
     restore_targets,
+    snapshot_record,
     storage,
     topology,
 )
@@ -302,7 +305,22 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
 def start_capture_step(event: dict[str, Any]) -> dict[str, Any]:
     """The inline runner: the whole capture inside this invocation (planned to fit well in it)."""
     capture_runner.run_inline(event["SnapshotName"], event["Shard"], Settings.from_env())
-    return {**event, "Capture": {"Done": False, "StartedAt": iso()}}
+    # WaitCapture waits Capture.NextPollSeconds: growing with the capture's age (polling.py).
+    capture = {"Done": False, "StartedAt": iso(), "StartedAtEpoch": time.time()}
+    return {**event, "Capture": {**capture, "NextPollSeconds": _poll_base(event)}}
+
+
+def _poll_base(event: dict[str, Any]) -> int:
+    return int(event.get("PollSeconds") or DEFAULT_POLL_SECONDS)
+
+
+def _started_epoch(capture: dict[str, Any]) -> float | None:
+    """When the capture started: StartCapture's epoch, or the ISO time StartCaptureTask's Pass records."""
+    if capture.get("StartedAtEpoch") is not None:
+        return float(capture["StartedAtEpoch"])
+    if capture.get("StartedAt"):
+        return datetime.fromisoformat(str(capture["StartedAt"]).replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
@@ -334,6 +352,7 @@ def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
                     f"Capture task of shard {shard['NodeGroupId']} stopped ({task['stoppedReason']}, exit codes "
                     f"{task['exitCodes']}): {node.get('CaptureError', 'no capture result recorded')}"
                 )
+    started = _started_epoch(event.get("Capture") or {})
     return {
         **event,
         "Capture": {
@@ -341,6 +360,8 @@ def poll_capture_step(event: dict[str, Any]) -> dict[str, Any]:
             "Status": status,
             "BytesCaptured": node.get("BytesCaptured", 0),
             "RateBytesPerSecond": node.get("RateBytesPerSecond", 0),
+            "StartedAtEpoch": started,
+            "NextPollSeconds": polling.next_poll_seconds(started, _poll_base(event)),
         },
     }
 
@@ -359,13 +380,9 @@ def finish_shard_step(event: dict[str, Any]) -> dict[str, Any]:
         )
     metrics.add_metric(name="BytesCaptured", unit="Bytes", value=int(node["Size"]))
     metrics.add_metric(name="CaptureDuration", unit="Seconds", value=float(node.get("CaptureSeconds", 0)))
-    return {
-        "NodeGroupId": shard["NodeGroupId"],
-        "CacheNodeId": shard["CacheNodeId"],
-        "Size": int(node["Size"]),
-        "Sha256": node["Sha256"],
-        "S3Key": key,
-    }
+    # Small on purpose: the Map gathers one per shard into a single payload (256 KB at 500
+    # shards); WriteManifest reads the full results from the progress table.
+    return {"NodeGroupId": shard["NodeGroupId"], "Size": int(node["Size"])}
 
 
 # What a finished capture contributes to its NodeSnapshots entry (ElastiCache names first).
@@ -407,14 +424,13 @@ def write_manifest_step(event: dict[str, Any]) -> dict[str, Any]:
     )
     catalog.update_snapshot(
         record["SnapshotName"],
-        NodeSnapshots=record["NodeSnapshots"],
+        # The capture's details stay in the manifest: the record of 500 shards fits 400 KB.
+        NodeSnapshots=[snapshot_record.record_entry(n) for n in record["NodeSnapshots"]],
         ManifestKey=storage.manifest_key(record["SnapshotName"]),
         RdbVersion=manifest["RdbVersion"],
     )
     catalog.delete_capture_progress(record["SnapshotName"])
-    return {k: v for k, v in event.items() if k != "ShardResults"} | {
-        "ManifestKey": storage.manifest_key(record["SnapshotName"])
-    }
+    return {**event, "ManifestKey": storage.manifest_key(record["SnapshotName"])}
 
 
 def build_manifest(record: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,9 @@ RESTORES_PREFIX = "restores/"
 MANIFEST_NAME = "manifest.json"
 MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3: every part but the last must be >= 5 MiB
+MAX_PART_SIZE = 5 * 1024 * MiB  # S3: at most 5 GiB per part
 MAX_PARTS = 10_000
+DEFAULT_PART_SIZE = 16 * MiB
 DOWNLOAD_CHUNK = MiB
 RANGE_SIZE = 8 * MiB  # bytes per ranged GET when streaming an object
 TMP_HEADROOM = 64 * MiB  # left free in the temp dir after a download (other files, page slack)
@@ -98,6 +100,61 @@ def restore_work_key(target: str, execution: str, source_index: int) -> str:
     return f"{restore_prefix(target, execution)}load-{source_index:04d}.json"
 
 
+def restore_targets_key(target: str, execution: str) -> str:
+    """The primaries ProvisionCache made ready to load (what a LoadShard worker task reads: ECS
+    overrides hold 8 KB, not the Targets of a 500-shard restore)."""
+    return f"{restore_prefix(target, execution)}targets.json"
+
+
+def restore_sources_key(target: str, execution: str) -> str:
+    """The checked sources of one restore execution (Preflight writes it, the later steps read it)."""
+    return f"{restore_prefix(target, execution)}sources.json"
+
+
+class PartPlan:
+    """The size of each multipart part, so one object never needs more than ``max_parts`` parts.
+
+    Fixed 16 MiB parts stop at 156 GiB. The plan sizes parts for the expected size (e.g.
+    predicted from the node's INFO) to fill at most ``planned_parts`` parts, with
+    ``max_parts - planned_parts`` in reserve; if the object outgrows the prediction, the part
+    size doubles every ``growth_every`` parts beyond the planned ones (S3 allows parts of
+    different sizes), which covers 16x the prediction before the last part. Sizes are whole
+    MiB, at least ``min_part_size`` and at most S3's 5 GiB.
+    """
+
+    def __init__(
+        self,
+        expected_size: int | None = None,
+        *,
+        min_part_size: int = DEFAULT_PART_SIZE,
+        max_parts: int = MAX_PARTS,
+        planned_parts: int = 8_000,
+        growth_every: int = 250,
+    ) -> None:
+        if min_part_size < MIN_PART_SIZE:
+            raise InvalidParameterValue(f"part_size must be >= {MIN_PART_SIZE} bytes")
+        if not 0 < planned_parts < max_parts or growth_every < 1:
+            raise InvalidParameterValue("planned_parts must be below max_parts, growth_every >= 1")
+        wanted = -(-int(expected_size or 0) // planned_parts)  # ceil
+        self.base = min(MAX_PART_SIZE, max(min_part_size, -(-wanted // MiB) * MiB))
+        self.max_parts = max_parts
+        self.planned_parts = planned_parts
+        self.growth_every = growth_every
+
+    def size(self, part_number: int) -> int:
+        """Bytes in part ``part_number`` (1-based) when it is not the last one."""
+        if not 1 <= part_number <= self.max_parts:
+            raise InvalidParameterValue(f"part number {part_number} is outside 1..{self.max_parts}")
+        extra = max(0, part_number - self.planned_parts - 1) // self.growth_every + (
+            part_number > self.planned_parts
+        )
+        return min(MAX_PART_SIZE, self.base << min(extra, 20))
+
+    def capacity(self) -> int:
+        """The largest object the plan can hold (every part full)."""
+        return sum(self.size(n) for n in range(1, self.max_parts + 1))
+
+
 class S3MultipartWriter:
     """File-like sink that uploads to S3 while the producer keeps writing.
 
@@ -106,6 +163,9 @@ class S3MultipartWriter:
     all slots are taken. An upload error is re-raised by the next ``write``/``close``,
     after the multipart upload has been aborted. Objects smaller than one part go up
     with a single PUT (no multipart upload at all).
+
+    Part sizes follow a ``PartPlan``: ``part_size`` is the smallest part, ``expected_size``
+    (a prediction, may be low) makes parts bigger so the object fits S3's 10,000 parts.
     """
 
     def __init__(
@@ -114,18 +174,19 @@ class S3MultipartWriter:
         bucket: str,
         key: str,
         *,
-        part_size: int = 16 * MiB,
+        part_size: int = DEFAULT_PART_SIZE,
         max_in_flight: int = 2,
         extra_args: dict[str, Any] | None = None,
+        expected_size: int | None = None,
+        plan: PartPlan | None = None,
     ) -> None:
-        if part_size < MIN_PART_SIZE:
-            raise InvalidParameterValue(f"part_size must be >= {MIN_PART_SIZE} bytes")
+        self.plan = plan or PartPlan(expected_size, min_part_size=part_size)
         if max_in_flight < 1:
             raise InvalidParameterValue("max_in_flight must be >= 1")
         self.client = client
         self.bucket = bucket
         self.key = check_key(key)
-        self.part_size = part_size
+        self.part_size = self.plan.size(1)  # of the part being filled now
         self.max_in_flight = max_in_flight
         self.extra_args = dict(extra_args or {})
         self.size = 0
@@ -155,6 +216,8 @@ class S3MultipartWriter:
             if len(self._buf) == self.part_size:
                 self._submit(self._buf)
                 self._buf = bytearray()
+                if self._part_number < self.plan.max_parts:
+                    self.part_size = self.plan.size(self._part_number + 1)
         self.size += n
         return n
 
@@ -230,8 +293,11 @@ class S3MultipartWriter:
             resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra_args)
             self.upload_id = resp["UploadId"]
             self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="s3-part")
-        if self._part_number >= MAX_PARTS:
-            raise InvalidParameterValue(f"{self.key}: more than {MAX_PARTS} parts; raise part_size")
+        if self._part_number >= self.plan.max_parts:
+            raise InvalidParameterValue(
+                f"{self.key}: more than {self.plan.max_parts} parts ({self.size} bytes so far; the plan holds "
+                f"{self.plan.capacity()}): the expected size was far too low"
+            )
         # Backpressure: wait for a free slot, but wake up to notice a failed worker.
         while not self._slots.acquire(timeout=0.5):
             self._raise_pending()

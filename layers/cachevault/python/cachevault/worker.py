@@ -1,10 +1,15 @@
-"""Entry point of the ECS worker task: ``python -m cachevault.worker capture``.
+"""Entry point of the ECS worker task: ``python -m cachevault.worker capture|load``.
 
 The capture worker task definition (template.yaml) runs this with the same layer code the
-Lambdas use. The state machine's RunTask passes what to capture in the environment
-(``SNAPSHOT_NAME``, ``CAPTURE_SHARD`` = the shard's JSON from SelectSources); the
-table/bucket names come from the task definition. Progress goes to the capture progress
-table exactly as an inline capture writes it; the exit code tells ECS how it ended.
+Lambdas use. The state machine's RunTask passes the job's input in the environment:
+
+* ``capture``: ``SNAPSHOT_NAME``, ``CAPTURE_SHARD`` (the shard's JSON from SelectSources).
+  Progress goes to the capture progress table exactly as an inline capture writes it.
+* ``load``: ``LOAD_EVENT``, the LoadShards Map item (JSON) of a source too big for the
+  LoadShard Lambda; the result goes to the restore's S3 result object, which the state
+  machine's LoadResult step hands on (``restore_workflow.load_job``/``load_result_step``).
+
+The table/bucket names come from the task definition; the exit code tells ECS how it ended.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 import os
 import sys
 
-from cachevault import capture_runner
+from cachevault import capture_runner, restore_workflow
 from cachevault import credentials as creds_mod
 from cachevault.aws import client
 from cachevault.catalog import Catalog
@@ -46,12 +51,25 @@ def capture() -> int:
     return 0
 
 
+def load() -> int:
+    event = json.loads(os.environ["LOAD_EVENT"])
+    logger.info("load worker started", target=event.get("ReplicationGroupId"), source=event["Task"]["Index"])
+    try:
+        restore_workflow.load_job(event)
+    except Exception:  # the task's exit code fails runTask.sync, which MarkFailed catches
+        logger.exception("load failed", target=event.get("ReplicationGroupId"), source=event["Task"]["Index"])
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cachevault.worker", description=__doc__)
-    parser.add_argument("job", choices=["capture"])
+    parser.add_argument("job", choices=["capture", "load"])
     args = parser.parse_args(argv)
     if args.job == "capture":
         return capture()
+    if args.job == "load":
+        return load()
     return 2
 
 

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from cachevault import caches, scheduler, service
+from cachevault import credentials as creds_mod
 from cachevault.cli import context, shapes
 from cachevault.cli.output import add_json_flag, emit, name_argument, pick_name, table
 from cachevault.cli.progress import ProgressView, capture_parts
@@ -185,7 +186,8 @@ def cmd_register(args: argparse.Namespace) -> int:
         auth_parameter_name=args.auth_parameter_name,
         auth_username=args.auth_username,
         transit_encryption=args.transit_encryption,
-        tls_ca_bundle=args.tls_ca_file,
+        # The file is read here; the registry and every step get its PEM text.
+        tls_ca_bundle=creds_mod.read_ca_file(args.tls_ca_file) if args.tls_ca_file else None,
         cluster_mode=None if args.cluster_mode is None else args.cluster_mode == "enabled",
         node_type=args.node_type,
         kind=args.kind,

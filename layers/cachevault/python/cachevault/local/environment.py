@@ -31,6 +31,20 @@ def find_template() -> Path:
     raise FileNotFoundError("template.yaml not found: set CACHEVAULT_TEMPLATE to the SAM template of cachevault")
 
 
+PARAMETER_OVERRIDES_ENV = "CACHEVAULT_PARAMETER_OVERRIDES"
+
+
+def parse_parameter_overrides(text: str) -> dict[str, str]:
+    """``"ExportBucketAllowList=a,b LogLevel=DEBUG"`` -> {name: value} (sam's --parameter-overrides form)."""
+    overrides = {}
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{PARAMETER_OVERRIDES_ENV}: {item!r} is not Key=Value")
+        overrides[name] = value
+    return overrides
+
+
 class LocalEnvironment:
     def __init__(
         self,
@@ -38,11 +52,14 @@ class LocalEnvironment:
         port: int | None = None,
         state_dir: Path | None = None,
         log_level: str = "INFO",
-        parameter_overrides: dict[str, str] | None = None,
+        parameters: dict[str, str] | None = None,
     ) -> None:
+        # Template parameters, like `sam deploy --parameter-overrides`: the environment's
+        # CACHEVAULT_PARAMETER_OVERRIDES ("Key=Value Key2=Value2") first, then ``parameters``.
+        from_env = parse_parameter_overrides(os.environ.get(PARAMETER_OVERRIDES_ENV, ""))
+        self.parameters = {**from_env, **(parameters or {})}
         self.log_level = log_level
         self.port = port
-        self.parameter_overrides = dict(parameter_overrides or {})
         self.state_dir = Path(state_dir or Settings.from_env().state_dir).resolve()
         self.aws: ServerAWS | None = None
         self.deployed: Any = None
@@ -61,9 +78,8 @@ class LocalEnvironment:
         self.aws = ServerAWS(port=self.port or free_port()).start()
         endpoint = self.aws.endpoint_url
         try:
-            self.deployed = self.aws.deploy(
-                find_template(), parameter_overrides={"LogLevel": self.log_level, **self.parameter_overrides}
-            )
+            overrides = {"LogLevel": self.log_level, **self.parameters}
+            self.deployed = self.aws.deploy(find_template(), parameter_overrides=overrides)
             self.info = stack_info.from_deployed(
                 self.deployed, endpoint_url=endpoint, pid=os.getpid(), credentials=self.aws.credentials
             )
