@@ -169,7 +169,7 @@ def create_local_cache(
         creds = creds_mod.for_cache(security)
         nodes = restore_targets.create_ecs_cache(
             name, engine=engine, cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas,
-            creds=creds, tls=tls,
+            creds=creds, tls=creds_mod.fleet_tls(security),
         )  # fmt: skip
     except Exception:
         _delete_managed_secret(security)

@@ -17,12 +17,9 @@ execution history, a log line or a manifest. ``Credentials.__repr__`` masks the 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import socket
 import ssl
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -272,11 +269,11 @@ def read_ca_file(path: str | Path) -> str:
 
 
 def fleet_tls(cache: Mapping[str, Any]) -> dict[str, str] | None:
-    """The local fleet's TLS files for a cache with transit encryption (None without).
+    """TLS settings of the nodes a cache's tasks run, for a cache with transit encryption (None without).
 
-    The nodes' own certificate and key are files of the machine running them; the CA comes
-    as PEM text (``TlsCaBundle``) and is written to a private file for redis-server's
-    ``tls-ca-cert-file``.
+    The nodes' own certificate and key are files of the machine running them; the CA travels
+    as PEM text (``ca_pem``, from ``TlsCaBundle``): the step that starts the tasks runs in a
+    Lambda whose files no task can read, so it hands the task the text itself.
     """
     if not cache.get("TransitEncryptionEnabled"):
         return None
@@ -286,17 +283,4 @@ def fleet_tls(cache: Mapping[str, Any]) -> dict[str, str] | None:
             "A local cache with TransitEncryptionEnabled needs TlsCertificateFile and TlsKeyFile (paths of "
             "PEM files on the machine running the nodes) and TlsCaBundle (PEM text)."
         )
-    return {**{k: str(v) for k, v in files.items()}, "ca_file": str(_ca_file(str(cache["TlsCaBundle"])))}
-
-
-def _ca_file(pem: str) -> Path:
-    """A file holding ``pem`` (content-addressed under the temp dir, the only writable place on Lambda)."""
-    check_ca_pem(pem)
-    directory = Path(tempfile.gettempdir()) / "cachevault-ca"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    path = directory / f"{hashlib.sha256(pem.encode()).hexdigest()[:32]}.pem"
-    if not path.exists():
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(pem)
-        partial.replace(path)  # atomic: concurrent writers of the same CA race harmlessly
-    return path
+    return {**{k: str(v) for k, v in files.items()}, "ca_pem": check_ca_pem(str(cache["TlsCaBundle"]))}

@@ -122,6 +122,16 @@ class CacheNodes:
     shards: list[ShardNodes]
 
 
+# The CA reaches a node task as PEM text in its environment (TLS_CA_PEM_ENV); the task's
+# entry writes it to this file of its working directory before the server starts.
+TLS_CA_PEM_ENV = "TLS_CA_PEM"
+TLS_CA_FILE = "ca.pem"
+
+
+def node_environment(tls: dict[str, str] | None) -> list[dict[str, str]]:
+    return [{"name": TLS_CA_PEM_ENV, "value": tls["ca_pem"]}] if tls else []
+
+
 def node_command(engine: str, *, cluster_mode: bool, creds: Credentials, tls: dict[str, str] | None) -> list[str]:
     server = "valkey-server" if engine == "valkey" else "redis-server"
     # Persistence off: the data's durable copy is the snapshot; a restarted task starts empty.
@@ -132,7 +142,7 @@ def node_command(engine: str, *, cluster_mode: bool, creds: Credentials, tls: di
             "--enable-debug-command", "local"]  # fmt: skip
     if tls:
         argv += ["--port", "0", "--tls-port", str(NODE_PORT), "--tls-cert-file", tls["cert_file"],
-                 "--tls-key-file", tls["key_file"], "--tls-ca-cert-file", tls["ca_file"],
+                 "--tls-key-file", tls["key_file"], "--tls-ca-cert-file", TLS_CA_FILE,
                  "--tls-auth-clients", "no", "--tls-replication", "yes"]  # fmt: skip
         if cluster_mode:
             argv += ["--tls-cluster", "yes"]
@@ -171,7 +181,9 @@ def start_node_tasks(
                 launchType="FARGATE",
                 networkConfiguration=settings.network(),
                 group=f"cachevault:{cache}",
-                overrides={"containerOverrides": [{"name": "node", "command": command}]},
+                overrides={
+                    "containerOverrides": [{"name": "node", "command": command, "environment": node_environment(tls)}]
+                },
                 tags=[{"key": "cachevault:cache", "value": cache}, {"key": "cachevault:node", "value": node_id}],
             )
             if resp.get("failures") or not resp.get("tasks"):

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachevault.restore_targets import TLS_CA_FILE, TLS_CA_PEM_ENV
+
 LOG = logging.getLogger(__name__)
 
 NODE_PORT = 6379
@@ -174,6 +176,9 @@ class TaskRunner:
                 argv = list(container.argv)
                 if Path(argv[0]).name in ("redis-server", "valkey-server") and "--bind" not in argv:
                     argv += ["--bind", address]  # the task's own address, as an ENI gives
+                if env.get(TLS_CA_PEM_ENV):
+                    # What a node image's entry does with the CA it is given as text.
+                    (workdir / TLS_CA_FILE).write_text(env[TLS_CA_PEM_ENV])
                 log = (workdir / f"{container.name}.log").open("ab")
                 container.process = subprocess.Popen(
                     argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
