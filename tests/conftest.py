@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 
 import pytest
-from cachevault.local.redis_process import ChildReaper
+from cachevault_tools.local.redis_process import ChildReaper
 
 pytest_plugins = ["tests.redis_fixtures", "tests.product_fixtures"]
 

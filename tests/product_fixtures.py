@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 import redis
-from cachevault import caches, storage
-from cachevault.aws import client
-from cachevault.local import ecs
-from cachevault.local.environment import LocalEnvironment
-from cachevault.local.fleet import Fleet
-from cachevault.local.redis_process import start_node
-from cachevault.service import ControlPlane
-from cachevault.settings import Settings
+from cachevault.catalog import caches, storage
+from cachevault.core.aws import client
+from cachevault.core.settings import Settings
+from cachevault.ops.control_plane import ControlPlane
+from cachevault_tools.local import ecs
+from cachevault_tools.local.environment import LocalEnvironment
+from cachevault_tools.local.fleet import Fleet
+from cachevault_tools.local.redis_process import start_node
 
 _names = itertools.count(1)
 

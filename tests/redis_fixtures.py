@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault.local.fleet import CacheLayout, Fleet
-from cachevault.local.redis_process import RedisProcess, start_node
+from cachevault_tools.local.fleet import CacheLayout, Fleet
+from cachevault_tools.local.redis_process import RedisProcess, start_node
 
 _names = itertools.count(1)
 

@@ -1,5 +1,5 @@
 """HTTP API: snapshot create/list/describe/delete/copy and restore (API Gateway REST proxy)."""
 
-from cachevault.api import lambda_handler
+from cachevault.ops.api import lambda_handler
 
 __all__ = ["lambda_handler"]

@@ -1,6 +1,6 @@
 """RestoreSnapshot.AttachReplicas: replicas added to the loaded primaries, waited on until in sync."""
 
-from cachevault.handler import step_handler
-from cachevault.restore_workflow import attach_replicas_step
+from cachevault.core.handler import step_handler
+from cachevault.restore.steps import attach_replicas_step
 
 lambda_handler = step_handler(attach_replicas_step, correlation_id_path="ReplicationGroupId")

@@ -9,8 +9,8 @@ import json
 from typing import Any
 
 import pytest
-from cachevault import storage
-from cachevault.aws import client
+from cachevault.catalog import storage
+from cachevault.core.aws import client
 
 from tests.product_fixtures import Product, fill, sync_replicas, wait_until
 
@@ -99,7 +99,7 @@ def state_of_world(product: Product) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def source(product: Product) -> dict[str, Any]:
     """A cache with data and one available snapshot of it, made through the API itself."""
-    from cachevault import caches
+    from cachevault.catalog import caches
 
     cache = caches.create_local_cache("api-src", replicas=1, settings=product.settings)
     fill(cache["Endpoints"][0], keys=300, seed=7)
@@ -151,7 +151,7 @@ def test_restore_route_restores_the_data(product: Product, source: dict[str, Any
     restored = product.control.catalog.get_cache("api-dst")
     assert restored["Status"] == "available"
     assert result["Verification"]["KeysExpected"] == 300
-    from cachevault import caches
+    from cachevault.catalog import caches
 
     caches.delete_local_cache("api-dst", product.settings)
 

@@ -8,10 +8,10 @@ import struct
 from pathlib import Path
 
 import matplotlib.image
-from cachevault import datagen
-from cachevault.bench_e2e import GOALS, SHAPES, run_e2e_bench
-from cachevault.bench_report import write_results
-from cachevault.cli import bench_cmd
+from cachevault_tools import datagen
+from cachevault_tools.bench.e2e import GOALS, SHAPES, run_e2e_bench
+from cachevault_tools.bench.report import write_results
+from cachevault_tools.cli import bench_cmd
 
 
 def test_e2e_bench_small_run_and_report(tmp_path: Path) -> None:

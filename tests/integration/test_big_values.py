@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from cachevault.credentials import Tls
-from cachevault.local.fleet import Fleet
-from cachevault.local.redis_process import start_node
-from cachevault.restore_load import TargetShard, load_rdb_file
-from cachevault.slots import parse_slot_ranges
-from cachevault.verify import cache_digest, combined_digest
+from cachevault.nodes.credentials import Tls
+from cachevault.nodes.slots import parse_slot_ranges
+from cachevault.restore.load import TargetShard, load_rdb_file
+from cachevault.restore.verify import cache_digest, combined_digest
+from cachevault_tools.local.fleet import Fleet
+from cachevault_tools.local.redis_process import start_node
 
 from tests.tls_fixtures import make_tls_files
 

@@ -19,13 +19,14 @@ from typing import Any
 import boto3
 import pytest
 import redis
-from cachevault import capture as capture_mod
-from cachevault import datagen, storage
-from cachevault.bench_capture import wait_replica_synced
-from cachevault.capture import CaptureProgress, capture_rdb
-from cachevault.errors import CaptureFailed
-from cachevault.local.redis_process import RedisProcess, free_port, start_node
-from cachevault.storage import MiB, S3MultipartWriter
+from cachevault.catalog import storage
+from cachevault.catalog.storage import MiB, S3MultipartWriter
+from cachevault.core.errors import CaptureFailed
+from cachevault.snapshot import capture as capture_mod
+from cachevault.snapshot.capture import CaptureProgress, capture_rdb
+from cachevault_tools import datagen
+from cachevault_tools.bench.capture import wait_replica_synced
+from cachevault_tools.local.redis_process import RedisProcess, free_port, start_node
 from moto import mock_aws
 
 CHECK_RDB = "/usr/bin/redis-check-rdb"

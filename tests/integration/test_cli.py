@@ -1,7 +1,7 @@
 """The CLI as a user runs it: separate processes against ``cachevault local up`` (server mode).
 
 One module-scoped local service on a free loopback port with its own state dir; every
-command is a fresh ``python -m cachevault.cli`` process, so nothing is shared in memory.
+command is a fresh ``python -m cachevault_tools.cli`` process, so nothing is shared in memory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from cachevault.local.redis_process import free_port, process_alive
+from cachevault_tools.local.redis_process import free_port, process_alive
 
 from tests.product_fixtures import wait_until
 
@@ -29,7 +29,7 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["CACHEVAULT_HOME"] = str(home)
     proc = subprocess.run(
-        [sys.executable, "-m", "cachevault.cli", *args],
+        [sys.executable, "-m", "cachevault_tools.cli", *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from cachevault import storage
-from cachevault.aws import client
-from cachevault.errors import FinalSnapshotFailed, ReplicationGroupNotFoundFault, SnapshotAlreadyExistsFault
-from cachevault.local.redis_process import process_alive
+from cachevault.catalog import storage
+from cachevault.core.aws import client
+from cachevault.core.errors import FinalSnapshotFailed, ReplicationGroupNotFoundFault, SnapshotAlreadyExistsFault
+from cachevault_tools.local.redis_process import process_alive
 
 from tests.product_fixtures import Product, connect, fill, node_addresses, sync_replicas
 

@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault import caches, restore_targets, storage
-from cachevault.aws import client
-from cachevault.errors import CacheVaultError
-from cachevault.local import ecs
-from cachevault.local.environment import LocalEnvironment
-from cachevault.local.fleet import Fleet
-from cachevault.local.redis_process import process_alive, start_node
-from cachevault.service import ControlPlane
-from cachevault.settings import Settings
+from cachevault.catalog import caches, storage
+from cachevault.core.aws import client
+from cachevault.core.errors import CacheVaultError
+from cachevault.core.settings import Settings
+from cachevault.nodes import restore_targets
+from cachevault.ops.control_plane import ControlPlane
+from cachevault_tools.local import ecs
+from cachevault_tools.local.environment import LocalEnvironment
+from cachevault_tools.local.fleet import Fleet
+from cachevault_tools.local.redis_process import process_alive, start_node
 
 from tests.product_fixtures import (
     Product,

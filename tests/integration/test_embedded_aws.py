@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault.local import lambda_runtime
-from cachevault.local.cfn_intrinsics import load_template
-from cachevault.local.deployer import DeployedStack, deploy
-from cachevault.local.embedded import ServerAWS
-from cachevault.local.redis_process import free_port
-from cachevault.local.schedules import ScheduleTicker, find_schedule, fire_schedule, next_fire
+from cachevault_tools.local import lambda_runtime
+from cachevault_tools.local.cfn_intrinsics import load_template
+from cachevault_tools.local.deployer import DeployedStack, deploy
+from cachevault_tools.local.embedded import ServerAWS
+from cachevault_tools.local.redis_process import free_port
+from cachevault_tools.local.schedules import ScheduleTicker, find_schedule, fire_schedule, next_fire
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMAPP = ROOT / "tests" / "fixtures" / "samapp" / "template.yaml"

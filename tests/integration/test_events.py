@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from cachevault import events
-from cachevault.aws import client
-from cachevault.errors import CacheVaultError
+from cachevault.catalog import events
+from cachevault.core.aws import client
+from cachevault.core.errors import CacheVaultError
 
 from tests.product_fixtures import (
     Product,
@@ -88,7 +88,7 @@ def bus_listener(product: Product) -> EventListener:
 # ------------------------------------------------------------------------------ snapshots
 @pytest.fixture(scope="module")
 def watched_cache(product: Product, bus_listener: EventListener) -> Iterator[dict[str, Any]]:
-    from cachevault import caches
+    from cachevault.catalog import caches
 
     cache = caches.create_local_cache("evsrc", replicas=2, settings=product.settings)
     try:
@@ -118,7 +118,7 @@ def test_snapshot_created_and_restore_completed(
         assert restored["SnapshotName"] == "ev-ok" and restored["Status"] == "available"
         assert restored["RestoreSource"] == "ev-ok"
     finally:
-        from cachevault import caches
+        from cachevault.catalog import caches
 
         caches.delete_local_cache(name, product.settings)
     assert bus_listener.find("Snapshot Creation Failed") == [] and bus_listener.find("Restore Failed") == []

@@ -37,11 +37,11 @@ from typing import Any
 
 import pytest
 import redis
-from cachevault import caches, storage
-from cachevault import stack as stack_info
-from cachevault.cli import main as cli_main
-from cachevault.local import invoke
-from cachevault.local.environment import find_template
+from cachevault.catalog import caches, storage
+from cachevault.core import stack as stack_info
+from cachevault_tools.cli import main as cli_main
+from cachevault_tools.local import invoke
+from cachevault_tools.local.environment import find_template
 
 from tests.product_fixtures import Product, connect, sync_replicas, wait_until
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cachevault import caches, storage
-from cachevault.local import invoke, lambda_runtime
-from cachevault.local.environment import find_template
-from cachevault.timeutil import iso
+from cachevault.catalog import caches, storage
+from cachevault.core.timeutil import iso
+from cachevault_tools.local import invoke, lambda_runtime
+from cachevault_tools.local.environment import find_template
 
 from tests.product_fixtures import Product
 

@@ -27,18 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault import caches, datagen, storage, topology
-from cachevault.catalog import Catalog
-from cachevault.errors import (
+from cachevault.catalog import caches, storage
+from cachevault.catalog.records import Catalog
+from cachevault.core.errors import (
     CacheVaultError,
     CaptureFailed,
     InvalidReplicationGroupState,
     SnapshotAlreadyExistsFault,
     SnapshotQuotaExceededFault,
 )
-from cachevault.local import lambda_runtime
-from cachevault.local.redis_process import free_port
-from cachevault.timeutil import iso, utcnow
+from cachevault.core.timeutil import iso, utcnow
+from cachevault.nodes import topology
+from cachevault_tools import datagen
+from cachevault_tools.local import lambda_runtime
+from cachevault_tools.local.redis_process import free_port
 from moto.s3.exceptions import S3ClientError
 from moto.s3.models import S3Backend
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from cachevault.errors import (
+from cachevault.core.errors import (
     InvalidParameterValue,
     ReplicationGroupAlreadyExistsFault,
     ReplicationGroupNotFoundFault,
 )
-from cachevault.local.fleet import CacheLayout, Fleet, NodeAddr, ShardLayout, slot_ranges
-from cachevault.local.redis_process import (
+from cachevault.nodes.slots import key_slot
+from cachevault_tools.local.fleet import CacheLayout, Fleet, NodeAddr, ShardLayout, slot_ranges
+from cachevault_tools.local.redis_process import (
     ChildReaper,
     RedisNodeError,
     _bindable,
@@ -31,7 +32,6 @@ from cachevault.local.redis_process import (
     reap_exited_children,
     start_node,
 )
-from cachevault.slots import key_slot
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.product_fixtures import wait_until
@@ -219,7 +219,7 @@ _CRASHER = textwrap.dedent(
     """
     import json, os, signal, sys
     from pathlib import Path
-    from cachevault.local.fleet import Fleet
+    from cachevault_tools.local.fleet import Fleet
     fleet = Fleet(Path(sys.argv[1]))
     owned = fleet.create_cache("owned", cluster_mode=False, replicas_per_shard=1)
     kept = fleet.create_cache("kept", cluster_mode=False, replicas_per_shard=1, detached=True)

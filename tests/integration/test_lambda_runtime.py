@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault.local import lambda_runtime
-from cachevault.local.deployer import DeployedStack
-from cachevault.local.embedded import ServerAWS
-from cachevault.local.redis_process import free_port
+from cachevault_tools.local import lambda_runtime
+from cachevault_tools.local.deployer import DeployedStack
+from cachevault_tools.local.embedded import ServerAWS
+from cachevault_tools.local.redis_process import free_port
 
 from tests.integration.test_embedded_aws import history, wait_execution
 from tests.product_fixtures import wait_until

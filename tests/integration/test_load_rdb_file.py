@@ -9,15 +9,15 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from cachevault import datagen
-from cachevault.bench_report import rows_of, write_results
-from cachevault.bench_restore import run_restore_bench
-from cachevault.errors import RestoreFailed
-from cachevault.local.fleet import Fleet
-from cachevault.local.redis_process import RedisProcess, start_node
-from cachevault.restore_load import RestoreEntry, TargetShard, load_rdb_file
-from cachevault.slots import parse_slot_ranges
-from cachevault.verify import cache_digest, combined_digest
+from cachevault.core.errors import RestoreFailed
+from cachevault.nodes.slots import parse_slot_ranges
+from cachevault.restore.load import RestoreEntry, TargetShard, load_rdb_file
+from cachevault.restore.verify import cache_digest, combined_digest
+from cachevault_tools import datagen
+from cachevault_tools.bench.report import rows_of, write_results
+from cachevault_tools.bench.restore import run_restore_bench
+from cachevault_tools.local.fleet import Fleet
+from cachevault_tools.local.redis_process import RedisProcess, start_node
 
 
 def _digest(node: RedisProcess) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cachevault.local.redis_process import free_port, start_node
+from cachevault_tools.local.redis_process import free_port, start_node
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

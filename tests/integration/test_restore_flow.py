@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 import redis
-from cachevault import caches, datagen, storage
-from cachevault.aws import client
-from cachevault.errors import CacheVaultError, InvalidS3Location, RestoreFailed
-from cachevault.local import ecs, lambda_runtime
-from cachevault.local.redis_process import process_alive
-from cachevault.slots import SlotRouter, key_slot
-from cachevault.verify import cache_digest, combined_digest
+from cachevault.catalog import caches, storage
+from cachevault.core.aws import client
+from cachevault.core.errors import CacheVaultError, InvalidS3Location, RestoreFailed
+from cachevault.nodes.slots import SlotRouter, key_slot
+from cachevault.restore.verify import cache_digest, combined_digest
+from cachevault_tools import datagen
+from cachevault_tools.local import ecs, lambda_runtime
+from cachevault_tools.local.redis_process import process_alive
 
 from tests.product_fixtures import Product, connect, fill, host_port, sync_replicas, wait_until
 

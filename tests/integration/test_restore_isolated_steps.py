@@ -2,7 +2,7 @@
 
 Every step runs through the embedded Lambda API in the execution environments of its own
 function: worker processes with a private ``/tmp`` of their own (a tmpfs in a mount
-namespace), everything else read-only, frozen between invocations (cachevault/local/
+namespace), everything else read-only, frozen between invocations (cachevault_tools/local/
 lambda_runtime.py). A step that read a file another step wrote would find nothing there,
 so a restore that completes with equal digests proves the steps share no disk. The test
 also checks that the load steps ran in other environments (other processes) than the
@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cachevault import caches, restore_workflow, storage
-from cachevault.local import invoke, lambda_runtime
-from cachevault.local.environment import find_template
-from cachevault.verify import cache_digest, combined_digest
+from cachevault.catalog import caches, storage
+from cachevault.restore import steps as restore_workflow
+from cachevault.restore.verify import cache_digest, combined_digest
+from cachevault_tools.local import invoke, lambda_runtime
+from cachevault_tools.local.environment import find_template
 
 from tests.product_fixtures import Product, fill, fill_cluster, host_port
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import redis
-from cachevault.errors import InvalidParameterCombination, RestoreFailed
-from cachevault.rdb import RdbFile
-from cachevault.restore_load import (
+from cachevault.core.errors import InvalidParameterCombination, RestoreFailed
+from cachevault.nodes.slots import even_split, key_slot
+from cachevault.rdb.reader import RdbFile
+from cachevault.restore.load import (
     LoadResult,
     RestoreEntry,
     ShardLoader,
@@ -29,8 +30,7 @@ from cachevault.restore_load import (
     load_entries,
     load_functions,
 )
-from cachevault.slots import even_split, key_slot
-from cachevault.verify import cache_digest, combined_digest, verify_restore
+from cachevault.restore.verify import cache_digest, combined_digest, verify_restore
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -371,7 +371,7 @@ def test_functions_and_auth(tmp_path: Path, source: tuple[Node, list[RestoreEntr
 
 
 def test_rdb_file_streams_into_target(tmp_path: Path, source: tuple[Node, list[RestoreEntry]]) -> None:
-    """The real seam: SAVE on the source, read the RDB with cachevault.rdb, RESTORE it."""
+    """The real seam: SAVE on the source, read the RDB with cachevault.rdb.reader, RESTORE it."""
     src, entries = source
     sc = src.client()
     sc.function_load("#!lua name=srclib\nredis.register_function('src_fn', function() return 7 end)", True)

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault import caches, storage
-from cachevault.aws import client
-from cachevault.dump_payload import crc64
-from cachevault.errors import (
+from cachevault.catalog import caches, storage
+from cachevault.core.aws import client
+from cachevault.core.errors import (
     CacheVaultError,
     ChecksumMismatch,
     InvalidParameterCombination,
@@ -25,7 +24,8 @@ from cachevault.errors import (
     InvalidSnapshotState,
     ReplicationGroupAlreadyExistsFault,
 )
-from cachevault.service import RESTORE_SNAPSHOT, execution_name
+from cachevault.ops.control_plane import RESTORE_SNAPSHOT, execution_name
+from cachevault.rdb.dump_payload import crc64
 
 from tests.product_fixtures import Product, connect, delete_caches, fill, fill_cluster, sync_replicas
 

@@ -16,9 +16,9 @@ from typing import Any
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
-from cachevault import stack as stack_info
-from cachevault.cli import context
-from cachevault.local.redis_process import free_port
+from cachevault.core import stack as stack_info
+from cachevault_tools.cli import context
+from cachevault_tools.local.redis_process import free_port
 
 MiB = 1 << 20
 OBJECT_MB = 256

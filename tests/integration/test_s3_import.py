@@ -16,10 +16,10 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import pytest
-from cachevault import imports
-from cachevault.aws import client
-from cachevault.errors import ImportNotFoundFault, InvalidParameterValue
-from cachevault.local.redis_process import start_node
+from cachevault.core.aws import client
+from cachevault.core.errors import ImportNotFoundFault, InvalidParameterValue
+from cachevault.ops import imports
+from cachevault_tools.local.redis_process import start_node
 
 from tests.integration.test_events import EventListener, bus_listener
 from tests.product_fixtures import Product, connect, delete_caches, fill, node_digest, wait_until

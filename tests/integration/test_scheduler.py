@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from cachevault import scheduler, storage
-from cachevault.aws import client
-from cachevault.errors import InvalidParameterValue
-from cachevault.local.schedules import find_schedule, fire_schedule, schedule_input
+from cachevault.catalog import storage
+from cachevault.core.aws import client
+from cachevault.core.errors import InvalidParameterValue
+from cachevault.ops import scheduler
+from cachevault_tools.local.schedules import find_schedule, fire_schedule, schedule_input
 
 from tests.product_fixtures import Product, fill, wait_until
 
@@ -149,7 +150,7 @@ def test_fire_schedule_command_path_finds_the_deployed_rule(product: Product, ne
     """What `cachevault local fire-schedule` does: rule + target read back from EventBridge."""
     # Imported here, not at collection: the CLI package must not be what first imports the
     # handlers' Powertools module in this process (it reads the Lambda env when imported).
-    from cachevault.cli.local_cmd import fire_deployed_schedule
+    from cachevault_tools.cli.local_cmd import fire_deployed_schedule
 
     cache = backups_cache(product, new_cache, retention=1, window="23:30-00:30")  # crosses midnight
     result = fire_deployed_schedule(product.control.stack, "SchedulerFunction-Tick", at="2031-03-05T00:10:00Z")

@@ -14,16 +14,19 @@ from typing import Any
 
 import pytest
 import redis
-from cachevault import caches, capture_runner, credentials, encryption, names, storage
-from cachevault.aws import client
-from cachevault.capture import capture_rdb
-from cachevault.catalog import Catalog
-from cachevault.credentials import Credentials, Tls
-from cachevault.errors import CaptureFailed, InvalidParameterValue, InvalidReplicationGroupState
-from cachevault.handler import logger
-from cachevault.local.deployer import deploy
-from cachevault.local.environment import find_template
-from cachevault.service import RESTORE_SNAPSHOT
+from cachevault.catalog import caches, storage
+from cachevault.catalog.records import Catalog
+from cachevault.core import encryption, names
+from cachevault.core.aws import client
+from cachevault.core.errors import CaptureFailed, InvalidParameterValue, InvalidReplicationGroupState
+from cachevault.core.handler import logger
+from cachevault.nodes import credentials
+from cachevault.nodes.credentials import Credentials, Tls
+from cachevault.ops.control_plane import RESTORE_SNAPSHOT
+from cachevault.snapshot import capture_runner
+from cachevault.snapshot.capture import capture_rdb
+from cachevault_tools.local.deployer import deploy
+from cachevault_tools.local.environment import find_template
 
 from tests.product_fixtures import Product, wait_until
 from tests.tls_fixtures import TlsFiles, make_tls_files
@@ -236,7 +239,7 @@ def test_least_privilege_backup_user_from_ssm(product: Product) -> None:
         assert result.size == len(sink) > 0 and result.crc64_verified
         with pytest.raises(InvalidReplicationGroupState, match=r"NOPERM|permission"):
             # ... but discovery with that user is refused: INFO is what it lacks.
-            from cachevault import topology
+            from cachevault.nodes import topology
 
             topology.discover([(host, int(port))], credentials=Credentials("capture", backup_pw))
     finally:

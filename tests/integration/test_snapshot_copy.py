@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cachevault import caches, storage
-from cachevault.aws import client
-from cachevault.errors import (
+from cachevault.catalog import caches, storage
+from cachevault.core.aws import client
+from cachevault.core.errors import (
     CacheVaultError,
     InvalidParameterCombination,
     InvalidParameterValue,
@@ -225,7 +225,7 @@ def test_refusals_for_a_creating_or_data_tiering_snapshot_and_a_failed_copy(
 # ------------------------------------------------------------------------------ the copy primitive
 def test_large_objects_are_copied_with_multipart_server_side(product: Product) -> None:
     # Imported here: the step modules create Powertools objects, which must happen in a handler's env.
-    from cachevault import copy_workflow
+    from cachevault.ops import copy_steps as copy_workflow
 
     bucket = _user_bucket()
     data = os.urandom(11 << 20)

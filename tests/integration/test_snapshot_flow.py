@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault import datagen, storage
-from cachevault.errors import InvalidParameterCombination, InvalidParameterValue, InvalidSnapshotState
-from cachevault.local import ecs
-from cachevault.local.redis_process import process_alive
+from cachevault.catalog import storage
+from cachevault.core.errors import InvalidParameterCombination, InvalidParameterValue, InvalidSnapshotState
+from cachevault_tools import datagen
+from cachevault_tools.local import ecs
+from cachevault_tools.local.redis_process import process_alive
 
 from tests.product_fixtures import (
     Product,

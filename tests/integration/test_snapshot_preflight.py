@@ -15,8 +15,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from cachevault import names, preflight
-from cachevault.errors import (
+from cachevault.core import names
+from cachevault.core.errors import (
     CacheVaultError,
     InvalidParameterCombination,
     InvalidParameterValue,
@@ -26,8 +26,9 @@ from cachevault.errors import (
     SnapshotFeatureNotSupportedFault,
     SnapshotQuotaExceededFault,
 )
-from cachevault.service import CREATE_SNAPSHOT, execution_name
-from cachevault.timeutil import iso, utcnow
+from cachevault.core.timeutil import iso, utcnow
+from cachevault.ops.control_plane import CREATE_SNAPSHOT, execution_name
+from cachevault.snapshot import preflight
 
 from tests.product_fixtures import Product, connect, fill, node_addresses, sync_replicas
 

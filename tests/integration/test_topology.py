@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from cachevault import topology
-from cachevault.errors import InvalidParameterValue, InvalidReplicationGroupState
-from cachevault.local.fleet import CacheLayout, Fleet, NodeAddr
-from cachevault.local.redis_process import free_port, server_path
-from cachevault.topology import Topology, choose_source, discover, engine_info, node_memory
+from cachevault.core.errors import InvalidParameterValue, InvalidReplicationGroupState
+from cachevault.nodes import topology
+from cachevault.nodes.topology import Topology, choose_source, discover, engine_info, node_memory
+from cachevault_tools.local.fleet import CacheLayout, Fleet, NodeAddr
+from cachevault_tools.local.redis_process import free_port, server_path
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.product_fixtures import wait_until

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import redis
-from cachevault.dump_payload import crc64
+from cachevault.rdb.dump_payload import crc64
 
 REDIS_SERVER = "/usr/bin/redis-server"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from cachevault.local.cfn_intrinsics import (
+from cachevault_tools.local.cfn_intrinsics import (
     NO_VALUE,
     Context,
     IntrinsicError,

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cachevault.cli import build_parser, shapes
-from cachevault.cli.progress import (
+from cachevault_tools.cli import build_parser, shapes
+from cachevault_tools.cli.progress import (
     Part,
     ProgressView,
     capture_parts,
@@ -19,8 +19,8 @@ from cachevault.cli.progress import (
     expected_capture_sizes,
     operation_parts,
 )
-from cachevault.cli.units import iec_bytes
-from cachevault.demo import summary_text
+from cachevault_tools.cli.units import iec_bytes
+from cachevault_tools.demo import summary_text
 
 
 def _options_without_help(parser: argparse.ArgumentParser, path: list[str]) -> list[str]:
@@ -40,7 +40,7 @@ def test_every_option_has_help_text() -> None:
 
 def test_restore_help_shows_each_usage_on_its_own_line() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "cachevault.cli", "restore", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "cachevault_tools.cli", "restore", "--help"], capture_output=True, text=True, check=True
     ).stdout
     lines = [line.strip() for line in out.splitlines()]
     assert "cachevault restore SNAPSHOT NEW_CACHE [options]" in lines
@@ -178,7 +178,7 @@ def test_demo_summary_fits_80_columns_and_keeps_words_whole() -> None:
 
 
 def test_a_missing_extra_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cachevault.cli import extras
+    from cachevault_tools.cli import extras
 
     monkeypatch.setitem(extras.EXTRAS, "local", ("moto", "cachevault_no_such_module"))
     with pytest.raises(extras.MissingExtra) as err:
@@ -207,7 +207,7 @@ def test_runtime_dependencies_are_the_lambda_layers() -> None:
 def test_bench_plot_renders_the_recorded_run() -> None:
     from pathlib import Path
 
-    from cachevault.bench_report import plot_png
+    from cachevault_tools.bench.report import plot_png
 
     root = Path(__file__).resolve().parents[2]
     recorded = json.loads((root / "bench/results/all-2026-11-24T231736Z.json").read_text())
@@ -218,9 +218,9 @@ def test_bench_plot_renders_the_recorded_run() -> None:
 def test_an_unreachable_endpoint_says_how_to_start_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cachevault import aws
-    from cachevault.cli import main
-    from cachevault.local.redis_process import free_port
+    from cachevault.core import aws
+    from cachevault_tools.cli import main
+    from cachevault_tools.local.redis_process import free_port
 
     monkeypatch.setenv("CACHEVAULT_HOME", str(tmp_path))  # no local stack here
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
@@ -264,7 +264,7 @@ def test_a_running_capture_is_measured_against_the_previous_snapshot() -> None:
 
 
 def test_a_finished_parts_rate_stays_what_it_was_at_the_end() -> None:
-    from cachevault.cli import progress
+    from cachevault_tools.cli import progress
 
     seen = progress._Observed(0)
     seen.t0 -= 10  # observed from 10 s ago

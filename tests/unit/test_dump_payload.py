@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
-from cachevault.dump_payload import crc64, restore_payload
+from cachevault.rdb.dump_payload import crc64, restore_payload
 from rdbgen import redis_server
 
 

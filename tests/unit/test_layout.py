@@ -26,25 +26,3 @@ def test_every_function_is_a_thin_handler_module() -> None:
         text = app.read_text()
         assert "lambda_handler" in text, app
         assert len(text.splitlines()) <= 40, f"{app} is not thin: domain code belongs in the layer"
-
-
-def test_production_code_never_imports_the_local_emulator() -> None:
-    # What runs on AWS (Lambdas, ECS workers) must not depend on the embedded AWS or the
-    # local fleet; only the emulator itself, the CLI, the demo and the benchmarks may.
-    package = ROOT / "layers/cachevault/python/cachevault"
-    allowed = {"demo.py"}
-    importing = re.compile(
-        r"^\s*(from\s+cachevault\.local\b|import\s+cachevault\.local\b|from\s+cachevault\s+import\s+.*\blocal\b)",
-        re.M,
-    )
-    offenders = []
-    for path in sorted(package.rglob("*.py")):
-        rel = path.relative_to(package)
-        if rel.parts[0] in ("local", "cli") or rel.name in allowed or rel.name.startswith("bench_"):
-            continue
-        if importing.search(path.read_text()):
-            offenders.append(str(rel))
-    for path in sorted((ROOT / "functions").rglob("*.py")):
-        if importing.search(path.read_text()):
-            offenders.append(str(path.relative_to(ROOT)))
-    assert offenders == [], f"production modules importing cachevault.local: {offenders}"

@@ -8,9 +8,9 @@ from typing import Any
 
 import boto3
 import pytest
-from cachevault import storage
-from cachevault.errors import InvalidParameterValue
-from cachevault.storage import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, PartPlan, S3MultipartWriter
+from cachevault.catalog import storage
+from cachevault.catalog.storage import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, PartPlan, S3MultipartWriter
+from cachevault.core.errors import InvalidParameterValue
 from moto import mock_aws
 
 GiB, TiB = 1 << 30, 1 << 40

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from cachevault import rdb_format as f
-from cachevault.dump_payload import restore_payload
-from cachevault.errors import RdbFormatError
-from cachevault.rdb import RdbAux, RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, scan_rdb
+from cachevault.core.errors import RdbFormatError
+from cachevault.rdb import encoding as f
+from cachevault.rdb.dump_payload import restore_payload
+from cachevault.rdb.reader import RdbAux, RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, scan_rdb
 from rdbgen import (
     RedisServer,
     enc_int_str,

@@ -12,9 +12,9 @@ from typing import Any
 
 import boto3
 import pytest
-from cachevault import storage
-from cachevault.errors import ChecksumMismatch, RdbFormatError
-from cachevault.rdb import RdbAux, RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, RdbStream, scan_rdb
+from cachevault.catalog import storage
+from cachevault.core.errors import ChecksumMismatch, RdbFormatError
+from cachevault.rdb.reader import RdbAux, RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, RdbStream, scan_rdb
 from moto import mock_aws
 from rdbgen import redis_server
 

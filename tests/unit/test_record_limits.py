@@ -15,12 +15,14 @@ from typing import Any
 
 import boto3
 import pytest
-from cachevault import caches, snapshot_workflow, storage, topology
-from cachevault.catalog import Catalog
-from cachevault.errors import NodeQuotaForClusterExceededFault
-from cachevault.settings import Settings
-from cachevault.slots import even_split
-from cachevault.topology import Node, Shard, Topology
+from cachevault.catalog import caches, storage
+from cachevault.catalog.records import Catalog
+from cachevault.core.errors import NodeQuotaForClusterExceededFault
+from cachevault.core.settings import Settings
+from cachevault.nodes import topology
+from cachevault.nodes.slots import even_split
+from cachevault.nodes.topology import Node, Shard, Topology
+from cachevault.snapshot import steps as snapshot_workflow
 from moto import mock_aws
 
 from tests.unit.dynamodb_size import ITEM_LIMIT, item_size
@@ -32,7 +34,7 @@ PEM = "-----BEGIN CERTIFICATE-----\n" + "A" * 4000 + "\n-----END CERTIFICATE----
 
 @pytest.fixture
 def catalog(monkeypatch: pytest.MonkeyPatch) -> Iterator[Catalog]:
-    # A key of its own: cachevault.aws caches clients per credentials.
+    # A key of its own: cachevault.core.aws caches clients per credentials.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-" + secrets.token_hex(4))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cachevault import restore_workflow as rw
-from cachevault import storage
-from cachevault.rdb import RdbModuleSkipped
-from cachevault.restore_load import LoadResult, LoadStats
-from cachevault.slots import even_split, format_slot_ranges
+from cachevault.catalog import storage
+from cachevault.nodes.slots import even_split, format_slot_ranges
+from cachevault.rdb.reader import RdbModuleSkipped
+from cachevault.restore import steps as rw
+from cachevault.restore.load import LoadResult, LoadStats
 
 SHARDS = 500
 LIMIT = 256 * 1024

@@ -6,8 +6,8 @@ import itertools
 from binascii import crc_hqx
 
 import pytest
-from cachevault.errors import InvalidParameterValue
-from cachevault.slots import (
+from cachevault.core.errors import InvalidParameterValue
+from cachevault.nodes.slots import (
     SLOT_COUNT,
     SlotRouter,
     even_split,

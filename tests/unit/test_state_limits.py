@@ -13,9 +13,12 @@ import json
 from typing import Any
 
 import pytest
-from cachevault import polling, preflight, restore_workflow, storage
-from cachevault.delete_workflow import DEFAULT_MAX_POLLS
-from cachevault.slots import even_split, format_slot_ranges
+from cachevault.catalog import storage
+from cachevault.core import polling
+from cachevault.nodes.slots import even_split, format_slot_ranges
+from cachevault.ops.delete_steps import DEFAULT_MAX_POLLS
+from cachevault.restore import steps as restore_workflow
+from cachevault.snapshot import preflight
 
 from tests.unit.asl_walk import HISTORY_LIMIT, PAYLOAD_LIMIT, Walk
 from tests.unit.state_machines import definitions

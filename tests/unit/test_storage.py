@@ -13,9 +13,9 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from cachevault import storage
-from cachevault.errors import ChecksumMismatch, InvalidParameterValue, SnapshotNotFoundFault
-from cachevault.storage import MiB, S3MultipartWriter
+from cachevault.catalog import storage
+from cachevault.catalog.storage import MiB, S3MultipartWriter
+from cachevault.core.errors import ChecksumMismatch, InvalidParameterValue, SnapshotNotFoundFault
 from moto import mock_aws
 
 BUCKET = "cv-unit-snapshots"

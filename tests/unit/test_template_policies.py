@@ -1,7 +1,7 @@
 """IAM in template.yaml is scoped to named resources (checked on the SAM-expanded template).
 
 The template is expanded by the SAM translator exactly as the local deployer expands it
-(cachevault.local.sam_translate), so SAM policy templates (DynamoDBCrudPolicy ...) are
+(cachevault_tools.local.sam_translate), so SAM policy templates (DynamoDBCrudPolicy ...) are
 checked as the statements they become and as the embedded AWS enforces them. A statement
 whose resource is any bucket / any ARN (``*``) must be on the allow-list below, each with
 the reason AWS or the feature leaves no narrower choice.
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault.local.cfn_intrinsics import load_template
-from cachevault.local.sam_translate import translate
+from cachevault_tools.local.cfn_intrinsics import load_template
+from cachevault_tools.local.sam_translate import translate
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cachevault import credentials, export_buckets
-from cachevault.errors import InvalidParameterValue
+from cachevault.core import export_buckets
+from cachevault.core.errors import InvalidParameterValue
+from cachevault.nodes import credentials
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"
 

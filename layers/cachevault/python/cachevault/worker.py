@@ -19,12 +19,13 @@ import json
 import os
 import sys
 
-from cachevault import capture_runner, restore_workflow
-from cachevault import credentials as creds_mod
-from cachevault.aws import client
-from cachevault.catalog import Catalog
-from cachevault.handler import logger
-from cachevault.settings import Settings
+from cachevault.catalog.records import Catalog
+from cachevault.core.aws import client
+from cachevault.core.handler import logger
+from cachevault.core.settings import Settings
+from cachevault.nodes import credentials as creds_mod
+from cachevault.restore import steps as restore_workflow
+from cachevault.snapshot import capture_runner
 
 
 def capture() -> int:

@@ -1,5 +1,0 @@
-"""``python -m cachevault.cli``."""
-
-from cachevault.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Cache nodes as the product sees them: topology discovery, hash slots, restore targets."""

@@ -1,0 +1,540 @@
+"""Where a restore (or ``cache create``) puts its data, behind one interface.
+
+* ``ecs``: a new cache as ECS Fargate tasks running the official Redis/Valkey image (task
+  definitions in template.yaml), one node per task at <task IP>:6379, wired over the network
+  by the calling step: REPLICAOF, or CLUSTER ADDSLOTSRANGE/SET-CONFIG-EPOCH/MEET/REPLICATE.
+  AUTH (requirepass, masterauth, an ACL user) and TLS come from the cache's record.
+* ``external``: nodes the user runs, registered by endpoint and credentials. A restore
+  needs every primary reachable and empty (DBSIZE 0), checked at preflight before anything
+  is written; the layout (cluster mode, shards, slots) is read from the nodes; cachevault
+  never starts, stops or rewires them.
+
+No step starts a node process itself: nodes are tasks, whoever runs ECS (AWS, or the
+embedded ECS of the local runtime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from cachevault.core.aws import client
+from cachevault.core.errors import CacheVaultError, InvalidParameterValue, InvalidReplicationGroupState
+from cachevault.nodes import credentials as creds_mod
+from cachevault.nodes import topology
+from cachevault.nodes.credentials import Credentials
+from cachevault.nodes.slots import even_split, format_slot_ranges
+
+NODE_PORT = 6379
+ENGINES = ("redis", "valkey")
+DEFAULT_IMAGES = {"redis": "redis:7.0", "valkey": "valkey/valkey:8.0"}
+READY_TIMEOUT_S = 120.0
+_POLL_S = 0.1
+
+
+class TargetNotReady(CacheVaultError):
+    """Cache nodes did not start, answer or converge in time."""
+
+    code = "CacheNodesNotReady"
+    http_status = 500
+
+
+class TargetNotEmpty(CacheVaultError):
+    """An external restore target holds data or cannot be reached."""
+
+    code = "InvalidReplicationGroupState"
+    http_status = 400
+
+
+# ---------------------------------------------------------------------------------- ECS settings
+@dataclass(frozen=True)
+class TaskSettings:
+    cluster: str
+    node_task_definitions: dict[str, str]  # engine -> task definition
+    subnets: list[str]
+    security_groups: list[str]
+
+    @classmethod
+    def from_env(cls) -> TaskSettings:
+        env = os.environ
+        return cls(
+            cluster=env.get("ECS_CLUSTER", "cachevault-tasks"),
+            node_task_definitions={
+                "redis": env.get("REDIS_NODE_TASK_DEFINITION", "cachevault-redis-node"),
+                "valkey": env.get("VALKEY_NODE_TASK_DEFINITION", "cachevault-valkey-node"),
+            },
+            subnets=_split(env.get("TASK_SUBNETS", "")),
+            security_groups=_split(env.get("TASK_SECURITY_GROUPS", "")),
+        )
+
+    def network(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {"subnets": self.subnets, "assignPublicIp": "DISABLED"}
+        if self.security_groups:
+            conf["securityGroups"] = self.security_groups
+        return {"awsvpcConfiguration": conf}
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def image_engine(engine: str) -> tuple[str, str, int]:
+    """(engine, version, highest RDB version) of the image the node task definition runs."""
+    if engine not in ENGINES:
+        raise InvalidParameterValue(f"Engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
+    # The node task definitions run these images (template parameters RedisImage / ValkeyImage).
+    image = os.environ.get(f"{engine.upper()}_IMAGE") or DEFAULT_IMAGES[engine]
+    tag = image.rsplit("/", 1)[-1].partition(":")[2] or "latest"
+    version = tag.split("-", 1)[0]
+    if not version[:1].isdigit():
+        version = "99.0" if engine == "redis" else "8.0"  # "latest": the newest engine
+    return engine, version, topology.rdb_version_for(engine, version)
+
+
+# ---------------------------------------------------------------------------------- nodes as tasks
+@dataclass
+class NodeTask:
+    node_id: str
+    task_arn: str
+    host: str
+    port: int = NODE_PORT
+    role: str = "primary"
+
+
+@dataclass
+class ShardNodes:
+    primary: NodeTask
+    replicas: list[NodeTask] = field(default_factory=list)
+    slots: str | None = None
+
+
+@dataclass
+class CacheNodes:
+    """The slice of a layout ``caches.registry_record`` reads."""
+
+    name: str
+    cluster_mode: bool
+    shards: list[ShardNodes]
+
+
+# The CA reaches a node task as PEM text in its environment (TLS_CA_PEM_ENV); the task's
+# entry writes it to this file of its working directory before the server starts.
+TLS_CA_PEM_ENV = "TLS_CA_PEM"
+TLS_CA_FILE = "ca.pem"
+
+
+def node_environment(tls: dict[str, str] | None) -> list[dict[str, str]]:
+    return [{"name": TLS_CA_PEM_ENV, "value": tls["ca_pem"]}] if tls else []
+
+
+def node_command(engine: str, *, cluster_mode: bool, creds: Credentials, tls: dict[str, str] | None) -> list[str]:
+    server = "valkey-server" if engine == "valkey" else "redis-server"
+    # Persistence off: the data's durable copy is the snapshot; a restarted task starts empty.
+    argv = [server, "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            # Captures (DESIGN.md): the default 5 s diskless delay dominates small syncs.
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
+            # DEBUG DIGEST proves a restore exact; loopback clients only (in-task on Fargate).
+            "--enable-debug-command", "local"]  # fmt: skip
+    if tls:
+        argv += ["--port", "0", "--tls-port", str(NODE_PORT), "--tls-cert-file", tls["cert_file"],
+                 "--tls-key-file", tls["key_file"], "--tls-ca-cert-file", TLS_CA_FILE,
+                 "--tls-auth-clients", "no", "--tls-replication", "yes"]  # fmt: skip
+        if cluster_mode:
+            argv += ["--tls-cluster", "yes"]
+    else:
+        argv += ["--port", str(NODE_PORT)]
+    if cluster_mode:
+        argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
+    if creds.password:
+        argv += ["--requirepass", creds.password, "--masterauth", creds.password]
+        if creds.username:
+            argv += ["--user", creds.username, "on", f">{creds.password}", "~*", "&*", "+@all"]
+            argv += ["--masteruser", creds.username]
+    return argv
+
+
+def start_node_tasks(
+    cache: str,
+    node_ids: list[str],
+    *,
+    engine: str,
+    cluster_mode: bool,
+    creds: Credentials,
+    tls: dict[str, str] | None,
+    settings: TaskSettings | None = None,
+) -> list[NodeTask]:
+    """RunTask one node per id; return once every node answers PING at its task's address."""
+    settings = settings or TaskSettings.from_env()
+    ecs = client("ecs")
+    command = node_command(engine, cluster_mode=cluster_mode, creds=creds, tls=tls)
+    arns: list[str] = []
+    try:
+        for node_id in node_ids:
+            resp = ecs.run_task(
+                cluster=settings.cluster,
+                taskDefinition=settings.node_task_definitions[engine],
+                launchType="FARGATE",
+                networkConfiguration=settings.network(),
+                group=f"cachevault:{cache}",
+                overrides={
+                    "containerOverrides": [{"name": "node", "command": command, "environment": node_environment(tls)}]
+                },
+                tags=[{"key": "cachevault:cache", "value": cache}, {"key": "cachevault:node", "value": node_id}],
+            )
+            if resp.get("failures") or not resp.get("tasks"):
+                raise TargetNotReady(f"RunTask for node {node_id} of {cache} failed: {resp.get('failures')}")
+            arns.append(resp["tasks"][0]["taskArn"])
+        hosts = _wait_running(ecs, settings.cluster, arns)
+        nodes = [NodeTask(node_id, arn, hosts[arn]) for node_id, arn in zip(node_ids, arns, strict=True)]
+        for node in nodes:
+            _wait_ping(node, creds)
+            _announce(node, creds, cluster_mode)
+        return nodes
+    except BaseException:
+        stop_tasks(arns, "cache nodes did not start", settings)
+        raise
+
+
+def _wait_running(ecs: Any, cluster: str, arns: list[str]) -> dict[str, str]:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    hosts: dict[str, str] = {}
+    while True:
+        for start in range(0, len(arns), 100):
+            for task in ecs.describe_tasks(cluster=cluster, tasks=arns[start : start + 100])["tasks"]:
+                if task["lastStatus"] == "STOPPED":
+                    raise TargetNotReady(
+                        f"cache node task {task['taskArn']} stopped: {task.get('stoppedReason', '')} "
+                        f"(exit codes {[c.get('exitCode') for c in task.get('containers', [])]})"
+                    )
+                if task["lastStatus"] == "RUNNING" and (ip := task_ip(task)):
+                    hosts[task["taskArn"]] = ip
+        if len(hosts) == len(arns):
+            return hosts
+        if time.monotonic() > deadline:
+            raise TargetNotReady(f"cache node tasks not RUNNING after {READY_TIMEOUT_S:.0f} s")
+        time.sleep(_POLL_S)
+
+
+def task_ip(task: dict[str, Any]) -> str | None:
+    """The task's private IPv4, as Fargate reports it (ENI attachment, else the container's interface)."""
+    for attachment in task.get("attachments", []):
+        for detail in attachment.get("details", []):
+            if detail.get("name") == "privateIPv4Address" and detail.get("value"):
+                return str(detail["value"])
+    for container in task.get("containers", []):
+        for eni in container.get("networkInterfaces", []):
+            if eni.get("privateIpv4Address"):
+                return str(eni["privateIpv4Address"])
+    return None
+
+
+def _client(node: NodeTask | tuple[str, int], creds: Credentials, timeout: float = 10.0) -> redis.Redis:
+    host, port = (node.host, node.port) if isinstance(node, NodeTask) else node
+    return redis.Redis(
+        host=host, port=port, socket_timeout=timeout, socket_connect_timeout=5, decode_responses=True,
+        **creds.redis_kwargs(),
+    )  # fmt: skip
+
+
+def _wait_ping(node: NodeTask, creds: Credentials) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with _client(node, creds, timeout=2.0) as conn:
+                if conn.ping() and int(conn.info("persistence").get("loading", 0)) == 0:
+                    return
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(_POLL_S)
+    raise TargetNotReady(f"node {node.node_id} at {node.host}:{node.port} did not answer: {last}")
+
+
+def _announce(node: NodeTask, creds: Credentials, cluster_mode: bool) -> None:
+    """The node tells peers its task address: a connection's source address need not be it
+    (on loopback every connection comes from 127.0.0.1; behind NAT from the NAT)."""
+    with _client(node, creds) as conn:
+        conn.config_set("replica-announce-ip", node.host)
+        if cluster_mode:
+            conn.config_set("cluster-announce-ip", node.host)
+
+
+def stop_tasks(arns: list[str], reason: str, settings: TaskSettings | None = None) -> None:
+    """StopTask each (a task already gone is fine: the cache is being torn down anyway)."""
+    settings = settings or TaskSettings.from_env()
+    ecs = client("ecs")
+    for arn in arns:
+        with contextlib.suppress(ecs.exceptions.ClientException, ecs.exceptions.InvalidParameterException):
+            ecs.stop_task(cluster=settings.cluster, task=arn, reason=reason[:255])
+
+
+def node_id(cache: str, shard: int, member: int) -> str:
+    return f"{cache}-{shard + 1:04d}-{member + 1:03d}"
+
+
+# ---------------------------------------------------------------------------------- wiring
+def wire(nodes: CacheNodes, creds: Credentials, new_replicas: dict[int, list[NodeTask]] | None = None) -> None:
+    """Replication (REPLICAOF) or the cluster (slots, epochs, MEET, REPLICATE); wait until settled.
+
+    ``new_replicas`` (shard index -> nodes) joins only those to an already wired cache.
+    """
+    joining = new_replicas if new_replicas is not None else {i: s.replicas for i, s in enumerate(nodes.shards)}
+    if nodes.cluster_mode:
+        _wire_cluster(nodes, creds, joining, fresh=new_replicas is None)
+    else:
+        primary = nodes.shards[0].primary
+        for replica in joining.get(0, []):
+            with _client(replica, creds) as conn:
+                conn.execute_command("REPLICAOF", primary.host, primary.port)
+    for index in joining:
+        wait_in_sync(nodes.shards[index], creds, READY_TIMEOUT_S)
+
+
+def _wire_cluster(nodes: CacheNodes, creds: Credentials, joining: dict[int, list[NodeTask]], fresh: bool) -> None:
+    everyone = [n for s in nodes.shards for n in (s.primary, *s.replicas)]
+    conns = {n.node_id: _client(n, creds) for n in everyone}
+    try:
+        ids = {n.node_id: conns[n.node_id].execute_command("CLUSTER", "MYID") for n in everyone}
+        first = conns[nodes.shards[0].primary.node_id]
+        if fresh:
+            ranges = even_split(len(nodes.shards))
+            for shard, (start, end) in zip(nodes.shards, ranges, strict=True):
+                conns[shard.primary.node_id].execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
+                shard.slots = format_slot_ranges([(start, end)])
+            for epoch, node in enumerate(everyone, start=1):
+                conns[node.node_id].execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+            for shard in nodes.shards[1:]:
+                first.execute_command("CLUSTER", "MEET", shard.primary.host, shard.primary.port)
+        for index, replicas in joining.items():
+            primary = nodes.shards[index].primary
+            for replica in replicas:
+                conn = conns[replica.node_id]
+                conn.execute_command("CLUSTER", "MEET", primary.host, primary.port)
+                _until(lambda c=conn, p=ids[primary.node_id]: _replicate(c, p), f"{replica.node_id} to replicate")
+                first.execute_command("CLUSTER", "MEET", replica.host, replica.port)
+        expected = {ids[s.primary.node_id]: "-" for s in nodes.shards}
+        expected |= {ids[r.node_id]: ids[s.primary.node_id] for s in nodes.shards for r in s.replicas}
+        for node in everyone:
+            _until(lambda c=conns[node.node_id]: _converged(c, expected), f"cluster view of {node.node_id}")
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
+def _replicate(conn: redis.Redis, primary_id: str) -> bool:
+    try:
+        return bool(conn.execute_command("CLUSTER", "REPLICATE", primary_id))
+    except redis.ResponseError:  # the primary is not known yet (handshake in progress)
+        return False
+
+
+def _converged(conn: redis.Redis, expected: dict[str, str]) -> bool:
+    if "cluster_state:ok" not in str(conn.execute_command("CLUSTER", "INFO")):
+        return False
+    roles = {}
+    for line in str(conn.execute_command("CLUSTER", "NODES")).splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and "handshake" not in parts[2] and "noaddr" not in parts[2]:
+            roles[parts[0]] = parts[3]
+    return roles == expected
+
+
+def _until(predicate: Any, what: str, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TargetNotReady(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(_POLL_S)
+
+
+def lagging_replicas(shard: ShardNodes | topology.Shard, creds: Credentials) -> list[str]:
+    """Replicas whose link is down or whose offset differs from their primary's."""
+    with _client((shard.primary.host, shard.primary.port), creds) as conn:
+        offset = int(conn.info("replication").get("master_repl_offset", 0))
+    lagging = []
+    for replica in shard.replicas:
+        name = getattr(replica, "node_id", None) or f"{replica.host}:{replica.port}"
+        try:
+            with _client((replica.host, replica.port), creds) as conn:
+                info = conn.info("replication")
+        except (redis.RedisError, OSError):
+            lagging.append(name)
+            continue
+        if info.get("master_link_status") != "up" or int(info.get("slave_repl_offset", -1)) != offset:
+            lagging.append(name)
+    return lagging
+
+
+def wait_in_sync(shard: ShardNodes, creds: Credentials, timeout: float) -> None:
+    if shard.replicas:
+        _until(lambda: not lagging_replicas(shard, creds), f"the replicas of {shard.primary.node_id} to sync", timeout)
+
+
+# ---------------------------------------------------------------------------------- records
+def nodes_from_record(cache: dict[str, Any]) -> CacheNodes:
+    """The cache's nodes (with their task ARNs) from its registry record."""
+    shards: dict[str, ShardNodes] = {}
+    for n in cache.get("Nodes", []):
+        host, _, port = n["Address"].rpartition(":")
+        node = NodeTask(n["CacheNodeId"], n.get("TaskArn", ""), host, int(port), n["Role"])
+        group = n["NodeGroupId"]
+        if n["Role"] == "primary":
+            existing = shards.get(group)
+            shards[group] = ShardNodes(node, existing.replicas if existing else [], (n.get("Slots")))
+        else:
+            shards.setdefault(group, ShardNodes(node)).replicas.append(node)
+    ordered = [shards[g] for g in sorted(shards)]
+    return CacheNodes(cache["CacheName"], bool(cache.get("ClusterMode")), ordered)
+
+
+def node_entries(nodes: CacheNodes) -> list[dict[str, Any]]:
+    entries = []
+    for index, shard in enumerate(nodes.shards, start=1):
+        for node in (shard.primary, *shard.replicas):
+            entries.append(
+                {
+                    "CacheNodeId": node.node_id,
+                    "Address": f"{node.host}:{node.port}",
+                    "NodeGroupId": f"{index:04d}",
+                    "Role": "primary" if node is shard.primary else "replica",
+                    "TaskArn": node.task_arn,
+                    "Slots": shard.slots,
+                }
+            )
+    return entries
+
+
+def ecs_record(nodes: CacheNodes, creds: Credentials, *, node_type: str, data_tiering: bool) -> dict[str, Any]:
+    """Registry fields of an ECS cache (``Managed: ecs``), engine read from a primary."""
+    primary = nodes.shards[0].primary
+    engine, version, rdb_version = topology.engine_info(primary.host, primary.port, credentials=creds)
+    return {
+        "CacheName": nodes.name,
+        "Engine": engine,
+        "EngineVersion": version,
+        "MaxRdbVersion": rdb_version,
+        "ClusterMode": nodes.cluster_mode,
+        "CacheNodeType": node_type,
+        "DataTiering": "enabled" if data_tiering else "disabled",
+        "Kind": "node-based",
+        "Managed": "ecs",
+        "NumNodeGroups": len(nodes.shards),
+        "ReplicasPerNodeGroup": len(nodes.shards[0].replicas),
+        "Endpoints": [f"{s.primary.host}:{s.primary.port}" for s in nodes.shards],
+        "Nodes": node_entries(nodes),
+    }
+
+
+def task_arns(cache: dict[str, Any]) -> list[str]:
+    return [n["TaskArn"] for n in cache.get("Nodes", []) if n.get("TaskArn")]
+
+
+# ---------------------------------------------------------------------------------- create / destroy
+def create_ecs_cache(
+    name: str,
+    *,
+    engine: str,
+    cluster_mode: bool,
+    num_shards: int,
+    replicas: int,
+    creds: Credentials,
+    tls: dict[str, str] | None,
+) -> CacheNodes:
+    """Start ``num_shards`` primaries (and ``replicas`` each) as tasks and wire them; all or nothing."""
+    plan = [(shard, member) for shard in range(num_shards) for member in range(1 + replicas)]
+    started = start_node_tasks(
+        name, [node_id(name, s, m) for s, m in plan], engine=engine, cluster_mode=cluster_mode, creds=creds, tls=tls
+    )
+    try:
+        shards = []
+        for shard in range(num_shards):
+            members = [n for (s, _), n in zip(plan, started, strict=True) if s == shard]
+            for member in members[1:]:
+                member.role = "replica"
+            shards.append(ShardNodes(members[0], members[1:]))
+        nodes = CacheNodes(name, cluster_mode, shards)
+        wire(nodes, creds)
+        return nodes
+    except BaseException:
+        stop_tasks([n.task_arn for n in started], "cache creation failed")
+        raise
+
+
+def add_ecs_replicas(cache: dict[str, Any], replicas: int, creds: Credentials, tls: dict[str, str] | None,
+                     timeout: float) -> CacheNodes:  # fmt: skip
+    """Give every shard ``replicas`` replicas (tasks), wired to its loaded primary; in sync on return."""
+    nodes = nodes_from_record(cache)
+    plan = [
+        (index, member)
+        for index, shard in enumerate(nodes.shards)
+        for member in range(1 + len(shard.replicas), 1 + replicas)
+    ]
+    if not plan:
+        return nodes
+    name = nodes.name
+    started = start_node_tasks(
+        name,
+        [node_id(name, s, m) for s, m in plan],
+        engine=str(cache.get("Engine") or "redis"),
+        cluster_mode=nodes.cluster_mode,
+        creds=creds,
+        tls=tls,
+    )
+    try:
+        joining: dict[int, list[NodeTask]] = {}
+        for (index, _), node in zip(plan, started, strict=True):
+            node.role = "replica"
+            joining.setdefault(index, []).append(node)
+            nodes.shards[index].replicas.append(node)
+        wire(nodes, creds, new_replicas=joining)
+        for index in joining:
+            wait_in_sync(nodes.shards[index], creds, timeout)
+        return nodes
+    except BaseException:
+        stop_tasks([n.task_arn for n in started], "replicas did not sync")
+        raise
+
+
+def destroy(cache: dict[str, Any], reason: str) -> None:
+    """Stop an ECS cache's tasks; an external cache's nodes are the user's and stay as they are."""
+    if cache.get("Managed") == "ecs":
+        stop_tasks(task_arns(cache), reason)
+
+
+# ---------------------------------------------------------------------------------- external
+def check_external_empty(cache: dict[str, Any]) -> topology.Topology:
+    """The registered external cache's live layout; refused unless reachable and empty everywhere."""
+    name = cache["CacheName"]
+    creds = creds_mod.for_cache(cache)
+    try:
+        topo = topology.discover(topology.seed_endpoints(cache), credentials=creds)
+    except Exception as exc:
+        raise TargetNotEmpty(f"Restore target {name!r} cannot be reached: {exc}") from exc
+    for shard in topo.shards:
+        if not shard.primary.link_up:
+            raise TargetNotEmpty(f"Restore target {name!r}: primary {shard.primary.endpoint} is not reachable.")
+        try:
+            with _client((shard.primary.host, shard.primary.port), creds) as conn:
+                keys = int(conn.dbsize())
+                per_db = conn.info("keyspace")
+        except (redis.RedisError, OSError) as exc:
+            raise TargetNotEmpty(f"Restore target {name!r}: {shard.primary.endpoint} cannot be read: {exc}") from exc
+        if keys or per_db:
+            held = ", ".join(f"{db}={info.get('keys')}" for db, info in per_db.items()) or f"db0={keys}"
+            raise TargetNotEmpty(
+                f"Restore target {name!r} is not empty: primary {shard.primary.endpoint} holds keys ({held}). "
+                "A restore only goes into an empty cache (DBSIZE 0 on every primary); flush it or pick another."
+            )
+    return topo
+
+
+def check_external_available(cache: dict[str, Any]) -> None:
+    if cache.get("Status") not in ("available",):
+        raise InvalidReplicationGroupState(
+            f"Replication group {cache['CacheName']!r} is {cache.get('Status')!r}; a restore needs it available."
+        )

@@ -1,0 +1,787 @@
+"""The RestoreSnapshot state machine's steps, one function per Task state.
+
+No two steps share a disk (on AWS each Lambda has its own /tmp): every step reads what
+it needs from S3 itself and hands on only names, never paths. Preflight decides from the
+manifest of a cachevault snapshot (RDB version, databases, key counts, slots); an RDB
+not made by cachevault (SnapshotArns) is streamed from S3 once with ranged GETs and
+scanned (version, databases, exact key counts, CRC64, SHA-256), nothing staged. Nothing
+is written to any cache before that. The target is one of restore_targets': a new cache
+of ECS tasks (``ecs``) or an empty cache the user runs, registered by endpoint
+(``external``, checked reachable and empty at preflight, before anything is written).
+ProvisionCache starts the new cache's primaries alone (or reads the external layout);
+each LoadShard reads its own source from S3 (into its own temp dir when it fits there,
+else as a stream of ranged GETs, SHA-256 checked either way) and sends pre-packed RESTORE
+batches, routed by hash slot; AttachReplicas then adds the replicas, which full-sync from
+their loaded primary (a primary with replicas would propagate every RESTORE to them while
+it loads: 6x slower with one replica).
+
+What grows with the shard count stays out of the state payload (256 KB at 500 shards,
+tests/unit/test_state_limits.py): Preflight writes the checked sources to
+``restores/<target>/<execution>/sources.json`` and the state carries its key
+(``SourcesKey``); each LoadShards item is ``{Index, Runner}`` and the step reads its source
+(``load_task``) from that document. A LoadShard leaves its per-target key counts, totals
+and sample keys in ``load-NNNN.json`` beside it and returns only its key and key count;
+Verify reads those, MarkAvailable/MarkFailed delete the whole prefix.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from botocore.exceptions import ClientError
+
+from cachevault.catalog import caches, events, storage
+from cachevault.catalog.progress_report import RESTORE, PartProgress
+from cachevault.catalog.records import Catalog
+from cachevault.core import encryption, names
+from cachevault.core.aws import client
+from cachevault.core.errors import (
+    InvalidParameterCombination,
+    InvalidParameterValue,
+    InvalidS3Location,
+    InvalidSnapshotState,
+    ReplicationGroupAlreadyExistsFault,
+    RestoreFailed,
+)
+from cachevault.core.failures import caught_failure, cleanup
+from cachevault.core.handler import logger, metrics, record_duration
+from cachevault.core.settings import Settings
+from cachevault.core.timeutil import iso
+from cachevault.nodes import credentials as creds_mod
+from cachevault.nodes import restore_targets, topology
+from cachevault.nodes.slots import format_slot_ranges, parse_slot_ranges
+from cachevault.rdb.reader import scan_rdb
+from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
+from cachevault.restore.verify import verify_restore
+
+SAMPLES_PER_SOURCE = 40
+SAMPLE_MAX_PAYLOAD = 2048  # bytes of one sample's DUMP payload kept for Verify
+MODULE_KEYS_LISTED = 20  # module values skipped: named in the state up to this many, then counted
+MISMATCHES_LISTED = 20  # Verify's mismatches named in its report (and error), then counted
+LOAD_PROGRESS_EVERY = 20_000  # keys between progress reports (each is a cheap callback; writes are throttled)
+DATA_TIERING_NODE_FAMILY = "r6gd"
+MiB = 1 << 20
+ATTACH_BASE_TIMEOUT_S = 60.0
+ATTACH_MIN_MB_S = 10.0  # slowest full sync we wait for (RDB transfer + load on the replica)
+REPLICA_SYNC_CHECK_S = 15.0  # Verify: a replica must be in sync within this
+
+
+# How LoadShard reads its source: "auto" (its temp dir when the object fits there, else a
+# stream of ranged GETs), "tmp" or "stream".
+SOURCE_MODE_ENV = "RESTORE_SOURCE_MODE"
+# Largest source a LoadShard Lambda takes: 10 of its 15 minutes at 50 MiB/s (S3 GET and
+# RESTORE into a node, measured locally at 150 MB/s); bigger ones are worker jobs.
+LOAD_INLINE_MAX_BYTES_ENV = "LOAD_INLINE_MAX_BYTES"
+LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
+
+
+def _target_engine(external: dict[str, Any] | None, engine: str) -> tuple[str, str, int]:
+    """(engine, version, highest RDB version) the target accepts: the external nodes', or the image's."""
+    if external is not None:
+        version = str(external.get("EngineVersion", ""))
+        return str(external.get("Engine")), version, int(external.get("MaxRdbVersion") or 0)
+    return restore_targets.image_engine(engine)
+
+
+# ---------------------------------------------------------------------------------- preflight
+def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
+    request = event.get("Request", event)
+    execution = event.get("ExecutionName", "")
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = names.cache_name(request.get("ReplicationGroupId", ""))
+    snapshot_name = request.get("SnapshotName")
+    arns = request.get("SnapshotArns") or []
+    if bool(snapshot_name) == bool(arns):
+        raise InvalidParameterCombination("Give exactly one of SnapshotName or SnapshotArns.")
+    external = _check_target_free(catalog, target)
+    external_layout = restore_targets.check_external_empty(external) if external is not None else None
+    security = creds_mod.security_fields(request)  # names of secrets only, checked before any write
+    creds_mod.fleet_tls(security)
+
+    snapshot: dict[str, Any] | None = None
+    if snapshot_name:
+        snapshot = catalog.get_snapshot(names.snapshot_name(snapshot_name, automatic=True))
+        if snapshot["SnapshotStatus"] != "available":
+            raise InvalidSnapshotState(
+                f"Snapshot {snapshot['SnapshotName']!r} is {snapshot['SnapshotStatus']!r}; only an "
+                "available snapshot can be restored."
+            )
+        bucket = snapshot.get("Bucket", settings.bucket)
+        manifest = storage.read_manifest(client("s3"), bucket, snapshot["SnapshotName"])
+        sources = [_manifest_source(bucket, n) for n in manifest["NodeSnapshots"]]
+        source_cluster = bool(manifest["ClusterMode"])
+        source_engine = str(manifest.get("Engine") or "redis")
+        source_node_type = manifest.get("CacheNodeType") or ""
+        source_tiering = manifest.get("DataTiering") == "enabled"
+    else:
+        sources = [_s3_source(arn) for arn in arns]
+        source_cluster = any(s["Slots"] for s in sources)
+        source_node_type, source_tiering = "", False
+        source_engine = "redis"
+    engine = str(request.get("Engine") or source_engine).lower()
+
+    if external_layout is not None:  # the user's nodes decide the layout
+        cluster_mode = external_layout.cluster_mode
+        if cluster_mode != _target_cluster_mode(request, source_cluster, len(sources)) and (
+            request.get("ClusterMode") is not None or (source_cluster and not cluster_mode)
+        ):
+            _target_cluster_mode({**request, "ClusterMode": "enabled" if cluster_mode else "disabled"},
+                                 source_cluster, len(sources))  # fmt: skip
+        num_shards = len(external_layout.shards)
+        replicas = len(external_layout.shards[0].replicas)
+    else:
+        cluster_mode = _target_cluster_mode(request, source_cluster, len(sources))
+        # Given values are checked as given: 0 shards is refused, never taken for "not given".
+        asked_shards = request.get("NumNodeGroups")
+        num_shards = asked_shards if asked_shards is not None else (len(sources) if cluster_mode else 1)
+        replicas = request["ReplicasPerNodeGroup"] if request.get("ReplicasPerNodeGroup") is not None else 1
+    asked_type = request.get("CacheNodeType")
+    node_type = asked_type if asked_type is not None else (source_node_type or caches.DEFAULT_NODE_TYPE)
+    caches.validate_shape(
+        cluster_mode=cluster_mode, num_shards=num_shards, replicas=replicas, kind="node-based", node_type=node_type
+    )
+    _check_data_tiering(source_node_type, source_tiering, node_type)
+
+    # Reserve the target name and mark the snapshot before the (long) read of a foreign RDB.
+    if external is not None:
+        catalog.update_cache(
+            target, Status="restoring", RestoreExecution=execution, RestoreSource=snapshot_name or ",".join(arns)
+        )
+    else:
+        catalog.register_cache(
+            {
+                "CacheName": target,
+                "Status": "creating",
+                "Managed": "ecs",
+                "Engine": engine,
+                "RestoreExecution": execution,
+                "RestoreSource": snapshot_name or ",".join(arns),
+                "CacheNodeType": node_type,
+                **security,
+            }
+        )
+    if snapshot is not None:
+        catalog.update_snapshot(snapshot["SnapshotName"], expect_status="available", SnapshotStatus="restoring")
+        # Remembered on the cache so only this restore hands the snapshot back.
+        catalog.update_cache(target, SnapshotRestoring=snapshot["SnapshotName"])
+
+    checked = [_checked_source(settings, target, index, source) for index, source in enumerate(sources, start=1)]
+    engine, version, max_rdb = _target_engine(external, engine)
+    newest = max(s["RdbVersion"] for s in checked)
+    if newest > max_rdb:
+        raise InvalidParameterCombination(
+            f"The snapshot's RDB version {newest} is newer than the target engine {engine} {version} "
+            f"can load (RDB version {max_rdb} at most). Restore into a newer engine version."
+        )
+    dbs = sorted({int(db) for s in checked for db in s["KeysPerDb"]})
+    if cluster_mode and any(db != 0 for db in dbs):
+        raise InvalidParameterCombination(
+            "A snapshot holding several databases cannot be restored into a cluster-mode-enabled cache "
+            f"(cluster mode only has database 0); the snapshot has keys in databases {dbs}."
+        )
+    return {
+        "ReplicationGroupId": target,
+        "SnapshotName": snapshot["SnapshotName"] if snapshot else None,
+        "SourceClusterMode": source_cluster,
+        "ClusterMode": cluster_mode,
+        "NumNodeGroups": num_shards,
+        "ReplicasPerNodeGroup": replicas,
+        "CacheNodeType": node_type,
+        "TargetType": "external" if external is not None else "ecs",
+        "Engine": engine,
+        "SourcesKey": _put_json(storage.restore_sources_key(target, execution), checked),
+        "SourceCount": len(checked),
+        "ExecutionName": execution,
+    }
+
+
+def restore_sources(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checked sources Preflight recorded for this execution (read from S3)."""
+    key = str(event["SourcesKey"])
+    if not key.startswith(storage.RESTORES_PREFIX):
+        raise InvalidParameterValue(f"SourcesKey {key!r} is not a restore's sources document.")
+    return list(_read_json(key))
+
+
+def _check_target_free(catalog: Catalog, target: str) -> dict[str, Any] | None:
+    """None for a new (ECS) cache; the record of a registered external cache to restore into."""
+    existing = catalog.find_cache(target)
+    if existing is None:
+        return None
+    if existing.get("Managed") == "external":
+        restore_targets.check_external_available(existing)
+        return existing
+    if existing.get("Status") == "failed" and existing.get("Managed") in ("local", "ecs"):
+        # A failed earlier restore left only its record: a retry may take the name again.
+        caches.delete_local_cache(target, catalog.settings)
+        return None
+    raise ReplicationGroupAlreadyExistsFault(f"Replication group {target!r} already exists.")
+
+
+def _target_cluster_mode(request: dict[str, Any], source_cluster: bool, sources: int) -> bool:
+    wanted = request.get("ClusterMode")
+    if wanted is None:
+        shards = request.get("NumNodeGroups")
+        return source_cluster or (isinstance(shards, int) and shards > 1)
+    if wanted not in ("enabled", "disabled"):
+        raise InvalidParameterValue(f"ClusterMode must be enabled or disabled, not {wanted!r}.")
+    if wanted == "disabled" and source_cluster and not request.get("AllowClusterModeDisable"):
+        raise InvalidParameterCombination(
+            "The snapshot is of a cluster-mode-enabled cache; restoring it with cluster mode disabled "
+            "merges every shard into one node. ElastiCache refuses this; ask for it explicitly with "
+            "AllowClusterModeDisable (CLI: --allow-cluster-mode-disable)."
+        )
+    return wanted == "enabled"
+
+
+def _check_data_tiering(source_node_type: str, source_tiering: bool, target_node_type: str) -> None:
+    from_tiering = source_tiering or DATA_TIERING_NODE_FAMILY in source_node_type
+    if from_tiering and DATA_TIERING_NODE_FAMILY not in target_node_type:
+        raise InvalidParameterCombination(
+            f"A snapshot of a data tiering cache ({source_node_type or 'r6gd'}) can only be restored "
+            f"into a data tiering node type (cache.r6gd.*), not {target_node_type!r}."
+        )
+
+
+def _s3_source(arn: str) -> dict[str, Any]:
+    """``s3://bucket/key`` or ElastiCache's ``arn:aws:s3:::bucket/key``, with an optional ``?versionId=``.
+
+    A version selector is honoured (HeadObject and GetObject of that version); any other
+    query is refused rather than dropped, so the object read is always the one named.
+    """
+    if arn.startswith("arn:aws:s3:::"):
+        rest = arn.removeprefix("arn:aws:s3:::")
+    elif arn.startswith("s3://"):
+        rest = arn.removeprefix("s3://")
+    else:
+        raise InvalidS3Location(f"{arn!r} is not an S3 location (s3://bucket/key or arn:aws:s3:::bucket/key).")
+    bucket, _, key = rest.partition("/")
+    version_id = None
+    if "?" in key:
+        key, _, query = key.partition("?")
+        fields = parse_qs(query, keep_blank_values=True)
+        if set(fields) != {"versionId"} or len(fields["versionId"]) != 1 or not fields["versionId"][0]:
+            raise InvalidS3Location(
+                f"{arn!r}: the only query an S3 source may carry is one ?versionId=<id> (got ?{query})."
+            )
+        version_id = fields["versionId"][0]
+    if not bucket or not key:
+        raise InvalidS3Location(f"{arn!r} names no object.")
+    storage.check_key(key)  # no "..", absolute or percent-encoded escapes
+    version = {"VersionId": version_id} if version_id else {}
+    try:
+        head = client("s3").head_object(Bucket=bucket, Key=key, **version)
+    except Exception as exc:
+        what = f"version {version_id} of " if version_id else ""
+        raise InvalidS3Location(f"No readable RDB at {what}s3://{bucket}/{key}: {exc}") from exc
+    return {
+        "Bucket": bucket,
+        "Key": key,
+        "VersionId": version_id,
+        "Sha256": None,
+        "Size": int(head["ContentLength"]),
+        "Slots": None,
+    }
+
+
+def _reader(source: dict[str, Any], **kwargs: Any) -> storage.S3RangeReader:
+    """Ranged GETs of a source (that version of it, when named), checked against its SHA-256 and size."""
+    return storage.S3RangeReader(
+        client("s3"),
+        source["Bucket"],
+        source["Key"],
+        expected_sha256=source.get("Sha256"),
+        size=source.get("Size"),
+        version_id=source.get("VersionId"),
+        **kwargs,
+    )
+
+
+def _manifest_source(bucket: str, node: dict[str, Any]) -> dict[str, Any]:
+    """One shard of a cachevault snapshot, as its manifest describes it.
+
+    ``KeyCountExact``: counted from the RDB itself (else from INFO keyspace when the capture
+    started, so a cache taking writes may differ; Verify then counts from the RDB).
+    """
+    source: dict[str, Any] = {
+        "Bucket": bucket,
+        "Key": storage.check_key(node["S3Key"]),
+        "Sha256": node["Sha256"],
+        "Size": int(node["CacheSize"]),
+        "Slots": node.get("Slots"),
+    }
+    if node.get("RdbVersion") is None or node.get("KeysPerDb") is None:
+        return source  # a manifest from before these fields: _checked_source reads the RDB
+    keys = {str(db): int(n) for db, n in node["KeysPerDb"].items() if int(n)}
+    return source | {
+        "RdbVersion": int(node["RdbVersion"]),
+        "KeysPerDb": keys,
+        "ExpiresPerDb": {str(db): int(n) for db, n in (node.get("ExpiresPerDb") or {}).items() if int(n)},
+        "KeyCount": int(node.get("KeyCount") if node.get("KeyCount") is not None else sum(keys.values())),
+        "KeyCountExact": bool(node.get("KeyCountExact")),
+        "Functions": node.get("Functions"),
+        "ModuleKeysSkipped": node.get("ModuleKeysSkipped"),
+    }
+
+
+def _checked_source(settings: Settings, target: str, index: int, source: dict[str, Any]) -> dict[str, Any]:
+    """A source with what the restore decides on: from its manifest, else read from S3 once.
+
+    The read streams the object with ranged GETs through the RDB reader (nothing written
+    anywhere): RDB version, key counts, CRC64 trailer; the SHA-256 it computes pins the
+    object, so every later read of it is checked against the same bytes.
+    """
+    if "RdbVersion" in source:
+        return {**source, "Index": index}
+    report = PartProgress(
+        Catalog(settings), RESTORE, target, f"download-{index:04d}", phase="download", total=source.get("Size")
+    )
+    report.start()
+    reader = _reader(source, on_bytes=report.update)
+    summary = scan_rdb(reader)  # closes the reader
+    report.finish(reader.size)
+    if not summary.checksum_ok:
+        raise InvalidParameterValue(f"{source['Key']}: the RDB's own CRC64 trailer does not match.")
+    return {
+        **source,
+        "Index": index,
+        "Sha256": reader.sha256,
+        "RdbVersion": summary.version,
+        "KeysPerDb": {str(db): n for db, n in summary.keys_per_db.items()},
+        "ExpiresPerDb": {str(db): n for db, n in summary.expires_per_db.items()},
+        "KeyCount": summary.total_keys,
+        "KeyCountExact": True,
+        "Functions": summary.functions,
+        "ModuleKeysSkipped": summary.module_keys_skipped,
+    }
+
+
+# ---------------------------------------------------------------------------------- provision
+def provision_step(event: dict[str, Any]) -> dict[str, Any]:
+    """The primaries to load: a new ECS cache's (started alone, replicas come after the load) or
+    the external cache's, read from its nodes."""
+    catalog = Catalog(Settings.from_env())
+    target, cluster_mode, shards = event["ReplicationGroupId"], event["ClusterMode"], event["NumNodeGroups"]
+    cache = catalog.get_cache(target)
+    creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
+    if event.get("TargetType") == "external":
+        topo = topology.discover(topology.seed_endpoints(cache), credentials=creds)
+        targets = [
+            {"Host": s.primary.host, "Port": s.primary.port, "Slots": format_slot_ranges(s.slots) or None}
+            for s in topo.shards
+        ]
+    else:
+        nodes = restore_targets.create_ecs_cache(
+            target, engine=event.get("Engine") or "redis", cluster_mode=cluster_mode, num_shards=shards, replicas=0,
+            creds=creds, tls=creds_mod.fleet_tls(cache),
+        )  # fmt: skip
+        _record_nodes(catalog, nodes, event, creds)
+        targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
+    # The Map's items stay small (Index, Runner): each LoadShard reads its source from SourcesKey.
+    tasks = [{k: t[k] for k in ("Index", "Runner")} for t in map(load_task, restore_sources(event))]
+    if any(t["Runner"] == "ecs" for t in tasks):  # worker tasks read the targets from S3 (load_job)
+        _put_json(storage.restore_targets_key(target, event["ExecutionName"]), targets)
+    logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets))
+    return {**event, "Seeded": False, "Targets": targets, "LoadTasks": tasks}
+
+
+def _record_nodes(
+    catalog: Catalog, nodes: restore_targets.CacheNodes, event: dict[str, Any], creds: creds_mod.Credentials
+) -> None:
+    """The new cache's registry record (nodes, task ARNs, endpoints); still ``creating``."""
+    record = restore_targets.ecs_record(
+        nodes, creds, node_type=event["CacheNodeType"], data_tiering="r6gd" in event["CacheNodeType"]
+    )
+    record["Status"] = "creating"
+    catalog.update_cache(nodes.name, **{k: v for k, v in record.items() if k != "CacheName"})
+
+
+def load_task(source: dict[str, Any]) -> dict[str, Any]:
+    """What one LoadShard needs to read its source from S3 (an item of the LoadShards Map).
+
+    ``Runner``: ``inline`` (the LoadShard Lambda) when the source loads well inside a
+    Lambda's 15 minutes, else ``ecs`` (``load_job`` in a worker task), as captures decide.
+    """
+    task = {k: source[k] for k in ("Index", "Bucket", "Key", "Sha256", "Size", "KeyCount")}
+    if source.get("VersionId"):
+        task["VersionId"] = source["VersionId"]
+    limit = int(os.environ.get(LOAD_INLINE_MAX_BYTES_ENV) or LOAD_INLINE_MAX_BYTES)
+    return task | {"Runner": "inline" if int(source["Size"]) <= limit else "ecs"}
+
+
+# ---------------------------------------------------------------------------------- load
+def _targets(event: dict[str, Any]) -> list[TargetShard]:
+    # The target's AUTH/TLS from its registry record (the Map passes the name, never a secret).
+    name = event.get("ReplicationGroupId")
+    creds = creds_mod.for_cache_name(name) if name else creds_mod.NONE
+    return [
+        TargetShard(
+            t["Host"],
+            int(t["Port"]),
+            parse_slot_ranges(t["Slots"]) if t["Slots"] else (),
+            creds.username,
+            creds.password,
+            creds.tls,
+        )
+        for t in event["Targets"]
+    ]
+
+
+def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Read one source RDB from S3 and stream it into the target primaries (routed by slot).
+
+    The per-target counts, totals and sample keys go to a small S3 object under the
+    restore's prefix (``ResultKey``); the returned state holds only that key and the count.
+    """
+    index = int(event["Task"]["Index"])
+    task = load_task(next(s for s in restore_sources(event) if int(s["Index"]) == index))
+    targets = _targets(event)
+    samples: list[dict[str, Any]] = []
+
+    def keep_sample(entry: RestoreEntry) -> None:
+        if len(samples) < SAMPLES_PER_SOURCE and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
+            samples.append(_sample(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
+
+    report = PartProgress(
+        Catalog(Settings.from_env()),
+        RESTORE,
+        event.get("ReplicationGroupId") or "",
+        f"load-{int(task['Index']):04d}",
+        phase="load",
+        total=int(task.get("KeyCount") or 0),
+        unit="keys",
+    )
+    report.start()
+    with _opened_source(task) as source:
+        result = load_rdb_file(
+            source,
+            targets,
+            cluster_mode=event["ClusterMode"],
+            sample_every=max(1, int(task.get("KeyCount") or 0) // SAMPLES_PER_SOURCE),
+            on_sample=keep_sample,
+            progress=lambda seen, _expired: report.update(seen),
+            progress_every=LOAD_PROGRESS_EVERY,
+        )
+    report.finish(result.keys_loaded + result.keys_expired_skipped)
+    details, output = load_outputs(task, result, samples)
+    for module in details["ModuleKeysSkipped"][:MODULE_KEYS_LISTED]:
+        logger.warning("module value skipped", **module)
+    metrics.add_metric(name="KeysRestored", unit="Count", value=result.keys_loaded)
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], int(task["Index"]))
+    output["ResultKey"] = key
+    _put_json(key, details | {"Output": output})
+    return output
+
+
+def load_outputs(
+    task: dict[str, Any], result: LoadResult, samples: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(details for Verify and the summary, kept in S3; the step's output, without its ResultKey yet).
+
+    The output's size does not grow with the number of targets or skipped module values:
+    the Map gathers 500 of them into one state, which must stay below 256 KB.
+    """
+    skipped = [{"Module": m.module_name, "Key": _text(m.key), "Offset": m.offset} for m in result.modules_skipped]
+    details = {
+        "Index": task["Index"],
+        "KeysPerTarget": result.keys_per_target,
+        "KeysWithTtlPerTarget": [t.keys_with_ttl for t in result.targets],
+        "KeysExpiredSkipped": result.keys_expired_skipped,
+        "BytesSent": result.bytes_sent,
+        "Seconds": round(result.seconds, 3),
+        "FunctionLibraries": result.function_libraries_loaded,
+        "ModuleKeysSkipped": skipped,
+        "Samples": samples,
+    }
+    return details, {"Index": task["Index"], "KeysLoaded": result.keys_loaded}
+
+
+def load_job(event: dict[str, Any]) -> dict[str, Any]:
+    """LoadShard as a worker job (an ECS task for a shard too big for a Lambda's 15 minutes).
+
+    Same input as the Lambda step (an item of the LoadShards Map) but for ``Targets``, read
+    from the object ProvisionCache wrote (the task's environment holds 8 KB). An ECS task
+    returns no output to the state machine: the result is in S3 (``ResultKey``), and
+    ``load_result_step`` (a Lambda after the task) hands it to the Map as the Lambda step would have.
+    """
+    if "Targets" not in event:
+        key = storage.restore_targets_key(event["ReplicationGroupId"], event["ExecutionName"])
+        event = {**event, "Targets": _read_json(key)}
+    return load_shard_step(event)
+
+
+def load_result_step(event: dict[str, Any]) -> dict[str, Any]:
+    """The output of a LoadShard that ran as a worker job, read from its result object."""
+    index = int(event["Task"]["Index"])
+    key = storage.restore_work_key(event["ReplicationGroupId"], event["ExecutionName"], index)
+    try:
+        return dict(_load_details(key)["Output"])
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        # runTask.sync ends when the task stops, whatever its exit code: no result means it failed.
+        raise RestoreFailed(
+            f"The load of source {index} ran as an ECS task that ended without a result ({key} is missing); "
+            "its log says why."
+        ) from None
+
+
+def _source_mode() -> str:
+    mode = os.environ.get(SOURCE_MODE_ENV, "auto")
+    if mode not in ("auto", "tmp", "stream"):
+        raise InvalidParameterValue(f"{SOURCE_MODE_ENV} must be auto, tmp or stream, not {mode!r}.")
+    return mode
+
+
+@contextlib.contextmanager
+def _opened_source(task: dict[str, Any]) -> Iterator[str | storage.S3RangeReader]:
+    """The task's RDB: a file in this environment's temp dir when it fits, else a ranged-GET stream.
+
+    Either way the bytes are SHA-256 checked against the source's (a mismatch fails the
+    load at the last byte, before FUNCTION LOAD and before the result is recorded).
+    """
+    reader = _reader(task)
+    mode = _source_mode()
+    to_file = mode == "tmp" or (mode == "auto" and storage.fits_in_temp_dir(reader.size))
+    if not to_file:
+        logger.info("loading as a stream of ranged GETs", key=task["Key"], bytes=reader.size)
+        with reader:
+            yield reader
+        return
+    fd, name = tempfile.mkstemp(prefix="cachevault-load-", suffix=".rdb")
+    os.close(fd)
+    try:
+        with reader:
+            storage.download_ranged(reader, name)
+        yield name
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _put_json(key: str, document: Any) -> str:
+    """Write one of the restore's work objects (under its prefix); returns its key."""
+    client("s3").put_object(
+        Bucket=Settings.from_env().bucket,
+        Key=key,
+        Body=json.dumps(document, separators=(",", ":")).encode(),
+        ContentType="application/json",
+        **encryption.s3_args(),
+    )
+    return key
+
+
+def _load_details(key: str) -> dict[str, Any]:
+    return dict(_read_json(key))
+
+
+def _read_json(key: str) -> Any:
+    body = client("s3").get_object(Bucket=Settings.from_env().bucket, Key=storage.check_key(key))["Body"]
+    with contextlib.closing(body):
+        return json.loads(body.read())
+
+
+def _sample(db: int, key: bytes, payload: bytes, expire_ms: int | None) -> dict[str, Any]:
+    return {
+        "Db": db,
+        "Key": base64.b64encode(bytes(key)).decode(),
+        "Payload": base64.b64encode(payload).decode(),
+        "ExpireMs": expire_ms,
+    }
+
+
+def _text(key: bytes | None) -> str | None:
+    return None if key is None else bytes(key).decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------------- attach replicas
+def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Add the replicas (ECS tasks) to the loaded primaries; return when every replica is in sync.
+
+    A no-op for an external target (its replicas are the user's and sync by themselves) or
+    one without replicas.
+    """
+    wanted = int(event["ReplicasPerNodeGroup"])
+    if event.get("TargetType") == "external" or wanted == 0:
+        return event
+    catalog = Catalog(Settings.from_env())
+    target = event["ReplicationGroupId"]
+    cache = catalog.get_cache(target)
+    creds = creds_mod.for_cache(cache)
+    # A full sync moves the whole dataset once more: bound the wait by its size.
+    megabytes = sum(int(s["Size"]) for s in restore_sources(event)) / MiB
+    timeout = max(restore_targets.READY_TIMEOUT_S, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
+    nodes = restore_targets.add_ecs_replicas(cache, wanted, creds, creds_mod.fleet_tls(cache), timeout)
+    _record_nodes(catalog, nodes, event, creds)
+    logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(nodes.shards))
+    return event
+
+
+# ---------------------------------------------------------------------------------- verify
+def verify_step(event: dict[str, Any]) -> dict[str, Any]:
+    targets = _targets(event)
+    loads = event.get("LoadResults") or []
+    details = [_load_details(r["ResultKey"]) for r in sorted(loads, key=lambda r: int(r["Index"]))]
+    expected = [sum(d["KeysPerTarget"][i] for d in details) for i in range(len(targets))]
+    volatile = [sum(d["KeysWithTtlPerTarget"][i] for d in details) for i in range(len(targets))]
+    samples = [
+        RestoreEntry(s["Db"], base64.b64decode(s["Key"]), base64.b64decode(s["Payload"]), s.get("ExpireMs"))
+        for d in details
+        for s in d["Samples"]
+    ]
+    report = verify_restore(
+        targets,
+        expected_keys_per_target=expected,
+        keys_with_ttl_per_target=volatile,
+        samples=samples,
+        raise_on_mismatch=False,
+    )
+    report["KeysExpected"] = sum(expected)
+    if report["Mismatches"]:
+        # The error (its report included) travels in the state: name a few, count the rest.
+        mismatches = report["Mismatches"]
+        report["MismatchCount"], report["Mismatches"] = len(mismatches), mismatches[:MISMATCHES_LISTED]
+        raise RestoreFailed(
+            f"Restore verification failed: {len(mismatches)} mismatch(es); first: {mismatches[0]}", **report
+        )
+    report["ReplicasInSync"] = _check_replicas(event["ReplicationGroupId"], report)
+    logger.info("restore verified", target=event["ReplicationGroupId"], report=report)
+    return {k: v for k, v in event.items() if k != "LoadResults"} | {
+        "Verification": report,
+        "LoadSummary": _load_summary(details),
+    }
+
+
+def _check_replicas(target: str, report: dict[str, Any]) -> int:
+    """Every replica's link up and its offset equal to its primary's (bounded wait); their count."""
+    cache = Catalog(Settings.from_env()).get_cache(target)
+    creds = creds_mod.for_cache(cache)
+    if cache.get("Managed") == "external":
+        shards: list[Any] = topology.discover(topology.seed_endpoints(cache), credentials=creds).shards
+    else:
+        shards = restore_targets.nodes_from_record(cache).shards
+    report["Compared"] += "; every replica linked and in sync (replication offset equal to its primary's)"
+
+    def lagging() -> list[str]:
+        return [n for shard in shards for n in restore_targets.lagging_replicas(shard, creds)]
+
+    behind = lagging()
+    deadline = time.monotonic() + REPLICA_SYNC_CHECK_S
+    while behind and time.monotonic() < deadline:
+        time.sleep(0.1)
+        behind = lagging()
+    if behind:
+        report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in behind]
+        raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(behind)}", **report)
+    return sum(len(s.replicas) for s in shards)
+
+
+def _load_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals of the LoadShards' detailed results (their S3 objects); the first module values skipped, named."""
+    skipped = [m for r in loads for m in r["ModuleKeysSkipped"]]
+    return {
+        "KeysLoaded": sum(sum(r["KeysPerTarget"]) for r in loads),
+        "KeysExpiredSkipped": sum(r["KeysExpiredSkipped"] for r in loads),
+        "BytesSent": sum(r["BytesSent"] for r in loads),
+        "FunctionLibraries": max((r["FunctionLibraries"] for r in loads), default=0),
+        "ModuleKeysSkippedCount": len(skipped),
+        "ModuleKeysSkipped": skipped[:MODULE_KEYS_LISTED],
+    }
+
+
+# ---------------------------------------------------------------------------------- finish
+def complete_step(event: dict[str, Any]) -> dict[str, Any]:
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = event["ReplicationGroupId"]
+    catalog.update_cache(target, Status="available", RestoreCompleteTime=iso())
+    if event.get("SnapshotName"):
+        catalog.update_snapshot(event["SnapshotName"], SnapshotStatus="available")
+        catalog.update_cache(target, SnapshotRestoring=None)
+    _delete_work_objects(settings, target, event.get("ExecutionName"), [])
+    metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)
+    # Request to available: the target's record is made by the restore's preflight.
+    record_duration("RestoreDuration", (catalog.find_cache(target) or {}).get("CacheCreateTime"))
+    events.restore_status(events.RESTORE_COMPLETED, target, Status="available", SnapshotName=event.get("SnapshotName"))
+    return {
+        "ReplicationGroupId": target,
+        "Status": "available",
+        "SnapshotName": event.get("SnapshotName"),
+        "ClusterMode": event["ClusterMode"],
+        "NumNodeGroups": event["NumNodeGroups"],
+        "Seeded": event["Seeded"],
+        "Verification": event["Verification"],
+        "LoadSummary": event.get("LoadSummary"),
+    }
+
+
+def fail_step(event: dict[str, Any]) -> dict[str, Any]:
+    """Undo what this execution made: stop the new cache's nodes, mark it failed, free the snapshot.
+
+    Never raises for what is already gone (nodes, the cache or snapshot record, the work
+    objects in S3); any other cleanup error is reported in ``CleanupErrors`` after every
+    other cleanup ran, so the snapshot is handed back to ``available`` whatever happened.
+    """
+    _, execution, request, reason = caught_failure(event)
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    errors: list[str] = []
+    target = str(request.get("ReplicationGroupId", "")).lower()
+    cache = cleanup("read the cache record", lambda: catalog.find_cache(target), errors) if target else None
+    ours = bool(cache and execution and cache.get("RestoreExecution") == execution)
+    if ours and cache is not None and cache.get("Managed") == "external":
+        # The user's nodes stay theirs (possibly partly loaded, said in the reason); usable again.
+        cleanup(
+            "hand the external cache back",
+            lambda: catalog.update_cache(target, Status="available", RestoreExecution=None, LastRestoreFailure=reason),
+            errors,
+        )
+    elif ours and cache is not None:
+        record = cache
+        cleanup(
+            "stop the new cache's tasks",
+            lambda: restore_targets.destroy(record, f"restore into {target} failed"),
+            errors,
+        )
+        cleanup(
+            "mark the cache failed",
+            lambda: catalog.update_cache(target, Status="failed", FailureReason=reason, Endpoints=[], Nodes=[]),
+            errors,
+        )
+    if ours:
+        assert cache is not None
+        if cache.get("SnapshotRestoring"):
+            name = cache["SnapshotRestoring"]
+            cleanup("hand the snapshot back", lambda: catalog.update_snapshot(name, SnapshotStatus="available"), errors)
+        _delete_work_objects(settings, target, execution, errors)
+        metrics.add_metric(name="RestoreFailures", unit="Count", value=1)
+        cleanup(
+            "publish the failure event",
+            lambda: events.restore_status(events.RESTORE_FAILED, target, Status="failed", FailureReason=reason),
+            errors,
+        )
+    logger.error("restore failed", target=target, reason=reason, record_owned=ours, cleanup_errors=errors)
+    return {
+        "ReplicationGroupId": target,
+        "Status": "failed" if ours else None,
+        "FailureReason": reason,
+        **({"CleanupErrors": errors} if errors else {}),
+    }
+
+
+def _delete_work_objects(settings: Settings, target: str, execution: str | None, errors: list[str]) -> None:
+    """The LoadShard result objects of this execution (gone already is fine)."""
+    if not execution:
+        return
+    prefix = storage.restore_prefix(target, execution)
+    s3 = client("s3")
+    cleanup("delete the restore's work objects", lambda: storage.delete_prefix(s3, settings.bucket, prefix), errors)

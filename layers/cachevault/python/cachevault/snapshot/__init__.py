@@ -1,0 +1,2 @@
+"""Redis -> S3: snapshot preflight rules, the replication-protocol capture, its runner,
+and the CreateSnapshot state machine's steps."""

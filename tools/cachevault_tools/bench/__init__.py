@@ -1,0 +1,1 @@
+"""``make bench``: product-path and component benchmarks with same-run anchors."""
