@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from cachevault.catalog import caches, events, snapshot_record, storage
+from cachevault.catalog import events, snapshot_record, storage
 from cachevault.catalog.records import Catalog
 from cachevault.core import encryption, names, polling
 from cachevault.core.aws import client
