@@ -159,8 +159,22 @@ def _mount_points() -> list[tuple[str, int]]:
     return found
 
 
-def build_namespace(tmp_mb: int | None, read_only: bool) -> None:
-    """Private mounts: everything read-only but /tmp, /tmp a tmpfs of ``tmp_mb`` MB."""
+def _code_paths_under_tmp(extra: list[str]) -> list[str]:
+    """The code this environment runs that lives under /tmp (a checkout, a venv there).
+
+    On Lambda the code is in /var/task and /opt, never under /tmp; here a checkout may be,
+    and the private /tmp would hide it.
+    """
+    candidates = {os.path.realpath(p) for p in [*sys.path, sys.prefix, os.getcwd(), *extra] if p and os.path.isdir(p)}
+    # The whole top-level directory (the checkout): read-only like everything outside /tmp.
+    return sorted({"/tmp/" + p.split("/")[2] for p in candidates if p.startswith("/tmp/")})
+
+
+def build_namespace(tmp_mb: int | None, read_only: bool, code_paths: list[str] | None = None) -> None:
+    """Private mounts: everything read-only but /tmp, /tmp a tmpfs of ``tmp_mb`` MB.
+
+    Code under /tmp (``_code_paths_under_tmp``) stays visible, read-only, inside the new /tmp.
+    """
     libc = _libc()
     _enter_namespace(libc)
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
@@ -175,7 +189,16 @@ def build_namespace(tmp_mb: int | None, read_only: bool) -> None:
                 if exc.errno not in (errno.ENOENT, errno.EINVAL, errno.EACCES):
                     raise
     if tmp_mb is not None:
+        # Held open across the tmpfs mount, then bound back at their own paths.
+        keep = {path: os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in _code_paths_under_tmp(code_paths or [])}
         _mount(libc, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=1777")
+        for path, fd in keep.items():
+            try:
+                os.makedirs(path, exist_ok=True)
+                _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+                _mount(libc, None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+            finally:
+                os.close(fd)
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -272,7 +295,7 @@ def setup_sandbox(setup: dict[str, Any]) -> str:
         isolation = "audit"
     elif read_only or tmp_mb is not None:
         try:
-            build_namespace(tmp_mb, read_only)
+            build_namespace(tmp_mb, read_only, [os.environ.get("LAMBDA_TASK_ROOT", ""), *setup.get("layer_dirs", [])])
             isolation = "namespace"
         except OSError:
             isolation = "audit"
