@@ -310,7 +310,7 @@ def test_cluster_disabled_to_same_without_the_source_cache(
     assert product.control.catalog.find_cache(standalone.cache_name) is None  # source deleted
     assert product.running_tasks(standalone.cache_name) == []  # its nodes stopped with it
     output, seconds = _restore(product, targets, "rt-same", snapshot=standalone.snapshot)
-    assert output["Seeded"] is False  # ECS nodes start empty: every restore loads over the network
+    assert output["LoadSummary"]["KeysLoaded"] == standalone.keys  # ECS nodes start empty: loaded over the network
     assert output["Status"] == "available" and output["ClusterMode"] is False
     assert output["Verification"]["Mismatches"] == []
     assert output["Verification"]["KeysExpected"] == standalone.keys
@@ -330,14 +330,11 @@ def test_three_shards_to_any_shard_count(
     """3 -> 3, 3 -> 2 and 3 -> 4 all load over the network into new ECS nodes."""
     target = f"rt-{shards}"
     output, seconds = _restore(product, targets, target, snapshot=clustered.snapshot, num_shards=shards, replicas=0)
-    seeded = False
-    assert output["Seeded"] is seeded
     assert output["NumNodeGroups"] == shards and output["ClusterMode"] is True
-    if not seeded:
-        assert output["LoadSummary"]["KeysLoaded"] == clustered.keys
+    assert output["LoadSummary"]["KeysLoaded"] == clustered.keys
     assert output["Verification"]["Mismatches"] == []
     _check_restored(product, clustered, target, shards=shards, cluster=True)
-    print(f"restore 3 -> {shards} shards ({'seeded' if seeded else 'network'}): {seconds:.2f} s")
+    print(f"restore 3 -> {shards} shards: {seconds:.2f} s")
 
 
 def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, targets: list[str]) -> None:
@@ -345,7 +342,7 @@ def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, 
     output, seconds = _restore(
         product, targets, "rt-up", snapshot=standalone.snapshot, num_shards=3, cluster_mode="enabled"
     )
-    assert output["Seeded"] is False and output["ClusterMode"] is True
+    assert output["ClusterMode"] is True
     primaries = _check_restored(product, standalone, "rt-up", shards=3, cluster=True)
     assert output["Verification"]["ReplicasInSync"] == 3
     assert "every replica linked and in sync" in output["Verification"]["Compared"]
@@ -385,7 +382,7 @@ def test_three_shards_to_cluster_disabled_when_asked(
         allow_cluster_mode_disable=True,
         replicas=0,
     )
-    assert output["Seeded"] is False and output["ClusterMode"] is False
+    assert output["ClusterMode"] is False
     primaries = _check_restored(product, clustered, "rt-down", shards=1, cluster=False)
     conn = connect(primaries[0])
     try:

@@ -81,7 +81,7 @@ def _restore_steps(environments: Environments, product: Product, request: dict[s
     state = environments.run(product, "restore_preflight", {"Request": request, "ExecutionName": execution})
     assert "Path" not in json.dumps(state)  # names only, never a path of this step's disk
     state = environments.run(product, "restore_provision", state)
-    assert state["Seeded"] is False  # nodes are ECS tasks: every restore loads over the network
+    assert state["LoadTasks"] and state["Targets"]  # nodes are ECS tasks: every restore loads over the network
     results = []
     for task in state["LoadTasks"]:
         item = {

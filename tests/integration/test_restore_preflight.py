@@ -161,7 +161,7 @@ def test_multi_db_snapshot_into_cluster_mode(product: Product, multi_db_snapshot
     # The same snapshot restores fine into a cluster-mode-disabled cache, every db intact.
     targets.append("pf-mdb-same")
     output = _restore(product, "pf-mdb-same", snapshot=multi_db_snapshot, replicas=0)
-    assert output["Seeded"] is False
+    assert output["Status"] == "available"
     restored = connect(product.control.catalog.get_cache("pf-mdb-same")["Endpoints"][0], db=3)
     try:
         assert restored.get("in-db-3") == b"x" and restored.dbsize() == 2

@@ -94,7 +94,6 @@ def test_every_state_of_a_500_shard_restore_is_below_256_kb() -> None:
     }
     targets = [{"Host": f"10.123.{i}.{200 + i % 50}", "Port": 6379, "Slots": ranges[i]} for i in range(SHARDS)]
     provision = preflight | {
-        "Seeded": False,
         "Targets": targets,
         "LoadTasks": [{k: rw.load_task(s)[k] for k in ("Index", "Runner")} for s in sources],  # as provision_step
     }

@@ -240,7 +240,6 @@ def restore_steps(sources: int) -> dict[str, Any]:
         ]
         return {
             **event,
-            "Seeded": False,
             "Targets": targets,
             # restore_workflow.load_task: half the sources too big for a Lambda load in worker tasks
             "LoadTasks": [{"Index": i, "Runner": "ecs" if i % 2 else "inline"} for i in range(1, sources + 1)],
@@ -304,7 +303,7 @@ def restore_steps(sources: int) -> dict[str, Any]:
         }
 
     def complete(event: dict[str, Any], clock: float) -> dict[str, Any]:
-        keep = ("ClusterMode", "NumNodeGroups", "Seeded", "Verification", "LoadSummary", "SnapshotName")
+        keep = ("ClusterMode", "NumNodeGroups", "Verification", "LoadSummary", "SnapshotName")
         return {"ReplicationGroupId": event["ReplicationGroupId"], "Status": "available"} | {k: event[k] for k in keep}
 
     return {

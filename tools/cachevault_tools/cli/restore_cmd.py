@@ -168,11 +168,10 @@ def restored_group(control: Any, result: dict[str, Any], arn: str) -> dict[str, 
 
 def restore_summary(result: dict[str, Any]) -> str:
     verification = result.get("Verification", {})
-    how = "seeded from the RDB files" if result["Seeded"] else "loaded over the network"
     mode = "enabled" if result["ClusterMode"] else "disabled"
     lines = [
         f"{result['ReplicationGroupId']}: {result['Status']}  {result['NumNodeGroups']} shard(s), "
-        f"cluster mode {mode}, {how}",
+        f"cluster mode {mode}, loaded over the network",
         f"  verified: {verification.get('Compared', '')}",
     ]
     for count in verification.get("KeyCounts", []):

@@ -392,7 +392,7 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     if any(t["Runner"] == "ecs" for t in tasks):  # worker tasks read the targets from S3 (load_job)
         _put_json(storage.restore_targets_key(target, event["ExecutionName"]), targets)
     logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets))
-    return {**event, "Seeded": False, "Targets": targets, "LoadTasks": tasks}
+    return {**event, "Targets": targets, "LoadTasks": tasks}
 
 
 def _record_nodes(
@@ -718,7 +718,6 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
         "SnapshotName": event.get("SnapshotName"),
         "ClusterMode": event["ClusterMode"],
         "NumNodeGroups": event["NumNodeGroups"],
-        "Seeded": event["Seeded"],
         "Verification": event["Verification"],
         "LoadSummary": event.get("LoadSummary"),
     }
