@@ -117,13 +117,19 @@ class ServerAWS:
         }
         lambda_runtime.RUNTIME.role_credentials = role_credentials
         ecs.install()
+        ecs.RUNNER.open(_ecs_dir())  # suspended node tasks come back in resume_tasks()
         # Task processes (capture workers) call the server back, as a task reaches AWS.
         ecs.RUNNER.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region}
         ecs.RUNNER.role_credentials = role_credentials
         return self
 
+    def resume_tasks(self) -> list[str]:
+        """Node tasks of the previous run back (suspended ones restarted, live ones adopted), once
+        the template is deployed again: their cluster and task definitions exist by then."""
+        return ecs.RUNNER.resume()
+
     def stop(self) -> None:
-        ecs.RUNNER.stop_all()
+        ecs.RUNNER.stop_all()  # node tasks suspended with their data, worker tasks stopped
         ecs.RUNNER.base_env = {}
         ecs.RUNNER.role_credentials = None
         lambda_runtime.RUNTIME.shutdown()
@@ -195,6 +201,10 @@ def start_server(port: int = DEFAULT_PORT, host: str = "127.0.0.1", region: str 
 
 def _s3_dir() -> Path:
     return Settings.from_env().state_dir / "s3"
+
+
+def _ecs_dir() -> Path:
+    return Settings.from_env().state_dir / "ecs"
 
 
 def _check_port_free(host: str, port: int) -> None:
