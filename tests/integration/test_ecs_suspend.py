@@ -241,3 +241,45 @@ def test_nodes_left_by_a_killed_embedded_aws_are_adopted_and_workers_killed(stat
         assert _gone(node_pid) and not workdir.exists()
     finally:
         env.stop()
+
+
+def _cli(home: Path, *args: str) -> Any:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["CACHEVAULT_HOME"] = str(home)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cachevault_tools.cli", *args, "--json"],
+        capture_output=True, text=True, timeout=180, env=env, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"cachevault {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def test_local_down_keeps_cache_data_for_the_next_local_up(state_dir: Path) -> None:
+    up = _cli(state_dir, "local", "up", "--port", str(free_port()))
+    try:
+        group = _cli(state_dir, "cache", "create", "kept", "--replicas", "0")["ReplicationGroup"]
+        primary = group["NodeGroups"][0]["PrimaryEndpoint"]
+        address = f"{primary['Address']}:{primary['Port']}"
+        fill(address, keys=800)
+        digest = _digest(address)
+        assert _cli(state_dir, "local", "status")["LocalCacheNodes"] == {"kept": {"Running": 1, "Suspended": 0}}
+        (pid,) = [c.pid for r in _registry(state_dir).values() for c in r.containers]
+        os.kill(up["Pid"], signal.SIGKILL)  # the embedded AWS dies; its node runs on
+        wait_until(lambda: _gone(up["Pid"]), 10, "the embedded AWS to die")
+        assert not _gone(pid)
+
+        # `local down` with no server: the node it left is saved and stopped all the same.
+        down = _cli(state_dir, "local", "down")
+        assert down["Stopped"] == ["cache kept (1 nodes stopped, data kept)"]
+        assert _gone(pid)
+        assert _cli(state_dir, "local", "status")["LocalCacheNodes"] == {"kept": {"Running": 0, "Suspended": 1}}
+
+        up = _cli(state_dir, "local", "up", "--port", str(free_port()))
+        wait_until(lambda: _ready(address), 30, "the node back with its data")
+        assert _digest(address) == digest
+        down = _cli(state_dir, "local", "down")
+        assert down["Stopped"] == [f"embedded AWS (pid {up['Pid']})", "cache kept (1 nodes stopped, data kept)"]
+        assert _server_processes(primary["Address"]) == []
+    finally:
+        if not _gone(up["Pid"]):
+            _cli(state_dir, "local", "down")

@@ -367,6 +367,7 @@ class TaskRunner:
                 LOG.warning("embedded ECS: %s runs a server without shutdown-on-sigint: its data is not saved",
                             task.arn)  # fmt: skip
             _signal(container, signal.SIGINT if saves else signal.SIGTERM)
+            _signal(container, signal.SIGCONT)  # a stopped (hung) process must see it too
         for container in live:
             if not container.gone.wait(SUSPEND_TIMEOUT_S):
                 LOG.warning("embedded ECS: %s did not save within %.0f s: killed", task.arn, SUSPEND_TIMEOUT_S)
