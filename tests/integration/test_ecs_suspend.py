@@ -31,25 +31,28 @@ from cachevault_tools.local.environment import LocalEnvironment
 from cachevault_tools.local.redis_process import free_port
 
 from tests.product_fixtures import fill, fill_cluster, sync_replicas, wait_until
+from tests.tls_fixtures import make_tls_files
 
 PASSWORD = "correct-horse-battery-staple"
+# Task addresses are not in the test certificate's names: encrypted, the name left unchecked.
+SECURED = {"password": PASSWORD, "ssl": True, "ssl_cert_reqs": "none", "ssl_check_hostname": False}
 
 
-def _conn(address: str, password: str | None = None) -> redis.Redis:
+def _conn(address: str, **options: Any) -> redis.Redis:
     host, _, port = address.rpartition(":")
-    return redis.Redis(host=host, port=int(port), password=password, socket_timeout=10, socket_connect_timeout=2)
+    return redis.Redis(host=host, port=int(port), socket_timeout=10, socket_connect_timeout=2, **options)
 
 
-def _ready(address: str, password: str | None = None) -> bool:
+def _ready(address: str, **options: Any) -> bool:
     try:
-        with _conn(address, password) as conn:
+        with _conn(address, **options) as conn:
             return bool(conn.ping()) and int(conn.info("persistence")["loading"]) == 0
     except (redis.RedisError, OSError):
         return False
 
 
-def _digest(address: str, password: str | None = None) -> tuple[Any, int]:
-    with _conn(address, password) as conn:
+def _digest(address: str, **options: Any) -> tuple[Any, int]:
+    with _conn(address, **options) as conn:
         return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
 
 
@@ -94,17 +97,21 @@ def test_node_tasks_come_back_with_their_data_after_a_stop(state_dir: Path) -> N
     try:
         plain = caches.create_local_cache("plain", replicas=1)
         clustered = caches.create_local_cache("clustered", cluster_mode=True, num_shards=3, replicas=0)
-        secured = caches.create_local_cache("secured", replicas=0, auth_password=PASSWORD)
+        tls = make_tls_files(state_dir.parent / "tls")
+        secured = caches.create_local_cache(  # AUTH and TLS: what suspending reads over its port
+            "secured", replicas=1, auth_password=PASSWORD, tls={**tls.fleet(), "server_name": "localhost"}
+        )
         fill(plain["Endpoints"][0], keys=1500)
         sync_replicas(plain["Endpoints"][0], 1)
         fill_cluster(clustered, keys=1500)
-        with _conn(secured["Endpoints"][0], PASSWORD) as conn:
+        options = {n["Address"]: SECURED for n in secured["Nodes"]}
+        with _conn(secured["Endpoints"][0], **SECURED) as conn:
             conn.mset({f"s:{i}": os.urandom(32) for i in range(500)})
-        passwords = {n["Address"]: PASSWORD for n in secured["Nodes"]}
+            assert conn.execute_command("WAIT", 1, 10000) == 1
         nodes = {n["TaskArn"]: n["Address"] for c in (plain, clustered, secured) for n in c["Nodes"]}
-        digests = {a: _digest(a, passwords.get(a)) for a in nodes.values()}
+        digests = {a: _digest(a, **options.get(a, {})) for a in nodes.values()}
         pids = [pid for arn in nodes for pid in ecs.RUNNER.pids(arn)]
-        assert len(pids) == 6
+        assert len(pids) == 7
     finally:
         env.stop()
 
@@ -115,8 +122,8 @@ def test_node_tasks_come_back_with_their_data_after_a_stop(state_dir: Path) -> N
         assert (Path(record.workdir) / "dump.rdb").is_file()
         path = state_dir / "ecs" / "registry" / f"{record.task_id}.json"
         assert path.stat().st_mode & 0o777 == 0o600  # the command holds the requirepass
-    replica = next(n for n in plain["Nodes"] if n["Role"] == "replica")
-    assert "--replicaof" in records[replica["TaskArn"]].runtime_args["node"]
+    replicas = [n for c in (plain, secured) for n in c["Nodes"] if n["Role"] == "replica"]
+    assert all("--replicaof" in records[n["TaskArn"]].runtime_args["node"] for n in replicas)
 
     env = LocalEnvironment(state_dir=state_dir, log_level="WARNING")
     env.start()
@@ -129,10 +136,10 @@ def test_node_tasks_come_back_with_their_data_after_a_stop(state_dir: Path) -> N
         listed = client("ecs").list_tasks(cluster=os.environ["ECS_CLUSTER"])["taskArns"]
         assert set(nodes) <= set(listed)
         for address in nodes.values():
-            wait_until(lambda a=address: _ready(a, passwords.get(a)), 30, f"{address} loaded")
-        assert {a: _digest(a, passwords.get(a)) for a in nodes.values()} == digests
+            wait_until(lambda a=address: _ready(a, **options.get(a, {})), 30, f"{address} loaded")
+        assert {a: _digest(a, **options.get(a, {})) for a in nodes.values()} == digests
         with pytest.raises(redis.AuthenticationError):  # still AUTH-protected
-            _digest(secured["Endpoints"][0], "wrong-password-wrong")
+            _digest(secured["Endpoints"][0], **{**SECURED, "password": "wrong-password-wrong"})
 
         for node in clustered["Nodes"]:  # nodes.conf: the cluster forms again
             wait_until(
@@ -140,9 +147,10 @@ def test_node_tasks_come_back_with_their_data_after_a_stop(state_dir: Path) -> N
                 30,
                 f"{node['Address']} cluster ok",
             )
-        with _conn(replica["Address"]) as conn:  # the replica re-attached to its primary
-            wait_until(lambda: conn.info("replication").get("master_link_status") == "up", 30, "replica link up")
-            assert conn.info("replication")["master_host"] == plain["Endpoints"][0].rpartition(":")[0]
+        for cache, replica in zip((plain, secured), replicas, strict=True):  # re-attached to their primaries
+            with _conn(replica["Address"], **options.get(replica["Address"], {})) as conn:
+                wait_until(lambda c=conn: c.info("replication").get("master_link_status") == "up", 30, "link up")
+                assert conn.info("replication")["master_host"] == cache["Endpoints"][0].rpartition(":")[0]
 
         # StopTask stops it for good: its storage goes, as a stopped Fargate task's does.
         arn = secured["Nodes"][0]["TaskArn"]
