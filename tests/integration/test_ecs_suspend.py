@@ -195,9 +195,10 @@ def test_nodes_left_by_a_killed_embedded_aws_are_adopted_and_workers_killed(stat
         for name, value in {**info.env(), **(info.credentials or {}), "AWS_DEFAULT_REGION": "us-east-1"}.items():
             patch.set(name, value)
         patch.set("AWS_SESSION_TOKEN", None)
-        (node,) = restore_targets.start_node_tasks(
-            "orphan", ["orphan-0001-001"], engine="redis", cluster_mode=False, creds=Credentials(), tls=None
-        )
+        node, dead = restore_targets.start_node_tasks(
+            "orphan", ["orphan-0001-001", "orphan-0002-001"], engine="redis", cluster_mode=False,
+            creds=Credentials(), tls=None,
+        )  # fmt: skip
         address = f"{node.host}:{node.port}"
         fill(address, keys=1000)
         digest = _digest(address)
@@ -220,7 +221,8 @@ def test_nodes_left_by_a_killed_embedded_aws_are_adopted_and_workers_killed(stat
         records = _registry(state_dir)
         (node_pid,) = [c.pid for c in records[node.task_arn].containers]
         (worker_pid,) = [c.pid for c in records[worker_arn].containers]
-        assert node_pid and worker_pid
+        (dead_pid,) = [c.pid for c in records[dead.task_arn].containers]
+        assert node_pid and worker_pid and dead_pid
 
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -230,6 +232,8 @@ def test_nodes_left_by_a_killed_embedded_aws_are_adopted_and_workers_killed(stat
             proc.kill()
             proc.wait()
     assert not _gone(node_pid) and not _gone(worker_pid)  # nobody stopped them
+    os.killpg(dead_pid, signal.SIGKILL)  # and one node dies while no embedded AWS runs
+    wait_until(lambda: _gone(dead_pid), 10, "the node to die")
 
     env = LocalEnvironment(state_dir=state_dir, log_level="WARNING")
     env.start()
@@ -237,7 +241,10 @@ def test_nodes_left_by_a_killed_embedded_aws_are_adopted_and_workers_killed(stat
         assert ecs.RUNNER.pids(node.task_arn) == [node_pid]  # adopted, not started twice
         assert _server_processes(node.host) == [node_pid]
         assert _gone(worker_pid)
-        assert set(_registry(state_dir)) == {node.task_arn}
+        assert set(_registry(state_dir)) == {node.task_arn, dead.task_arn}
+        (restarted,) = ecs.RUNNER.pids(dead.task_arn)  # started again, at its address
+        assert restarted != dead_pid and _server_processes(dead.host) == [restarted]
+        wait_until(lambda: _ready(f"{dead.host}:{dead.port}"), 30, "the dead node restarted")
         task = _describe([node.task_arn])[node.task_arn]
         assert task["lastStatus"] == "RUNNING" and restore_targets.task_ip(task) == node.host
         assert _digest(address) == digest
