@@ -6,7 +6,9 @@ default, LocalStack's port) for the CLI, ``make demo``, the tests and every othe
 registered by the deployer, each function in worker processes of its own that call the
 server back over HTTP (an in-process ``mock_aws`` cannot serve them), and
 :mod:`cachevault_tools.local.s3_files` keeps S3 object bodies as files under
-``$CACHEVAULT_HOME/s3/`` (memory flat in object size).
+``$CACHEVAULT_HOME/s3/`` (memory flat in object size). The embedded ECS
+(:mod:`cachevault_tools.local.ecs`) records its tasks under ``$CACHEVAULT_HOME/ecs/``: stopping
+the server suspends node tasks with their data, :meth:`ServerAWS.resume_tasks` brings them back.
 
 IAM is enforced (:mod:`cachevault_tools.local.iam`; ``CACHEVAULT_LOCAL_IAM=off`` turns it off):
 the deployer, CLI and tests use an admin identity (:attr:`ServerAWS.credentials`), Lambda
