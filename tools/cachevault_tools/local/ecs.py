@@ -281,7 +281,7 @@ class TaskRunner:
         elif pidfd is not None:
             # Not our child (adopted): its exit is seen through a pidfd, its status is its parent's.
             try:
-                select.select([pidfd], [], [])
+                _wait_readable(pidfd, None)
             finally:
                 os.close(pidfd)
         container.gone.set()
@@ -463,6 +463,13 @@ def _signal(container: LocalContainer, sig: int) -> None:
             os.killpg(container.pid, sig)  # the whole group: a server's save child too
 
 
+def _wait_readable(fd: int, timeout_s: float | None) -> bool:
+    """A pidfd turns readable when its process exits (poll, not select: any fd number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout_s is None else int(timeout_s * 1000)))
+
+
 def _in_threads(work: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     results: list[Any] = [None] * len(items)
 
@@ -550,7 +557,7 @@ def _kill_orphans(record: TaskRecord) -> None:
         try:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(saved.pid, signal.SIGKILL)
-            select.select([pidfd], [], [], STOP_TIMEOUT_S)
+            _wait_readable(pidfd, STOP_TIMEOUT_S)
         finally:
             os.close(pidfd)
         LOG.warning("embedded ECS: killed process %s of worker task %s left by a previous run", saved.pid, record.arn)
