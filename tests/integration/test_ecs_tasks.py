@@ -115,7 +115,7 @@ def test_task_processes_run_with_their_task_roles_credentials(product: Product) 
         60,
         "the probe task to stop",
     )
-    log = (ecs.RUNNER.tasks[arn].workdir / "worker.log").read_text()
+    log = (ecs.RUNNER.tasks[arn].log_dir / "worker.log").read_text()  # kept, as a log stream is
     assert task["containers"][0]["exitCode"] == 0, log
 
 

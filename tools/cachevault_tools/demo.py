@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cachevault.catalog import caches
+from cachevault.core import stack as stack_info
 from cachevault.core.settings import Settings
 from cachevault.restore.verify import cache_digest, combined_digest
 
@@ -24,7 +26,7 @@ from cachevault_tools.cli.cache_cmd import _describe_text
 from cachevault_tools.cli.output import human_bytes, table
 from cachevault_tools.cli.restore_cmd import restore_summary
 from cachevault_tools.cli.snapshot_cmd import wait_with_progress
-from cachevault_tools.local.redis_process import free_port
+from cachevault_tools.local.redis_process import free_port, process_alive
 
 T = TypeVar("T")
 SUMMARY_WIDTH = 80  # the summary fits a standard terminal
@@ -67,6 +69,12 @@ class Story:
 def run_demo(*, size_mb: int, keep: bool, as_json: bool) -> int:
     base = Settings.from_env().state_dir
     os.environ["CACHEVAULT_HOME"] = str(base / "demo")
+    running = stack_info.load_local()
+    if running is None or not process_alive(running.pid):
+        # Each demo starts afresh: `local down` keeps cache data for the next `local up`, so what
+        # a previous demo left (its restored cache, snapshots) goes first; the demo dir is its own.
+        context.local_down()  # nodes a killed demo server left behind stop too
+        shutil.rmtree(base / "demo", ignore_errors=True)
     context.quiet_libraries()
     story = Story(as_json)
     try:

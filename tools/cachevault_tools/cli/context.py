@@ -19,6 +19,9 @@ from cachevault.ops.control_plane import ControlPlane, StillRunning
 from cachevault_tools.local.redis_process import process_alive
 
 UP_TIMEOUT_S = 90
+# Every node saves its data before the server exits (cachevault_tools/local/ecs.py SUSPEND_TIMEOUT_S).
+DOWN_TIMEOUT_S = 150
+CACHE_TAG = "cachevault:cache"  # the tag RunTask gives a cache's node tasks (nodes/restore_targets.py)
 
 
 class NotRunning(CacheVaultError):
@@ -127,24 +130,52 @@ def local_up(port: int) -> stack_info.StackInfo:
 
 
 def local_down() -> list[str]:
-    """Stop the local server (by its PID) and every local cache node; returns what was stopped."""
-    from cachevault_tools.local.fleet import Fleet
-
+    """Stop the local server (by its PID): cache nodes stop with their data kept and come back at
+    the next ``local up`` (deleting a cache's data takes ``cache delete``). Returns what stopped."""
     settings = Settings.from_env()
     stopped = []
+    running_before = {name for name, nodes in local_caches(settings).items() if nodes["Running"]}
     info = stack_info.load_local(settings)
     if info is not None and info.pid and process_alive(info.pid) and _is_our_server(info.pid):
-        os.kill(info.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        os.kill(info.pid, signal.SIGTERM)  # it saves every node's data before it exits
+        deadline = time.monotonic() + DOWN_TIMEOUT_S
         while process_alive(info.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         stopped.append(f"embedded AWS (pid {info.pid})")
+    else:
+        # Killed, not stopped: the nodes it left still run; they are saved and stopped the same way.
+        from cachevault_tools.local import ecs
+
+        orphans = ecs.TaskRunner().open(ecs_dir(settings))
+        orphans.resume(register=False)
+        orphans.stop_all()
     stack_info.local_stack_file(settings).unlink(missing_ok=True)
-    fleet = Fleet(settings.state_dir)
-    for layout in fleet.list_caches():
-        fleet.destroy_cache(layout.name)
-        stopped.append(f"cache {layout.name}")
+    for name, nodes in sorted(local_caches(settings).items()):
+        if name in running_before and nodes["Suspended"]:
+            stopped.append(f"cache {name} ({nodes['Suspended']} nodes stopped, data kept)")
     return stopped
+
+
+def ecs_dir(settings: Settings) -> Path:
+    return settings.state_dir / "ecs"  # the embedded ECS's task registry (cachevault_tools/local/ecs_registry.py)
+
+
+def local_caches(settings: Settings | None = None) -> dict[str, dict[str, int]]:
+    """Caches whose nodes are tasks of the embedded ECS (by the RunTask tag ``cachevault:cache``),
+    with how many of their node tasks run and how many are suspended (data kept until ``local up``)."""
+    from cachevault_tools.local.ecs_registry import NODE, RUNNING, TaskRegistry, same_process
+
+    found: dict[str, dict[str, int]] = {}
+    for record in TaskRegistry(ecs_dir(settings or Settings.from_env())).load_all():
+        name = next((t.get("value") for t in record.tags if t.get("key") == CACHE_TAG), None)
+        if record.kind != NODE or not name:
+            continue
+        counts = found.setdefault(name, {"Running": 0, "Suspended": 0})
+        live = record.state == RUNNING and all(
+            same_process(c.pid, c.start_time, c.argv) for c in record.containers
+        )  # a record left "running" by a killed embedded AWS whose process is gone: only its data is left
+        counts["Running" if live else "Suspended"] += 1
+    return found
 
 
 def _is_our_server(pid: int) -> bool:

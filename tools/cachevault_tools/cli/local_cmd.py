@@ -37,7 +37,9 @@ def register(sub: Any) -> None:
     )
     add_json_flag(env)
     env.set_defaults(func=cmd_env, operation="LocalEnv")
-    down = verbs.add_parser("down", help="stop the embedded AWS and every local cache node")
+    down = verbs.add_parser(
+        "down", help="stop the embedded AWS and every local cache node (their data is kept for the next up)"
+    )
     add_json_flag(down)
     down.set_defaults(func=cmd_down, operation="LocalDown")
     status = verbs.add_parser("status", help="is it running, where, and which local caches exist")
@@ -142,22 +144,25 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cachevault_tools.local.fleet import Fleet
-
     settings = Settings.from_env()
     info = stack_info.load_local(settings)
     running = info is not None and process_alive(info.pid)
-    caches = [c.name for c in Fleet(settings.state_dir).list_caches()]
+    caches = context.local_caches(settings)
     payload = {
         "Running": running,
         "Endpoint": info.endpoint_url if running and info else None,
         "Pid": info.pid if running and info else None,
         "StateDir": str(settings.state_dir),
-        "LocalCaches": caches,
+        "LocalCaches": sorted(caches),
+        "LocalCacheNodes": {name: caches[name] for name in sorted(caches)},
     }
+    described = [
+        f"{name} ({n['Running']} nodes running" + (f", {n['Suspended']} stopped, data kept)" if n["Suspended"] else ")")
+        for name, n in sorted(caches.items())
+    ]
     human = (
         f"embedded AWS: {'running on ' + str(payload['Endpoint']) if running else 'stopped'}\n"
-        f"state dir: {settings.state_dir}\nlocal caches: {', '.join(caches) or '(none)'}"
+        f"state dir: {settings.state_dir}\nlocal caches: {', '.join(described) or '(none)'}"
     )
     emit(args, payload, human)
     return 0

@@ -13,7 +13,19 @@ moto 5.2.1's ECS keeps task records and runs nothing. This module wraps its back
 * DescribeTasks reports ``lastStatus`` PROVISIONING (RunTask's answer) / RUNNING / STOPPED,
   ``stopCode``, ``stoppedReason`` and ``containers[].exitCode`` from the processes;
 * StopTask sends SIGTERM, then SIGKILL after the stop timeout; each process is waited on by
-  a reaper thread (no zombies).
+  a reaper thread (no zombies). A stopped task's working dir goes with it.
+
+Tasks outlive the embedded AWS, recorded in :mod:`cachevault_tools.local.ecs_registry`
+(``$CACHEVAULT_HOME/ecs/``): when it stops (:meth:`TaskRunner.stop_all`) worker tasks stop
+for good but node tasks are suspended: each server was started with ``shutdown-on-sigint
+save``, so SIGINT saves its dataset to dump.rdb in the task's working dir whatever its AUTH
+and TLS (measured: the same ~0.5 s for 300k keys as SHUTDOWN SAVE over its port), while
+StopTask's SIGTERM still does not. What it was told at run time (REPLICAOF, announce
+addresses) is read first and given back as arguments. The next start, once the template is
+deployed (:meth:`TaskRunner.resume`), puts them back in moto's ECS with the same ARN and
+starts them at the same address, loading dump.rdb (and a cluster node its nodes.conf).
+After a SIGKILL of the embedded AWS, node processes still running are adopted (checked by
+start time and program, watched through a pidfd) and worker processes are killed.
 
 The processes belong to the process running moto (the test process or ``local up``), never
 to a Lambda invocation, so they outlive the step that asked for them, as tasks do. Workers
@@ -26,9 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import random
+import re
+import select
 import shutil
 import signal
 import socket
@@ -41,13 +56,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from cachevault.nodes.restore_targets import TLS_CA_FILE, TLS_CA_PEM_ENV
+
+from cachevault_tools.local import ecs_registry
+from cachevault_tools.local.ecs_registry import (
+    NODE,
+    RUNNING,
+    SUSPENDED,
+    WORKER,
+    ContainerRecord,
+    TaskRecord,
+    TaskRegistry,
+)
 
 LOG = logging.getLogger(__name__)
 
 NODE_PORT = 6379
 CLUSTER_BUS_PORT = 16379
 STOP_TIMEOUT_S = 10.0
+# A node's save before the embedded AWS stops: its whole dataset to disk (~1 GB: seconds).
+SUSPEND_TIMEOUT_S = 120.0
 _ADDRESS_DRAWS = 200
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
@@ -99,9 +128,17 @@ def _bindable(address: str, port: int) -> bool:
 class LocalContainer:
     name: str
     argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
-    exit_code: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None  # None for a process adopted from a previous run
+    pid: int | None = None
+    start_time: int | None = None
+    exit_code: int | None = None  # unknown for an adopted process (only a parent learns it)
     reason: str = ""
+    gone: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and not self.gone.is_set()
 
 
 @dataclass
@@ -109,19 +146,23 @@ class LocalTask:
     arn: str
     address: str
     workdir: Path
+    log_dir: Path
+    record: TaskRecord
     containers: list[LocalContainer] = field(default_factory=list)
     stop_requested: bool = False
+    # The embedded AWS is stopping: the processes exit, the task (record, storage) stays.
+    suspending: bool = False
     stop_reason: str = ""
     stopped_at: datetime.datetime | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def running(self) -> bool:
-        return any(c.process is not None and c.exit_code is None for c in self.containers)
+        return any(c.alive for c in self.containers)
 
 
 class TaskRunner:
-    """The processes of the tasks RunTask started, by task ARN."""
+    """The processes of the tasks RunTask started, by task ARN, recorded in a :class:`TaskRegistry`."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, LocalTask] = {}
@@ -129,14 +170,20 @@ class TaskRunner:
         # role ARN -> its STS credentials as env variables (the embedded AWS sets it): a task's
         # processes run with its task role's credentials, as ECS gives them to containers.
         self.role_credentials: Callable[[str], Mapping[str, str]] | None = None
-        self._lock = threading.Lock()
-        # Task working dirs (logs; a node's dump would go there): made on the first RunTask.
-        self.root = Path(tempfile.gettempdir()) / f"cachevault-ecs-{os.getpid()}"
+        self._lock = threading.RLock()
+        # Until the embedded AWS opens $CACHEVAULT_HOME/ecs (ServerAWS.start): a private dir.
+        self.registry = TaskRegistry(Path(tempfile.gettempdir()) / f"cachevault-ecs-{os.getpid()}")
+
+    def open(self, root: Path) -> TaskRunner:
+        """Keep task records, working dirs and logs under ``root`` (``$CACHEVAULT_HOME/ecs``)."""
+        self.registry = TaskRegistry(root)
+        return self
 
     # -- addresses --
     def _pick_address(self) -> str:
         with self._lock:
             taken = {t.address for t in self.tasks.values() if t.running}
+        taken |= {r.address for r in self.registry.load_all()}  # suspended tasks come back to theirs
         for _ in range(_ADDRESS_DRAWS):
             address = f"127.{random.randint(16, 250)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
             if address not in taken and _bindable(address, NODE_PORT) and _bindable(address, CLUSTER_BUS_PORT):
@@ -144,69 +191,124 @@ class TaskRunner:
         raise OSError("no free loopback address with :6379 and :16379 free")
 
     # -- lifecycle --
-    def start(
-        self, arn: str, definitions: list[dict[str, Any]], overrides: dict[str, Any], task_role_arn: str = ""
-    ) -> LocalTask:
+    def start(self, record: TaskRecord, definitions: list[dict[str, Any]], task_role_arn: str = "") -> LocalTask:
+        """Start the containers of the task RunTask made (``record``: what it was given)."""
         # Assumed first: a role that cannot be assumed fails RunTask, with no process started.
         role_env = dict(self.role_credentials(task_role_arn)) if task_role_arn and self.role_credentials else {}
         address = self._pick_address()
-        workdir = self.root / arn.rsplit("/", 1)[-1]
-        workdir.mkdir(parents=True, mode=0o700)
-        task = LocalTask(arn=arn, address=address, workdir=workdir)
-        by_name = {o.get("name"): o for o in (overrides or {}).get("containerOverrides") or []}
+        workdir, log_dir = self.registry.make_dirs(record.task_id)
+        record.address, record.workdir = address, str(workdir)
+        task = LocalTask(arn=record.arn, address=address, workdir=workdir, log_dir=log_dir, record=record)
+        by_name = {o.get("name"): o for o in (record.overrides or {}).get("containerOverrides") or []}
         with self._lock:
-            self.tasks[arn] = task
+            self.tasks[record.arn] = task
         for definition in definitions:
             override = by_name.get(definition.get("name"), {})
             container = LocalContainer(name=str(definition.get("name")), argv=[])
             task.containers.append(container)
             try:
-                container.argv = container_argv(
+                argv = container_argv(
                     str(definition.get("image")),
                     override.get("command") or definition.get("command"),
                     definition.get("entryPoint"),
                 )
-                env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
-                env.update(self.base_env)
-                for pair in [*(definition.get("environment") or []), *(override.get("environment") or [])]:
-                    env[str(pair["name"])] = str(pair["value"])
-                env.update(role_env)  # after the definition's: a task cannot set its own credentials
-                env["ECS_TASK_ARN"] = arn
-                env["ECS_TASK_PRIVATE_IP"] = address
-                argv = list(container.argv)
-                if Path(argv[0]).name in ("redis-server", "valkey-server") and "--bind" not in argv:
-                    argv += ["--bind", address]  # the task's own address, as an ENI gives
-                if env.get(TLS_CA_PEM_ENV):
-                    # What a node image's entry does with the CA it is given as text.
-                    (workdir / TLS_CA_FILE).write_text(env[TLS_CA_PEM_ENV])
-                log = (workdir / f"{container.name}.log").open("ab")
-                container.process = subprocess.Popen(
-                    argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
-                )  # fmt: skip
-                log.close()
-            except (OSError, ContainerImageError) as exc:
+            except ContainerImageError as exc:
                 container.exit_code, container.reason = 1, f"CannotStartContainerError: {exc}"
+                container.gone.set()
                 continue
-            threading.Thread(target=self._reap, args=(task, container), daemon=True, name=f"ecs-reap-{arn}").start()
+            env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+            env.update(self.base_env)
+            for pair in [*(definition.get("environment") or []), *(override.get("environment") or [])]:
+                env[str(pair["name"])] = str(pair["value"])
+            env.update(role_env)  # after the definition's: a task cannot set its own credentials
+            env["ECS_TASK_ARN"] = record.arn
+            env["ECS_TASK_PRIVATE_IP"] = address
+            if _is_server(argv):
+                if "--bind" not in argv:
+                    argv += ["--bind", address]  # the task's own address, as an ENI gives
+                if _saves_on_sigint(argv[0]):
+                    # SIGINT (the embedded AWS stopping) saves the data; SIGTERM (StopTask) does not.
+                    argv += ["--shutdown-on-sigint", "save"]
+            container.argv, container.env = argv, env
+        record.kind = NODE if task.containers and all(_is_server(c.argv) for c in task.containers) else WORKER
+        for container in task.containers:
+            if not container.gone.is_set():
+                self._spawn(task, container)
+        self._save(task)
         if not task.running:
             self._finish(task)
         return task
 
-    def _reap(self, task: LocalTask, container: LocalContainer) -> None:
-        assert container.process is not None
-        container.exit_code = container.process.wait()
+    def _spawn(self, task: LocalTask, container: LocalContainer, extra: list[str] | None = None) -> None:
+        try:
+            if container.env.get(TLS_CA_PEM_ENV):
+                # What a node image's entry does with the CA it is given as text.
+                (task.workdir / TLS_CA_FILE).write_text(container.env[TLS_CA_PEM_ENV])
+            with (task.log_dir / f"{container.name}.log").open("ab") as log:
+                process = subprocess.Popen(
+                    [*container.argv, *(extra or [])], cwd=task.workdir, env=container.env, stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+        except OSError as exc:
+            container.exit_code, container.reason = 1, f"CannotStartContainerError: {exc}"
+            container.gone.set()
+            return
+        container.process, container.pid = process, process.pid
+        container.start_time = ecs_registry.start_time(process.pid)
+        threading.Thread(target=self._reap, args=(task, container), daemon=True, name=f"ecs-reap-{task.arn}").start()
+
+    def _adopt(self, task: LocalTask, container: LocalContainer, saved: ContainerRecord) -> bool:
+        """Watch the process a previous run of the embedded AWS started, if it is still that process."""
+        try:
+            pidfd = os.pidfd_open(saved.pid) if saved.pid else None
+        except OSError:
+            pidfd = None
+        if pidfd is None:
+            return False
+        # Checked with the pidfd open: the PID cannot name another process from here on.
+        if not ecs_registry.same_process(saved.pid, saved.start_time, saved.argv):
+            os.close(pidfd)
+            return False
+        container.pid, container.start_time = saved.pid, saved.start_time
+        threading.Thread(
+            target=self._reap, args=(task, container, pidfd), daemon=True, name=f"ecs-watch-{task.arn}"
+        ).start()
+        return True
+
+    def _reap(self, task: LocalTask, container: LocalContainer, pidfd: int | None = None) -> None:
+        if container.process is not None:
+            container.exit_code = container.process.wait()
+        elif pidfd is not None:
+            # Not our child (adopted): its exit is seen through a pidfd, its status is its parent's.
+            try:
+                _wait_readable(pidfd, None)
+            finally:
+                os.close(pidfd)
+        container.gone.set()
         if not task.running:
             self._finish(task)
-        elif not task.stop_requested:
+        elif not task.stop_requested and not task.suspending:
             # An essential container exited: ECS stops the task's other containers.
             task.stop_reason = task.stop_reason or "Essential container in task exited"
             threading.Thread(target=self.stop, args=(task.arn, task.stop_reason, False), daemon=True).start()
 
     def _finish(self, task: LocalTask) -> None:
-        if task.stopped_at is None:
-            task.stopped_at = datetime.datetime.now(datetime.UTC)
+        with self._lock:
+            if task.stopped_at is None:
+                task.stopped_at = datetime.datetime.now(datetime.UTC)
+            if not task.suspending:  # stopped: a stopped Fargate task's storage is gone
+                self.registry.drop(task.record.task_id)
         task.done.set()
+
+    def _save(self, task: LocalTask) -> None:
+        with self._lock:
+            if task.done.is_set() and not task.suspending:
+                return  # already stopped and forgotten
+            task.record.containers = [
+                ContainerRecord(c.name, c.argv, c.env, c.pid if c.alive else None, c.start_time if c.alive else None)
+                for c in task.containers
+            ]
+            self.registry.save(task.record)
 
     def stop(self, arn: str, reason: str = "", user: bool = True, timeout: float = STOP_TIMEOUT_S) -> None:
         task = self.tasks.get(arn)
@@ -215,26 +317,21 @@ class TaskRunner:
         if user:
             task.stop_requested = True
             task.stop_reason = reason or "Task stopped by user"
-        procs = [c.process for c in task.containers if c.process is not None and c.exit_code is None]
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-                os.killpg(proc.pid, signal.SIGCONT)  # a stopped (hung) process must see the TERM too
-        for proc in procs:
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        task.done.wait(timeout=timeout)
+        live = [c for c in task.containers if c.alive]
+        for container in live:
+            _signal(container, signal.SIGTERM)
+            _signal(container, signal.SIGCONT)  # a stopped (hung) process must see the TERM too
+        for container in live:
+            if not container.gone.wait(timeout):
+                _signal(container, signal.SIGKILL)
+                container.gone.wait(timeout)
+        task.done.wait(timeout)
 
     def kill(self, arn: str) -> None:
         """SIGKILL the task's processes, as a crash or a lost host would (the task then stops)."""
         for container in self.tasks[arn].containers:
-            if container.process is not None and container.exit_code is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(container.process.pid, signal.SIGKILL)
+            if container.alive:
+                _signal(container, signal.SIGKILL)
         self.tasks[arn].done.wait(timeout=STOP_TIMEOUT_S)
 
     def pids(self, arn: str) -> list[int]:
@@ -242,13 +339,102 @@ class TaskRunner:
         task = self.tasks.get(arn)
         if task is None:
             return []
-        return [c.process.pid for c in task.containers if c.process is not None and c.exit_code is None]
+        return [c.pid for c in task.containers if c.pid is not None and c.alive]
 
     def stop_all(self) -> None:
-        for arn in list(self.tasks):
-            self.stop(arn, "embedded ECS shut down")
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.tasks.clear()
+        """The embedded AWS stops: worker tasks stop for good; node tasks are suspended, their data
+        saved in their working dir and their record kept, to come back at the next :meth:`resume`."""
+        with self._lock:
+            live = [t for t in self.tasks.values() if t.running]
+        nodes = [t for t in live if t.record.kind == NODE]
+        # Every node's run-time state first, while all still run; then all stop at once, so a
+        # cluster's survivors never outlive cluster-node-timeout and fail a stopped primary over.
+        runtime = _in_threads(_runtime_args, nodes)
+        jobs = [functools.partial(self.stop, t.arn, "embedded ECS shut down") for t in live if t not in nodes]
+        jobs += [functools.partial(self._suspend, t, args) for t, args in zip(nodes, runtime, strict=True)]
+        _in_threads(lambda job: job(), jobs)
+        with self._lock:
+            self.tasks.clear()
+
+    def _suspend(self, task: LocalTask, runtime: dict[str, list[str]] | None) -> None:
+        task.suspending = True
+        if runtime is not None:
+            task.record.runtime_args = runtime
+        live = [c for c in task.containers if c.alive]
+        for container in live:
+            saves = "--shutdown-on-sigint" in container.argv
+            if not saves:
+                LOG.warning("embedded ECS: %s runs a server without shutdown-on-sigint: its data is not saved",
+                            task.arn)  # fmt: skip
+            _signal(container, signal.SIGINT if saves else signal.SIGTERM)
+            _signal(container, signal.SIGCONT)  # a stopped (hung) process must see it too
+        for container in live:
+            if not container.gone.wait(SUSPEND_TIMEOUT_S):
+                LOG.warning("embedded ECS: %s did not save within %.0f s: killed", task.arn, SUSPEND_TIMEOUT_S)
+                _signal(container, signal.SIGKILL)
+                container.gone.wait(STOP_TIMEOUT_S)
+        task.done.wait(STOP_TIMEOUT_S)
+        task.record.state = SUSPENDED
+        self._save(task)
+
+    def resume(self, *, register: bool = True) -> list[str]:
+        """Bring back the tasks of the registry (after the template is deployed: their cluster and
+        task definitions exist again with the same ARNs); returns the node tasks back.
+
+        A node task whose process still runs (the previous embedded AWS was killed) is adopted,
+        any other restarts from its working dir (loading its dump.rdb, nodes.conf) at its address.
+        Worker processes left behind are killed and their tasks forgotten: the operations they
+        served are recovered by those operations' own recovery. ``register=False`` (no embedded
+        AWS running: ``local down``) adopts what still runs and restarts nothing.
+        """
+        back: list[str] = []
+        for record in self.registry.load_all():
+            if record.arn in self.tasks:
+                continue
+            if record.kind != NODE:
+                _kill_orphans(record)
+                self.registry.drop(record.task_id)
+                continue
+            try:
+                if self._resume(record, register):
+                    back.append(record.arn)
+            except Exception:  # one task that cannot come back must not keep the others down
+                LOG.exception("embedded ECS: task %s could not be resumed", record.arn)
+        return back
+
+    def _resume(self, record: TaskRecord, register: bool) -> bool:
+        model = _restore_model(record) if register else None
+        if register and model is None:
+            LOG.warning("embedded ECS: task %s left suspended: its cluster or task definition %s is gone",
+                        record.arn, record.task_definition_arn)  # fmt: skip
+            return False
+        workdir, log_dir = self.registry.make_dirs(record.task_id)
+        task = LocalTask(arn=record.arn, address=record.address, workdir=workdir, log_dir=log_dir, record=record)
+        for saved in record.containers:
+            task.containers.append(LocalContainer(saved.name, saved.argv, {**saved.env, **self.base_env}))
+        with self._lock:
+            self.tasks[record.arn] = task
+        for container, saved in zip(task.containers, record.containers, strict=True):
+            if record.state == RUNNING and self._adopt(task, container, saved):
+                continue
+            if register:
+                self._spawn(task, container, record.runtime_args.get(container.name))
+        if not task.running:
+            if register:
+                task.stop_reason = "Essential container in task exited"
+                self._finish(task)
+            else:
+                with self._lock:  # nothing of it runs: it stays suspended, to start at the next up
+                    del self.tasks[record.arn]
+                    record.state = SUSPENDED
+                    record.containers = [ContainerRecord(c.name, c.argv, c.env) for c in record.containers]
+                    self.registry.save(record)
+            return False
+        record.state = RUNNING
+        self._save(task)
+        if model is not None:
+            self.apply(model)
+        return True
 
     # -- what DescribeTasks reports --
     def apply(self, task: Any) -> None:
@@ -264,11 +450,165 @@ class TaskRunner:
             task.stopped_at = local.stopped_at
         _report_network(task, local)
         for model, container in zip(task.containers, local.containers, strict=False):
-            model.last_status = "STOPPED" if container.exit_code is not None else "RUNNING"
+            model.last_status = "STOPPED" if container.gone.is_set() else "RUNNING"
             if container.exit_code is not None:
                 model.exit_code = model.exitCode = container.exit_code
-                if container.reason:
-                    model.reason = container.reason
+            if container.reason:
+                model.reason = container.reason
+
+
+def _signal(container: LocalContainer, sig: int) -> None:
+    if container.pid is not None and container.alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(container.pid, sig)  # the whole group: a server's save child too
+
+
+def _wait_readable(fd: int, timeout_s: float | None) -> bool:
+    """A pidfd turns readable when its process exits (poll, not select: any fd number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout_s is None else int(timeout_s * 1000)))
+
+
+def _in_threads(work: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    results: list[Any] = [None] * len(items)
+
+    def run(index: int) -> None:
+        results[index] = work(items[index])
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _is_server(argv: list[str]) -> bool:
+    return bool(argv) and Path(argv[0]).name in ("redis-server", "valkey-server")
+
+
+@functools.cache
+def _saves_on_sigint(binary: str) -> bool:
+    """shutdown-on-sigint came with Redis 7.0 (Valkey has it from its first release)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    match = re.search(r"\bv=(\d+)\.", out)
+    return bool(match) and (int(match.group(1)) >= 7 or "Valkey" in out)
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The last value of ``--name`` in a server's argv (the last one wins, as in redis-server)."""
+    value = None
+    for index, arg in enumerate(argv[:-1]):
+        if arg == f"--{name}":
+            value = argv[index + 1]
+    return value
+
+
+def _runtime_args(task: LocalTask) -> dict[str, list[str]] | None:
+    """Per container, the argv that gives the server back what it was told at run time: the
+    primary it replicates (REPLICAOF; a cluster's is in its nodes.conf) and the address it
+    announces. Read over the node's own port with the credentials of its command (AUTH, TLS);
+    None if it cannot be read (the record keeps what it had)."""
+    found: dict[str, list[str]] = {}
+    for container in task.containers:
+        if not container.alive:
+            continue
+        argv = container.argv
+        tls_port = int(_option(argv, "tls-port") or 0)
+        ssl: dict[str, Any] = {}
+        if tls_port:
+            ssl = {"ssl": True, "ssl_cert_reqs": "none", "ssl_check_hostname": False}
+            cert, key = _option(argv, "tls-cert-file"), _option(argv, "tls-key-file")
+            if cert and key:  # its own certificate as the client's too (tls-auth-clients yes)
+                ssl.update(ssl_certfile=str(task.workdir / cert), ssl_keyfile=str(task.workdir / key))
+        port = tls_port or int(_option(argv, "port") or NODE_PORT)
+        try:
+            with redis.Redis(host=task.address, port=port, password=_option(argv, "requirepass"),
+                             socket_timeout=5, socket_connect_timeout=5, decode_responses=True,
+                             **ssl) as conn:  # fmt: skip
+                replication = conn.info("replication")
+                announced = conn.config_get("replica-announce-ip", "cluster-announce-ip")
+        except (redis.RedisError, OSError) as exc:
+            LOG.warning("embedded ECS: run-time state of %s not read (%s)", task.arn, exc)
+            return None
+        args: list[str] = []
+        if replication.get("role") == "slave" and _option(argv, "cluster-enabled") != "yes":
+            args += ["--replicaof", str(replication["master_host"]), str(replication["master_port"])]
+        for name, value in sorted(announced.items()):
+            if value:
+                args += [f"--{name}", value]
+        found[container.name] = args
+    return found
+
+
+def _kill_orphans(record: TaskRecord) -> None:
+    """Kill what is left of a worker task of a previous run of the embedded AWS (checked: same process)."""
+    for saved in record.containers:
+        if not saved.pid or not ecs_registry.same_process(saved.pid, saved.start_time, saved.argv):
+            continue
+        try:
+            pidfd = os.pidfd_open(saved.pid)
+        except OSError:
+            continue
+        try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(saved.pid, signal.SIGKILL)
+            _wait_readable(pidfd, STOP_TIMEOUT_S)
+        finally:
+            os.close(pidfd)
+        LOG.warning("embedded ECS: killed process %s of worker task %s left by a previous run", saved.pid, record.arn)
+
+
+def _restore_model(record: TaskRecord) -> Any | None:
+    """The task back in moto's ECS backend with its ARN, or None if its cluster or definition is gone."""
+    from moto.ecs.models import Task, ecs_backends
+
+    _, _, _, region, account, _ = record.arn.split(":", 5)
+    backend = ecs_backends[account][region]
+    try:
+        cluster = backend._get_cluster(record.cluster_arn)
+        definition = backend.describe_task_definition(record.task_definition_arn)
+    except Exception:  # moto's ClusterNotFound / ClientException for an unknown definition
+        return None
+    if definition.arn != record.task_definition_arn:
+        return None
+    net = record.network_configuration
+    if definition.network_mode == "awsvpc":
+        net = _known_subnet(backend, net)
+    model = Task(
+        cluster, definition, None, backend._calculate_task_resource_requirements(definition), backend,
+        group=record.group, launch_type=record.launch_type, overrides=record.overrides,
+        started_by=record.started_by, tags=record.tags, networking_configuration=net,
+        platform_version=record.platform_version,
+    )  # fmt: skip
+    model.id = record.task_id
+    if model.task_arn != record.arn:  # another ARN format setting than the one that made it
+        return None
+    backend.tasks.setdefault(cluster.name, {})[model.task_arn] = model
+    return model
+
+
+def _record_of(model: Any) -> TaskRecord:
+    """What RunTask was given for the task ``model`` (moto's), to be made again after a restart."""
+    return TaskRecord(
+        arn=model.task_arn,
+        cluster_arn=model.cluster_arn,
+        task_definition_arn=model.task_definition_arn,
+        kind=WORKER,
+        address="",
+        workdir="",
+        overrides=model.overrides or {},
+        group=model.group or "",
+        started_by=model.started_by or "",
+        tags=list(model.tags or []),
+        launch_type=model.launch_type or "",
+        network_configuration=getattr(model, "network_configuration", None),
+        platform_version=model.platform_version,
+    )
 
 
 def _report_network(task: Any, local: LocalTask) -> None:
@@ -330,7 +670,7 @@ def install(runner: TaskRunner = RUNNER) -> None:
         tasks = real_run(self, cluster_str, task_definition_str, count, overrides, *args_list, **kwargs)
         for task in tasks:
             task_role = (overrides or {}).get("taskRoleArn") or getattr(definition, "task_role_arn", None) or ""
-            runner.start(task.task_arn, definition.container_definitions, overrides or {}, str(task_role))
+            runner.start(_record_of(task), definition.container_definitions, str(task_role))
             runner.apply(task)
             if not runner.tasks[task.task_arn].done.is_set():
                 task._local_status = "PROVISIONING"  # what RunTask answers on Fargate

@@ -6,7 +6,9 @@ default, LocalStack's port) for the CLI, ``make demo``, the tests and every othe
 registered by the deployer, each function in worker processes of its own that call the
 server back over HTTP (an in-process ``mock_aws`` cannot serve them), and
 :mod:`cachevault_tools.local.s3_files` keeps S3 object bodies as files under
-``$CACHEVAULT_HOME/s3/`` (memory flat in object size).
+``$CACHEVAULT_HOME/s3/`` (memory flat in object size). The embedded ECS
+(:mod:`cachevault_tools.local.ecs`) records its tasks under ``$CACHEVAULT_HOME/ecs/``: stopping
+the server suspends node tasks with their data, :meth:`ServerAWS.resume_tasks` brings them back.
 
 IAM is enforced (:mod:`cachevault_tools.local.iam`; ``CACHEVAULT_LOCAL_IAM=off`` turns it off):
 the deployer, CLI and tests use an admin identity (:attr:`ServerAWS.credentials`), Lambda
@@ -117,13 +119,19 @@ class ServerAWS:
         }
         lambda_runtime.RUNTIME.role_credentials = role_credentials
         ecs.install()
+        ecs.RUNNER.open(_ecs_dir())  # suspended node tasks come back in resume_tasks()
         # Task processes (capture workers) call the server back, as a task reaches AWS.
         ecs.RUNNER.base_env = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region}
         ecs.RUNNER.role_credentials = role_credentials
         return self
 
+    def resume_tasks(self) -> list[str]:
+        """Node tasks of the previous run back (suspended ones restarted, live ones adopted), once
+        the template is deployed again: their cluster and task definitions exist by then."""
+        return ecs.RUNNER.resume()
+
     def stop(self) -> None:
-        ecs.RUNNER.stop_all()
+        ecs.RUNNER.stop_all()  # node tasks suspended with their data, worker tasks stopped
         ecs.RUNNER.base_env = {}
         ecs.RUNNER.role_credentials = None
         lambda_runtime.RUNTIME.shutdown()
@@ -195,6 +203,10 @@ def start_server(port: int = DEFAULT_PORT, host: str = "127.0.0.1", region: str 
 
 def _s3_dir() -> Path:
     return Settings.from_env().state_dir / "s3"
+
+
+def _ecs_dir() -> Path:
+    return Settings.from_env().state_dir / "ecs"
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -81,6 +81,7 @@ class LocalEnvironment:
         try:
             overrides = {"LogLevel": self.log_level, **self.parameters}
             self.deployed = self.aws.deploy(find_template(), parameter_overrides=overrides)
+            self.aws.resume_tasks()
             self.info = stack_info.from_deployed(
                 self.deployed, endpoint_url=endpoint, pid=os.getpid(), credentials=self.aws.credentials
             )
