@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -248,26 +249,37 @@ class TestDeployedApp:
     def test_map_runs_iterations_of_one_function_in_parallel(self, stack: DeployedStack) -> None:
         lam, sfn = stack.client("lambda"), stack.client("stepfunctions")
         name = stack.function_name("EchoFunction")
-        original = lam.get_function_configuration(FunctionName=name)["Environment"]["Variables"]
-        lam.update_function_configuration(
-            FunctionName=name, Environment={"Variables": {**original, "SLEEP_SECONDS": "0.4"}}
-        )
-        try:
-            arn = sfn.start_execution(
-                stateMachineArn=stack.state_machines["MapStateMachine"],
-                name="fan-out",
-                input=json.dumps({"items": [{"i": i} for i in range(4)]}),
-            )["executionArn"]
-            desc = wait_execution(sfn, arn)
-        finally:
-            lam.update_function_configuration(FunctionName=name, Environment={"Variables": original})
+        original = lam.get_function_configuration(FunctionName=name)
+        items = 4
+        # Every iteration waits at a barrier until all have arrived: run one after another,
+        # the first would wait alone until its timeout. No timing luck either way.
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            barrier = f"127.0.0.1:{server.getsockname()[1]}"
+            variables = {**original["Environment"]["Variables"], "BARRIER_ADDRESS": barrier}
+            lam.update_function_configuration(FunctionName=name, Timeout=60, Environment={"Variables": variables})
+            arrived: list[socket.socket] = []
+            opener = threading.Thread(target=_open_barrier, args=(server, items, arrived), daemon=True)
+            opener.start()
+            try:
+                arn = sfn.start_execution(
+                    stateMachineArn=stack.state_machines["MapStateMachine"],
+                    name="fan-out",
+                    input=json.dumps({"items": [{"i": i} for i in range(items)]}),
+                )["executionArn"]
+                desc = wait_execution(sfn, arn)
+            finally:
+                lam.update_function_configuration(
+                    FunctionName=name, Timeout=original["Timeout"], Environment=original["Environment"]
+                )
+                opener.join(timeout=70)
+                for conn in arrived:
+                    conn.close()
 
         assert desc["status"] == "SUCCEEDED", desc
         out = json.loads(desc["output"])
-        assert [o["echo"] for o in out] == [{"i": i} for i in range(4)]
+        assert [o["echo"] for o in out] == [{"i": i} for i in range(items)]
         assert {o["env_function_name"] for o in out} == {name}
-        # Overlap: every iteration started before the first one ended (4 x 0.4 s serially).
-        assert max(o["started"] for o in out) < min(o["ended"] for o in out)
+        assert len(arrived) == items and all(o["barrier_passed"] for o in out)
 
     # --- direct invocation ----------------------------------------------------------------
 
@@ -466,3 +478,18 @@ def test_server_mode_runs_handlers_that_call_back_into_it(tmp_path: Path) -> Non
     with socket.socket() as sock, pytest.raises(OSError):
         sock.settimeout(2)
         sock.connect(("127.0.0.1", port))
+
+
+def _open_barrier(server: socket.socket, count: int, arrived: list[socket.socket]) -> None:
+    """Accept ``count`` invocations (each sends b"arrived"), then let them all go."""
+    server.settimeout(60)
+    try:
+        while len(arrived) < count:
+            conn, _ = server.accept()
+            conn.settimeout(60)
+            if conn.recv(7) == b"arrived":
+                arrived.append(conn)
+    except OSError:
+        return  # timed out: the test's assertion on ``arrived`` says what was missing
+    for conn in arrived:
+        conn.sendall(b"go")
