@@ -82,7 +82,7 @@ class ServerAWS:
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 10.0) -> ServerAWS:
+    def start(self, timeout_s: float = 60.0) -> ServerAWS:
         from moto.core.config import default_user_config
         from moto.server import ThreadedMotoServer
 
@@ -235,5 +235,6 @@ def _wait_ready(url: str, timeout_s: float) -> None:
 def _post_json(url: str, body: Any) -> None:
     data = b"" if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
+    # A reset drops every backend: on a loaded 2-core box it took over 10 s (a test setup failed).
+    with urllib.request.urlopen(req, timeout=120) as resp:
         resp.read()
