@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt py
 SAM_VENV := .venv-sam
 SAM_STAMP := $(SAM_VENV)/.installed-$(shell sha1sum requirements-sam.txt | cut -c1-12)
 PYTEST_ARGS ?=
+# The suite is latency-bound (Lambda cold starts, ECS task start-up, polls): two pytest workers,
+# each running whole test files (module fixtures deploy a stack once per file).
+PYTEST_WORKERS ?= 2
 
 .PHONY: bootstrap redis venv sam-venv test lint demo bench bench-capture bench-restore clean
 
@@ -54,7 +57,7 @@ lint: venv sam-venv
 	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --template template.yaml --region us-east-1
 
 test: bootstrap lint
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: bootstrap
 	$(BIN)/cachevault demo
