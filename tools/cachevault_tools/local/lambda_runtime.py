@@ -482,9 +482,9 @@ def _patch_map_iteration_abort() -> None:
     real = Environment.set_error
 
     def set_error(self: Any, error: Any) -> None:
-        if isinstance(self._program_state, ProgramStopped):
-            return
-        real(self, error)
+        with self._state_mutex:  # an RLock: the real set_error takes it again
+            if not isinstance(self._program_state, ProgramStopped):
+                real(self, error)
 
     Environment.set_error = set_error
     Environment._cachevault_abort_fix = True
