@@ -385,7 +385,6 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
             lambda: catalog.update_snapshot(source_name, SnapshotStatus="available", **RELEASED),
             errors,
         )
-        cleanup("delete the copy's progress", lambda: catalog.delete_operation_progress(COPY, target), errors)
         detail_type = events.SNAPSHOT_EXPORT_FAILED if target_bucket else events.SNAPSHOT_COPY_FAILED
         cleanup(
             "publish the failure event",

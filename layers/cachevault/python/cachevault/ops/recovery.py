@@ -180,7 +180,8 @@ class Recovery:
         if reason is None or not self._still(name, "creating"):
             return
         # MarkFailed of CreateSnapshot: stops the capture tasks, aborts the uploads, deletes
-        # the objects and progress, unlocks the cache (a copy's target holds no lock or task).
+        # the objects and progress, unlocks the cache (a copy's target holds no lock or task;
+        # its copy progress goes in the sweep).
         result = snapshot_steps.mark_failed_step(self._catch({"SnapshotName": name}, execution, reason))
         self._record(entry, result, "failed", reason)
 
@@ -226,7 +227,8 @@ class Recovery:
             orphans += groups.get(restore_targets.node_task_group(target), [])
         restore_targets.stop_tasks(orphans, f"restore into {target} interrupted")
         # fail_step: stops the recorded nodes, marks the cache failed, hands the snapshot back,
-        # deletes the work objects and progress; an external cache goes back to available.
+        # deletes the work objects; an external cache goes back to available. Its progress rows
+        # (which fail_step's role may not delete) go in the sweep below.
         result = restore_steps.fail_step(self._catch({"ReplicationGroupId": target}, execution, reason))
         self._record(entry, result, str(result.get("Status") or "failed"), reason)
 

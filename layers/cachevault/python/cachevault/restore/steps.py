@@ -770,7 +770,6 @@ def fail_step(event: dict[str, Any]) -> dict[str, Any]:
             name = cache["SnapshotRestoring"]
             cleanup("hand the snapshot back", lambda: catalog.update_snapshot(name, SnapshotStatus="available"), errors)
         _delete_work_objects(settings, target, execution, errors)
-        cleanup("delete the restore's progress", lambda: catalog.delete_operation_progress(RESTORE, target), errors)
         metrics.add_metric(name="RestoreFailures", unit="Count", value=1)
         cleanup(
             "publish the failure event",
