@@ -29,6 +29,7 @@ from cachevault.core import stack as stack_info
 from cachevault.core.aws import client
 from cachevault.core.errors import InvalidReplicationGroupState
 from cachevault.core.settings import Settings
+from cachevault.core.timeutil import iso
 from cachevault.nodes import restore_targets
 from cachevault.ops.control_plane import ControlPlane
 from cachevault.ops.recovery import load_task_group, recover_interrupted
@@ -332,3 +333,55 @@ def test_a_stopped_copy_fails_its_target_and_frees_its_source(
     product.control.delete_snapshot("rcopy-dst")
     result = product.control.copy_snapshot("rcopy-src", "rcopy-dst", wait=True, timeout_s=WAIT_S)
     assert result["SnapshotStatus"] == "available"
+
+
+# ------------------------------------------------------------------------------ executions that no longer exist
+def test_records_whose_execution_no_longer_exists_are_ended(product: Product, new_cache: Any) -> None:
+    """What a restart of the embedded AWS leaves (durable records, executions gone), end to end but the restart."""
+    catalog, s3, bucket = product.control.catalog, product.s3, product.bucket
+    locked, stale = new_cache("rgone", replicas=0)["CacheName"], new_cache("rgone", replicas=0)["CacheName"]
+    ghost = "snapshot-gone-snap-deadbeef"
+    catalog.lock_cache(locked, owner="gone-snap", operation="snapshot")
+    catalog.create_snapshot({"SnapshotName": "gone-snap", "ReplicationGroupId": locked, "SnapshotStatus": "creating",
+                             "SnapshotSource": "manual", "ExecutionName": ghost, "SnapshotCreateTime": iso(),
+                             "NodeSnapshots": []})  # fmt: skip
+    s3.put_object(Bucket=bucket, Key=storage.rdb_key("gone-snap", 1), Body=b"REDIS0011 partial")
+    s3.create_multipart_upload(Bucket=bucket, Key=storage.rdb_key("gone-snap", 2))
+    catalog.set_capture_progress("gone-snap", "0001", {"CaptureStatus": "running"})
+    catalog.lock_cache(stale, owner="never-made", operation="snapshot")  # preflight died before the record
+    restore = "restore-gone-target-deadbeef"
+    catalog.register_cache({"CacheName": "gone-target", "Status": "creating", "Managed": "ecs",
+                            "RestoreExecution": restore, "RestoreSource": "held-snap", "Nodes": []})  # fmt: skip
+    catalog.create_snapshot({"SnapshotName": "held-snap", "ReplicationGroupId": locked, "SnapshotStatus": "restoring",
+                             "SnapshotSource": "manual", "SnapshotCreateTime": iso(), "NodeSnapshots": []})  # fmt: skip
+    s3.put_object(Bucket=bucket, Key=storage.restore_sources_key("gone-target", restore), Body=b"[]")
+    catalog.create_snapshot({"SnapshotName": "half-deleted", "ReplicationGroupId": locked, "SnapshotStatus": "deleting",
+                             "SnapshotSource": "manual", "SnapshotCreateTime": iso(), "NodeSnapshots": []})  # fmt: skip
+    s3.put_object(Bucket=bucket, Key=storage.manifest_key("half-deleted"), Body=b"{}")
+    try:
+        report = recover_interrupted(product.control)
+        assert "Errors" not in report and report["RunningOperations"] == [], report
+        gone = f"Interrupted: execution {ghost} no longer exists (the embedded AWS was restarted, or its history "
+        gone += "expired)"
+        (failed,) = [op for op in report["RecoveredOperations"] if op.get("ExecutionName") == ghost]
+        assert failed["Status"] == "failed" and failed["FailureReason"] == gone and failed["ExecutionStatus"] == "GONE"
+        assert catalog.get_snapshot("gone-snap")["FailureReason"] == gone
+        nothing_left(product, "gone-snap")
+        assert catalog.capture_progress("gone-snap") == {}
+        assert "LockedBy" not in catalog.get_cache(locked) and "LockedBy" not in catalog.get_cache(stale)
+        target = catalog.get_cache("gone-target")
+        assert target["Status"] == "failed" and f"execution {restore} no longer exists" in target["FailureReason"]
+        assert product.s3_keys(f"{storage.RESTORES_PREFIX}gone-target/") == []
+        assert catalog.get_snapshot("held-snap")["SnapshotStatus"] == "available"  # no live restore holds it
+        assert catalog.find_snapshot("half-deleted") is None and product.s3_keys("snapshots/half-deleted/") == []
+        assert {(op["Operation"], op["Status"]) for op in report["RecoveredOperations"]} >= {
+            ("RestoreSnapshot", "failed"), ("RestoreSnapshot", "available"), ("DeleteSnapshot", "deleted"),
+            ("CreateSnapshot", "unlocked"),
+        }  # fmt: skip
+        again = recover_interrupted(product.control)
+        assert again == {"RecoveredOperations": [], "RunningOperations": [], "LeftoversRemoved": []}
+    finally:
+        for name in ("gone-snap", "held-snap", "half-deleted"):
+            catalog.delete_snapshot_record(name)
+        if catalog.find_cache("gone-target"):
+            caches.delete_local_cache("gone-target", product.settings)
