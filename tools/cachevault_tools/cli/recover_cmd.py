@@ -24,8 +24,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from cachevault.ops.recovery import recover_interrupted
 
     control = context.control_plane()
+    level = logger.log_level
     logger.setLevel("CRITICAL")  # the failure steps log for Lambda (stdout); this command reports itself
-    report = recover_interrupted(control)
+    try:
+        report = recover_interrupted(control)
+    finally:
+        logger.setLevel(level)
     emit(args, report, human_report(report))
     return 1 if report.get("Errors") else 0
 
