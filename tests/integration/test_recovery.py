@@ -26,13 +26,14 @@ from typing import Any
 import pytest
 from cachevault.catalog import caches, storage
 from cachevault.core import stack as stack_info
-from cachevault.core.aws import client
+from cachevault.core.aws import client, resource
 from cachevault.core.errors import InvalidReplicationGroupState
 from cachevault.core.settings import Settings
 from cachevault.core.timeutil import iso
 from cachevault.nodes import restore_targets
+from cachevault.ops import imports
 from cachevault.ops.control_plane import ControlPlane
-from cachevault.ops.recovery import load_task_group, recover_interrupted
+from cachevault.ops.recovery import execution_arn, load_task_group, recover_interrupted
 from cachevault.restore import steps as restore_steps
 from cachevault.snapshot import capture_runner
 from cachevault_tools.cli import main as cli_main
@@ -358,6 +359,13 @@ def test_records_whose_execution_no_longer_exists_are_ended(product: Product, ne
     catalog.create_snapshot({"SnapshotName": "half-deleted", "ReplicationGroupId": locked, "SnapshotStatus": "deleting",
                              "SnapshotSource": "manual", "SnapshotCreateTime": iso(), "NodeSnapshots": []})  # fmt: skip
     s3.put_object(Bucket=bucket, Key=storage.manifest_key("half-deleted"), Body=b"{}")
+    ghost_import = "import-gone-import-deadbeef"  # an S3 import whose restore's execution and target are gone
+    imports_table = resource("dynamodb").Table(product.settings.imports_table)
+    machine = product.env.info.state_machine("RestoreSnapshotStateMachine")
+    imports_table.put_item(Item={"ImportId": "imp-gone", "Bucket": bucket, "Key": "imports/gone.rdb",
+                                 "CacheName": "gone-import", "Status": "restoring", "ImportTime": iso(),
+                                 "ExecutionName": ghost_import,
+                                 "ExecutionArn": execution_arn(machine, ghost_import)})  # fmt: skip
     try:
         report = recover_interrupted(product.control)
         assert "Errors" not in report and report["RunningOperations"] == [], report
@@ -378,9 +386,13 @@ def test_records_whose_execution_no_longer_exists_are_ended(product: Product, ne
             ("RestoreSnapshot", "failed"), ("RestoreSnapshot", "available"), ("DeleteSnapshot", "deleted"),
             ("CreateSnapshot", "unlocked"),
         }  # fmt: skip
+        settled = imports.describe_import("imp-gone", product.settings)
+        assert settled["Status"] == "failed"
+        assert f"execution {ghost_import} no longer exists" in settled["FailureReason"]
         again = recover_interrupted(product.control)
         assert again == {"RecoveredOperations": [], "RunningOperations": [], "LeftoversRemoved": []}
     finally:
+        imports_table.delete_item(Key={"ImportId": "imp-gone"})
         for name in ("gone-snap", "held-snap", "half-deleted"):
             catalog.delete_snapshot_record(name)
         if catalog.find_cache("gone-target"):
