@@ -20,13 +20,14 @@ from cachevault_tools.cli import (
     demo_cmd,
     import_cmd,
     local_cmd,
+    recover_cmd,
     restore_cmd,
     snapshot_cmd,
 )
 from cachevault_tools.cli.output import fail
 
 # Each module adds its subcommands; adding a command group is one line here.
-COMMAND_GROUPS = (local_cmd, cache_cmd, snapshot_cmd, restore_cmd, import_cmd, bench_cmd, demo_cmd)
+COMMAND_GROUPS = (local_cmd, cache_cmd, snapshot_cmd, restore_cmd, import_cmd, recover_cmd, bench_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from typing import Any
 
 from cachevault.core import stack as stack_info
 from cachevault.core.settings import Settings
+from cachevault.ops import recovery
 
 from cachevault_tools.local.embedded import EnvPatch, ServerAWS
 from cachevault_tools.local.redis_process import ChildReaper, free_port
@@ -90,6 +91,7 @@ class LocalEnvironment:
             for name, value in (self.aws.credentials or stack_info.FAKE_CREDENTIALS).items():
                 self._set_env(name, value)
             self._set_env("AWS_DEFAULT_REGION", self.aws.region)
+            recovery.recover_at_start(self.info)  # operations the previous embedded AWS left unfinished
         except BaseException:
             self.stop()
             raise

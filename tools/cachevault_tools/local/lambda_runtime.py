@@ -425,6 +425,7 @@ def install(runtime: LambdaRuntime = RUNTIME) -> None:
         _patch_state_machine_clone()
         _patch_dynamodb_item_atomicity()
         _patch_invoke_non_object_payload()
+        _patch_map_iteration_abort()
 
 
 def uninstall() -> None:
@@ -463,6 +464,30 @@ def _patch_invoke_non_object_payload() -> None:
 
     LambdaResponse._get_param = _get_param
     LambdaResponse._cachevault_payload_fix = True
+
+
+def _patch_map_iteration_abort() -> None:
+    """Fix moto 5.2.1: StopExecution while a Map iterates ends the execution FAILED, not ABORTED.
+
+    The stopped iterations fail the Map state (MapIterationAborted, then MapStateFailed), and
+    that failure reaches the program, whose ``set_error`` replaces the stopped state: the
+    execution ends FAILED with no error. On AWS a stopped execution is ABORTED, whatever its
+    states do afterwards (ops/recovery.py reads that status), so an error never replaces a stop.
+    """
+    from moto.stepfunctions.parser.asl.eval.environment import Environment
+    from moto.stepfunctions.parser.asl.eval.program_state import ProgramStopped
+
+    if getattr(Environment, "_cachevault_abort_fix", False):
+        return
+    real = Environment.set_error
+
+    def set_error(self: Any, error: Any) -> None:
+        with self._state_mutex:  # an RLock: the real set_error takes it again
+            if not isinstance(self._program_state, ProgramStopped):
+                real(self, error)
+
+    Environment.set_error = set_error
+    Environment._cachevault_abort_fix = True
 
 
 def _patch_state_machine_clone() -> None:

@@ -280,8 +280,9 @@ def check_not_restoring(cache: dict[str, Any]) -> None:
     """A cache a restore is still creating (or loading) cannot be deleted: its execution owns it."""
     if cache.get("Status") in ("creating", "restoring") and cache.get("RestoreExecution"):
         raise InvalidReplicationGroupState(
-            f"Replication group {cache['CacheName']!r} is {cache['Status']!r} by restore "
-            f"{cache['RestoreExecution']!r}; delete it when the restore has finished or failed."
+            f"Replication group {cache['CacheName']!r} is not in available state: it is {cache['Status']!r} by "
+            f"restore {cache['RestoreExecution']!r}; delete it when the restore has finished or failed (if that "
+            "execution was stopped, `cachevault recover` ends it)."
         )
 
 

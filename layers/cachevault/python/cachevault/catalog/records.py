@@ -113,8 +113,14 @@ class Catalog:
     def list_caches(self) -> list[dict[str, Any]]:
         return sorted(_scan_all(self.caches), key=lambda c: c["CacheName"])
 
-    def update_cache(self, name: str, **fields: Any) -> None:
-        _update(self.caches, {"CacheName": name}, fields, must_exist="CacheName")
+    def update_cache(self, name: str, *, expect_status: str | None = None, **fields: Any) -> None:
+        _update(
+            self.caches,
+            {"CacheName": name},
+            fields,
+            must_exist="CacheName",
+            expect=("Status", expect_status) if expect_status else None,
+        )
 
     def delete_cache(self, name: str) -> None:
         self.caches.delete_item(Key={"CacheName": name})

@@ -20,10 +20,17 @@ def delete_snapshot(catalog: Catalog, name: str, settings: Settings) -> dict[str
             "can be deleted."
         )
     catalog.update_snapshot(name, expect_status=record["SnapshotStatus"], SnapshotStatus="deleting")
+    finish_deleting(catalog, record, settings)
+    return {**record, "SnapshotStatus": "deleting"}
+
+
+def finish_deleting(catalog: Catalog, record: dict[str, Any], settings: Settings) -> None:
+    """What a ``deleting`` snapshot still holds: its uploads, its objects, then its record.
+
+    Repeatable: ``ops/recovery.py`` finishes a deletion whose caller died half way."""
     s3 = client("s3")
     bucket = record.get("Bucket", settings.bucket)
-    prefix = storage.snapshot_prefix(name)
+    prefix = storage.snapshot_prefix(record["SnapshotName"])
     storage.abort_incomplete_uploads(s3, bucket, prefix)
     storage.delete_prefix(s3, bucket, prefix)
-    catalog.delete_snapshot_record(name)
-    return {**record, "SnapshotStatus": "deleting"}
+    catalog.delete_snapshot_record(record["SnapshotName"])

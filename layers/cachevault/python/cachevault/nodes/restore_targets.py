@@ -180,7 +180,7 @@ def start_node_tasks(
                 taskDefinition=settings.node_task_definitions[engine],
                 launchType="FARGATE",
                 networkConfiguration=settings.network(),
-                group=f"cachevault:{cache}",
+                group=node_task_group(cache),
                 overrides={
                     "containerOverrides": [{"name": "node", "command": command, "environment": node_environment(tls)}]
                 },
@@ -271,6 +271,28 @@ def stop_tasks(arns: list[str], reason: str, settings: TaskSettings | None = Non
     for arn in arns:
         with contextlib.suppress(ecs.exceptions.ClientException, ecs.exceptions.InvalidParameterException):
             ecs.stop_task(cluster=settings.cluster, task=arn, reason=reason[:255])
+
+
+def running_tasks_by_group(settings: TaskSettings | None = None) -> dict[str, list[str]]:
+    """RunTask group -> ARNs of its tasks not stopped yet (``cachevault:<cache>`` nodes,
+    ``capture:<snapshot>`` and ``load:<execution>`` workers); nothing when the cluster is gone."""
+    settings = settings or TaskSettings.from_env()
+    ecs = client("ecs")
+    try:
+        arns = ecs.list_tasks(cluster=settings.cluster, desiredStatus="RUNNING").get("taskArns", [])
+    except ecs.exceptions.ClusterNotFoundException:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for start in range(0, len(arns), 100):  # DescribeTasks takes 100 at most
+        for task in ecs.describe_tasks(cluster=settings.cluster, tasks=arns[start : start + 100])["tasks"]:
+            if task.get("lastStatus") != "STOPPED":
+                groups.setdefault(str(task.get("group") or ""), []).append(task["taskArn"])
+    return groups
+
+
+def node_task_group(cache: str) -> str:
+    """The RunTask group of a cache's node tasks."""
+    return f"cachevault:{cache}"
 
 
 def node_id(cache: str, shard: int, member: int) -> str:

@@ -400,6 +400,7 @@ class ControlPlane:
         """
         name = names.cache_name(cache)
         record = self.catalog.get_cache(name)
+        caches.check_not_restoring(record)  # refused before anything starts, final snapshot or not
         if record.get("LockedBy"):
             raise errors.InvalidReplicationGroupState(
                 f"Replication group {name!r} is busy: {record.get('LockedFor')} {record['LockedBy']!r} is in "

@@ -49,6 +49,8 @@ MULTIPART_THRESHOLD = 512 * MiB
 MULTIPART_CHUNK = 512 * MiB  # 10,000 parts * 512 MiB = 5 TiB, S3's object size limit
 COPY_CONCURRENCY = 8
 DATA_TIERING_NODE_FAMILY = "r6gd"
+# What a source record loses when its copy ends (set by preflight_step).
+RELEASED: dict[str, Any] = {"CopyExecution": None, "CopyTarget": None, "CopyTargetBucket": None}
 
 
 def export_key(target: str, index: int) -> str:
@@ -130,12 +132,21 @@ def preflight_step(event: dict[str, Any]) -> dict[str, Any]:
         target_keys = [storage.rdb_key(target, i) for i in range(1, len(nodes) + 1)]
 
     # Accepted: from here on MarkFailed undoes what this execution did (it knows by name).
-    catalog.update_snapshot(source_name, expect_status="available", SnapshotStatus="copying", CopyExecution=execution)
+    # The target is named on the source too: a recovery whose execution is gone still knows
+    # what to undo (ops/recovery.py).
+    catalog.update_snapshot(
+        source_name,
+        expect_status="available",
+        SnapshotStatus="copying",
+        CopyExecution=execution,
+        CopyTarget=target,
+        CopyTargetBucket=target_bucket,
+    )
     if not target_bucket:
         try:
             catalog.create_snapshot(_target_record(source, target, target_keys, settings.bucket, execution))
         except Exception:
-            catalog.update_snapshot(source_name, SnapshotStatus="available", CopyExecution=None)
+            catalog.update_snapshot(source_name, SnapshotStatus="available", **RELEASED)
             raise
     objects = [
         {
@@ -203,6 +214,8 @@ def _target_record(source: dict[str, Any], target: str, keys: list[str], bucket:
         "ManifestKey",
         "NodeSnapshots",
         "CopyExecution",
+        "CopyTarget",
+        "CopyTargetBucket",
         "FinalSnapshot",
         "FailureReason",
         "FailedAt",
@@ -287,7 +300,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
             ManifestKey=storage.manifest_key(target),
             CacheSize=str(total),
         )
-    catalog.update_snapshot(source_name, expect_status="copying", SnapshotStatus="available", CopyExecution=None)
+    catalog.update_snapshot(source_name, expect_status="copying", SnapshotStatus="available", **RELEASED)
     detail_type = events.SNAPSHOT_COPY_COMPLETED if event["Mode"] == "copy" else events.SNAPSHOT_EXPORT_COMPLETED
     events.snapshot_status(
         detail_type,
@@ -369,7 +382,7 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
                 cleanup("mark the target failed", lambda: catalog.update_snapshot(target, **failed), errors)
         cleanup(
             "hand the source back",
-            lambda: catalog.update_snapshot(source_name, SnapshotStatus="available", CopyExecution=None),
+            lambda: catalog.update_snapshot(source_name, SnapshotStatus="available", **RELEASED),
             errors,
         )
         detail_type = events.SNAPSHOT_EXPORT_FAILED if target_bucket else events.SNAPSHOT_COPY_FAILED

@@ -227,8 +227,19 @@ def _resolve(table: Any, catalog: Catalog, item: dict[str, Any], sfn: Any) -> di
             outcome = {"Status": cache["Status"], "FailureReason": cache.get("FailureReason")}
     else:
         # The restore never registered the cache (refused at preflight) or it was deleted since.
-        desc = (sfn or client("stepfunctions")).describe_execution(executionArn=item["ExecutionArn"])
-        if desc["status"] == "SUCCEEDED":
+        try:
+            desc = (sfn or client("stepfunctions")).describe_execution(executionArn=item["ExecutionArn"])
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") != "ExecutionDoesNotExist":
+                raise
+            # Its history is gone (the embedded AWS restarted; on AWS, 90 days passed).
+            desc = {"status": "GONE"}
+        if desc["status"] == "GONE":
+            outcome = {
+                "Status": "failed",
+                "FailureReason": f"Interrupted: execution {item.get('ExecutionName')} no longer exists",
+            }
+        elif desc["status"] == "SUCCEEDED":
             outcome = {"Status": "available"}
         elif desc["status"] != "RUNNING":
             from cachevault.ops.control_plane import error_from_execution

@@ -703,9 +703,16 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_env()
     catalog = Catalog(settings)
     target = event["ReplicationGroupId"]
-    catalog.update_cache(target, Status="available", RestoreCompleteTime=iso())
+    cache = catalog.get_cache(target)
+    retried = cache.get("Status") == "available" and cache.get("RestoreExecution") == event.get("ExecutionName")
+    if not retried:
+        # Conditional: a restore ended meanwhile (MarkFailed, or `cachevault recover` after its
+        # execution was stopped) stays failed; this late step must not make it available.
+        expected = "restoring" if event.get("TargetType") == "external" else "creating"
+        catalog.update_cache(target, expect_status=expected, Status="available", RestoreCompleteTime=iso())
     if event.get("SnapshotName"):
-        catalog.update_snapshot(event["SnapshotName"], SnapshotStatus="available")
+        with contextlib.suppress(InvalidSnapshotState):  # handed back already (a retry, a recovery)
+            catalog.update_snapshot(event["SnapshotName"], expect_status="restoring", SnapshotStatus="available")
         catalog.update_cache(target, SnapshotRestoring=None)
     _delete_work_objects(settings, target, event.get("ExecutionName"), [])
     metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)

@@ -88,16 +88,7 @@ def snapshot_failed(catalog: Catalog, snapshot: str) -> Callable[[], bool]:
 def cancel(snapshot: str, reason: str = "snapshot failed") -> list[str]:
     """Stop every capture task of a snapshot still running (MarkFailed); their ARNs."""
     settings = restore_targets.TaskSettings.from_env()
-    ecs = client("ecs")
-    try:
-        arns = ecs.list_tasks(cluster=settings.cluster, desiredStatus="RUNNING").get("taskArns", [])
-    except ecs.exceptions.ClusterNotFoundException:
-        return []
-    stopped = []
-    for start in range(0, len(arns), 100):
-        for task in ecs.describe_tasks(cluster=settings.cluster, tasks=arns[start : start + 100])["tasks"]:
-            if task.get("group") == task_group(snapshot) and task.get("lastStatus") != "STOPPED":
-                stopped.append(task["taskArn"])
+    stopped = restore_targets.running_tasks_by_group(settings).get(task_group(snapshot), [])
     restore_targets.stop_tasks(stopped, reason, settings)
     return stopped
 
