@@ -107,7 +107,9 @@ def persist_table(backend: Any, root: Path, name: str) -> None:
         path.unlink(missing_ok=True)
         return
     items = [item.to_json()["Attributes"] for item in table.all_items()]
-    write_atomically(path, {"TableName": name, "Account": backend.account_id, "Region": backend.region_name, "Items": items})
+    write_atomically(
+        path, {"TableName": name, "Account": backend.account_id, "Region": backend.region_name, "Items": items}
+    )
 
 
 @dataclass
