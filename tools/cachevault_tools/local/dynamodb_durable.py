@@ -15,6 +15,7 @@ idempotency table included. A file whose table the template no longer has is lef
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -101,15 +102,32 @@ def _persisting(original: Any, tables_of: Callable[[tuple[Any, ...], dict[str, A
 
 
 def persist_table(backend: Any, root: Path, name: str) -> None:
+    from moto.dynamodb.models.utilities import dynamo_json_dump
+
     path = root / f"{name}.json"
     table = backend.tables.get(name)
     if table is None:
         path.unlink(missing_ok=True)
         return
-    items = [item.to_json()["Attributes"] for item in table.all_items()]
+    # moto's own encoder: binary values as base64 text, as DynamoDB's JSON protocol carries them.
+    items = json.loads(dynamo_json_dump([item.to_json()["Attributes"] for item in table.all_items()]))
     write_atomically(
         path, {"TableName": name, "Account": backend.account_id, "Region": backend.region_name, "Items": items}
     )
+
+
+def _binary_decoded(value: dict[str, Any]) -> dict[str, Any]:
+    """An attribute value as moto keeps it once parsed from a request: binary values as bytes."""
+    kind, inner = next(iter(value.items()))
+    if kind == "B":
+        return {kind: base64.b64decode(inner)}
+    if kind == "BS":
+        return {kind: [base64.b64decode(v) for v in inner]}
+    if kind == "M":
+        return {kind: {k: _binary_decoded(v) for k, v in inner.items()}}
+    if kind == "L":
+        return {kind: [_binary_decoded(v) for v in inner]}
+    return value
 
 
 @dataclass
@@ -135,7 +153,8 @@ def restore(directory: Path) -> DynamoDBRestored:
             report.skipped.append(f"{data['TableName']}: no such table in this deployment")
             continue
         for attrs in data["Items"]:
-            table.put_item(attrs)  # the table's own put: no condition, nothing persisted again
+            # The table's own put: no condition, nothing persisted again.
+            table.put_item({name: _binary_decoded(value) for name, value in attrs.items()})
         report.items[data["TableName"]] = len(data["Items"])
     for tmp in directory.glob(".tmp-*"):
         tmp.unlink(missing_ok=True)
