@@ -87,6 +87,8 @@ class LocalEnvironment:
         try:
             if self.durable:
                 durable_state.install(self.state_dir)
+                # Writes of running tasks are kept until they stop; the reset then keeps the files.
+                self.aws.before_reset.append(durable_state.uninstall)
             overrides = {"LogLevel": self.log_level, **self.parameters}
             self.deployed = self.aws.deploy(find_template(), parameter_overrides=overrides)
             if self.durable:
@@ -108,8 +110,6 @@ class LocalEnvironment:
         self._env.set(name, value)
 
     def stop(self) -> None:
-        if self.durable:
-            durable_state.uninstall()
         if self.aws is not None:
             self.aws.stop()
             self.aws = None
