@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from botocore.exceptions import ClientError
 from cachevault_tools.local import durable, dynamodb_durable
 from cachevault_tools.local.embedded import ServerAWS
@@ -227,4 +228,21 @@ def test_a_progress_table_rewrite_stays_cheap(state: Path, servers: list[ServerA
         dynamodb_durable.persist_table(backend, state / "dynamodb", TABLE)
     per_write = (time.perf_counter() - started) / 100
     assert per_write < 0.05, f"{per_write * 1000:.2f} ms per rewrite of a 50-item table"
+    stop(aws)
+
+
+def test_a_form_upload_is_kept(state: Path, servers: list[ServerAWS], monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST Object (a browser form): moto's IAM check needs an Authorization header, so IAM is off here."""
+    monkeypatch.setenv("CACHEVAULT_LOCAL_IAM", "off")
+    aws = start(state, servers)
+    s3 = aws.client("s3")
+    s3.create_bucket(Bucket="user-forms")
+    form = s3.generate_presigned_post(Bucket="user-forms", Key="form.txt")
+    posted = requests.post(form["url"], data=form["fields"], files={"file": b"from a form"}, timeout=30)
+    assert posted.status_code < 300, posted.text
+    stop(aws)
+
+    aws = start(state, servers)
+    assert durable.restore(state).s3.objects == 1
+    assert aws.client("s3").get_object(Bucket="user-forms", Key="form.txt")["Body"].read() == b"from a form"
     stop(aws)

@@ -205,10 +205,16 @@ def _key_response_patch(original: Any) -> Any:
 def _bucket_response_patch(original: Any) -> Any:
     def bucket_response(self: Any, request: Any, full_url: str, headers: Any) -> Any:
         response = original(self, request, full_url, headers)
-        if _root is not None and request.method in ("PUT", "DELETE") and response[0] < 300:
-            name = self.parse_bucket_name_from_url(request, full_url)
-            if name:
-                sync_bucket(name)
+        if _root is None or response[0] >= 300:
+            return response
+        name = self.parse_bucket_name_from_url(request, full_url)
+        if name and request.method in ("PUT", "DELETE"):
+            sync_bucket(name)
+        elif name and request.method == "POST" and not self.is_delete_keys():
+            # A browser-form upload (POST Object): its key is a form field (moto reads it the same way).
+            key = (getattr(self, "querystring", None) or {}).get("key")
+            if key:
+                sync_object(name, key[0])
         return response
 
     return bucket_response
