@@ -9,7 +9,9 @@ four seams, keeping moto's API semantics (ETags, ``-N`` multipart ETags, metadat
 headers, checksums, CopyObject):
 
 * every FakeKey body (objects and uploaded parts) is a named file under the root, written
-  as the request arrives and removed when moto disposes of the key;
+  as the request arrives and removed when moto disposes of the key (but not by the reset
+  that stops a durable environment: ``keep_bodies``; s3_durable.py records the committed
+  ones and registers them again at the next start);
 * completing a multipart upload checks the parts as moto does, then concatenates the part
   files into the object's file in the kernel (``os.copy_file_range``), checksums streamed;
 * UploadPartCopy reads only the requested range of the source file;
