@@ -96,12 +96,13 @@ def _record_path(root: Path, bucket: str, key: str) -> Path:
     return root / RECORDS / f"{digest}.json"
 
 
-def write_atomically(path: Path, data: dict[str, Any]) -> None:
-    """``path`` holds ``data`` as JSON or what it held before, never a mix (tmp + rename)."""
+def write_atomically(path: Path, data: dict[str, Any] | str) -> None:
+    """``path`` holds ``data`` (as JSON unless text) or what it held before, never a mix (tmp + rename)."""
+    text = data if isinstance(data, str) else json.dumps(data, default=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, default=str)
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
