@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack_inf
             yield info, home
         finally:
             context.local_down()
+            shutil.rmtree(home / "s3", ignore_errors=True)  # kept by `local down`: 256 MB of throwaway bodies
     finally:
         mp.undo()
 

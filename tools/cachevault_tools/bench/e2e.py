@@ -229,6 +229,8 @@ def _local_stack(home: Path) -> Iterator[tuple[stack_info.StackInfo, dict[str, s
             yield info, env
         finally:
             context.local_down()
+            # `local down` keeps S3 (cachevault_tools/local/durable.py): a bench's GBs are throwaway.
+            shutil.rmtree(home / "s3", ignore_errors=True)
     finally:
         patch.restore()
 

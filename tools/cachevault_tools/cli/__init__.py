@@ -16,6 +16,7 @@ from cachevault.core.errors import CacheVaultError
 from cachevault_tools.cli import (
     bench_cmd,
     cache_cmd,
+    catalog_cmd,
     context,
     demo_cmd,
     import_cmd,
@@ -27,7 +28,9 @@ from cachevault_tools.cli import (
 from cachevault_tools.cli.output import fail
 
 # Each module adds its subcommands; adding a command group is one line here.
-COMMAND_GROUPS = (local_cmd, cache_cmd, snapshot_cmd, restore_cmd, import_cmd, recover_cmd, bench_cmd, demo_cmd)
+COMMAND_GROUPS = (
+    local_cmd, cache_cmd, snapshot_cmd, restore_cmd, import_cmd, catalog_cmd, recover_cmd, bench_cmd, demo_cmd
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,8 @@ class ServerAWS:
         self._previous_sfn: bool = False
         self._previous_iam: dict[str, Any] = {}
         self.credentials: dict[str, str] = {}  # the admin identity's keys (IAM enforced)
+        # Called by stop() once no Lambda or ECS task runs any more, before moto's reset.
+        self.before_reset: list[Callable[[], None]] = []
 
     @property
     def endpoint_url(self) -> str:
@@ -135,6 +137,8 @@ class ServerAWS:
         ecs.RUNNER.base_env = {}
         ecs.RUNNER.role_credentials = None
         lambda_runtime.RUNTIME.shutdown()
+        for hook in self.before_reset:
+            hook()
         _relax_iam()
         if self._server is not None:
             # Leave the process as found: the config is process-global, the backends too.

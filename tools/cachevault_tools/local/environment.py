@@ -16,6 +16,7 @@ from cachevault.core import stack as stack_info
 from cachevault.core.settings import Settings
 from cachevault.ops import recovery
 
+from cachevault_tools.local import durable as durable_state
 from cachevault_tools.local.embedded import EnvPatch, ServerAWS
 from cachevault_tools.local.redis_process import ChildReaper, free_port
 
@@ -55,6 +56,7 @@ class LocalEnvironment:
         state_dir: Path | None = None,
         log_level: str = "INFO",
         parameters: dict[str, str] | None = None,
+        durable: bool = False,
     ) -> None:
         # Template parameters, like `sam deploy --parameter-overrides`: the environment's
         # CACHEVAULT_PARAMETER_OVERRIDES ("Key=Value Key2=Value2") first, then ``parameters``.
@@ -68,6 +70,10 @@ class LocalEnvironment:
         self.info: stack_info.StackInfo | None = None
         self._env = EnvPatch()
         self._reaper: ChildReaper | None = None
+        # The `local up` service keeps S3 and DynamoDB in its state dir across restarts and
+        # crashes (cachevault_tools/local/durable.py); tests' throwaway environments need not.
+        self.durable = durable
+        self.restored: durable_state.Restored | None = None
 
     def start(self) -> stack_info.StackInfo:
         self._set_env("CACHEVAULT_HOME", str(self.state_dir))
@@ -80,8 +86,14 @@ class LocalEnvironment:
         self.aws = ServerAWS(port=self.port or free_port()).start()
         endpoint = self.aws.endpoint_url
         try:
+            if self.durable:
+                durable_state.install(self.state_dir)
+                # Writes of running tasks are kept until they stop; the reset then keeps the files.
+                self.aws.before_reset.append(durable_state.uninstall)
             overrides = {"LogLevel": self.log_level, **self.parameters}
             self.deployed = self.aws.deploy(find_template(), parameter_overrides=overrides)
+            if self.durable:
+                self.restored = durable_state.restore(self.state_dir)
             self.aws.resume_tasks()
             self.info = stack_info.from_deployed(
                 self.deployed, endpoint_url=endpoint, pid=os.getpid(), credentials=self.aws.credentials

@@ -9,7 +9,9 @@ four seams, keeping moto's API semantics (ETags, ``-N`` multipart ETags, metadat
 headers, checksums, CopyObject):
 
 * every FakeKey body (objects and uploaded parts) is a named file under the root, written
-  as the request arrives and removed when moto disposes of the key;
+  as the request arrives and removed when moto disposes of the key (but not by the reset
+  that stops a durable environment: ``keep_bodies``; s3_durable.py records the committed
+  ones and registers them again at the next start);
 * completing a multipart upload checks the parts as moto does, then concatenates the part
   files into the object's file in the kernel (``os.copy_file_range``), checksums streamed;
 * UploadPartCopy reads only the requested range of the source file;
@@ -41,6 +43,9 @@ CHUNK = 1 << 20  # bytes per read when streaming a body or checksumming a file
 _lock = threading.Lock()
 _root: Path | None = None
 _installed = False
+# True while a durable environment shuts down: moto's reset closes every body, the files stay
+# (cachevault_tools/local/s3_durable.py registers them again at the next start).
+_keep_bodies = False
 # Set while S3Response.get_object runs inside a Flask request: FakeKey.value is then a FileBody.
 _stream_body: contextvars.ContextVar[bool] = contextvars.ContextVar("cachevault_s3_stream_body", default=False)
 
@@ -54,6 +59,7 @@ def install(directory: Path) -> None:
     """Put new object bodies under ``directory`` and patch moto's S3 (patching is idempotent)."""
     global _root, _installed
     directory.mkdir(parents=True, exist_ok=True)
+    keep_bodies(False)
     with _lock:
         _root = directory
         if _installed:
@@ -72,17 +78,35 @@ def install(directory: Path) -> None:
         _installed = True
 
 
+def keep_bodies(keep: bool) -> None:
+    """``True``: closing a body (moto disposing of its key) leaves its file in place."""
+    global _keep_bodies
+    _keep_bodies = keep
+
+
 # ---------------------------------------------------------------------------- bodies as files
+
+BODY_PREFIX = "obj-"
 
 
 class ObjectFile:
     """One FakeKey body: a file under the root, removed on close (moto's dispose) unless detached."""
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, self.name = tempfile.mkstemp(dir=directory, prefix="obj-")
-        self._file = os.fdopen(fd, "w+b")
+    def __init__(self, directory: Path | None, *, existing: str | None = None) -> None:
+        if existing is not None:  # a body kept from an earlier run (adopt)
+            self.name = existing
+            self._file = open(existing, "r+b")  # noqa: SIM115 - closed by close()
+        else:
+            assert directory is not None
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, self.name = tempfile.mkstemp(dir=directory, prefix=BODY_PREFIX)
+            self._file = os.fdopen(fd, "w+b")
         self._owns_file = True
+
+    @classmethod
+    def adopt(cls, path: str) -> ObjectFile:
+        """The body file ``path`` (already written) as a FakeKey body, owned like a new one."""
+        return cls(None, existing=path)
 
     def __getattr__(self, name: str) -> Any:  # seek, read, write, truncate, tell, flush
         return getattr(self._file, name)
@@ -96,7 +120,7 @@ class ObjectFile:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-            if self._owns_file:
+            if self._owns_file and not _keep_bodies:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.name)
 

@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    env = LocalEnvironment(port=args.port, state_dir=args.state_dir)
+    # The user's state dir: S3 and DynamoDB outlive this process (cachevault_tools/local/durable.py).
+    env = LocalEnvironment(port=args.port, state_dir=args.state_dir, durable=True)
     info = env.start()
+    if env.restored is not None:
+        print(f"cachevault local: {env.restored.summary()}", flush=True)
     settings = Settings.from_env()
     ticker = ScheduleTicker(env.deployed, interval_s=5.0)
     ticker.start()
