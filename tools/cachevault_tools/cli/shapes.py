@@ -11,22 +11,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cachevault.catalog.snapshot_record import ELASTICACHE_SNAPSHOT_FIELDS
+
 from cachevault_tools.cli.units import iec_bytes
 
 EXTRAS = "CacheVault"
 
 # Internal snapshot fields that are ElastiCache's own, copied as they are.
-_SNAPSHOT_FIELDS = (
-    "SnapshotName",
-    "ReplicationGroupId",
-    "SnapshotStatus",
-    "SnapshotSource",
-    "CacheNodeType",
-    "Engine",
-    "EngineVersion",
-    "NumNodeGroups",
-    "DataTiering",
-)
+_SNAPSHOT_FIELDS = (*ELASTICACHE_SNAPSHOT_FIELDS, "DataTiering")
 _NODE_EXTRAS = (
     "CaptureStatus",
     "SourceRole",

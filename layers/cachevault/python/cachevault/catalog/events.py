@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Any
 
+from cachevault.catalog.snapshot_record import ELASTICACHE_SNAPSHOT_FIELDS
 from cachevault.core.aws import client
 
 SOURCE = "cachevault"
@@ -40,18 +41,7 @@ DETAIL_TYPES = (
 )
 
 # The snapshot record fields an event carries (ElastiCache's names).
-_SNAPSHOT_FIELDS = (
-    "SnapshotName",
-    "ReplicationGroupId",
-    "SnapshotStatus",
-    "SnapshotSource",
-    "CacheNodeType",
-    "Engine",
-    "EngineVersion",
-    "NumNodeGroups",
-    "CacheSize",
-    "FailureReason",
-)
+_SNAPSHOT_FIELDS = (*ELASTICACHE_SNAPSHOT_FIELDS, "CacheSize", "FailureReason")
 _CACHE_FIELDS = ("CacheNodeType", "ClusterMode", "NumNodeGroups", "ReplicasPerNodeGroup", "RestoreSource")
 
 LOG = logging.getLogger(__name__)

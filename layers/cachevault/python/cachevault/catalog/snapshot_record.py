@@ -17,6 +17,19 @@ from typing import Any
 
 from cachevault.catalog import storage
 
+# The record fields that are ElastiCache's own Snapshot fields, under its names: events and
+# the CLI's describe shapes both copy them as they are.
+ELASTICACHE_SNAPSHOT_FIELDS = (
+    "SnapshotName",
+    "ReplicationGroupId",
+    "SnapshotStatus",
+    "SnapshotSource",
+    "CacheNodeType",
+    "Engine",
+    "EngineVersion",
+    "NumNodeGroups",
+)
+
 # What a finished shard keeps in the record (the manifest keeps everything).
 RECORD_NODE_FIELDS = (
     "NodeGroupId",
