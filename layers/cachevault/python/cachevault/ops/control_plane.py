@@ -47,11 +47,12 @@ class StillRunning(CacheVaultError):
 def poll_pause(started: float, longest_s: float) -> float:
     """Seconds between two polls of a wait that began at ``started`` (monotonic).
 
-    A twentieth of the time waited so far, from 0.1 s up to ``longest_s``: a short
+    A twentieth of the time waited so far, from 0.2 s up to ``longest_s``: a short
     operation is seen done within ~5 % of its duration, a long one is polled no more
-    often than before (DescribeExecution is throttled per account).
+    often than before (DescribeExecution is throttled per account, and each poll also
+    reads the catalog for the progress shown).
     """
-    return min(longest_s, max(0.1, (time.monotonic() - started) / 20))
+    return min(longest_s, max(0.2, (time.monotonic() - started) / 20))
 
 
 def execution_name(kind: str, subject: str) -> str:
