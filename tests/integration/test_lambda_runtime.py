@@ -212,17 +212,6 @@ def test_audit_isolation_refuses_writes_and_shared_tmp(stack: DeployedStack) -> 
         lambda_runtime.RUNTIME.set_semantics(name, lambda_runtime.LambdaSemantics())
 
 
-def test_environments_end_with_the_runtime(stack: DeployedStack) -> None:
-    name = stack.function_name("ProbeFunction")
-    pid = ok(stack, "ProbeFunction", {"action": "state"})["pid"]
-    assert pid in {e.pid for e in lambda_runtime.RUNTIME.environments(name)}
-    # Frozen while idle (SIGSTOP is delivered asynchronously: wait for the state).
-    wait_until(lambda: "State:\tT (stopped)" in Path(f"/proc/{pid}/status").read_text(), 10, "a frozen worker")
-
-    lambda_runtime.RUNTIME.unregister(name)
-    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the worker to end")
-
-
 def test_a_new_environment_forks_from_the_zygote_and_still_has_its_own_init(stack: DeployedStack) -> None:
     """The interpreter and third-party imports come from the zygote; the sandbox, the
     handler's import and the Init Duration stay per environment, as on Lambda."""
@@ -247,3 +236,15 @@ def test_a_new_environment_forks_from_the_zygote_and_still_has_its_own_init(stac
     zygote = lambda_runtime.RUNTIME._zygotes["python3.11"]
     assert "POWERTOOLS_DEBUG" in zygote.import_env
     assert not zygote.accepts({**dict(env.setup.env), "POWERTOOLS_DEBUG": "true"})
+
+
+def test_environments_end_with_the_runtime(stack: DeployedStack) -> None:
+    name = stack.function_name("ProbeFunction")
+    pid = ok(stack, "ProbeFunction", {"action": "state"})["pid"]
+    assert pid in {e.pid for e in lambda_runtime.RUNTIME.environments(name)}
+    # Frozen while idle (SIGSTOP is delivered asynchronously: wait for the state).
+    wait_until(lambda: "State:\tT (stopped)" in Path(f"/proc/{pid}/status").read_text(), 10, "a frozen worker")
+
+    lambda_runtime.RUNTIME.unregister(name)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the worker to end")
+
