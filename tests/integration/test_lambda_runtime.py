@@ -8,6 +8,7 @@ binaries, credentials of its role.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -211,6 +212,32 @@ def test_audit_isolation_refuses_writes_and_shared_tmp(stack: DeployedStack) -> 
         lambda_runtime.RUNTIME.set_semantics(name, lambda_runtime.LambdaSemantics())
 
 
+def test_a_new_environment_forks_from_the_zygote_and_still_has_its_own_init(stack: DeployedStack) -> None:
+    """The interpreter and third-party imports come from the zygote; the sandbox, the
+    handler's import and the Init Duration stay per environment, as on Lambda."""
+    name = stack.function_name("ProbeFunction")
+    lambda_runtime.RUNTIME.set_semantics(name, lambda_runtime.LambdaSemantics())  # every environment ends: cold
+    resp = stack.client("lambda").invoke(FunctionName=name, Payload=b'{"action": "state"}', LogType="Tail")
+    first = json.loads(resp["Payload"].read())
+    report = base64.b64decode(resp["LogResult"]).decode()
+    assert first["invocations"] == 1  # the handler module was imported in this environment, fresh
+    assert "\tInit Duration: " in report  # the cold invocation reports its init, a warm one does not
+    warm = stack.client("lambda").invoke(FunctionName=name, Payload=b'{"action": "state"}', LogType="Tail")
+    assert json.loads(warm["Payload"].read())["pid"] == first["pid"]
+    assert "Init Duration" not in base64.b64decode(warm["LogResult"]).decode()
+    (env,) = lambda_runtime.RUNTIME.environments(name)
+    assert env.forked and env.pid == first["pid"]
+    assert env.isolation in ("namespace", "audit")  # the sandbox was built in the fork
+    zygote_pid = int(Path(f"/proc/{first['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert zygote_pid != os.getpid()  # the parent is the zygote, not the runtime
+    zygote_env = Path(f"/proc/{zygote_pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in zygote_env if v.startswith((b"AWS_ACCESS_KEY_ID=", b"AWS_SESSION_TOKEN=", b"PROBE="))]
+    # A variable a preloaded module reads at import that differs from the zygote's: a fresh process.
+    zygote = lambda_runtime.RUNTIME._zygotes["python3.11"]
+    assert "POWERTOOLS_DEBUG" in zygote.import_env
+    assert not zygote.accepts({**dict(env.setup.env), "POWERTOOLS_DEBUG": "true"})
+
+
 def test_environments_end_with_the_runtime(stack: DeployedStack) -> None:
     name = stack.function_name("ProbeFunction")
     pid = ok(stack, "ProbeFunction", {"action": "state"})["pid"]
@@ -220,3 +247,4 @@ def test_environments_end_with_the_runtime(stack: DeployedStack) -> None:
 
     lambda_runtime.RUNTIME.unregister(name)
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the worker to end")
+

@@ -320,6 +320,13 @@ def test_cluster_disabled_to_same_without_the_source_cache(
     replica = next(n["Address"] for n in record["Nodes"] if n["Role"] == "replica")
     sync_replicas(record["Endpoints"][0], 1)
     assert cache_digest([host_port(replica)]) == standalone.digests
+    primary = next(n["Address"] for n in record["Nodes"] if n["Role"] == "primary")
+    for address, setting, value in ((primary, "rdbcompression", "yes"), (replica, "repl-diskless-load", "on-empty-db")):
+        conn = connect(address)
+        try:  # the primary synced its replica uncompressed, then went back; the replica loaded as it read
+            assert conn.config_get(setting)[setting] == value
+        finally:
+            conn.close()
     print(f"restore cluster-disabled -> same (seeded): {seconds:.2f} s")
 
 

@@ -87,6 +87,12 @@ def _label(pid: int) -> str:
         return "embedded AWS"
     if "cachevault_tools.cli" in words:
         return "cachevault CLI"
+    if "cachevault_tools.local.lambda_zygote" in words:
+        # Its forks run lambda_worker under the zygote's command line; they rename themselves.
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "lambda_worker":
+                return "lambda_worker"
+        return "lambda_zygote"
     if "-m" in words and words.index("-m") + 1 < len(words):
         return words[words.index("-m") + 1].rsplit(".", 1)[-1]
     return Path(words[0]).name if words else "?"

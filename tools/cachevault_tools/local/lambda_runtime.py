@@ -42,6 +42,7 @@ from typing import Any
 
 from cachevault_tools.local.lambda_sandbox import ExecutionEnvironment, InitError, Outcome, WorkerSetup
 from cachevault_tools.local.lambda_worker import REDIS_BINARIES
+from cachevault_tools.local.lambda_zygote import Zygote, ZygoteUnavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -116,11 +117,16 @@ class LambdaRuntime:
     role_credentials: Callable[[str], Mapping[str, str]] | None = None
     semantics: LambdaSemantics = field(default_factory=LambdaSemantics)
     init_timeout_s: float = 60.0  # a cold start on a loaded machine imports boto3 and Powertools
+    # New environments fork from a per-runtime zygote that has imported the third-party
+    # modules (lambda_zygote); off (CACHEVAULT_LAMBDA_ZYGOTE=0): a fresh interpreter each.
+    use_zygote: bool = field(default_factory=lambda: os.environ.get("CACHEVAULT_LAMBDA_ZYGOTE", "1") != "0")
     _specs: dict[str, HandlerSpec] = field(default_factory=dict)
     _function_semantics: dict[str, LambdaSemantics] = field(default_factory=dict)
     _pools: dict[str, _Pool] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _scratch: Path | None = None
+    _zygotes: dict[str, Zygote] = field(default_factory=dict)
+    _zygote_lock: threading.Lock = field(default_factory=threading.Lock)
     invocations: dict[str, int] = field(default_factory=dict)
     isolation_seen: set[str] = field(default_factory=set)
 
@@ -180,13 +186,14 @@ class LambdaRuntime:
                 started,
             )
         request = {"request_id": request_id, "event": event, "arn": config.arn, "remaining_ms": config.timeout * 1000}
+        init_s = env.init_duration_s if env.invocations == 0 else None  # reported on the cold invocation
         outcome = env.invoke(
             request,
             timeout_s=config.timeout if semantics.timeout else None,
             memory_mb=config.memory_mb if semantics.memory else None,
         )
         self._checkin(config.function_name, env, semantics, healthy=outcome.kind in ("result", "error"))
-        return _result(outcome, config, request_id, started)
+        return _result(outcome, config, request_id, started, init_s)
 
     def shutdown(self) -> None:
         """End every environment (and what it started)."""
@@ -196,6 +203,10 @@ class LambdaRuntime:
             scratch, self._scratch = self._scratch, None
         for env in envs:
             env.kill()
+        with self._zygote_lock:
+            zygotes, self._zygotes = list(self._zygotes.values()), {}
+        for zygote in zygotes:
+            zygote.stop()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -212,7 +223,8 @@ class LambdaRuntime:
             pool.live.add(env)
         self._retire(config.function_name, keep=setup)
         try:
-            env.start(self.init_timeout_s, extra_env=self._role_credentials(config))
+            extra_env = self._role_credentials(config)
+            env.start(self.init_timeout_s, extra_env=extra_env, zygote=self._zygote(config.runtime))
         except BaseException:
             with self._lock:
                 pool.live.discard(env)
@@ -220,6 +232,24 @@ class LambdaRuntime:
             raise
         self.isolation_seen.add(env.isolation)
         return env
+
+    def _zygote(self, runtime: str) -> Zygote | None:
+        """The runtime's zygote, started on first use (None: off, or it could not start)."""
+        if not self.use_zygote:
+            return None
+        with self._zygote_lock:
+            zygote = self._zygotes.get(runtime)
+            if zygote is not None and zygote.alive:
+                return zygote
+            zygote = Zygote(runtime)
+            try:
+                zygote.start(self.init_timeout_s)
+            except ZygoteUnavailable as exc:
+                LOG.warning("Lambda environments start as fresh processes: %s", exc)
+                self.use_zygote = False
+                return None
+            self._zygotes[runtime] = zygote
+            return zygote
 
     def _checkin(
         self, function_name: str, env: ExecutionEnvironment, semantics: LambdaSemantics, healthy: bool
@@ -340,10 +370,14 @@ class LambdaRuntime:
             return value
 
 
-def _result(outcome: Outcome, config: FunctionConfig, request_id: str, started: float) -> InvocationResult:
+def _result(
+    outcome: Outcome, config: FunctionConfig, request_id: str, started: float, init_s: float | None = None
+) -> InvocationResult:
     if outcome.kind == "result":
         elapsed = time.monotonic() - started
-        return InvocationResult(str(outcome.body), False, _report(request_id, elapsed, config), elapsed)
+        # Lambda's Duration is the handler's; the cold start is the Init Duration.
+        report = _report(request_id, elapsed - (init_s or 0.0), config, init_s)
+        return InvocationResult(str(outcome.body), False, report, elapsed)
     if outcome.kind == "error":
         err = outcome.body
         return _error_result(err["errorType"], err["errorMessage"], err.get("stackTrace", []), request_id, started)
@@ -366,12 +400,13 @@ def _error_result(error_type: str, message: str, stack: list[str], request_id: s
     return InvocationResult(payload, True, logs, elapsed)
 
 
-def _report(request_id: str, elapsed: float, config: FunctionConfig) -> str:
+def _report(request_id: str, elapsed: float, config: FunctionConfig, init_s: float | None = None) -> str:
+    init = "" if init_s is None else f"\tInit Duration: {init_s * 1000:.2f} ms"  # the cold start, as Lambda reports it
     return (
         f"START RequestId: {request_id} Version: {config.version}\n"
         f"END RequestId: {request_id}\n"
         f"REPORT RequestId: {request_id}\tDuration: {elapsed * 1000:.2f} ms\t"
-        f"Memory Size: {config.memory_mb} MB"
+        f"Memory Size: {config.memory_mb} MB{init}"
     )
 
 

@@ -26,9 +26,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachevault_tools.local.lambda_worker import read_message, write_message
+
+if TYPE_CHECKING:
+    from cachevault_tools.local.lambda_zygote import ForkedProcess, Zygote
 
 PR_SET_PDEATHSIG = 1
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -159,7 +162,9 @@ class ExecutionEnvironment:
         self.invocations = 0
         self.frozen = False
         self._scratch = Path(scratch_root) / f"env-{os.getpid()}-{id(self):x}"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | ForkedProcess | None = None
+        self.forked = False  # a fork of the zygote, not a fresh interpreter
+        self.init_duration_s = 0.0  # process start to handler imported (Lambda's Init Duration)
         self._forwarder: threading.Thread | None = None
         self._output_lock = threading.Lock()
         self._requests: Any = None
@@ -173,14 +178,20 @@ class ExecutionEnvironment:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, init_timeout_s: float, extra_env: Mapping[str, str] | None = None) -> None:
+    def start(
+        self, init_timeout_s: float, extra_env: Mapping[str, str] | None = None, zygote: Zygote | None = None
+    ) -> None:
         """Start the worker and run its init phase (sandbox, handler import).
 
         ``extra_env`` is what differs between environments of one setup (credentials, log stream).
+        With a ``zygote`` that accepts the environment, the worker is a fork of it (the
+        interpreter and the third-party imports already done), else a fresh process.
         """
+        started = time.monotonic()
         self._scratch.mkdir(parents=True, exist_ok=True)
         req_read, req_write = os.pipe()
         rep_read, rep_write = os.pipe()
+        env = {**dict(self.setup.env), **dict(extra_env or {})}
         worker = "cachevault_tools.local.lambda_worker"
         command = [sys.executable, "-I", "-B", "-m", worker, str(req_read), str(rep_write)]
 
@@ -188,7 +199,7 @@ class ExecutionEnvironment:
             return subprocess.Popen(
                 command,
                 cwd=self.setup.code_dir,
-                env={**dict(self.setup.env), **dict(extra_env or {})},
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -198,7 +209,11 @@ class ExecutionEnvironment:
             )
 
         try:
-            self._proc = _SPAWNER.run(spawn)
+            if zygote is not None and zygote.accepts(env):
+                self._proc = zygote.spawn(str(self.setup.code_dir), env, req_read, rep_write)
+                self.forked = True
+            else:
+                self._proc = _SPAWNER.run(spawn)
         finally:
             os.close(req_read)
             os.close(rep_write)
@@ -221,6 +236,7 @@ class ExecutionEnvironment:
         ready = self._await(init_timeout_s, None)
         if ready.kind == "result" and isinstance(ready.body, dict) and ready.body.get("ready"):
             self.isolation = str(ready.body.get("isolation"))
+            self.init_duration_s = time.monotonic() - started
             return
         self.kill()
         if ready.kind == "result" and isinstance(ready.body, dict) and "init_error" in ready.body:

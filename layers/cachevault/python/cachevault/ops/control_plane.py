@@ -44,6 +44,17 @@ class StillRunning(CacheVaultError):
         self.execution_arn = execution_arn
 
 
+def poll_pause(started: float, longest_s: float) -> float:
+    """Seconds between two polls of a wait that began at ``started`` (monotonic).
+
+    A twentieth of the time waited so far, from 0.2 s up to ``longest_s``: a short
+    operation is seen done within ~5 % of its duration, a long one is polled no more
+    often than before (DescribeExecution is throttled per account, and each poll also
+    reads the catalog for the progress shown).
+    """
+    return min(longest_s, max(0.2, (time.monotonic() - started) / 20))
+
+
 def execution_name(kind: str, subject: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in subject)[:56]
     return f"{kind}-{safe}-{uuid.uuid4().hex[:8]}"
@@ -98,7 +109,8 @@ class ControlPlane:
 
         Giving up raises ``StillRunning``: the execution is not stopped.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
         while True:
             desc = self.describe_execution(arn)
             if desc["status"] in TERMINAL:
@@ -110,7 +122,7 @@ class ControlPlane:
                 )
             if on_tick:
                 on_tick()
-            time.sleep(interval_s)
+            time.sleep(poll_pause(started, interval_s))
         if desc["status"] != "SUCCEEDED":
             raise error_from_execution(desc)
         return json.loads(desc.get("output") or "{}")
@@ -218,7 +230,8 @@ class ControlPlane:
             if progress:
                 progress(record)
             return record
-        deadline = time.monotonic() + (timeout_s or 3600)
+        started = time.monotonic()
+        deadline = started + (timeout_s or 3600)
         while True:
             record = self.catalog.describe_snapshot(snapshot)
             if progress:
@@ -227,7 +240,7 @@ class ControlPlane:
                 break
             if time.monotonic() > deadline:
                 raise CacheVaultError(f"Snapshot {snapshot!r} still creating after {timeout_s:.0f} s.")
-            time.sleep(0.5)
+            time.sleep(poll_pause(started, 0.5))
         if record["SnapshotStatus"] == "failed":
             raise errors.CaptureFailed(
                 f"Snapshot {snapshot!r} failed: {record.get('FailureReason', 'unknown reason')}"

@@ -294,11 +294,14 @@ def select_sources_step(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_capture_step(event: dict[str, Any]) -> dict[str, Any]:
-    """The inline runner: the whole capture inside this invocation (planned to fit well in it)."""
+    """The inline runner: the whole capture inside this invocation (planned to fit well in it).
+
+    The capture is over when this returns (or it raised): the output is what PollCapture
+    would say now, so CaptureDone? goes straight to FinishShard, with no Wait and no poll.
+    """
+    started = time.time()
     capture_runner.run_inline(event["SnapshotName"], event["Shard"], Settings.from_env())
-    # WaitCapture waits Capture.NextPollSeconds: growing with the capture's age (polling.py).
-    capture = {"Done": False, "StartedAt": iso(), "StartedAtEpoch": time.time()}
-    return {**event, "Capture": {**capture, "NextPollSeconds": _poll_base(event)}}
+    return poll_capture_step({**event, "Capture": {"Done": False, "StartedAtEpoch": started}})
 
 
 def _poll_base(event: dict[str, Any]) -> int:
