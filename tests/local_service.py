@@ -8,6 +8,7 @@ test_crash_recovery.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,14 +64,20 @@ def up(home: Path, port: int, env: dict[str, str] | None = None) -> dict[str, An
     return started
 
 
+def server_pid(home: Path) -> int | None:
+    """The service's PID from the stack file it wrote (what `local status` reads), if it runs."""
+    stack = home / "local" / "stack.json"
+    pid = int(json.loads(stack.read_text())["pid"]) if stack.exists() else None
+    return pid if pid is not None and process_alive(pid) else None
+
+
 def kill_server(home: Path) -> int:
     """SIGKILL the running service (a crash: nothing of it runs its shutdown); returns its PID.
 
-    Its PID from the stack file it wrote, as `local status` reads it, without a CLI process's
-    second of start-up between the caller's condition and the kill.
+    No CLI process (a second of start-up) between the caller's condition and the kill.
     """
-    server = int(json.loads((home / "local" / "stack.json").read_text())["pid"])
-    assert process_alive(server), "the local service is not running"
+    server = server_pid(home)
+    assert server is not None, "the local service is not running"
     os.kill(server, signal.SIGKILL)
     wait_until(lambda: not process_alive(server), 15, "the killed service to be gone")
     return server
@@ -120,4 +127,5 @@ def kill_task_processes(home: Path) -> None:
     for record in TaskRegistry(home / "ecs").load_all():
         for container in record.containers:
             if container.pid and start_time(container.pid) == container.start_time:
-                os.killpg(container.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                    os.killpg(container.pid, signal.SIGKILL)

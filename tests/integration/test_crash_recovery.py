@@ -36,7 +36,17 @@ from cachevault_tools.local.embedded import EnvPatch
 from cachevault_tools.local.environment import PARAMETER_OVERRIDES_ENV
 from cachevault_tools.local.redis_process import free_port
 
-from tests.local_service import cli_env, digest, kill_server, kill_task_processes, point_at, run_cli, run_json, up
+from tests.local_service import (
+    cli_env,
+    digest,
+    kill_server,
+    kill_task_processes,
+    point_at,
+    run_cli,
+    run_json,
+    server_pid,
+    up,
+)
 from tests.product_fixtures import connect, fill, slow_down_saves, wait_until
 
 WAIT_S = 90
@@ -94,20 +104,29 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         kill_task_processes(svc.home)  # whatever a failed test left running
 
 
-@dataclass
-class Source:
-    digest: tuple[Any, int]
-
-
 @pytest.fixture(scope="module")
-def source(service: Service) -> Source:
-    """SOURCE (1 shard, no replica) with mixed keys, and its snapshot BASE (available)."""
+def source_digest(service: Service) -> tuple[Any, int]:
+    """SOURCE (1 shard, no replica) with mixed keys, and its snapshot BASE (available): SOURCE's DEBUG DIGEST."""
     group = service.cli("cache", "create", SOURCE, "--replicas", "0")["ReplicationGroup"]
     endpoint = group["NodeGroups"][0]["PrimaryEndpoint"]
     fill(f"{endpoint['Address']}:{endpoint['Port']}", keys=2000)
     made = service.cli("snapshot", "create", SOURCE, BASE, "--wait")["Snapshot"]
     assert made["SnapshotStatus"] == "available"
-    return Source(digest=digest(connect(f"{endpoint['Address']}:{endpoint['Port']}")))
+    return digest(connect(f"{endpoint['Address']}:{endpoint['Port']}"))
+
+
+@pytest.fixture(autouse=True)
+def only_the_source_afterwards(service: Service) -> Iterator[None]:
+    """A case that failed half way leaves the next one the service up with only SOURCE and BASE."""
+    yield
+    if server_pid(service.home) is None:
+        service.start()  # killed, never started again
+    for cache in service.catalog.list_caches():
+        if cache["CacheName"] != SOURCE:
+            run_cli(service.home, "cache", "delete", cache["CacheName"], check=False)
+    for snap in service.catalog.all_snapshots():
+        if snap["SnapshotName"] != BASE:
+            run_cli(service.home, "snapshot", "delete", snap["SnapshotName"], check=False)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -150,19 +169,19 @@ def nothing_left(
     assert {c["CacheName"] for c in catalog.list_caches() if c.get("Status") == "available"} == caches
 
 
-def restores_to_source(service: Service, source: Source, target: str) -> None:
+def restores_to_source(service: Service, source_digest: tuple[Any, int], target: str) -> None:
     """BASE is available and a restore of it holds SOURCE's data (then the new cache goes)."""
     assert service.cli("snapshot", "describe", BASE)["Snapshots"][0]["SnapshotStatus"] == "available"
     restored = service.cli("restore", BASE, target, "--wait")["ReplicationGroup"]
     assert restored["Status"] == "available"
     endpoint = restored["NodeGroups"][0]["PrimaryEndpoint"]
-    assert digest(connect(f"{endpoint['Address']}:{endpoint['Port']}")) == source.digest
+    assert digest(connect(f"{endpoint['Address']}:{endpoint['Port']}")) == source_digest
     service.cli("cache", "delete", target)
 
 
 # ---------------------------------------------------------------------------------- (a) a capture
 def test_killed_in_a_capture_the_snapshot_fails_and_its_cache_snapshots_again(
-    service: Service, source: Source
+    service: Service, source_digest: tuple[Any, int]
 ) -> None:
     cache, name = "crash-busy", "crash-cut"
     group = service.cli("cache", "create", cache, "--replicas", "0")["ReplicationGroup"]
@@ -227,7 +246,7 @@ def test_killed_in_a_capture_the_snapshot_fails_and_its_cache_snapshots_again(
 
 # ---------------------------------------------------------------------------------- (b) a resharding restore
 def test_killed_in_a_resharding_load_the_target_fails_and_the_snapshot_restores(
-    service: Service, source: Source
+    service: Service, source_digest: tuple[Any, int]
 ) -> None:
     target = "crash-dst"
     service.cli("restore", BASE, target, "--shards", "3", "--cluster-mode", "enabled", "--replicas", "0")
@@ -266,12 +285,14 @@ def test_killed_in_a_resharding_load_the_target_fails_and_the_snapshot_restores(
     assert service.catalog.operation_progress("restore", target) == {}
     nothing_left(service, processes=processes, groups=groups, available={BASE}, caches={SOURCE})
 
-    restores_to_source(service, source, "crash-back")
+    restores_to_source(service, source_digest, "crash-back")
     service.cli("cache", "delete", target)  # a failed target is deletable
 
 
 # ---------------------------------------------------------------------------------- (c) a copy
-def test_killed_in_a_copy_the_target_fails_and_the_source_is_handed_back(service: Service, source: Source) -> None:
+def test_killed_in_a_copy_the_target_fails_and_the_source_is_handed_back(
+    service: Service, source_digest: tuple[Any, int]
+) -> None:
     target = "crash-copy"
     # Started in the background: the copy runs on while the CLI waits for its preflight.
     copying = subprocess.Popen(
@@ -307,5 +328,5 @@ def test_killed_in_a_copy_the_target_fails_and_the_source_is_handed_back(service
     assert not {"CopyExecution", "CopyTarget", "CopyTargetBucket"} & set(base)
     nothing_left(service, processes=[], groups=set(), available={BASE}, caches={SOURCE})
 
-    restores_to_source(service, source, "crash-copy-back")
+    restores_to_source(service, source_digest, "crash-copy-back")
     service.cli("snapshot", "delete", target)
