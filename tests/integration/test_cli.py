@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,30 +19,8 @@ import pytest
 import redis
 from cachevault_tools.local.redis_process import free_port, process_alive
 
+from tests.local_service import run_cli, run_json
 from tests.product_fixtures import wait_until
-
-TIMEOUT_S = 180
-
-
-def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["CACHEVAULT_HOME"] = str(home)
-    proc = subprocess.run(
-        [sys.executable, "-m", "cachevault_tools.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cachevault {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def run_json(home: Path, *args: str) -> Any:
-    return json.loads(run_cli(home, *args, "--json").stdout)
 
 
 @pytest.fixture(scope="module")

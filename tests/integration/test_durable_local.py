@@ -9,19 +9,13 @@ of a multipart upload that was in flight are gone.
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
-import redis
-from cachevault_tools.local.redis_process import free_port, process_alive
+from cachevault_tools.local.redis_process import free_port
 
-from tests.integration.test_cli import run_cli, run_json
-from tests.product_fixtures import wait_until
+from tests.local_service import aws, digest, kill_server, primary, run_cli, run_json, snapshot, up
 
 SNAPSHOTS_TABLE = "cachevault-snapshots"  # the deployer names tables after the stack: same on every start
 USER_BUCKET = "my-exports"
@@ -31,40 +25,6 @@ USER_BUCKET = "my-exports"
 def home(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     run_cli(tmp_path, "local", "down", check=False)
-
-
-def up(home: Path, port: int) -> dict[str, Any]:
-    started = run_json(home, "local", "up", "--port", str(port))
-    assert process_alive(started["Pid"])
-    return started
-
-
-def aws(home: Path, service: str) -> Any:
-    env = run_json(home, "local", "env")["Environment"]
-    return boto3.client(
-        service,
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
-
-
-def primary(home: Path, cache: str) -> redis.Redis:
-    group = run_json(home, "cache", "describe", "--replication-group-id", cache)["ReplicationGroups"][0]
-    endpoint = group["NodeGroups"][0]["PrimaryEndpoint"]
-    return redis.Redis(host=endpoint["Address"], port=endpoint["Port"], socket_timeout=30)
-
-
-def digest(conn: redis.Redis) -> tuple[Any, int]:
-    try:
-        return conn.execute_command("DEBUG", "DIGEST"), conn.dbsize()
-    finally:
-        conn.close()
-
-
-def snapshot(home: Path, name: str) -> dict[str, Any]:
-    return run_json(home, "snapshot", "describe", name)["Snapshots"][0]
 
 
 def body_files(home: Path) -> list[str]:
@@ -106,9 +66,7 @@ def test_snapshot_and_user_objects_survive_down_up_and_sigkill(home: Path) -> No
     part_files = sorted(set(body_files(home)) - set(files_before_part))
     assert len(part_files) == 1
 
-    server = run_json(home, "local", "status")["Pid"]
-    os.kill(server, signal.SIGKILL)
-    wait_until(lambda: not process_alive(server), 15, "the killed service to be gone")
+    kill_server(home)
     up(home, port)
 
     assert snapshot(home, "dur-snap")["SnapshotStatus"] == "available"
