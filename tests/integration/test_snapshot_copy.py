@@ -86,6 +86,7 @@ def test_copy_within_catalog_then_restore_from_the_copy(
     assert copy["ReplicationGroupId"] == source.cache["CacheName"]
     assert product.control.describe_snapshot("copy-src")["SnapshotStatus"] == "available"
     assert "CopyExecution" not in product.control.describe_snapshot("copy-src")
+    assert product.control.catalog.operation_progress("copy", "copy-dst") == {}  # removed by Complete
 
     # Its own objects, named after it, byte-identical to the source's (SHA-256 of the manifest).
     assert product.s3_keys("snapshots/copy-dst/") == [
@@ -111,6 +112,7 @@ def test_copy_within_catalog_then_restore_from_the_copy(
         product.control.wait_restore(arn, name, timeout_s=60)
         restored = product.control.catalog.get_cache(name)
         assert restored["Status"] == "available"
+        assert product.control.catalog.operation_progress("restore", name) == {}  # removed by MarkAvailable
         assert node_digest(restored["Endpoints"][0]) == source.digest
     finally:
         caches.delete_local_cache(name, product.settings)

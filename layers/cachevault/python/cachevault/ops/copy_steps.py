@@ -301,6 +301,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
             CacheSize=str(total),
         )
     catalog.update_snapshot(source_name, expect_status="copying", SnapshotStatus="available", **RELEASED)
+    catalog.delete_operation_progress(COPY, target)  # the CLI reads it only while copying
     detail_type = events.SNAPSHOT_COPY_COMPLETED if event["Mode"] == "copy" else events.SNAPSHOT_EXPORT_COMPLETED
     events.snapshot_status(
         detail_type,
@@ -380,6 +381,7 @@ def mark_failed_step(event: dict[str, Any]) -> dict[str, Any]:
                 cleanup("delete the target objects", lambda: storage.delete_prefix(s3, settings.bucket, prefix), errors)
                 failed = {"SnapshotStatus": "failed", "FailureReason": reason, "FailedAt": iso()}
                 cleanup("mark the target failed", lambda: catalog.update_snapshot(target, **failed), errors)
+        cleanup("delete the copy progress", lambda: catalog.delete_operation_progress(COPY, target), errors)
         cleanup(
             "hand the source back",
             lambda: catalog.update_snapshot(source_name, SnapshotStatus="available", **RELEASED),

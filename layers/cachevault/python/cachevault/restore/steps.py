@@ -715,6 +715,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
             catalog.update_snapshot(event["SnapshotName"], expect_status="restoring", SnapshotStatus="available")
         catalog.update_cache(target, SnapshotRestoring=None)
     _delete_work_objects(settings, target, event.get("ExecutionName"), [])
+    catalog.delete_operation_progress(RESTORE, target)  # the CLI reads it only while the target is creating
     metrics.add_metric(name="RestoresCompleted", unit="Count", value=1)
     # Request to available: the target's record is made by the restore's preflight.
     record_duration("RestoreDuration", (catalog.find_cache(target) or {}).get("CacheCreateTime"))
@@ -769,6 +770,7 @@ def fail_step(event: dict[str, Any]) -> dict[str, Any]:
             name = cache["SnapshotRestoring"]
             cleanup("hand the snapshot back", lambda: catalog.update_snapshot(name, SnapshotStatus="available"), errors)
         _delete_work_objects(settings, target, execution, errors)
+        cleanup("delete the load progress", lambda: catalog.delete_operation_progress(RESTORE, target), errors)
         metrics.add_metric(name="RestoreFailures", unit="Count", value=1)
         cleanup(
             "publish the failure event",
