@@ -93,11 +93,9 @@ class Product:
         return [u["Key"] for u in listing.get("Uploads", [])]
 
 
-@pytest.fixture(scope="module")
-def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
-    state = tmp_path_factory.mktemp("cachevault-home")
-    # Exports go to the buckets tests create (test_snapshot_copy: user-exports-N-PID).
-    env = LocalEnvironment(state_dir=state, log_level="WARNING", parameters={"ExportBucketAllowList": "user-exports-*"})
+def own_product(tmp_path_factory: pytest.TempPathFactory, home: str, parameters: dict[str, str]) -> Iterator[Product]:
+    """Body of a product fixture: a local environment under a fresh state dir with these template parameters."""
+    env = LocalEnvironment(state_dir=tmp_path_factory.mktemp(home), log_level="WARNING", parameters=parameters)
     info = env.start()
     settings = Settings.from_env()
     fleet = Fleet(settings.state_dir)
@@ -106,6 +104,12 @@ def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     finally:
         fleet.stop_all()
         env.stop()
+
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
+    # Exports go to the buckets tests create (test_snapshot_copy: user-exports-N-PID).
+    yield from own_product(tmp_path_factory, "cachevault-home", {"ExportBucketAllowList": "user-exports-*"})
 
 
 @pytest.fixture

@@ -21,12 +21,8 @@ import pytest
 from cachevault.catalog import caches, storage
 from cachevault.core.aws import client
 from cachevault.core.errors import CacheVaultError
-from cachevault.core.settings import Settings
 from cachevault.nodes import restore_targets
-from cachevault.ops.control_plane import ControlPlane
 from cachevault_tools.local import ecs
-from cachevault_tools.local.environment import LocalEnvironment
-from cachevault_tools.local.fleet import Fleet
 from cachevault_tools.local.redis_process import process_alive, start_node
 
 from tests.product_fixtures import (
@@ -37,6 +33,7 @@ from tests.product_fixtures import (
     fill,
     fill_cluster,
     node_digest,
+    own_product,
     slow_down_saves,
     sync_replicas,
     wait_until,
@@ -47,18 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
-    state = tmp_path_factory.mktemp("cachevault-ecs-home")
-    env = LocalEnvironment(
-        state_dir=state,
-        log_level="WARNING",
-        parameters={"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3", "LoadInlineMaxBytes": "0"},
-    )
-    info = env.start()
-    settings = Settings.from_env()
-    try:
-        yield Product(env=env, control=ControlPlane(info, settings), settings=settings, fleet=Fleet(settings.state_dir))
-    finally:
-        env.stop()
+    parameters = {"InlineCaptureMaxSeconds": "0", "CaptureHeartbeatTimeoutSeconds": "3", "LoadInlineMaxBytes": "0"}
+    yield from own_product(tmp_path_factory, "cachevault-ecs-home", parameters)
 
 
 def _ecs_tasks(group: str) -> list[dict[str, Any]]:
@@ -110,8 +97,9 @@ def test_task_processes_run_with_their_task_roles_credentials(product: Product) 
         networkConfiguration={"awsvpcConfiguration": {"subnets": ["subnet-local"]}},
     )["tasks"][0]["taskArn"]
     task = wait_until(
-        lambda: (t := ecs_client.describe_tasks(cluster=cluster, tasks=[arn])["tasks"][0])["lastStatus"] == "STOPPED"
-        and t,
+        lambda: (
+            (t := ecs_client.describe_tasks(cluster=cluster, tasks=[arn])["tasks"][0])["lastStatus"] == "STOPPED" and t
+        ),
         60,
         "the probe task to stop",
     )
@@ -189,11 +177,13 @@ def test_node_task_has_its_own_address_and_stops_without_a_zombie(product: Produ
     task = resp["tasks"][0]
     assert task["lastStatus"] == "PROVISIONING"
     running = wait_until(
-        lambda: (t := ecs_client.describe_tasks(cluster=settings.cluster, tasks=[task["taskArn"]])["tasks"][0])[
-            "lastStatus"
-        ]
-        == "RUNNING"
-        and t,
+        lambda: (
+            (t := ecs_client.describe_tasks(cluster=settings.cluster, tasks=[task["taskArn"]])["tasks"][0])[
+                "lastStatus"
+            ]
+            == "RUNNING"
+            and t
+        ),
         30,
         "the node task to run",
     )

@@ -28,38 +28,33 @@ from cachevault.catalog import caches, storage
 from cachevault.core import stack as stack_info
 from cachevault.core.aws import client, resource
 from cachevault.core.errors import InvalidReplicationGroupState
-from cachevault.core.settings import Settings
 from cachevault.core.timeutil import iso
 from cachevault.nodes import restore_targets
 from cachevault.ops import imports
-from cachevault.ops.control_plane import ControlPlane
 from cachevault.ops.recovery import execution_arn, load_task_group, recover_interrupted
 from cachevault.restore import steps as restore_steps
 from cachevault.snapshot import capture_runner
 from cachevault_tools.cli import main as cli_main
-from cachevault_tools.local.environment import LocalEnvironment
-from cachevault_tools.local.fleet import Fleet
 from moto.s3.models import S3Backend
 
-from tests.product_fixtures import Product, connect, fill, nothing_left, slow_down_saves, sync_replicas, wait_until
+from tests.product_fixtures import (
+    Product,
+    connect,
+    fill,
+    nothing_left,
+    own_product,
+    slow_down_saves,
+    sync_replicas,
+    wait_until,
+)
 
 WAIT_S = 90
 
 
 @pytest.fixture(scope="module")
 def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
-    state = tmp_path_factory.mktemp("cachevault-recovery-home")
-    env = LocalEnvironment(
-        state_dir=state, log_level="WARNING", parameters={"InlineCaptureMaxSeconds": "0", "LoadInlineMaxBytes": "0"}
-    )
-    info = env.start()
-    settings = Settings.from_env()
-    fleet = Fleet(settings.state_dir)
-    try:
-        yield Product(env=env, control=ControlPlane(info, settings), settings=settings, fleet=fleet)
-    finally:
-        fleet.stop_all()
-        env.stop()
+    parameters = {"InlineCaptureMaxSeconds": "0", "LoadInlineMaxBytes": "0"}
+    yield from own_product(tmp_path_factory, "cachevault-recovery-home", parameters)
 
 
 def _stop(product: Product, arn: str) -> None:
@@ -117,8 +112,10 @@ def test_a_stopped_capture_ends_failed_with_nothing_left(product: Product, new_c
         def streaming() -> bool:
             node = (product.control.describe_snapshot("rcap-snap").get("NodeSnapshots") or [{}])[0]
             uploads = [k for k in product.multipart_uploads() if k.startswith(prefix)]
-            return node.get("CaptureStatus") == "running" and bool(uploads) and bool(
-                _running(capture_runner.task_group("rcap-snap"))
+            return (
+                node.get("CaptureStatus") == "running"
+                and bool(uploads)
+                and bool(_running(capture_runner.task_group("rcap-snap")))
             )
 
         wait_until(streaming, WAIT_S, "the capture worker streaming into its multipart upload")
