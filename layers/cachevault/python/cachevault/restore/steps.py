@@ -386,8 +386,8 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     else:
         nodes = restore_targets.create_ecs_cache(
             target, engine=event.get("Engine") or "redis", cluster_mode=cluster_mode, num_shards=shards, replicas=0,
-            creds=creds, tls=creds_mod.fleet_tls(cache),
-        )  # fmt: skip
+            creds=creds, tls=creds_mod.fleet_tls(cache), settle=False,
+        )  # fmt: skip  (LoadShard waits for cluster_state:ok: restore_targets.wire)
         _record_nodes(catalog, nodes, event, creds)
         targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
     # The Map's items stay small (Index, Runner): each LoadShard reads its source from SourcesKey.
@@ -466,6 +466,10 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
     )
     report.start()
     with _opened_source(task) as source:
+        if event["ClusterMode"]:
+            # A new cluster may still be settling (ProvisionCache does not wait, see
+            # restore_targets.wire): the wait overlaps this step's start and first GET.
+            restore_targets.wait_cluster_ok([(t.host, t.port) for t in targets], targets[0].credentials)
         result = load_rdb_file(
             source,
             targets,
