@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +35,6 @@ MAX_PARTS = 10_000
 DEFAULT_PART_SIZE = 16 * MiB
 DOWNLOAD_CHUNK = MiB
 RANGE_SIZE = 8 * MiB  # bytes per ranged GET when streaming an object
-TMP_HEADROOM = 64 * MiB  # left free in the temp dir after a download (other files, page slack)
 
 # Snapshot names reach S3 keys: allow ElastiCache's alphabet plus the dots of
 # "automatic.<cache>-YYYY-MM-DD-HH-MM", and nothing that could leave the prefix.
@@ -614,24 +611,3 @@ class S3RangeReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def fits_in_temp_dir(size: int, directory: str | None = None) -> bool:
-    """Whether a file of ``size`` bytes fits in the temp dir (a Lambda's /tmp) with headroom."""
-    free = shutil.disk_usage(directory or tempfile.gettempdir()).free
-    return size + TMP_HEADROOM <= free
-
-
-def download_ranged(reader: S3RangeReader, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write everything ``reader`` yields to ``path`` (checked at the last byte); ``.part`` until whole."""
-    dest = Path(path)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with open(tmp, "wb") as fh:
-            while chunk := reader.read(reader.range_size):
-                fh.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"size": reader.size, "sha256": reader.sha256}

@@ -30,10 +30,8 @@ import base64
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -75,12 +73,9 @@ ATTACH_MIN_MB_S = 10.0  # slowest full sync we wait for (RDB transfer + load on 
 REPLICA_SYNC_CHECK_S = 15.0  # Verify: a replica must be in sync within this
 
 
-# How LoadShard reads its source: "stream" (the default: ranged GETs through the reader's
-# window, fetched one range ahead, so the download overlaps the load), "tmp" (downloaded
-# whole to its temp dir first, then mmapped) or "auto" (tmp when the object fits there, else
-# stream). Measured (256 MB of small keys, embedded S3, 2 cores): 2.8-3.3 s streamed vs
-# 3.4-4.2 s downloaded first (the download alone 0.7-1.4 s).
-SOURCE_MODE_ENV = "RESTORE_SOURCE_MODE"
+# LoadShard reads its source as ranged GETs through the reader's window, fetched one range
+# ahead, so the download overlaps the load. Measured (256 MB of small keys, embedded S3,
+# 2 cores): 2.8-3.3 s streamed vs 3.4-4.2 s downloaded to /tmp first (the download alone 0.7-1.4 s).
 # Largest source a LoadShard Lambda takes: 10 of its 15 minutes at 50 MiB/s (S3 GET and
 # RESTORE into a node, measured locally at 150 MB/s); bigger ones are worker jobs.
 LOAD_INLINE_MAX_BYTES_ENV = "LOAD_INLINE_MAX_BYTES"
@@ -543,36 +538,17 @@ def load_result_step(event: dict[str, Any]) -> dict[str, Any]:
         ) from None
 
 
-def _source_mode() -> str:
-    mode = os.environ.get(SOURCE_MODE_ENV) or "stream"
-    if mode not in ("auto", "tmp", "stream"):
-        raise InvalidParameterValue(f"{SOURCE_MODE_ENV} must be auto, tmp or stream, not {mode!r}.")
-    return mode
-
-
 @contextlib.contextmanager
-def _opened_source(task: dict[str, Any]) -> Iterator[str | storage.S3RangeReader]:
-    """The task's RDB as a ranged-GET stream, or a file in this environment's temp dir (_source_mode).
+def _opened_source(task: dict[str, Any]) -> Iterator[storage.S3RangeReader]:
+    """The task's RDB as a stream of ranged GETs, SHA-256 checked on the fly.
 
-    Either way the bytes are SHA-256 checked against the source's (a mismatch fails the
-    load at the last byte, before FUNCTION LOAD and before the result is recorded).
+    A mismatch fails the load at the last byte, before FUNCTION LOAD and before the result
+    is recorded.
     """
     reader = _reader(task)
-    mode = _source_mode()
-    to_file = mode == "tmp" or (mode == "auto" and storage.fits_in_temp_dir(reader.size))
-    if not to_file:
-        logger.info("loading as a stream of ranged GETs", key=task["Key"], bytes=reader.size)
-        with reader:
-            yield reader
-        return
-    fd, name = tempfile.mkstemp(prefix="cachevault-load-", suffix=".rdb")
-    os.close(fd)
-    try:
-        with reader:
-            storage.download_ranged(reader, name)
-        yield name
-    finally:
-        Path(name).unlink(missing_ok=True)
+    logger.info("loading as a stream of ranged GETs", key=task["Key"], bytes=reader.size)
+    with reader:
+        yield reader
 
 
 def _put_json(key: str, document: Any) -> str:
