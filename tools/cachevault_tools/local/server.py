@@ -16,6 +16,7 @@ from pathlib import Path
 from cachevault.core import stack as stack_info
 from cachevault.core.settings import Settings
 
+from cachevault_tools.local import s3_files
 from cachevault_tools.local.environment import LocalEnvironment
 from cachevault_tools.local.schedules import ScheduleTicker
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     ticker = ScheduleTicker(env.deployed, interval_s=5.0)
     ticker.start()
+    s3_files.freeze_heap()  # what is alive now lives as long as the server
     path = stack_info.save_local(info, settings)
     print(f"cachevault local: embedded AWS on {info.endpoint_url}; stack in {path}", flush=True)
     try:
