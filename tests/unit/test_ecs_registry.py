@@ -58,8 +58,10 @@ def test_an_unreadable_record_is_skipped(tmp_path: Path) -> None:
 
 
 def test_same_process_needs_the_same_start_time_and_program() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    code = "import sys, time; print('ready', flush=True); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"  # past its exec
         started = start_time(proc.pid)
         assert started is not None
         assert same_process(proc.pid, started, [sys.executable, "-c", "..."])
@@ -68,5 +70,7 @@ def test_same_process_needs_the_same_start_time_and_program() -> None:
     finally:
         proc.kill()
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert start_time(proc.pid) is None and not same_process(proc.pid, started, [sys.executable])
     assert not same_process(None, started, [sys.executable]) and start_time(os.getpid()) is not None
