@@ -82,6 +82,7 @@ def _restore_steps(environments: Environments, product: Product, request: dict[s
     assert "Path" not in json.dumps(state)  # names only, never a path of this step's disk
     state = environments.run(product, "restore_provision", state)
     assert state["LoadTasks"] and state["Targets"]  # nodes are ECS tasks: every restore loads over the network
+    state = environments.run(product, "restore_attach_replicas", state)  # before the load, as the ASL runs it
     results = []
     for task in state["LoadTasks"]:
         item = {
@@ -95,8 +96,7 @@ def _restore_steps(environments: Environments, product: Product, request: dict[s
         results.append(environments.run(product, "restore_load_shard", item))
         # What a LoadShard run as a worker job hands back (read from its S3 result alone).
         assert restore_workflow.load_result_step(item) == results[-1]
-    state = environments.run(product, "restore_attach_replicas", state | {"LoadResults": results})
-    state = environments.run(product, "restore_verify", state)
+    state = environments.run(product, "restore_verify", state | {"LoadResults": results})
     assert state["Verification"]["Mismatches"] == []
     done = environments.run(product, "restore_complete", state)
     assert done["Status"] == "available"

@@ -263,9 +263,7 @@ def restore_steps(sources: int) -> dict[str, Any]:
         return {"TaskArn": arn, "LastStatus": "STOPPED", "Containers": [{"Name": "worker", "ExitCode": 0}]}
 
     def attach(event: dict[str, Any], clock: float) -> dict[str, Any]:
-        # ECS overrides hold 8 KB: a worker's LOAD_EVENT must not grow with the shard count.
-        assert load_events and max(len(e) for e in load_events) < 2048
-        return event
+        return event  # before the load: passes its input on
 
     # What each load wrote to its execution document, at its worst: every target reached,
     # 40 samples of 2 KB, modules skipped.
@@ -284,6 +282,8 @@ def restore_steps(sources: int) -> dict[str, Any]:
     ]
 
     def verify(event: dict[str, Any], clock: float) -> dict[str, Any]:
+        # ECS overrides hold 8 KB: a worker's LOAD_EVENT must not grow with the shard count.
+        assert load_events and max(len(e) for e in load_events) < 2048
         report = {
             "Compared": "keys per primary (INFO keyspace) and DUMP of sampled keys vs restored payload; every "
             "replica linked and in sync (replication offset equal to its primary's)",

@@ -468,22 +468,27 @@ def wait_cluster_ok(endpoints: list[tuple[str, int]], creds: Credentials, timeou
     _until(settled, "cluster_state:ok on " + ", ".join(f"{h}:{p}" for h, p in endpoints), timeout)
 
 
-def lagging_replicas(shard: ShardNodes | topology.Shard, creds: Credentials) -> list[str]:
-    """Replicas whose link is down or whose offset differs from their primary's."""
+def replica_lag(shard: ShardNodes | topology.Shard, creds: Credentials) -> dict[str, int | None]:
+    """Each replica's bytes behind its primary (0: in sync); None while its link is down."""
     with _client((shard.primary.host, shard.primary.port), creds) as conn:
         offset = int(conn.info("replication").get("master_repl_offset", 0))
-    lagging = []
+    lag: dict[str, int | None] = {}
     for replica in shard.replicas:
         name = getattr(replica, "node_id", None) or f"{replica.host}:{replica.port}"
         try:
             with _client((replica.host, replica.port), creds) as conn:
                 info = conn.info("replication")
         except (redis.RedisError, OSError):
-            lagging.append(name)
+            lag[name] = None
             continue
-        if info.get("master_link_status") != "up" or int(info.get("slave_repl_offset", -1)) != offset:
-            lagging.append(name)
-    return lagging
+        linked = info.get("master_link_status") == "up"
+        lag[name] = offset - int(info.get("slave_repl_offset", 0)) if linked else None
+    return lag
+
+
+def lagging_replicas(shard: ShardNodes | topology.Shard, creds: Credentials) -> list[str]:
+    """Replicas whose link is down or whose offset differs from their primary's."""
+    return [name for name, lag in replica_lag(shard, creds).items() if lag != 0]
 
 
 def wait_in_sync(shard: ShardNodes, creds: Credentials, timeout: float) -> None:

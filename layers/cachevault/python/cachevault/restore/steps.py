@@ -8,12 +8,13 @@ scanned (version, databases, exact key counts, CRC64, SHA-256), nothing staged. 
 is written to any cache before that. The target is one of restore_targets': a new cache
 of ECS tasks (``ecs``) or an empty cache the user runs, registered by endpoint
 (``external``, checked reachable and empty at preflight, before anything is written).
-ProvisionCache starts the new cache's primaries alone (or reads the external layout);
-each LoadShard reads its own source from S3 (as a stream of ranged GETs overlapping the
-load, or first into its own temp dir, SHA-256 checked either way) and sends pre-packed RESTORE
-batches, routed by hash slot; AttachReplicas then adds the replicas, which full-sync from
-their loaded primary (a primary with replicas would propagate every RESTORE to them while
-it loads: 6x slower with one replica).
+ProvisionCache starts the new cache's primaries (or reads the external layout);
+AttachReplicas adds the replicas while the primaries are still empty; each LoadShard reads
+its own source from S3 (a stream of ranged GETs overlapping the load, SHA-256 checked) and
+sends pre-packed RESTORE batches, routed by hash slot, which the primaries propagate to
+their replicas as they load. Verify waits until every replica's offset equals its primary's.
+Measured (1 GB of small keys, one replica, 2 cores, the load from a local file): 11.0 s with
+the replica following the load vs 14.7 s loading the primary alone and full-syncing after.
 
 What grows with the shard count stays out of the state payload (256 KB at 500 shards,
 tests/unit/test_state_limits.py): Preflight writes the checked sources to
@@ -68,9 +69,7 @@ MISMATCHES_LISTED = 20  # Verify's mismatches named in its report (and error), t
 LOAD_PROGRESS_EVERY = 20_000  # keys between progress reports (each is a cheap callback; writes are throttled)
 DATA_TIERING_NODE_FAMILY = "r6gd"
 MiB = 1 << 20
-ATTACH_BASE_TIMEOUT_S = 60.0
-ATTACH_MIN_MB_S = 10.0  # slowest full sync we wait for (RDB transfer + load on the replica)
-REPLICA_SYNC_CHECK_S = 15.0  # Verify: a replica must be in sync within this
+REPLICA_STALL_S = 15.0  # Verify: a replica behind its primary must gain ground within this
 
 
 # LoadShard reads its source as ranged GETs through the reader's window, fetched one range
@@ -366,8 +365,8 @@ def _checked_source(settings: Settings, target: str, index: int, source: dict[st
 
 # ---------------------------------------------------------------------------------- provision
 def provision_step(event: dict[str, Any]) -> dict[str, Any]:
-    """The primaries to load: a new ECS cache's (started alone, replicas come after the load) or
-    the external cache's, read from its nodes."""
+    """The primaries to load: a new ECS cache's (its replicas join in AttachReplicas, before the
+    load) or the external cache's, read from its nodes."""
     catalog = Catalog(Settings.from_env())
     target, cluster_mode, shards = event["ReplicationGroupId"], event["ClusterMode"], event["NumNodeGroups"]
     cache = catalog.get_cache(target)
@@ -588,10 +587,11 @@ def _text(key: bytes | None) -> str | None:
 
 # ---------------------------------------------------------------------------------- attach replicas
 def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Add the replicas (ECS tasks) to the loaded primaries; return when every replica is in sync.
+    """Add the replicas (ECS tasks) to the still empty primaries; return when every replica is linked.
 
-    A no-op for an external target (its replicas are the user's and sync by themselves) or
-    one without replicas.
+    The sync of an empty primary is immediate; from then on the replicas follow the load
+    through the replication stream, and Verify checks that they caught up. A no-op for an
+    external target (its replicas are the user's and sync by themselves) or one without replicas.
     """
     wanted = int(event["ReplicasPerNodeGroup"])
     if event.get("TargetType") == "external" or wanted == 0:
@@ -600,10 +600,9 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
     target = event["ReplicationGroupId"]
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)
-    # A full sync moves the whole dataset once more: bound the wait by its size.
-    megabytes = sum(int(s["Size"]) for s in restore_sources(event)) / MiB
-    timeout = max(restore_targets.READY_TIMEOUT_S, ATTACH_BASE_TIMEOUT_S + megabytes / ATTACH_MIN_MB_S)
-    nodes = restore_targets.add_ecs_replicas(cache, wanted, creds, creds_mod.fleet_tls(cache), timeout)
+    nodes = restore_targets.add_ecs_replicas(
+        cache, wanted, creds, creds_mod.fleet_tls(cache), restore_targets.READY_TIMEOUT_S
+    )
     _record_nodes(catalog, nodes, event, creds)
     logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(nodes.shards))
     return event
@@ -645,7 +644,11 @@ def verify_step(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_replicas(target: str, report: dict[str, Any]) -> int:
-    """Every replica's link up and its offset equal to its primary's (bounded wait); their count."""
+    """Every replica's link up and its offset equal to its primary's; their count.
+
+    The replicas followed the load, so they may still be applying its last commands: wait while
+    they gain ground, and give up only when none did for REPLICA_STALL_S.
+    """
     cache = Catalog(Settings.from_env()).get_cache(target)
     creds = creds_mod.for_cache(cache)
     if cache.get("Managed") == "external":
@@ -654,14 +657,16 @@ def _check_replicas(target: str, report: dict[str, Any]) -> int:
         shards = restore_targets.nodes_from_record(cache).shards
     report["Compared"] += "; every replica linked and in sync (replication offset equal to its primary's)"
 
-    def lagging() -> list[str]:
-        return [n for shard in shards for n in restore_targets.lagging_replicas(shard, creds)]
+    def lagging() -> dict[str, int | None]:
+        return {n: lag for shard in shards for n, lag in restore_targets.replica_lag(shard, creds).items() if lag != 0}
 
     behind = lagging()
-    deadline = time.monotonic() + REPLICA_SYNC_CHECK_S
+    deadline = time.monotonic() + REPLICA_STALL_S
     while behind and time.monotonic() < deadline:
         time.sleep(0.1)
-        behind = lagging()
+        before, behind = behind, lagging()
+        if any(lag is not None and (before.get(n) is None or lag < before[n]) for n, lag in behind.items()):
+            deadline = time.monotonic() + REPLICA_STALL_S  # still catching up
     if behind:
         report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in behind]
         raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(behind)}", **report)
