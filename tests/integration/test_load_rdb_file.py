@@ -106,10 +106,13 @@ def test_error_reply_names_the_key(tmp_path: Path, nodes: list[RedisProcess]) ->
 
 
 def test_restore_bench_and_report(tmp_path: Path) -> None:
-    result = run_restore_bench(2, tmp_path / "bench", variants=("standalone",))
-    (row,) = result["variants"]
+    result = run_restore_bench(2, tmp_path / "bench", variants=("standalone", "one-replica"))
+    row, replicated = result["variants"]
     assert row["digest_equal"] is True and result["anchor_digest_equal"] is True
     assert row["anchor_s"] > 0 and row["restore_s"] > 0 and row["keys"] == result["dataset"]["keys"]
+    # The replica followed the load (the product's order): equal digests once it caught up.
+    assert replicated["variant"] == "one-replica" and replicated["digest_equal"] is True
+    assert replicated["restore_s"] >= replicated["primary_loaded_s"] >= 0
     paths = write_results("restore", [result], tmp_path / "out")
     record = json.loads(paths["json"].read_text())
     assert record["rows"] == rows_of([result])

@@ -153,8 +153,13 @@ def _reset_peak(pid: int) -> None:
 # ------------------------------------------------------------------------------ CLI and history
 
 
-def _cli(args: list[str], env: dict[str, str], sampler: PeakSampler | None = None) -> tuple[float, Any, float]:
-    """Run ``cachevault ARGS --json``; (seconds, parsed JSON, the CLI's own peak RSS in MB)."""
+def _cli(args: list[str], env: dict[str, str], sampler: PeakSampler | None = None) -> tuple[float, Any]:
+    """Run ``cachevault ARGS --json``; (seconds, parsed JSON).
+
+    The CLI's peak RSS is the sampler's (its VmHWM): a child's ``ru_maxrss`` starts from the
+    parent's RSS at the fork (Linux carries it across exec), so it reported this process's
+    size, not the CLI's.
+    """
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cachevault_tools.cli", *args, "--json"],
@@ -171,15 +176,14 @@ def _cli(args: list[str], env: dict[str, str], sampler: PeakSampler | None = Non
     ]
     for r in readers:
         r.start()
-    _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak RSS
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     seconds = time.monotonic() - started
     for r in readers:
         r.join()
     if proc.returncode != 0:
         tail = streams.get("err", b"").decode("utf-8", "replace")[-2000:]
         raise RuntimeError(f"cachevault {' '.join(args)} failed ({proc.returncode}): {tail}")
-    return seconds, json.loads(streams["out"]), round(usage.ru_maxrss / 1024, 1)
+    return seconds, json.loads(streams["out"])
 
 
 def state_breakdown(sfn: Any, execution_arn: str) -> dict[str, float]:
@@ -285,7 +289,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
                 "stepfunctions", endpoint_url=info.endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
                 aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
             )  # fmt: skip  (the embedded AWS enforces IAM: its admin's keys)
-            _, created, _ = _cli(["cache", "create", "src", "--replicas", "1"], env)
+            _, created = _cli(["cache", "create", "src", "--replicas", "1"], env)
             nodes = _extra(created["ReplicationGroup"])["Nodes"]
             primary = _address(next(n["Address"] for n in nodes if n["Role"] == "primary"))
             replica = _address(next(n["Address"] for n in nodes if n["Role"] == "replica"))
@@ -304,8 +308,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             cli_s = time.monotonic() - started
             rdb_bytes = anchor_rdb.stat().st_size
             with PeakSampler([info.pid, *source_pids]) as sampler:
-                secs, snap, cli_mb = _cli(["snapshot", "create", "src", "snap", "--wait"], env, sampler)
-            sampler.peaks_mb["cachevault CLI"] = cli_mb
+                secs, snap = _cli(["snapshot", "create", "src", "snap", "--wait"], env, sampler)
             snapshot = snap["Snapshot"]
             states = state_breakdown(
                 sfn, _execution_arn(info.state_machine("CreateSnapshotStateMachine"), _extra(snapshot)["ExecutionName"])
@@ -319,8 +322,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             startup_s = _time_startup([anchor_rdb], workdir / "anchor-same", anchors, 3600)
             _stop(anchors)
             with PeakSampler([info.pid]) as sampler:
-                secs, _, cli_mb = _cli(["restore", "snap", "same", "--wait"], env, sampler)
-            sampler.peaks_mb["cachevault CLI"] = cli_mb
+                secs, _ = _cli(["restore", "snap", "same", "--wait"], env, sampler)
             restore_arn = info.state_machine("RestoreSnapshotStateMachine")
             states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
             same = _nodes_of(env, "same")
@@ -332,8 +334,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             # resharded restore: the same data loaded at start-up into the target layout
             with PeakSampler([info.pid]) as sampler:
                 reshard = ["restore", "snap", "resharded", "--shards", str(RESHARD_TO), "--replicas", "0", "--wait"]
-                secs, _, cli_mb = _cli(reshard, env, sampler)
-            sampler.peaks_mb["cachevault CLI"] = cli_mb
+                secs, _ = _cli(reshard, env, sampler)
             states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
             primaries = _nodes_of(env, "resharded")
             ok = combined_digest(cache_digest(primaries)) == source_digest
@@ -360,7 +361,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
 
 def _nodes_of(env: dict[str, str], cache: str) -> list[tuple[str, int]]:
     """The primaries of a cache, from `cachevault cache describe`."""
-    _, described, _ = _cli(["cache", "describe", cache], env)
+    _, described = _cli(["cache", "describe", cache], env)
     (group,) = described["ReplicationGroups"]
     return [_address(n["Address"]) for n in _extra(group)["Nodes"] if n["Role"] == "primary"]
 
