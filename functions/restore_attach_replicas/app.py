@@ -1,4 +1,4 @@
-"""RestoreSnapshot.AttachReplicas: replicas added to the loaded primaries, waited on until in sync."""
+"""RestoreSnapshot.AttachReplicas: replicas added to the empty primaries before the load, waited on until linked."""
 
 from cachevault.core.handler import step_handler
 from cachevault.restore.steps import attach_replicas_step

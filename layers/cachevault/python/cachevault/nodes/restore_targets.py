@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +140,7 @@ def node_command(engine: str, *, cluster_mode: bool, creds: Credentials, tls: di
     argv = [server, "--save", "", "--appendonly", "no", "--protected-mode", "no",
             # Captures (DESIGN.md): the default 5 s diskless delay dominates small syncs.
             "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
-            # A replica joining a loaded primary parses the stream as it arrives (no temp RDB).
+            # A replica that (re)syncs with a loaded primary parses the stream as it arrives (no temp RDB).
             "--repl-diskless-load", "on-empty-db",
             # DEBUG DIGEST proves a restore exact; loopback clients only (in-task on Fargate).
             "--enable-debug-command", "local"]  # fmt: skip
@@ -334,39 +333,15 @@ def wire(
     ``wait_cluster_ok`` before writing (restore's LoadShard does, so the wait overlaps its start).
     """
     joining = new_replicas if new_replicas is not None else {i: s.replicas for i, s in enumerate(nodes.shards)}
-    primaries = [nodes.shards[i].primary for i, replicas in joining.items() if replicas]
-    with _uncompressed_sync(primaries, creds):
-        if nodes.cluster_mode:
-            _wire_cluster(nodes, creds, joining, fresh=new_replicas is None, settle=settle)
-        else:
-            primary = nodes.shards[0].primary
-            for replica in joining.get(0, []):
-                with _client(replica, creds) as conn:
-                    conn.execute_command("REPLICAOF", primary.host, primary.port)
-        for index in joining:
-            wait_in_sync(nodes.shards[index], creds, sync_timeout)
-
-
-@contextlib.contextmanager
-def _uncompressed_sync(primaries: list[NodeTask], creds: Credentials) -> Iterator[None]:
-    """``rdbcompression no`` on the primaries while their replicas full-sync, then as before.
-
-    LZF over the whole dataset in the primary's fork made the sync about 2x slower than the
-    transfer itself (a 128 MB loaded primary: ~5 s vs ~2.7 s with a diskless-loading
-    replica on 2 cores); the same as the local fleet's (tools/cachevault_tools/local/fleet.py).
-    """
-    before: dict[str, str] = {}
-    try:
-        for primary in primaries:
-            with _client(primary, creds) as conn:
-                before[primary.node_id] = str(conn.config_get("rdbcompression")["rdbcompression"])
-                conn.config_set("rdbcompression", "no")
-        yield
-    finally:
-        for primary in primaries:
-            if primary.node_id in before:
-                with contextlib.suppress(redis.RedisError, OSError), _client(primary, creds) as conn:
-                    conn.config_set("rdbcompression", before[primary.node_id])
+    if nodes.cluster_mode:
+        _wire_cluster(nodes, creds, joining, fresh=new_replicas is None, settle=settle)
+    else:
+        primary = nodes.shards[0].primary
+        for replica in joining.get(0, []):
+            with _client(replica, creds) as conn:
+                conn.execute_command("REPLICAOF", primary.host, primary.port)
+    for index in joining:
+        wait_in_sync(nodes.shards[index], creds, sync_timeout)
 
 
 def _wire_cluster(
@@ -592,7 +567,7 @@ def create_ecs_cache(
 
 def add_ecs_replicas(cache: dict[str, Any], replicas: int, creds: Credentials, tls: dict[str, str] | None,
                      timeout: float) -> CacheNodes:  # fmt: skip
-    """Give every shard ``replicas`` replicas (tasks), wired to its loaded primary; in sync on return."""
+    """Give every shard ``replicas`` replicas (tasks), wired to its primary; in sync on return."""
     nodes = nodes_from_record(cache)
     plan = [
         (index, member)
