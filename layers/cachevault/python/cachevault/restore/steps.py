@@ -32,7 +32,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -70,6 +70,7 @@ LOAD_PROGRESS_EVERY = 20_000  # keys between progress reports (each is a cheap c
 DATA_TIERING_NODE_FAMILY = "r6gd"
 MiB = 1 << 20
 REPLICA_STALL_S = 15.0  # Verify: a replica behind its primary must gain ground within this
+REPLICA_CATCH_UP_MAX_S = 600.0  # Verify: and be in sync within this, gaining or not
 
 
 # LoadShard reads its source as ranged GETs through the reader's window, fetched one range
@@ -660,17 +661,30 @@ def _check_replicas(target: str, report: dict[str, Any]) -> int:
     def lagging() -> dict[str, int | None]:
         return {n: lag for shard in shards for n, lag in restore_targets.replica_lag(shard, creds).items() if lag != 0}
 
-    behind = lagging()
-    deadline = time.monotonic() + REPLICA_STALL_S
-    while behind and time.monotonic() < deadline:
-        time.sleep(0.1)
-        before, behind = behind, lagging()
-        if any(lag is not None and (before.get(n) is None or lag < before[n]) for n, lag in behind.items()):
-            deadline = time.monotonic() + REPLICA_STALL_S  # still catching up
+    behind = until_caught_up(lagging)
     if behind:
         report["Mismatches"] = [{"Node": n, "Reason": "ReplicaNotInSync"} for n in behind]
         raise RestoreFailed(f"Restore verification failed: replicas not in sync: {', '.join(behind)}", **report)
     return sum(len(s.replicas) for s in shards)
+
+
+def until_caught_up(
+    lagging: Callable[[], dict[str, int | None]],
+    stall_s: float = REPLICA_STALL_S,
+    max_s: float = REPLICA_CATCH_UP_MAX_S,
+    poll_s: float = 0.1,
+) -> dict[str, int | None]:
+    """Poll ``lagging`` (replica -> bytes behind, None: link down) until it is empty; what still
+    lags when no replica gained ground for ``stall_s``, or after ``max_s`` in all."""
+    started = time.monotonic()
+    behind = lagging()
+    gained_at = started
+    while behind and time.monotonic() - gained_at < stall_s and time.monotonic() - started < max_s:
+        time.sleep(poll_s)
+        before, behind = behind, lagging()
+        if any(lag is not None and (before.get(n) is None or lag < before[n]) for n, lag in behind.items()):
+            gained_at = time.monotonic()  # still catching up
+    return behind
 
 
 def _load_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
