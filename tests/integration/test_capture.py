@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
 import subprocess
 import threading
 import time
@@ -284,10 +285,13 @@ def test_replica_killed_mid_stream_leaves_nothing_in_s3(
 
 
 def test_unreachable_node_fails_fast() -> None:
-    started = time.monotonic()
-    with pytest.raises(CaptureFailed, match="cannot connect"):
-        capture_rdb("127.0.0.1", free_port(), lambda b: None, connect_timeout=2)
-    assert time.monotonic() - started < 5
+    # A port bound but never listening refuses connections, and no other process can take it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        with pytest.raises(CaptureFailed, match="cannot connect"):
+            capture_rdb("127.0.0.1", held.getsockname()[1], lambda b: None, connect_timeout=2)
+        assert time.monotonic() - started < 5
 
 
 def test_keepalives_and_tiny_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -99,8 +100,8 @@ def test_uploaded_rdb_becomes_a_cache_with_the_same_data(
     product: Product, seed_rdb: SeedRdb, bus_listener: EventListener, cleanup: list[str]
 ) -> None:
     cleanup.append("seeded-cache")
-    put_seconds = _upload(product, "imports/seeded-cache.rdb", seed_rdb.body)
-    assert put_seconds < 5  # the handler only starts the restore; PutObject does not wait for it
+    _upload(product, "imports/seeded-cache.rdb", seed_rdb.body)
+    put_returned = datetime.now(UTC)
 
     started = _import_of(product, "imports/seeded-cache.rdb")
     assert started["CacheName"] == "seeded-cache" and started["NameSource"] == "key"
@@ -109,6 +110,13 @@ def test_uploaded_rdb_becomes_a_cache_with_the_same_data(
 
     done = _settled(product, "imports/seeded-cache.rdb")
     assert done["Status"] == "available", done
+    # The handler only starts the restore: PutObject returned before the restore ended.
+    ended = wait_until(
+        lambda: (d := product.control.describe_execution(done["ExecutionArn"]))["status"] != "RUNNING" and d,
+        60,
+        "the import's restore execution to end",
+    )
+    assert ended["status"] == "SUCCEEDED" and ended["stopDate"] > put_returned
     cache = product.control.catalog.get_cache("seeded-cache")
     assert cache["Status"] == "available"
     assert cache["RestoreSource"] == f"arn:aws:s3:::{product.bucket}/imports/seeded-cache.rdb"
