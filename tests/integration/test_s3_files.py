@@ -99,9 +99,12 @@ def test_completion_and_gets_keep_server_memory_flat(
             )
             parts.append({"PartNumber": number, "ETag": reply["ETag"]})
 
-    # Part bodies go to files; moto's request cycles are collected every 64 MiB (s3_files).
+    # Part bodies go to files; moto's request cycles are collected every 64 MiB of bodies
+    # (s3_files.COLLECT_EVERY), so the peak is bounded by that interval, not by the object:
+    # measured 119-120 MB with the server's two malloc arenas (cli/context.py; 97-180 MB with
+    # glibc's default, which failed the former bound of 120). Holding the object would pass 256.
     parts_mb = (_kb(info.pid, "VmHWM") - before) / 1024
-    assert parts_mb < 120, f"uploading {len(parts)} parts raised peak RSS by {parts_mb:.0f} MB"
+    assert parts_mb < 160, f"uploading {len(parts)} parts raised peak RSS by {parts_mb:.0f} MB"
 
     # moto alone assembles the object in memory twice on completion (+2x its size).
     _reset_peak(info.pid)
