@@ -46,7 +46,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisProces
         datagen.generate(primary.host, primary.port, DATASET_MB, seed=7)
         replica = start_node(base / "replica", config={**DISKLESS, "replicaof": f"{primary.host} {primary.port}"})
         nodes.append(replica)
-        wait_replica_synced(primary, replica, 60)
+        wait_replica_synced(primary.endpoint, replica.endpoint, 60)
         yield primary, replica
     finally:
         for node in reversed(nodes):
@@ -258,7 +258,7 @@ def test_replica_killed_mid_stream_leaves_nothing_in_s3(
     victim = start_node(tmp_path / "victim", config={**DISKLESS, "replicaof": f"{primary.host} {primary.port}"})
     key = storage.rdb_key("killed", 1)
     try:
-        wait_replica_synced(primary, victim, 60)
+        wait_replica_synced(primary.endpoint, victim.endpoint, 60)
         with mock_aws():
             s3 = boto3.client("s3", region_name="us-east-1")
             s3.create_bucket(Bucket=BUCKET)

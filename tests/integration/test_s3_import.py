@@ -9,7 +9,6 @@ redis-server (SAVE), and the restored cache is compared with DEBUG DIGEST.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,8 +60,7 @@ def cleanup(product: Product) -> Iterator[list[str]]:
     delete_caches(product, names)
 
 
-def _upload(product: Product, key: str, body: bytes, **metadata: str) -> float:
-    started = time.monotonic()
+def _upload(product: Product, key: str, body: bytes, **metadata: str) -> None:
     if metadata:
         # Copied into imports/ with the name as metadata: moto's PutObject notifies before it
         # stores the metadata (real S3 does not), its CopyObject after.
@@ -77,7 +75,6 @@ def _upload(product: Product, key: str, body: bytes, **metadata: str) -> float:
         )
     else:
         client("s3").put_object(Bucket=product.bucket, Key=key, Body=body)
-    return time.monotonic() - started
 
 
 def _import_of(product: Product, key: str) -> dict[str, Any]:

@@ -17,16 +17,16 @@ from typing import Any
 from cachevault.snapshot.capture import capture_rdb
 
 from cachevault_tools import datagen
-from cachevault_tools.local.redis_process import RedisProcess, start_node
+from cachevault_tools.local.redis_process import RedisProcess, node_client, start_node
 
 MiB = 1 << 20
 REDIS_CLI = "/usr/bin/redis-cli"
 REPLICA_CONFIG = {"repl-diskless-sync": "yes", "repl-diskless-sync-delay": 0}
 
 
-def wait_replica_synced(primary: RedisProcess, replica: RedisProcess, timeout: float) -> None:
-    """Until the replica's link is up and its offset matches the primary's."""
-    p, r = primary.client(timeout=10), replica.client(timeout=10)
+def wait_replica_synced(primary: tuple[str, int], replica: tuple[str, int], timeout: float) -> None:
+    """Until the replica's link is up and its offset matches the primary's (endpoints, no AUTH)."""
+    p, r = node_client(*primary, timeout=10), node_client(*replica, timeout=10)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -41,7 +41,7 @@ def wait_replica_synced(primary: RedisProcess, replica: RedisProcess, timeout: f
     finally:
         p.close()
         r.close()
-    raise TimeoutError(f"replica {replica.port} not in sync with {primary.port} after {timeout}s")
+    raise TimeoutError(f"replica {replica[1]} not in sync with {primary[1]} after {timeout}s")
 
 
 def _time_capture(replica: RedisProcess, out: Path) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def run_capture_bench(
             workdir / "replica", config={**REPLICA_CONFIG, "replicaof": f"{primary.host} {primary.port}"}
         )
         nodes.append(replica)
-        wait_replica_synced(primary, replica, timeout)
+        wait_replica_synced(primary.endpoint, replica.endpoint, timeout)
         ours: list[dict[str, Any]] = []
         theirs: list[dict[str, Any]] = []
         ours_file, cli_file = workdir / "capture.rdb", workdir / "redis-cli.rdb"

@@ -36,6 +36,7 @@ from cachevault.restore.load import LoadResult, TargetShard, load_rdb_file
 from cachevault.restore.verify import cache_digest, combined_digest
 
 from cachevault_tools import datagen
+from cachevault_tools.bench.capture import wait_replica_synced
 from cachevault_tools.local.fleet import Fleet
 from cachevault_tools.local.redis_process import RedisProcess, start_node
 
@@ -181,7 +182,7 @@ def _with_replica(rdb: Path, digest: str, anchor: float, workdir: Path) -> dict[
             started = time.monotonic()
             load = load_rdb_file(rdb, [TargetShard(primary.host, primary.port)], cluster_mode=False)
             loaded = time.monotonic() - started
-            _wait_caught_up(primary, replica, timeout)
+            wait_replica_synced(primary.endpoint, replica.endpoint, timeout)
             seconds = time.monotonic() - started
         row = _result_row("one-replica", anchor, seconds, load, rdb.stat().st_size)
         row |= {
@@ -193,18 +194,6 @@ def _with_replica(rdb: Path, digest: str, anchor: float, workdir: Path) -> dict[
         return row
     finally:
         fleet.stop_all()
-
-
-def _wait_caught_up(primary: Any, replica: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with redis.Redis(primary.host, primary.port) as p, redis.Redis(replica.host, replica.port) as r:
-        while time.monotonic() < deadline:
-            offset = p.info("replication")["master_repl_offset"]
-            info = r.info("replication")
-            if info.get("master_link_status") == "up" and info.get("slave_repl_offset") == offset:
-                return
-            time.sleep(0.05)
-    raise TimeoutError(f"the replica did not catch up with its primary within {timeout:.0f} s")
 
 
 def _load_worker(args: tuple[str, list[dict[str, Any]]]) -> dict[str, Any]:
