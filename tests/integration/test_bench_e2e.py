@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import time
 from pathlib import Path
 
 import matplotlib.image
 from cachevault_tools import datagen
-from cachevault_tools.bench.e2e import GOALS, SHAPES, run_e2e_bench
+from cachevault_tools.bench.e2e import GOALS, SHAPES, _cpu_s, run_e2e_bench
 from cachevault_tools.bench.report import write_results
 from cachevault_tools.cli import bench_cmd
 
@@ -22,6 +24,10 @@ def test_e2e_bench_small_run_and_report(tmp_path: Path) -> None:
         assert op["correct"] is True, op
         assert op["anchor_s"] > 0 and op["ours_s"] > op["anchor_s"] * 0.1
         assert {"embedded AWS", "cachevault CLI", "redis-server"} <= set(op["peak_rss_mb"]), op["peak_rss_mb"]
+        assert set(op["cpu_s"]) <= set(op["peak_rss_mb"]), op["cpu_s"]
+        # A new Python process imports boto3 and the CLI: never less than a tick of CPU.
+        assert op["cpu_s"]["cachevault CLI"] > 0 and op["cpu_s"]["embedded AWS"] > 0, op["cpu_s"]
+        assert "redis-server" in op["cpu_s"], op["cpu_s"]
     assert {"CaptureShards", "WriteManifest"} <= set(ops["capture"]["states_s"])
     assert {"ProvisionCache", "LoadShards", "Verify"} <= set(ops["reshard"]["states_s"])
     assert result["keys"] > 0 and result["rdb_bytes"] > 4 << 20
@@ -30,7 +36,8 @@ def test_e2e_bench_small_run_and_report(tmp_path: Path) -> None:
     record = json.loads(paths["json"].read_text())
     assert [r["variant"] for r in record["rows"]] == [f"large-values: {op['operation']}" for op in result["operations"]]
     text = paths["md"].read_text()
-    assert "| size_mb | variant |" in text and "peak RSS (MB)" in text and "first entry to last exit" in text
+    assert "| size_mb | variant |" in text and "first entry to last exit" in text
+    assert "| process | peak RSS (MB) | CPU (s) |" in text
     png = paths["png"].read_bytes()
     width, height = struct.unpack(">II", png[16:24])
     pixels = matplotlib.image.imread(paths["png"])
@@ -40,3 +47,12 @@ def test_e2e_bench_small_run_and_report(tmp_path: Path) -> None:
 
 def test_shapes_agree_between_cli_and_bench() -> None:
     assert tuple(bench_cmd.SHAPES) == SHAPES and set(SHAPES) <= set(datagen.SHAPES)
+
+
+def test_cpu_seconds_of_a_process_match_its_own_clock() -> None:
+    """_cpu_s reads proc(5)'s utime + stime: for this process, what time.process_time() says."""
+    start = time.process_time()
+    while time.process_time() - start < 0.3:  # bounded: this loop burns 0.3 s of CPU
+        pass
+    assert abs(_cpu_s(os.getpid()) - time.process_time()) < 0.05  # a clock tick is 10 ms
+    assert _cpu_s(2**22 + 1) is None  # above pid_max's limit: no such process

@@ -11,9 +11,11 @@ user waits for it:
   3-shard layout (the restored primaries' own RDBs, started in parallel).
 
 Each operation also reports where its time went (per state, from the Step Functions
-execution history: first entry to last exit, so Map iterations overlap) and the peak RSS
-of every process involved (CLI, embedded AWS, its Lambda workers and ECS tasks, redis
-nodes), sampled from /proc while it runs. Correctness: DEBUG DIGEST of source and targets.
+execution history: first entry to last exit, so Map iterations overlap), and the peak RSS
+and CPU seconds of every process involved (CLI, embedded AWS, its Lambda workers and ECS
+tasks, redis nodes and their save forks), sampled from /proc while it runs: on 2 cores the
+CPU column shows which process the others wait for. Correctness: DEBUG DIGEST of source
+and targets.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` so far (proc(5): stat fields 14 and 15), None once gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on: comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
 def _children(pid: int) -> list[int]:
     found: list[int] = []
     try:
@@ -99,21 +114,39 @@ def _label(pid: int) -> str:
 
 
 class PeakSampler:
-    """Peak RSS (VmHWM) per process label, for the roots and all their descendants."""
+    """Peak RSS (VmHWM) and CPU seconds per process label, for the roots and all their descendants.
+
+    CPU is each process's own (not its reaped children's), counted from ``__enter__`` (or
+    from its start, for a process started later) to its last sample: a process that exits
+    loses at most one interval, 0.1 s.
+    """
 
     def __init__(self, roots: list[int], interval_s: float = 0.1) -> None:
         self.roots = roots
         self.interval_s = interval_s
         self.peaks_mb: dict[str, float] = {}
+        self._cpu_at_start: dict[int, float] = {}
+        self._cpu_last: dict[int, tuple[str, float]] = {}  # pid -> (label, CPU seconds at its last sample)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds per process label while sampled (the processes of one label summed)."""
+        totals: dict[str, float] = {}
+        for pid, (label, seconds) in self._cpu_last.items():
+            used = seconds - self._cpu_at_start.get(pid, 0.0)
+            totals[label] = totals.get(label, 0.0) + used
+        return {label: round(used, 2) for label, used in totals.items()}
 
     def add_root(self, pid: int) -> None:
         self.roots.append(pid)
 
     def __enter__(self) -> PeakSampler:
-        for pid in self._tree():  # peaks of long-lived processes from now on
+        for pid in self._tree():  # peaks and CPU of long-lived processes from now on
             _reset_peak(pid)
+            if (cpu := _cpu_s(pid)) is not None:
+                self._cpu_at_start[pid] = cpu
         self._thread.start()
         return self
 
@@ -135,10 +168,13 @@ class PeakSampler:
 
     def _sample(self) -> None:
         for pid in self._tree():
-            mb = _status_kb(pid, "VmHWM") / 1024
             label = _label(pid)
-            if mb > self.peaks_mb.get(label, 0.0):
-                self.peaks_mb[label] = round(mb, 1)
+            if label == "?":  # it exited while the tree was walked
+                continue
+            mb = _status_kb(pid, "VmHWM") / 1024
+            self.peaks_mb[label] = max(self.peaks_mb.get(label, 0.0), round(mb, 1))
+            if (cpu := _cpu_s(pid)) is not None:
+                self._cpu_last[pid] = (label, cpu)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -260,7 +296,7 @@ def _pids_of(addrs: list[tuple[str, int]]) -> list[int]:
 
 def _op(
     name: str, anchor: str, anchor_s: float, ours_s: float, goal_key: str, correct: bool,
-    states: dict[str, float], memory: dict[str, float],
+    states: dict[str, float], sampler: PeakSampler,
 ) -> dict[str, Any]:  # fmt: skip
     return {
         "operation": name,
@@ -272,7 +308,8 @@ def _op(
         "goal_kind": goal_key,
         "correct": correct,
         "states_s": states,
-        "peak_rss_mb": memory,
+        "peak_rss_mb": sampler.peaks_mb,
+        "cpu_s": sampler.cpu_s,
     }
 
 
@@ -316,7 +353,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             captured = sum(_extra(n)["SizeBytes"] for n in snapshot["NodeSnapshots"])
             ok = snapshot["SnapshotStatus"] == "available" and captured > 0
             ops.append(_op("snapshot create --wait", "redis-cli --rdb (same replica)", cli_s, secs, "capture",
-                           ok, states, sampler.peaks_mb))  # fmt: skip
+                           ok, states, sampler))  # fmt: skip
 
             # same-layout restore: start-up load of the same RDB, then the product
             startup_s = _time_startup([anchor_rdb], workdir / "anchor-same", anchors, 3600)
@@ -328,7 +365,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             same = _nodes_of(env, "same")
             ok = cache_digest([same[0]])[0] == source_digest
             ops.append(_op("restore --wait (same layout)", "redis-server start-up load", startup_s, secs, "restore",
-                           ok, states, sampler.peaks_mb))  # fmt: skip
+                           ok, states, sampler))  # fmt: skip
             _cli(["cache", "delete", "same"], env)
 
             # resharded restore: the same data loaded at start-up into the target layout
@@ -343,7 +380,7 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             startup_s = _time_startup(shard_rdbs, workdir / "anchor-reshard", anchors, 3600)
             _stop(anchors)
             ops.append(_op(f"restore --wait --shards {RESHARD_TO}", f"start-up load into {RESHARD_TO} shards",
-                           startup_s, secs, "reshard", ok, states, sampler.peaks_mb))  # fmt: skip
+                           startup_s, secs, "reshard", ok, states, sampler))  # fmt: skip
     finally:  # anchor nodes never outlive the run
         _stop(anchors)
     for rdb in [anchor_rdb, *shard_rdbs]:

@@ -78,7 +78,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = _COL
 
 
 def e2e_markdown(results: Sequence[dict[str, Any]]) -> str:
-    """The end-to-end table, then per operation where the time went and each process's peak RSS."""
+    """The end-to-end table, then per operation where the time went and each process's peak RSS and CPU."""
     rows = rows_of([r for r in results if r.get("kind") == "e2e"])
     parts = [markdown_table(rows, _E2E_COLUMNS)]
     parts.append(
@@ -95,8 +95,9 @@ def e2e_markdown(results: Sequence[dict[str, Any]]) -> str:
             parts.append(f"\n### {r['shape']}, {r['size_mb']} MB: `{op['operation']}` ({op['ours_s']} s)\n\n")
             parts.append("| state (first entry to last exit) | seconds |\n|---|---|\n")
             parts += [f"| {name} | {sec} |\n" for name, sec in op["states_s"].items()]
-            parts.append("\n| process | peak RSS (MB) |\n|---|---|\n")
-            parts += [f"| {name} | {mb} |\n" for name, mb in sorted(op["peak_rss_mb"].items())]
+            cpu = op.get("cpu_s", {})  # results written before the CPU column have none
+            parts.append("\n| process | peak RSS (MB) | CPU (s) |\n|---|---|---|\n")
+            parts += [f"| {name} | {mb} | {cpu.get(name, '')} |\n" for name, mb in sorted(op["peak_rss_mb"].items())]
     return "".join(parts)
 
 
