@@ -17,6 +17,8 @@ from typing import Any
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+from cachevault.core import aws
 from cachevault.core import stack as stack_info
 from cachevault_tools.cli import context
 from cachevault_tools.local.redis_process import free_port
@@ -153,3 +155,37 @@ def test_completion_and_gets_keep_server_memory_flat(
     s3.delete_object(Bucket="flat", Key="big.bin")
     s3.delete_object(Bucket="flat", Key="copy.bin")
     assert sum(p.stat().st_size for p in (home / "s3").iterdir()) < MiB
+
+
+def test_product_s3_client_sends_bodies_unsigned_and_the_embedded_s3_takes_them(
+    server: tuple[stack_info.StackInfo, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cachevault.core.aws's S3 client signs headers, not bodies (UNSIGNED-PAYLOAD), as
+    botocore does toward AWS over HTTPS; the embedded S3 still checks the signature."""
+    info, _ = server
+    keys = info.credentials or stack_info.FAKE_CREDENTIALS
+    for name, value in {**info.env(), **keys, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    s3 = aws.client("s3")
+    sent: list[str] = []
+
+    def note(request: Any, **_: Any) -> None:
+        value = request.headers["X-Amz-Content-SHA256"]
+        sent.append(value.decode() if isinstance(value, bytes) else value)
+
+    body = os.urandom(MiB)
+    s3.meta.events.register("before-send.s3.PutObject", note)
+    try:
+        s3.put_object(Bucket=info.bucket, Key="unsigned/probe.bin", Body=body)
+    finally:
+        s3.meta.events.unregister("before-send.s3.PutObject", note)
+    assert sent == ["UNSIGNED-PAYLOAD"]
+    assert s3.get_object(Bucket=info.bucket, Key="unsigned/probe.bin")["Body"].read() == body
+
+    forged = boto3.client(
+        "s3", config=aws._S3, region_name="us-east-1", endpoint_url=info.endpoint_url,
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key="not-the-secret",
+    )  # fmt: skip
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+        forged.put_object(Bucket=info.bucket, Key="unsigned/forged.bin", Body=body)
+    s3.delete_object(Bucket=info.bucket, Key="unsigned/probe.bin")

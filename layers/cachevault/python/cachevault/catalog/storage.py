@@ -470,8 +470,10 @@ class S3RangeReader:
     """An S3 object read front to back with ranged GETs, SHA-256 checked on the fly.
 
     ``read(n)`` returns the next ``n`` bytes (fewer only at the end). The next range is
-    fetched in the background while the caller works on this one (one range ahead, so at
-    most two ranges in memory). Reading the last byte checks the size and, when
+    fetched and hashed in the background while the caller works on this one (one range
+    ahead, so at most two ranges in memory; the one fetch thread takes the ranges in order,
+    so the digest sees them in order, and hashlib lets the caller's thread run meanwhile).
+    Reading the last byte checks the size and, when
     ``expected_sha256`` is given, the digest (``ChecksumMismatch``); ``sha256`` holds the
     digest of everything read. A changed object (ETag) between two ranges is an error too.
     ``version_id``: that version of the object; ``on_bytes(total_so_far)`` after every range.
@@ -548,7 +550,9 @@ class S3RangeReader:
             body.close()
         if got != want:
             raise self._short(start, end, got, None)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._digest.update(data)
+        return data
 
     def _short(self, start: int, end: int, got: int, exc: Exception | None) -> ChecksumMismatch:
         why = f" ({type(exc).__name__}: {exc})" if exc else ""
@@ -568,7 +572,6 @@ class S3RangeReader:
                     break
                 self._buf, self._buf_at = self._next.result(), 0
                 self._next = self._fetch_next()
-                self._digest.update(self._buf)
                 self._received += len(self._buf)
                 if self._on_bytes is not None:
                     self._on_bytes(self._received)
