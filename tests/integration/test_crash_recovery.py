@@ -295,21 +295,28 @@ def test_killed_in_a_copy_the_target_fails_and_the_source_is_handed_back(
 ) -> None:
     target = "crash-copy"
     # Started in the background: the copy runs on while the CLI waits for its preflight.
-    copying = subprocess.Popen(
-        [sys.executable, "-m", "cachevault_tools.cli", "snapshot", "copy", BASE, target, "--json"],
-        env=cli_env(service.home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
+    output = service.home / "copy-cli.out"
+    with output.open("wb") as sink:  # the CLI's own answer: what a refusal said
+        copying = subprocess.Popen(
+            [sys.executable, "-m", "cachevault_tools.cli", "snapshot", "copy", BASE, target, "--json"],
+            env=cli_env(service.home),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
 
-        def accepted() -> bool:
+        def accepted_or_refused() -> str | None:
             copy = service.catalog.find_snapshot(target)
-            return bool(copy and copy["SnapshotStatus"] == "creating")
+            if copy is not None:
+                return str(copy["SnapshotStatus"])
+            if copying.poll() not in (None, 0):  # refused: nothing will be accepted, say why now
+                return f"refused: {output.read_text(errors='replace')}"
+            return None
 
-        # The copy and complete steps start cold (a new service): seconds of `creating`.
-        wait_until(accepted, WAIT_S, "the copy to be accepted", interval=0.01)
+        # The copy and complete steps start cold (a new service): about 1.5 s of `creating`.
+        status = wait_until(accepted_or_refused, WAIT_S, "the copy to be accepted", interval=0.01)
+        assert status == "creating", f"the copy was not caught while running: {status}"
         service.crash()
     finally:
         try:
