@@ -20,11 +20,10 @@ from botocore.config import Config
 
 _RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"})
 # S3 bodies go unsigned (x-amz-content-sha256: UNSIGNED-PAYLOAD), as botocore already sends
-# them to AWS over HTTPS with a checksum header. Without this, an http:// endpoint (the
-# embedded AWS) has the client hash every byte with SHA-256 once more just for the
-# signature (measured: 0.47 -> 0.26 s of client CPU per 256 MiB uploaded). Integrity does
-# not rest on it: AWS checks each part's CRC32 header, and every read of a snapshot checks
-# the snapshot's own SHA-256.
+# uploads to AWS over HTTPS (with their CRC32 as a trailer). Without this, an http://
+# endpoint (the embedded AWS) has the client hash every byte with SHA-256 once more just for
+# the signature (README, Benchmarks). Integrity does not rest on it: AWS checks each part's
+# CRC32, and every read of a snapshot checks the snapshot's own SHA-256.
 _S3 = _RETRIES.merge(Config(s3={"payload_signing_enabled": False}))
 _lock = threading.Lock()
 _cache: dict[tuple[str, ...], Any] = {}
