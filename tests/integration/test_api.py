@@ -77,6 +77,16 @@ def wait_snapshot(product: Product, name: str) -> dict[str, Any]:
     return product.control.wait_snapshot(name, timeout_s=60)
 
 
+def running_executions(product: Product) -> list[str]:
+    """Executions of any of the stack's state machines still running."""
+    sfn = product.control.sfn
+    return [
+        e["name"]
+        for arn in product.control.stack.state_machines.values()
+        for e in sfn.list_executions(stateMachineArn=arn, statusFilter="RUNNING")["executions"]
+    ]
+
+
 def state_of_world(product: Product) -> dict[str, Any]:
     """Everything a refused request must leave untouched."""
     sfn = product.control.sfn
@@ -186,6 +196,12 @@ def test_copy_route(product: Product, source: dict[str, Any]) -> None:
     )
     assert copied
     assert product.s3_keys(storage.snapshot_prefix("api-snap-copy"))
+    # The copy ends with its execution: the target is marked available first, then the source
+    # is handed back (copy_steps.complete_step). The refusal cases below compare the whole
+    # catalog before and after a request, so the source must be back before they start.
+    wait_until(lambda: not running_executions(product), 60, "the copy's execution to end")
+    source_record = product.control.catalog.get_snapshot("api-snap")
+    assert source_record["SnapshotStatus"] == "available" and not source_record.get("CopyExecution"), source_record
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -365,6 +381,9 @@ REFUSALS = [
 def test_refused_requests_change_nothing(
     product: Product, source: dict[str, Any], request_args: dict[str, Any], status: int, code: str
 ) -> None:
+    # An operation an earlier case started may still be in its last steps (a record says
+    # `available` before its execution ends): compare a world at rest.
+    wait_until(lambda: not running_executions(product), 60, "earlier operations to end")
     before = state_of_world(product)
     got_status, body = call(product, proxy_event(**request_args))
     assert (got_status, error_code(body)) == (status, code), body
