@@ -7,6 +7,8 @@ in 16 MiB parts, then downloads it and reads ranges of it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import shutil
@@ -77,6 +79,14 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, s
     path.unlink()
 
 
+def _crc32_b64(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(PART):
+            crc = binascii.crc32(chunk, crc)
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
 def _reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (proc(5))
 
@@ -89,8 +99,9 @@ def test_completion_and_gets_keep_server_memory_flat(
     size = path.stat().st_size
     s3.create_bucket(Bucket="flat")
     upload = s3.create_multipart_upload(
-        Bucket="flat", Key="big.bin", Metadata={"sha256": sha}, ServerSideEncryption="AES256"
-    )
+        Bucket="flat", Key="big.bin", Metadata={"sha256": sha}, ServerSideEncryption="AES256",
+        ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT",
+    )  # fmt: skip
     parts = []
     _reset_peak(info.pid)
     before = _kb(info.pid, "VmRSS")
@@ -116,13 +127,15 @@ def test_completion_and_gets_keep_server_memory_flat(
     )
     complete_mb = (_kb(info.pid, "VmHWM") - before) / 1024
     assert complete_mb < 48, f"completing a {size // MiB} MB upload raised peak RSS by {complete_mb:.0f} MB"
-    head = s3.head_object(Bucket="flat", Key="big.bin")
+    head = s3.head_object(Bucket="flat", Key="big.bin", ChecksumMode="ENABLED")
     assert head["ContentLength"] == size
     assert head["ETag"].strip('"').endswith(f"-{len(parts)}")
     assert head["Metadata"] == {"sha256": sha} and head["ServerSideEncryption"] == "AES256"
-    # The body is one file of the object's size under $CACHEVAULT_HOME/s3/ (the part files are gone).
-    files = sorted(p.stat().st_size for p in (home / "s3").iterdir())
-    assert files.count(size) == 1 and sum(files) < size + MiB
+    # The whole object's CRC-32, combined from the parts' (s3_files.crc32_combine), is the CRC of its bytes.
+    assert head["ChecksumType"] == "FULL_OBJECT" and head["ChecksumCRC32"] == _crc32_b64(path)
+    # The body is the part files, kept where they were written under $CACHEVAULT_HOME/s3/: nothing copied.
+    files = sorted(p.stat().st_size for p in (home / "s3").iterdir() if p.is_file())
+    assert files.count(PART) == len(parts) and sum(files) < size + MiB
 
     # moto alone holds the whole body per GET; streamed, the peak stays flat.
     _reset_peak(info.pid)

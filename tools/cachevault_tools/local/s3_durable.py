@@ -4,10 +4,11 @@
 ``$CACHEVAULT_HOME/s3/``. This module adds what a restart needs to find them again:
 
 * ``s3/records/<sha256 of bucket and key>.json``: one record per committed object (its body
-  file, size, ETag incl. a multipart ``-N`` ETag, user metadata and content type, SSE fields,
-  checksum, storage class, last-modified, lock fields, tags), replaced atomically (tmp +
-  ``os.replace``) when a PutObject, CopyObject or CompleteMultipartUpload (or a change of its
-  tags, ACL, retention) succeeded and before the response leaves, removed with the object;
+  file, or a completed multipart upload's part files in order; size, ETag incl. a multipart
+  ``-N`` ETag, user metadata and content type, SSE fields, checksum, storage class,
+  last-modified, lock fields, tags), replaced atomically (tmp + ``os.replace``) when a
+  PutObject, CopyObject or CompleteMultipartUpload (or a change of its tags, ACL,
+  retention) succeeded and before the response leaves, removed with the object;
 * ``s3/buckets/<name>.json``: one record per bucket (region, versioning, encryption, policy, tags).
 
 :func:`restore` (at start, after the template is deployed) creates the buckets the stack did
@@ -129,7 +130,7 @@ def sync_object(bucket_name: str, key_name: str) -> None:
         bucket = backend.buckets.get(bucket_name) if backend is not None else None
         key = bucket.keys.get(key_name) if bucket is not None else None
         path = _record_path(root, bucket_name, key_name)
-        if isinstance(key, FakeKey) and isinstance(key._value_buffer, s3_files.ObjectFile) and not key.disposed:
+        if isinstance(key, FakeKey) and s3_files.body_files(key._value_buffer) is not None and not key.disposed:
             write_atomically(path, _key_record(backend, bucket_name, key))
         else:
             path.unlink(missing_ok=True)
@@ -137,12 +138,14 @@ def sync_object(bucket_name: str, key_name: str) -> None:
 
 def _key_record(backend: Any, bucket_name: str, key: Any) -> dict[str, Any]:
     key._value_buffer.flush()
+    files = [os.path.basename(name) for name in s3_files.body_files(key._value_buffer) or []]
     return {
         "Bucket": bucket_name,
         "Key": key.name,
         "Account": key.account_id,
         "Region": key.region_name,
-        "Body": os.path.basename(key._value_buffer.name),
+        "Body": files[0],
+        "BodyFiles": files,  # a completed multipart upload: its part files, in order
         "Size": key.contentsize,
         "ETag": key.etag.strip('"'),
         "LastModified": key.last_modified.isoformat(),
@@ -261,7 +264,7 @@ def restore(directory: Path) -> S3Restored:
             why = f"unreadable ({exc})"
             record = {}
         if why is None:
-            kept.add(record["Body"])
+            kept.update(_body_names(record))
             report.objects += 1
             report.bytes += int(record["Size"])
         else:
@@ -300,15 +303,16 @@ def _restore_object(directory: Path, record: dict[str, Any]) -> str | None:
     """Register one recorded object; the reason it was not, or None."""
     from moto.s3.models import FakeKey
 
-    body = directory / record["Body"]
-    if not body.name.startswith(s3_files.BODY_PREFIX) or body.parent != directory:
+    bodies = [directory / name for name in _body_names(record)]
+    if not bodies or any(not b.name.startswith(s3_files.BODY_PREFIX) or b.parent != directory for b in bodies):
         return "the body file name is not one of ours"
     try:
-        size = body.stat().st_size
+        lengths = [b.stat().st_size for b in bodies]
     except FileNotFoundError:
-        return "the body file is missing"
+        return "a body file is missing"
+    size = sum(lengths)
     if size != int(record["Size"]):
-        return f"the body file has {size} bytes, the record {record['Size']}"
+        return f"the body files have {size} bytes, the record {record['Size']}"
     backend = _backend_for(record["Bucket"])
     if backend is None:
         return "the bucket does not exist"
@@ -335,7 +339,10 @@ def _restore_object(directory: Path, record: dict[str, Any]) -> str | None:
         checksum_parts=fields.get("checksum_parts"),
     )
     key._value_buffer.close()  # the empty body FakeKey made; the recorded file replaces it
-    key._value_buffer = s3_files.ObjectFile.adopt(str(body))
+    if len(bodies) == 1:
+        key._value_buffer = s3_files.ObjectFile.adopt(str(bodies[0]))
+    else:
+        key._value_buffer = s3_files.PartFiles([str(b) for b in bodies], lengths)
     key.contentsize = size
     key.last_modified = datetime.fromisoformat(record["LastModified"])
     key.checksum_algorithm = fields.get("checksum_algorithm")
@@ -360,7 +367,14 @@ def _live_bodies() -> set[str]:
             keys = [k for _, versions in bucket.keys.lists() for k in versions]
             keys += [p for mp in list(bucket.multiparts.values()) for p in mp.parts.values()]
             for key in keys:
-                buffer = getattr(key, "_value_buffer", None)
-                if isinstance(buffer, s3_files.ObjectFile):
-                    names.add(os.path.basename(buffer.name))
+                files = s3_files.body_files(getattr(key, "_value_buffer", None))
+                names.update(os.path.basename(name) for name in files or [])
     return names
+
+
+def _body_names(record: dict[str, Any]) -> list[str]:
+    """The body files a record names, in order (records before multipart bodies: ``Body`` only)."""
+    files = record.get("BodyFiles")
+    if isinstance(files, list) and all(isinstance(name, str) for name in files):
+        return files
+    return [record["Body"]]
