@@ -315,6 +315,9 @@ def _value_setter(original: Any) -> Any:
             buffer.close()
             self._value_buffer = _TempfileShim().SpooledTemporaryFile()
         original(self, new_value)
+        if getattr(self, "_etag", None) is None and isinstance(new_value, (bytes, bytearray, memoryview)):
+            # The ETag from the bytes at hand: moto's FakeKey.etag would read the file back for it.
+            self._etag = hashlib.md5(new_value, usedforsecurity=False).hexdigest()
 
     return value
 
