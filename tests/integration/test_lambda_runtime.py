@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachevault_tools.local import lambda_runtime
+from cachevault_tools.local import lambda_runtime, layer_build
 from cachevault_tools.local.deployer import DeployedStack
 from cachevault_tools.local.embedded import ServerAWS
 from cachevault_tools.local.redis_process import free_port
@@ -61,6 +61,14 @@ def test_warm_reuse_keeps_module_state_in_one_environment(stack: DeployedStack) 
     assert second["pid"] == first["pid"]
     assert second["invocations"] == first["invocations"] + 1
     assert first["pid"] != os.getpid()  # a worker process, not this one
+
+
+def test_a_makefile_layer_is_built_as_sam_build_does_and_loaded_from_its_bytecode(stack: DeployedStack) -> None:
+    origin = ok(stack, "ProbeFunction", {"action": "layer"})
+    built = layer_build.cache_root()
+    assert Path(origin["file"]).is_relative_to(built), origin  # the build's artifacts, not the source tree
+    assert not Path(origin["file"]).is_relative_to(APP.parent)
+    assert Path(origin["cached"]).is_file() and Path(origin["cached"]).is_relative_to(built)
 
 
 def test_environment_is_exactly_the_functions(stack: DeployedStack) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from cachevault_tools.local import lambda_runtime
+from cachevault_tools.local import lambda_runtime, layer_build
 from cachevault_tools.local.cfn_intrinsics import (
     Context,
     IntrinsicError,
@@ -231,7 +231,7 @@ class _Deployer:
                 continue
             try:
                 creator(lid, res.get("Properties") or {})
-            except (ClientError, IntrinsicError, OSError, KeyError, ValueError) as exc:
+            except (ClientError, IntrinsicError, OSError, KeyError, ValueError, layer_build.LayerBuildError) as exc:
                 raise DeployError(f"{lid} ({rtype}): {exc}") from exc
         self._apply_s3_notifications()
         self._routes()
@@ -388,6 +388,8 @@ class _Deployer:
         name = self._name(lid, props, "LayerName", 140)
         root = local_path(props.get("Content"), self.base)
         python_dir: Path | None = None
+        if root is not None and (self.resources[lid].get("Metadata") or {}).get("BuildMethod") == "makefile":
+            root = layer_build.build_layer(root, self.renamed.get(lid, lid))  # as `sam build` does
         if root is not None:
             python_dir = root / "python" if (root / "python").is_dir() else root
         lam = self.client("lambda")
