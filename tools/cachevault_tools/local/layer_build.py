@@ -9,7 +9,7 @@ interpreter: the local runtime's stand-in for the function's runtime.
 Builds are cached under ``~/.cache/cachevault/layer-build/`` by the source's content and the
 interpreter's version, so a ``local up`` builds only after the layer changed. Concurrent
 builds (parallel test workers) each build aside and the first to finish is kept. Older
-builds are left in place (about 0.5 MB each): another checkout's stack may be running on one.
+builds are left in place (about 1.5 MB each): another checkout's stack may be running on one.
 """
 
 from __future__ import annotations
