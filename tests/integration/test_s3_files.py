@@ -202,3 +202,28 @@ def test_product_s3_client_sends_bodies_unsigned_and_the_embedded_s3_takes_them(
     with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
         forged.put_object(Bucket=info.bucket, Key="unsigned/forged.bin", Body=body)
     s3.delete_object(Bucket=info.bucket, Key="unsigned/probe.bin")
+
+
+def test_a_sha256_multipart_object_is_listed_with_its_versions(s3: Any) -> None:
+    """The parts' checksums are kept as plain values: ListObjectVersions deep-copies each
+    version, its multipart parts included (moto/s3/models.py, list_object_versions)."""
+    s3.create_bucket(Bucket="sums")
+    parts = [os.urandom(5 * MiB), os.urandom(1000)]
+    upload = s3.create_multipart_upload(Bucket="sums", Key="sha.bin", ChecksumAlgorithm="SHA256")
+    done = []
+    for number, body in enumerate(parts, start=1):
+        reply = s3.upload_part(
+            Bucket="sums", Key="sha.bin", UploadId=upload["UploadId"], PartNumber=number, Body=body,
+            ChecksumAlgorithm="SHA256",
+        )  # fmt: skip
+        done.append({"PartNumber": number, "ETag": reply["ETag"], "ChecksumSHA256": reply["ChecksumSHA256"]})
+    s3.complete_multipart_upload(
+        Bucket="sums", Key="sha.bin", UploadId=upload["UploadId"], MultipartUpload={"Parts": done}
+    )
+    composite = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).digest()
+    head = s3.head_object(Bucket="sums", Key="sha.bin", ChecksumMode="ENABLED")
+    # The composite of the parts' SHA-256s (S3 appends "-<parts>" to it; botocore's answer may not).
+    assert head["ChecksumSHA256"].removesuffix("-2") == base64.b64encode(composite).decode()
+    versions = s3.list_object_versions(Bucket="sums")["Versions"]
+    assert [(v["Key"], v["Size"]) for v in versions] == [("sha.bin", sum(map(len, parts)))]
+    s3.delete_object(Bucket="sums", Key="sha.bin")

@@ -40,7 +40,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 CHUNK = 1 << 20  # bytes per read when streaming a body or checksumming a file
 
@@ -334,10 +334,19 @@ def _set_part_patch(original: Any) -> Any:
         if isinstance(value, (bytes, bytearray, memoryview)):
             running = _Running(_builder(self).checksum_algorithm)
             running.update(value)
-            key._cachevault_part_checksum = running
+            key._cachevault_part_checksum = running.result()
         return key
 
     return set_part
+
+
+class PartChecksum(NamedTuple):
+    """One part's checksum: plain values, so moto can still deepcopy or pickle the keys
+    that reach it (ListObjectVersions deep-copies each version, its multipart parts included)."""
+
+    algorithm: str
+    digest: bytes
+    crc: int | None  # zlib's CRC-32 value when crc32_combine can join it, else None
 
 
 def _builder(multipart: Any) -> Any:
@@ -376,15 +385,15 @@ def _complete(self: Any, body: Iterator[tuple[int, str]]) -> tuple[Any, str, tup
     return PartsBody(parts), f"{full_etag.hexdigest()}-{len(parts)}", checksum
 
 
-def _part_checksum(part: Any, algorithm: str) -> _Running:
+def _part_checksum(part: Any, algorithm: str) -> PartChecksum:
     """The part's checksum taken on arrival (``_set_part_patch``), or read from its file."""
-    running = getattr(part, "_cachevault_part_checksum", None)
-    if isinstance(running, _Running) and running.algorithm == algorithm:
-        return running
+    taken = getattr(part, "_cachevault_part_checksum", None)
+    if isinstance(taken, PartChecksum) and taken.algorithm == algorithm:
+        return taken
     running = _Running(algorithm)
     for chunk in _body(part):
         running.update(chunk)
-    return running
+    return running.result()
 
 
 def _checksum(builder: Any, parts: list[Any]) -> tuple[str, str, int]:
@@ -393,15 +402,16 @@ def _checksum(builder: Any, parts: list[Any]) -> tuple[str, str, int]:
 
     algorithm = builder.checksum_algorithm
     if builder.checksum_type == "COMPOSITE":
-        composite = b"".join(_part_checksum(p, algorithm).digest() for p in parts)
+        composite = b"".join(_part_checksum(p, algorithm).digest for p in parts)
         return builder.checksum_type, compute_checksum(composite, algorithm).decode(), len(parts)
     sums = [_part_checksum(p, algorithm) for p in parts]
-    if all(s.combinable for s in sums):
-        crc = sums[0].crc
-        for part, one in zip(parts[1:], sums[1:], strict=True):
-            crc = crc32_combine(crc, one.crc, part.contentsize)
+    crcs = [s.crc for s in sums]
+    if all(crc is not None for crc in crcs):
+        crc = crcs[0]
+        for part, one in zip(parts[1:], crcs[1:], strict=True):
+            crc = crc32_combine(crc, one, part.contentsize)  # type: ignore[arg-type]
         whole = _Running(algorithm)
-        whole.crc = crc
+        whole.crc = crc  # type: ignore[assignment]
     else:  # a checksum that does not combine: one pass over the parts, in chunks
         whole = _Running(algorithm)
         for part in parts:
@@ -453,6 +463,9 @@ class _Running:
         if self.hash is not None:
             return self.hash.digest()
         return self.crc.to_bytes(self.width, "big")
+
+    def result(self) -> PartChecksum:
+        return PartChecksum(self.algorithm, self.digest(), self.crc if self.combinable else None)
 
 
 # zlib's crc32_combine (zlib 1.2.12's crc32.c: multmodp, x2nmodp), which Python's zlib does
