@@ -69,6 +69,7 @@ def test_a_makefile_layer_is_built_as_sam_build_does_and_loaded_from_its_bytecod
     assert Path(origin["file"]).is_relative_to(built), origin  # the build's artifacts, not the source tree
     assert not Path(origin["file"]).is_relative_to(APP.parent)
     assert Path(origin["cached"]).is_file() and Path(origin["cached"]).is_relative_to(built)
+    assert origin["loaded_from"] == "bytecode"  # the build's .pyc, not a compile of its (changed) source
 
 
 def test_environment_is_exactly_the_functions(stack: DeployedStack) -> None:

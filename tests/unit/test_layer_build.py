@@ -32,7 +32,9 @@ def test_the_product_layer_is_built_with_bytecode_and_reused() -> None:
     assert (built / ".built").stat().st_mtime_ns == stamp  # the same content: not built again
 
 
-def test_a_changed_source_builds_again_and_a_failing_makefile_says_why(tmp_path: Path) -> None:
+def test_a_changed_source_builds_again_and_a_failing_makefile_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tmp_path / "layer"
     (source / "python" / "pkg").mkdir(parents=True)
     (source / "python" / "pkg" / "__init__.py").write_text("VALUE = 1\n")
@@ -45,4 +47,9 @@ def test_a_changed_source_builds_again_and_a_failing_makefile_says_why(tmp_path:
     assert first != second and (second / "python" / "pkg" / "__init__.py").read_text() == "VALUE = 2\n"
     with pytest.raises(layer_build.LayerBuildError, match=r"make build-Missing .* failed"):
         layer_build.build_layer(source, "Missing")
+    assert sorted(p.name for p in layer_build.cache_root().iterdir()) == sorted([first.name, second.name])
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # no make on the machine: said, as sam build would
+    (source / "python" / "pkg" / "__init__.py").write_text("VALUE = 3\n")
+    with pytest.raises(layer_build.LayerBuildError, match="needs `make`"):
+        layer_build.build_layer(source, "Demo")
     assert sorted(p.name for p in layer_build.cache_root().iterdir()) == sorted([first.name, second.name])

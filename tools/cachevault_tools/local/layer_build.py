@@ -15,10 +15,10 @@ builds are left in place (about 1.5 MB each): another checkout's stack may be ru
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BUILD_TIMEOUT_S = 300.0
@@ -47,15 +47,18 @@ def build_layer(source: Path, logical_id: str) -> Path:
     if (out / ".built").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    aside = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp-"))  # one per build, even in threads
     try:
-        done = subprocess.run(
-            ["make", "--no-print-directory", "-C", str(source), f"build-{logical_id}",
-             f"ARTIFACTS_DIR={aside}", f"PYTHON={sys.executable}"],
-            capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        try:
+            done = subprocess.run(
+                ["make", "--no-print-directory", "-C", str(source), f"build-{logical_id}",
+                 f"ARTIFACTS_DIR={aside}", f"PYTHON={sys.executable}"],
+                capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except FileNotFoundError as exc:
+            raise LayerBuildError(f"building layer {logical_id} needs `make` ({exc}), as `sam build` does") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise LayerBuildError(f"make build-{logical_id} in {source} took over {BUILD_TIMEOUT_S:.0f} s") from exc
         if done.returncode != 0:
             detail = (done.stderr or done.stdout).strip()[-2000:]
             raise LayerBuildError(f"make build-{logical_id} in {source} failed ({done.returncode}): {detail}")
