@@ -25,7 +25,7 @@ from cachevault.core.aws import client
 from cachevault.nodes import restore_targets
 from cachevault.nodes.credentials import Credentials
 from cachevault_tools.local import ecs
-from cachevault_tools.local.ecs_registry import NODE, SUSPENDED, TaskRecord, TaskRegistry, start_time
+from cachevault_tools.local.ecs_registry import NODE, SUSPENDED, TaskRecord, TaskRegistry, is_server, start_time
 from cachevault_tools.local.embedded import EnvPatch
 from cachevault_tools.local.environment import LocalEnvironment
 from cachevault_tools.local.redis_process import free_port
@@ -119,7 +119,9 @@ def test_node_tasks_come_back_with_their_data_after_a_stop(state_dir: Path) -> N
     records = {r.arn: r for r in TaskRegistry(state_dir / "ecs").load_all()}
     assert set(records) == set(nodes) and all(r.state == SUSPENDED and r.kind == NODE for r in records.values())
     for record in records.values():
-        assert (Path(record.workdir) / "dump.rdb").is_file()
+        (server,) = [c for c in record.containers if is_server(c.argv)]
+        assert server.cwd.startswith(record.workdir)  # the node's /data: a volume of the task
+        assert (Path(server.cwd) / "dump.rdb").is_file()
         path = state_dir / "ecs" / "registry" / f"{record.task_id}.json"
         assert path.stat().st_mode & 0o777 == 0o600  # the command holds the requirepass
     replicas = [n for c in (plain, secured) for n in c["Nodes"] if n["Role"] == "replica"]
@@ -219,9 +221,9 @@ def test_nodes_left_by_a_killed_embedded_aws_are_adopted_and_workers_killed(stat
             networkConfiguration={"awsvpcConfiguration": {"subnets": ["subnet-local"]}},
         )["tasks"][0]["taskArn"]
         records = _registry(state_dir)
-        (node_pid,) = [c.pid for c in records[node.task_arn].containers]
+        (node_pid,) = [c.pid for c in records[node.task_arn].containers if is_server(c.argv)]
         (worker_pid,) = [c.pid for c in records[worker_arn].containers]
-        (dead_pid,) = [c.pid for c in records[dead.task_arn].containers]
+        (dead_pid,) = [c.pid for c in records[dead.task_arn].containers if is_server(c.argv)]
         assert node_pid and worker_pid and dead_pid
 
         proc.send_signal(signal.SIGKILL)
@@ -278,7 +280,7 @@ def test_local_down_keeps_cache_data_for_the_next_local_up(state_dir: Path) -> N
         fill(address, keys=800)
         digest = _digest(address)
         assert _cli(state_dir, "local", "status")["LocalCacheNodes"] == {"kept": {"Running": 1, "Suspended": 0}}
-        (pid,) = [c.pid for r in _registry(state_dir).values() for c in r.containers]
+        (pid,) = [c.pid for r in _registry(state_dir).values() for c in r.containers if is_server(c.argv)]
         os.kill(up["Pid"], signal.SIGKILL)  # the embedded AWS dies; its node runs on
         wait_until(lambda: _gone(up["Pid"]), 10, "the embedded AWS to die")
         assert not _gone(pid)

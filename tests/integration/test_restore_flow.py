@@ -310,7 +310,8 @@ def test_cluster_disabled_to_same_without_the_source_cache(
     assert product.control.catalog.find_cache(standalone.cache_name) is None  # source deleted
     assert product.running_tasks(standalone.cache_name) == []  # its nodes stopped with it
     output, seconds = _restore(product, targets, "rt-same", snapshot=standalone.snapshot)
-    assert output["LoadSummary"]["KeysLoaded"] == standalone.keys  # ECS nodes start empty: loaded over the network
+    assert output["Seeded"] is True  # one RDB into a new standalone cache: each node loads it at start-up
+    assert output["LoadSummary"]["KeysLoaded"] == standalone.keys
     assert output["Status"] == "available" and output["ClusterMode"] is False
     assert output["Verification"]["Mismatches"] == []
     assert output["Verification"]["KeysExpected"] == standalone.keys
@@ -321,13 +322,67 @@ def test_cluster_disabled_to_same_without_the_source_cache(
     sync_replicas(record["Endpoints"][0], 1)
     assert cache_digest([host_port(replica)]) == standalone.digests
     primary = next(n["Address"] for n in record["Nodes"] if n["Role"] == "primary")
-    for address, setting, value in ((primary, "rdbcompression", "yes"), (replica, "repl-diskless-load", "on-empty-db")):
-        conn = connect(address)
-        try:  # the primary synced its replica uncompressed, then went back; the replica loaded as it read
-            assert conn.config_get(setting)[setting] == value
-        finally:
-            conn.close()
+    conn = connect(primary)
+    try:  # the replica loaded the same RDB and resynced partially: the data never went over replication
+        stats = conn.info("stats")  # (a second partial resync: relinked to be listed at its address)
+        assert stats["sync_full"] == 0 and stats["sync_partial_ok"] in (1, 2)
+        listed = [v for k, v in conn.info("replication").items() if k.startswith("slave")]
+        assert [f"{r['ip']}:{r['port']}" for r in listed] == [replica]
+    finally:
+        conn.close()
     print(f"restore cluster-disabled -> same (seeded): {seconds:.2f} s")
+
+
+def test_cluster_disabled_to_same_through_restore_when_seeding_is_off(
+    product: Product, standalone: Source, targets: list[str]
+) -> None:
+    """RESTORE_SEED_NODES=false: the same restore goes through RESTORE into empty nodes, replicas following."""
+    provision = product.env.deployed.function_name("RestoreProvisionFunction")
+    lam = client("lambda")
+    env = lam.get_function_configuration(FunctionName=provision)["Environment"]["Variables"]
+    unseeded = {**env, "RESTORE_SEED_NODES": "false"}
+    lam.update_function_configuration(FunctionName=provision, Environment={"Variables": unseeded})
+    try:
+        output, _ = _restore(product, targets, "rt-unseeded", snapshot=standalone.snapshot)
+    finally:
+        lam.update_function_configuration(FunctionName=provision, Environment={"Variables": env})
+    assert output["Seeded"] is False
+    assert output["LoadSummary"]["BytesSent"] > 0  # loaded over the network
+    _check_restored(product, standalone, "rt-unseeded", shards=1, cluster=False)
+    record = product.control.catalog.get_cache("rt-unseeded")
+    replica = next(n["Address"] for n in record["Nodes"] if n["Role"] == "replica")
+    conn = connect(replica)
+    try:  # it joined the empty primary and loaded the replication stream as it read it
+        assert conn.config_get("repl-diskless-load")["repl-diskless-load"] == "on-empty-db"
+    finally:
+        conn.close()
+
+
+def test_a_seeded_node_refuses_an_object_that_is_not_the_snapshot(
+    product: Product, new_cache: Any, targets: list[str]
+) -> None:
+    """The seed checks the object's SHA-256 against the manifest: a changed RDB never reaches a server."""
+    cache = new_cache("tamper", replicas=0)
+    fill(cache["Endpoints"][0], keys=300, seed=4)
+    product.control.create_snapshot(cache["CacheName"], "tamper-snap")
+    product.control.wait_snapshot("tamper-snap", timeout_s=60)
+    s3 = client("s3")
+    (key,) = [k for k in _s3_objects(product, "tamper-snap") if k.endswith(".rdb")]
+    body = s3.get_object(Bucket=product.bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=product.bucket, Key=key, Body=body[:200] + bytes([body[200] ^ 1]) + body[201:])
+
+    targets.append("rt-tamper")
+    arn, name = product.control.restore("rt-tamper", snapshot="tamper-snap", replicas=1)
+    with pytest.raises(RestoreFailed) as failure:
+        product.control.wait_restore(arn, name, timeout_s=90)
+    message = str(failure.value)
+    assert f"Seeding rt-tamper from s3://{product.bucket}/{key} failed" in message
+    assert "ChecksumMismatch" in message and "sha256" in message  # the seed's own reason, from its progress part
+    assert "container seed: exit code 1" in message
+    failed = product.control.catalog.get_cache(name)
+    assert failed["Status"] == "failed" and failed["Nodes"] == []
+    assert product.running_tasks(name) == []  # no node left behind
+    assert product.control.describe_snapshot("tamper-snap")["SnapshotStatus"] == "available"
 
 
 @pytest.mark.parametrize("shards", [2, 3, 4])

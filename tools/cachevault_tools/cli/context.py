@@ -167,7 +167,7 @@ def ecs_dir(settings: Settings) -> Path:
 def local_caches(settings: Settings | None = None) -> dict[str, dict[str, int]]:
     """Caches whose nodes are tasks of the embedded ECS (by the RunTask tag ``cachevault:cache``),
     with how many of their node tasks run and how many are suspended (data kept until ``local up``)."""
-    from cachevault_tools.local.ecs_registry import NODE, RUNNING, TaskRegistry, same_process
+    from cachevault_tools.local.ecs_registry import NODE, RUNNING, TaskRegistry, is_server, same_process
 
     found: dict[str, dict[str, int]] = {}
     for record in TaskRegistry(ecs_dir(settings or Settings.from_env())).load_all():
@@ -176,7 +176,7 @@ def local_caches(settings: Settings | None = None) -> dict[str, dict[str, int]]:
             continue
         counts = found.setdefault(name, {"Running": 0, "Suspended": 0})
         live = record.state == RUNNING and all(
-            same_process(c.pid, c.start_time, c.argv) for c in record.containers
+            same_process(c.pid, c.start_time, c.argv) for c in record.containers if is_server(c.argv)
         )  # a record left "running" by a killed embedded AWS whose process is gone: only its data is left
         counts["Running" if live else "Suspended"] += 1
     return found

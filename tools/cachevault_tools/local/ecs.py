@@ -14,6 +14,14 @@ moto 5.2.1's ECS keeps task records and runs nothing. This module wraps its back
   ``stopCode``, ``stoppedReason`` and ``containers[].exitCode`` from the processes;
 * StopTask sends SIGTERM, then SIGKILL after the stop timeout; each process is waited on by
   a reaper thread (no zombies). A stopped task's working dir goes with it.
+* a container definition's ``essential`` (a non-essential one may exit, the task runs on) and
+  ``dependsOn`` (START, COMPLETE, SUCCESS: the container starts once its dependencies meet the
+  condition; a condition that can no longer be met stops the task, as ECS does), the task
+  PENDING until every essential container runs;
+* task ``volumes`` are directories under the task's working dir; a container's
+  ``mountPoints`` map its ``containerPath`` there: in its argv and environment (what a bind
+  mount makes of a path) and as its working dir when the image works in a mounted path
+  (the redis and valkey images work in ``/data``).
 
 Tasks outlive the embedded AWS, recorded in :mod:`cachevault_tools.local.ecs_registry`
 (``$CACHEVAULT_HOME/ecs/``): when it stops (:meth:`TaskRunner.stop_all`) worker tasks stop
@@ -68,6 +76,7 @@ from cachevault_tools.local.ecs_registry import (
     ContainerRecord,
     TaskRecord,
     TaskRegistry,
+    is_server,
 )
 
 LOG = logging.getLogger(__name__)
@@ -79,6 +88,8 @@ STOP_TIMEOUT_S = 10.0
 SUSPEND_TIMEOUT_S = 120.0
 _ADDRESS_DRAWS = 200
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+SERVER_IMAGE_WORKDIR = "/data"  # WORKDIR of the official redis and valkey images
+_CONDITIONS = ("START", "COMPLETE", "SUCCESS")  # HEALTHY needs health checks, which no definition here has
 
 
 class ContainerImageError(RuntimeError):
@@ -129,6 +140,10 @@ class LocalContainer:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    essential: bool = True
+    depends_on: list[tuple[str, str]] = field(default_factory=list)  # (container name, condition)
+    cwd: Path | None = None  # None: the task's working dir
+    pending: bool = False  # waiting for its dependencies
     process: subprocess.Popen[bytes] | None = None  # None for a process adopted from a previous run
     pid: int | None = None
     start_time: int | None = None
@@ -155,10 +170,15 @@ class LocalTask:
     stop_reason: str = ""
     stopped_at: datetime.datetime | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    changed: threading.Event = field(default_factory=threading.Event)  # a container started or exited
+    stopping: bool = False
 
     @property
     def running(self) -> bool:
-        return any(c.alive for c in self.containers)
+        return any(c.alive or c.pending for c in self.containers)
+
+    def container(self, name: str) -> LocalContainer | None:
+        return next((c for c in self.containers if c.name == name), None)
 
 
 class TaskRunner:
@@ -191,7 +211,13 @@ class TaskRunner:
         raise OSError("no free loopback address with :6379 and :16379 free")
 
     # -- lifecycle --
-    def start(self, record: TaskRecord, definitions: list[dict[str, Any]], task_role_arn: str = "") -> LocalTask:
+    def start(
+        self,
+        record: TaskRecord,
+        definitions: list[dict[str, Any]],
+        task_role_arn: str = "",
+        volumes: list[dict[str, Any]] | None = None,
+    ) -> LocalTask:
         """Start the containers of the task RunTask made (``record``: what it was given)."""
         # Assumed first: a role that cannot be assumed fails RunTask, with no process started.
         role_env = dict(self.role_credentials(task_role_arn)) if task_role_arn and self.role_credentials else {}
@@ -202,16 +228,25 @@ class TaskRunner:
         by_name = {o.get("name"): o for o in (record.overrides or {}).get("containerOverrides") or []}
         with self._lock:
             self.tasks[record.arn] = task
+        volume_dirs = _volume_dirs(workdir, volumes or [])
         for definition in definitions:
             override = by_name.get(definition.get("name"), {})
-            container = LocalContainer(name=str(definition.get("name")), argv=[])
+            container = LocalContainer(
+                name=str(definition.get("name")),
+                argv=[],
+                essential=definition.get("essential", True) is not False,
+                depends_on=[(str(d.get("containerName")), str(d.get("condition"))) for d in
+                            definition.get("dependsOn") or []],
+            )  # fmt: skip
             task.containers.append(container)
             try:
+                mounts = _mounts(definition, volume_dirs)
                 argv = container_argv(
                     str(definition.get("image")),
                     override.get("command") or definition.get("command"),
                     definition.get("entryPoint"),
                 )
+                _check_dependencies(container, definitions)
             except ContainerImageError as exc:
                 container.exit_code, container.reason = 1, f"CannotStartContainerError: {exc}"
                 container.gone.set()
@@ -223,30 +258,74 @@ class TaskRunner:
             env.update(role_env)  # after the definition's: a task cannot set its own credentials
             env["ECS_TASK_ARN"] = record.arn
             env["ECS_TASK_PRIVATE_IP"] = address
-            if _is_server(argv):
+            argv = [_mapped(a, mounts) for a in argv]
+            env = {k: _mapped(v, mounts) for k, v in env.items()}
+            if is_server(argv):
+                container.cwd = _mapped_dir(SERVER_IMAGE_WORKDIR, mounts)
                 if "--bind" not in argv:
                     argv += ["--bind", address]  # the task's own address, as an ENI gives
                 if _saves_on_sigint(argv[0]):
                     # SIGINT (the embedded AWS stopping) saves the data; SIGTERM (StopTask) does not.
                     argv += ["--shutdown-on-sigint", "save"]
             container.argv, container.env = argv, env
-        record.kind = NODE if task.containers and all(_is_server(c.argv) for c in task.containers) else WORKER
+        record.kind = NODE if any(is_server(c.argv) for c in task.containers) else WORKER
         for container in task.containers:
-            if not container.gone.is_set():
+            if not container.gone.is_set() and container.depends_on:
+                container.pending = True
+        for container in task.containers:
+            if not container.gone.is_set() and not container.pending:
                 self._spawn(task, container)
+        if any(c.pending for c in task.containers):
+            threading.Thread(target=self._start_dependents, args=(task,), daemon=True,
+                             name=f"ecs-depends-{task.arn}").start()  # fmt: skip
         self._save(task)
         if not task.running:
             self._finish(task)
         return task
 
+    def _start_dependents(self, task: LocalTask) -> None:
+        """Start each waiting container once its dependencies meet their conditions; stop the
+        task when one never can (a SUCCESS dependency that failed, a dependency that never ran)."""
+        while any(c.pending for c in task.containers):  # bounded: every round starts or fails one, or waits
+            progressed = False
+            for container in [c for c in task.containers if c.pending]:
+                verdict = _dependencies_met(task, container)
+                if verdict is None:
+                    continue
+                progressed = True
+                container.pending = False
+                if task.stopping or task.suspending:
+                    verdict = "the task is stopping"
+                if verdict is True:
+                    self._spawn(task, container)
+                    self._save(task)
+                    continue
+                container.reason = f"DependencyConditionNotMet: {verdict}"
+                container.gone.set()
+                if container.essential:
+                    task.stop_reason = task.stop_reason or (
+                        f"Essential container {container.name} could not start: {verdict}"
+                    )
+                    self._stop_async(task)
+            if not progressed:
+                task.changed.wait(1.0)
+                task.changed.clear()
+        if not task.running:
+            self._finish(task)
+
+    def _stop_async(self, task: LocalTask) -> None:
+        threading.Thread(target=self.stop, args=(task.arn, task.stop_reason, False), daemon=True).start()
+
     def _spawn(self, task: LocalTask, container: LocalContainer, extra: list[str] | None = None) -> None:
         try:
+            cwd = container.cwd or task.workdir
+            cwd.mkdir(parents=True, exist_ok=True)
             if container.env.get(TLS_CA_PEM_ENV):
                 # What a node image's entry does with the CA it is given as text.
-                (task.workdir / TLS_CA_FILE).write_text(container.env[TLS_CA_PEM_ENV])
+                (cwd / TLS_CA_FILE).write_text(container.env[TLS_CA_PEM_ENV])
             with (task.log_dir / f"{container.name}.log").open("ab") as log:
                 process = subprocess.Popen(
-                    [*container.argv, *(extra or [])], cwd=task.workdir, env=container.env, stdout=log,
+                    [*container.argv, *(extra or [])], cwd=cwd, env=container.env, stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
         except OSError as exc:
@@ -255,6 +334,7 @@ class TaskRunner:
             return
         container.process, container.pid = process, process.pid
         container.start_time = ecs_registry.start_time(process.pid)
+        task.changed.set()
         threading.Thread(target=self._reap, args=(task, container), daemon=True, name=f"ecs-reap-{task.arn}").start()
 
     def _adopt(self, task: LocalTask, container: LocalContainer, saved: ContainerRecord) -> bool:
@@ -285,12 +365,13 @@ class TaskRunner:
             finally:
                 os.close(pidfd)
         container.gone.set()
+        task.changed.set()
         if not task.running:
             self._finish(task)
-        elif not task.stop_requested and not task.suspending:
+        elif container.essential and not task.stop_requested and not task.suspending:
             # An essential container exited: ECS stops the task's other containers.
             task.stop_reason = task.stop_reason or "Essential container in task exited"
-            threading.Thread(target=self.stop, args=(task.arn, task.stop_reason, False), daemon=True).start()
+            self._stop_async(task)
 
     def _finish(self, task: LocalTask) -> None:
         with self._lock:
@@ -305,7 +386,14 @@ class TaskRunner:
             if task.done.is_set() and not task.suspending:
                 return  # already stopped and forgotten
             task.record.containers = [
-                ContainerRecord(c.name, c.argv, c.env, c.pid if c.alive else None, c.start_time if c.alive else None)
+                ContainerRecord(
+                    c.name,
+                    c.argv,
+                    c.env,
+                    c.pid if c.alive else None,
+                    c.start_time if c.alive else None,
+                    str(c.cwd or ""),
+                )
                 for c in task.containers
             ]
             self.registry.save(task.record)
@@ -317,6 +405,8 @@ class TaskRunner:
         if user:
             task.stop_requested = True
             task.stop_reason = reason or "Task stopped by user"
+        task.stopping = True  # containers still waiting for their dependencies never start
+        task.changed.set()
         live = [c for c in task.containers if c.alive]
         for container in live:
             _signal(container, signal.SIGTERM)
@@ -363,7 +453,7 @@ class TaskRunner:
         live = [c for c in task.containers if c.alive]
         for container in live:
             saves = "--shutdown-on-sigint" in container.argv
-            if not saves:
+            if not saves and is_server(container.argv):
                 LOG.warning("embedded ECS: %s runs a server without shutdown-on-sigint: its data is not saved",
                             task.arn)  # fmt: skip
             _signal(container, signal.SIGINT if saves else signal.SIGTERM)
@@ -411,10 +501,18 @@ class TaskRunner:
         workdir, log_dir = self.registry.make_dirs(record.task_id)
         task = LocalTask(arn=record.arn, address=record.address, workdir=workdir, log_dir=log_dir, record=record)
         for saved in record.containers:
-            task.containers.append(LocalContainer(saved.name, saved.argv, {**saved.env, **self.base_env}))
+            task.containers.append(LocalContainer(saved.name, saved.argv, {**saved.env, **self.base_env},
+                                                  cwd=Path(saved.cwd) if saved.cwd else None))  # fmt: skip
         with self._lock:
             self.tasks[record.arn] = task
         for container, saved in zip(task.containers, record.containers, strict=True):
+            if not is_server(container.argv):
+                # A node task's helper (its seed) did its work before the server started: it
+                # does not run again; one a killed embedded AWS left running is killed.
+                _kill_orphans(TaskRecord(**{**record.__dict__, "containers": [saved]}))
+                container.essential = False
+                container.gone.set()
+                continue
             if record.state == RUNNING and self._adopt(task, container, saved):
                 continue
             if register:
@@ -427,7 +525,7 @@ class TaskRunner:
                 with self._lock:  # nothing of it runs: it stays suspended, to start at the next up
                     del self.tasks[record.arn]
                     record.state = SUSPENDED
-                    record.containers = [ContainerRecord(c.name, c.argv, c.env) for c in record.containers]
+                    record.containers = [ContainerRecord(c.name, c.argv, c.env, cwd=c.cwd) for c in record.containers]
                     self.registry.save(record)
             return False
         record.state = RUNNING
@@ -442,7 +540,8 @@ class TaskRunner:
         if local is None:
             return
         stopped = local.done.is_set()
-        task._local_status = "STOPPED" if stopped else "RUNNING"
+        waiting = any(c.pending and c.essential for c in local.containers)
+        task._local_status = "STOPPED" if stopped else "PENDING" if waiting else "RUNNING"
         task.desired_status = "STOPPED" if stopped or local.stop_requested else "RUNNING"
         if stopped:
             task.stop_code = "UserInitiated" if local.stop_requested else "EssentialContainerExited"
@@ -450,11 +549,82 @@ class TaskRunner:
             task.stopped_at = local.stopped_at
         _report_network(task, local)
         for model, container in zip(task.containers, local.containers, strict=False):
-            model.last_status = "STOPPED" if container.gone.is_set() else "RUNNING"
+            model.last_status = "STOPPED" if container.gone.is_set() else "PENDING" if container.pending else "RUNNING"
             if container.exit_code is not None:
                 model.exit_code = model.exitCode = container.exit_code
             if container.reason:
                 model.reason = container.reason
+
+
+def _volume_dirs(workdir: Path, volumes: list[dict[str, Any]]) -> dict[str, Path]:
+    """Task volume name -> its directory (a Fargate task's volumes live as long as the task)."""
+    dirs = {}
+    for volume in volumes:
+        name = str(volume.get("name") or "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", name):
+            raise ContainerImageError(f"task volume name {name!r} is not valid")
+        if volume.get("host") or volume.get("efsVolumeConfiguration") or volume.get("dockerVolumeConfiguration"):
+            raise ContainerImageError(f"task volume {name!r}: only task storage runs here (no host, EFS, Docker)")
+        dirs[name] = workdir / "volumes" / name
+    return dirs
+
+
+def _mounts(definition: dict[str, Any], volume_dirs: dict[str, Path]) -> list[tuple[str, Path]]:
+    """(containerPath, local dir) of a container's mount points, longest path first."""
+    mounts = []
+    for point in definition.get("mountPoints") or []:
+        source, path = str(point.get("sourceVolume")), str(point.get("containerPath") or "")
+        if source not in volume_dirs:
+            raise ContainerImageError(f"container {definition.get('name')}: mount point of unknown volume {source!r}")
+        if not path.startswith("/") or path == "/":
+            raise ContainerImageError(f"container {definition.get('name')}: containerPath {path!r} is not absolute")
+        volume_dirs[source].mkdir(parents=True, exist_ok=True)
+        mounts.append((path.rstrip("/"), volume_dirs[source]))
+    return sorted(mounts, key=lambda m: -len(m[0]))
+
+
+def _mapped(value: str, mounts: list[tuple[str, Path]]) -> str:
+    """A container path (an argument or an environment value naming one) as the local path."""
+    for path, local in mounts:
+        if value == path or value.startswith(path + "/"):
+            return str(local) + value[len(path) :]
+    return value
+
+
+def _mapped_dir(path: str, mounts: list[tuple[str, Path]]) -> Path | None:
+    local = _mapped(path, mounts)
+    return Path(local) if local != path else None
+
+
+def _check_dependencies(container: LocalContainer, definitions: list[dict[str, Any]]) -> None:
+    names = {str(d.get("name")) for d in definitions}
+    for name, condition in container.depends_on:
+        if name not in names or name == container.name:
+            raise ContainerImageError(f"container {container.name} depends on unknown container {name!r}")
+        if condition not in _CONDITIONS:
+            raise ContainerImageError(
+                f"container {container.name}: dependsOn condition {condition!r} (the embedded ECS runs "
+                f"{', '.join(_CONDITIONS)})"
+            )
+
+
+def _dependencies_met(task: LocalTask, container: LocalContainer) -> bool | str | None:
+    """True: start it; a text: why it never can; None: not yet."""
+    for name, condition in container.depends_on:
+        other = task.container(name)
+        assert other is not None  # checked at start
+        if other.pending:
+            return None
+        started = other.pid is not None
+        if not other.gone.is_set():
+            if condition == "START" and started:
+                continue
+            return None
+        if not started:
+            return f"container {name} never started ({other.reason})"
+        if condition == "SUCCESS" and other.exit_code not in (0, None):
+            return f"container {name} exited with code {other.exit_code}, condition SUCCESS"
+    return True
 
 
 def _signal(container: LocalContainer, sig: int) -> None:
@@ -484,10 +654,6 @@ def _in_threads(work: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     return results
 
 
-def _is_server(argv: list[str]) -> bool:
-    return bool(argv) and Path(argv[0]).name in ("redis-server", "valkey-server")
-
-
 @functools.cache
 def _saves_on_sigint(binary: str) -> bool:
     """shutdown-on-sigint came with Redis 7.0 (Valkey has it from its first release)."""
@@ -515,7 +681,7 @@ def _runtime_args(task: LocalTask) -> dict[str, list[str]] | None:
     None if it cannot be read (the record keeps what it had)."""
     found: dict[str, list[str]] = {}
     for container in task.containers:
-        if not container.alive:
+        if not container.alive or not is_server(container.argv):
             continue
         argv = container.argv
         tls_port = int(_option(argv, "tls-port") or 0)
@@ -524,7 +690,8 @@ def _runtime_args(task: LocalTask) -> dict[str, list[str]] | None:
             ssl = {"ssl": True, "ssl_cert_reqs": "none", "ssl_check_hostname": False}
             cert, key = _option(argv, "tls-cert-file"), _option(argv, "tls-key-file")
             if cert and key:  # its own certificate as the client's too (tls-auth-clients yes)
-                ssl.update(ssl_certfile=str(task.workdir / cert), ssl_keyfile=str(task.workdir / key))
+                cwd = container.cwd or task.workdir
+                ssl.update(ssl_certfile=str(cwd / cert), ssl_keyfile=str(cwd / key))
         port = tls_port or int(_option(argv, "port") or NODE_PORT)
         try:
             with redis.Redis(host=task.address, port=port, password=_option(argv, "requirepass"),
@@ -670,7 +837,7 @@ def install(runner: TaskRunner = RUNNER) -> None:
         tasks = real_run(self, cluster_str, task_definition_str, count, overrides, *args_list, **kwargs)
         for task in tasks:
             task_role = (overrides or {}).get("taskRoleArn") or getattr(definition, "task_role_arn", None) or ""
-            runner.start(_record_of(task), definition.container_definitions, str(task_role))
+            runner.start(_record_of(task), definition.container_definitions, str(task_role), definition.volumes)
             runner.apply(task)
             if not runner.tasks[task.task_arn].done.is_set():
                 task._local_status = "PROVISIONING"  # what RunTask answers on Fargate

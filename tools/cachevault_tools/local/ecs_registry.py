@@ -36,6 +36,11 @@ RUNNING = "running"
 SUSPENDED = "suspended"
 
 
+def is_server(argv: list[str]) -> bool:
+    """The container runs a cache server (a node task's others are helpers that ran before it)."""
+    return bool(argv) and Path(argv[0]).name in ("redis-server", "valkey-server")
+
+
 @dataclass
 class ContainerRecord:
     name: str
@@ -43,6 +48,7 @@ class ContainerRecord:
     env: dict[str, str]
     pid: int | None = None
     start_time: int | None = None  # clock ticks after boot: with the PID, names one process
+    cwd: str = ""  # its working dir when not the task's (a server working in a mounted volume)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Entry point of the ECS worker task: ``python -m cachevault.worker capture|load``.
+"""Entry point of the ECS worker task: ``python -m cachevault.worker capture|load|seed``.
 
 The capture worker task definition (template.yaml) runs this with the same layer code the
 Lambdas use. The state machine's RunTask passes the job's input in the environment:
@@ -8,6 +8,8 @@ Lambdas use. The state machine's RunTask passes the job's input in the environme
 * ``load``: ``LOAD_EVENT``, the LoadShards Map item (JSON) of a source too big for the
   LoadShard Lambda; the result goes to the restore's S3 result object, which the state
   machine's LoadResult step hands on (``restore_workflow.load_job``/``load_result_step``).
+* ``seed``: the node task's init container (restore.seed): ``SEED_SOURCE`` (the shard's RDB
+  in S3) written to ``SEED_PATH`` before the server starts; no source, nothing to write.
 
 The table/bucket names come from the task definition; the exit code tells ECS how it ended.
 """
@@ -19,16 +21,20 @@ import json
 import os
 import sys
 
-from cachevault.catalog.records import Catalog
-from cachevault.core.aws import client
-from cachevault.core.handler import logger
-from cachevault.core.settings import Settings
-from cachevault.nodes import credentials as creds_mod
-from cachevault.restore import steps as restore_workflow
-from cachevault.snapshot import capture_runner
+from cachevault.restore import seed as seeding
+
+# Each job imports what it uses: every cache node task runs ``seed``, mostly with nothing to
+# write, and its server should not wait for the capture, load and logging code to load.
 
 
 def capture() -> int:
+    from cachevault.catalog.records import Catalog
+    from cachevault.core.aws import client
+    from cachevault.core.handler import logger
+    from cachevault.core.settings import Settings
+    from cachevault.nodes import credentials as creds_mod
+    from cachevault.snapshot import capture_runner
+
     snapshot = os.environ["SNAPSHOT_NAME"]
     shard = json.loads(os.environ["CAPTURE_SHARD"])
     settings = Settings.from_env()
@@ -53,6 +59,9 @@ def capture() -> int:
 
 
 def load() -> int:
+    from cachevault.core.handler import logger
+    from cachevault.restore import steps as restore_workflow
+
     event = json.loads(os.environ["LOAD_EVENT"])
     logger.info("load worker started", target=event.get("ReplicationGroupId"), source=event["Task"]["Index"])
     try:
@@ -63,14 +72,45 @@ def load() -> int:
     return 0
 
 
+def seed() -> int:
+    text = os.environ.get(seeding.SEED_SOURCE_ENV, "")
+    path = os.environ.get(seeding.SEED_PATH_ENV) or seeding.DEFAULT_SEED_PATH
+    if not text:
+        print("nothing to seed: the node starts empty", flush=True)
+        return 0
+    from cachevault.catalog.progress_report import RESTORE, PartProgress
+    from cachevault.catalog.records import Catalog
+    from cachevault.core.handler import logger
+    from cachevault.core.settings import Settings
+
+    target, node = os.environ.get(seeding.SEED_TARGET_ENV, ""), os.environ.get(seeding.SEED_NODE_ENV, "")
+    report = PartProgress(Catalog(Settings.from_env()), RESTORE, target, seeding.progress_part(node),
+                          phase="download", total=None)  # fmt: skip
+    try:
+        source = seeding.parse_source(text)
+        report.fields["Total"] = source.get("Size")
+        report.start()
+        logger.info("seeding", target=target, node=node, key=source["Key"], bytes=source.get("Size"), path=path)
+        written = seeding.seed_rdb(source, path, on_bytes=report.update)
+        report.finish(written)
+    except Exception as exc:  # the exit code keeps the server from starting (dependsOn SUCCESS)
+        logger.exception("seeding failed", target=target, node=node)
+        report.fail(f"{type(exc).__name__}: {exc}")  # what LoadShard reports when the task stops
+        return 1
+    logger.info("seeded", target=target, node=node, bytes=written)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cachevault.worker", description=__doc__)
-    parser.add_argument("job", choices=["capture", "load"])
+    parser.add_argument("job", choices=["capture", "load", "seed"])
     args = parser.parse_args(argv)
     if args.job == "capture":
         return capture()
     if args.job == "load":
         return load()
+    if args.job == "seed":
+        return seed()
     return 2
 
 

@@ -46,6 +46,10 @@ class PartProgress:
     def finish(self, done: int) -> None:
         self._write(Status="done", Done=int(done))
 
+    def fail(self, error: str) -> None:
+        """The part failed: why, for whoever waits on it (a worker's exit code alone says nothing)."""
+        self._write(Status="failed", Error=error[:1000])
+
     def _write(self, **fields: Any) -> None:
         self.fields.update(fields)
         self._last = time.monotonic()

@@ -13,6 +13,12 @@ AttachReplicas adds the replicas while the primaries are still empty; each LoadS
 its own source from S3 (a stream of ranged GETs overlapping the load, SHA-256 checked) and
 sends pre-packed RESTORE batches, routed by hash slot, which the primaries propagate to
 their replicas as they load. Verify waits until every replica's offset equals its primary's.
+
+A new standalone cache restored from one RDB is *seeded* instead (``seedable``): ProvisionCache
+starts every node of the shard with the source in its task's seed container
+(restore.seed), which writes it to the task's storage before the server starts and loads
+it at start-up, replicas as replicas of the primary (a partial resync, no data over
+replication); AttachReplicas has nothing to do and LoadShard waits for the loads.
 Measured (1 GB of small keys, one replica, 2 cores, the load from a local file): 11.0 s with
 the replica following the load vs 14.7 s loading the primary alone and full-syncing after.
 
@@ -60,7 +66,8 @@ from cachevault.nodes import restore_targets, topology
 from cachevault.nodes.slots import format_slot_ranges, parse_slot_ranges
 from cachevault.rdb.reader import scan_rdb
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
-from cachevault.restore.verify import verify_restore
+from cachevault.restore.seed import progress_part, seed_environment
+from cachevault.restore.verify import keyspace_keys, verify_restore
 
 SAMPLES_PER_SOURCE = 40
 SAMPLE_MAX_PAYLOAD = 2048  # bytes of one sample's DUMP payload kept for Verify
@@ -80,6 +87,17 @@ REPLICA_CATCH_UP_MAX_S = 600.0  # Verify: and be in sync within this, gaining or
 # RESTORE into a node, measured locally at 150 MB/s); bigger ones are worker jobs.
 LOAD_INLINE_MAX_BYTES_ENV = "LOAD_INLINE_MAX_BYTES"
 LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
+
+# Seeded restores (restore.seed): a new standalone cache restored from one RDB gets it written
+# to each node's task storage before the server starts, and the server loads it itself at
+# start-up (no RESTORE, no Python pass over the keys). Measured (1 GB of small keys, one
+# replica, 2 cores, make bench): see README, Benchmarks. Fargate's task storage is 20 GiB by
+# default: a bigger source loads through RESTORE. RESTORE_SEED_NODES=false turns seeding off.
+RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
+SEED_MAX_BYTES = 18 << 30
+SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
+SEED_WAIT_JOB_S = 12 * 3600.0  # LoadShard as an ECS task
+_SEED_POLL_S = (0.02, 0.5)  # first and longest pause between looks at a seeded shard
 
 
 def _target_engine(external: dict[str, Any] | None, engine: str) -> tuple[str, str, int]:
@@ -329,6 +347,7 @@ def _manifest_source(bucket: str, node: dict[str, Any]) -> dict[str, Any]:
         "KeyCountExact": bool(node.get("KeyCountExact")),
         "Functions": node.get("Functions"),
         "ModuleKeysSkipped": node.get("ModuleKeysSkipped"),
+        "Modules": node.get("Modules"),
     }
 
 
@@ -378,6 +397,21 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
             {"Host": s.primary.host, "Port": s.primary.port, "Slots": format_slot_ranges(s.slots) or None}
             for s in topo.shards
         ]
+    sources = restore_sources(event)
+    seeded = event.get("TargetType") != "external" and seedable(event, sources)
+    if event.get("TargetType") == "external":
+        pass
+    elif seeded:
+        engine = str(event.get("Engine") or "redis")
+        source = sources[0]
+        shard = restore_targets.start_seeded_shard(
+            target, 0, int(event["ReplicasPerNodeGroup"]), lambda node: seed_environment(source, target, node),
+            engine=engine, creds=creds, tls=creds_mod.fleet_tls(cache),
+        )  # fmt: skip
+        nodes = restore_targets.CacheNodes(target, False, [shard])
+        # The servers do not answer until they have loaded: the engine is the image's for now.
+        _record_nodes(catalog, nodes, event, creds, engine=restore_targets.image_engine(engine))
+        targets = [{"Host": shard.primary.host, "Port": shard.primary.port, "Slots": None}]
     else:
         nodes = restore_targets.create_ecs_cache(
             target, engine=event.get("Engine") or "redis", cluster_mode=cluster_mode, num_shards=shards, replicas=0,
@@ -386,19 +420,46 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         _record_nodes(catalog, nodes, event, creds)
         targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
     # The Map's items stay small (Index, Runner): each LoadShard reads its source from SourcesKey.
-    tasks = [{k: t[k] for k in ("Index", "Runner")} for t in map(load_task, restore_sources(event))]
+    tasks = [{k: t[k] for k in ("Index", "Runner")} for t in map(load_task, sources)]
     if any(t["Runner"] == "ecs" for t in tasks):  # worker tasks read the targets from S3 (load_job)
         _put_json(storage.restore_targets_key(target, event["ExecutionName"]), targets)
-    logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets))
-    return {**event, "Targets": targets, "LoadTasks": tasks}
+    logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets), seeded=seeded)
+    return {**event, "Targets": targets, "LoadTasks": tasks, "Seeded": seeded}
+
+
+def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
+    """A new standalone cache restored from one RDB that its engine loads whole: its nodes are seeded.
+
+    Everything else loads through RESTORE: several sources (merged or resharded: keys are
+    routed by slot), cluster mode (a cluster node that loads keys claims their slots at
+    start-up), a snapshot whose module values the restore skips, an RDB too big for the
+    task's storage, or seeding turned off.
+    """
+    if os.environ.get(RESTORE_SEED_NODES_ENV, "true").lower() in ("false", "0", "no"):
+        return False
+    if event["ClusterMode"] or len(sources) != 1:
+        return False
+    source = sources[0]
+    # No module values: counted in the RDB (a foreign RDB's scan), or none possible (the source
+    # node had no module loaded when captured).
+    no_modules = source.get("ModuleKeysSkipped") == 0 or source.get("Modules") == []
+    return (
+        no_modules
+        and bool(source.get("Sha256"))
+        and int(source.get("Size") or 0) <= SEED_MAX_BYTES
+    )
 
 
 def _record_nodes(
-    catalog: Catalog, nodes: restore_targets.CacheNodes, event: dict[str, Any], creds: creds_mod.Credentials
+    catalog: Catalog,
+    nodes: restore_targets.CacheNodes,
+    event: dict[str, Any],
+    creds: creds_mod.Credentials,
+    engine: tuple[str, str, int] | None = None,
 ) -> None:
     """The new cache's registry record (nodes, task ARNs, endpoints); still ``creating``."""
     record = restore_targets.ecs_record(
-        nodes, creds, node_type=event["CacheNodeType"], data_tiering="r6gd" in event["CacheNodeType"]
+        nodes, creds, node_type=event["CacheNodeType"], data_tiering="r6gd" in event["CacheNodeType"], engine=engine
     )
     record["Status"] = "creating"
     catalog.update_cache(nodes.name, **{k: v for k, v in record.items() if k != "CacheName"})
@@ -435,14 +496,18 @@ def _targets(event: dict[str, Any]) -> list[TargetShard]:
     ]
 
 
-def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
-    """Read one source RDB from S3 and stream it into the target primaries (routed by slot).
+def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE_S) -> dict[str, Any]:
+    """Read one source RDB from S3 and stream it into the target primaries (routed by slot);
+    for a seeded restore, wait until the nodes have loaded it themselves.
 
     The per-target counts, totals and sample keys go to a small S3 object under the
     restore's prefix (``ResultKey``); the returned state holds only that key and the count.
     """
     index = int(event["Task"]["Index"])
-    task = load_task(next(s for s in restore_sources(event) if int(s["Index"]) == index))
+    source = next(s for s in restore_sources(event) if int(s["Index"]) == index)
+    if event.get("Seeded"):
+        return _seeded_load(event, source, seed_wait_s)
+    task = load_task(source)
     targets = _targets(event)
     samples: list[dict[str, Any]] = []
 
@@ -485,6 +550,101 @@ def load_shard_step(event: dict[str, Any]) -> dict[str, Any]:
     return output
 
 
+def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: float) -> dict[str, Any]:
+    """Wait while a seeded shard's nodes write the RDB from S3 and load it; report its progress.
+
+    Done when every server answers with nothing loading and every replica is linked and in
+    sync (their partial resync, restore_targets.start_seeded_shard). A stopped task fails the
+    load with its reason (the seed container's exit: a digest mismatch, a missing object).
+    The counts Verify checks come from the source (exact when counted from the RDB) and
+    the primary's keyspace; nothing samples values (there was no pass over the keys): the
+    SHA-256 the seed checked and the CRC64 the server checked while loading stand for them.
+    """
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = event["ReplicationGroupId"]
+    cache = catalog.get_cache(target)
+    creds = creds_mod.for_cache(cache)
+    nodes = restore_targets.nodes_from_record(cache)
+    shard = nodes.shards[0]
+    size = int(source["Size"])
+    where = f"s3://{source['Bucket']}/{source['Key']}"
+    report = PartProgress(catalog, RESTORE, target, f"load-{int(source['Index']):04d}", phase="load", total=size)
+    report.start()
+    started = time.monotonic()
+    deadline = started + max_wait_s
+    _until_seeded(catalog, target, shard, creds, where, deadline, report)
+    for node in (shard.primary, *shard.replicas):
+        restore_targets.announce(node, creds, cluster_mode=False)
+    if restore_targets.relink_unannounced(shard, creds):
+        _until_seeded(catalog, target, shard, creds, where, deadline, report)
+    seconds = time.monotonic() - started
+    report.finish(size)
+    # The engine as the servers report it (ProvisionCache recorded the image's).
+    _record_nodes(catalog, nodes, {"CacheNodeType": cache.get("CacheNodeType") or caches.DEFAULT_NODE_TYPE}, creds)
+    primary = _targets(event)[0]
+    loaded_keys = keyspace_keys(primary)
+    exact = bool(source.get("KeyCountExact"))
+    expected = int(source["KeyCount"]) if exact else loaded_keys
+    volatile = sum(int(n) for n in (source.get("ExpiresPerDb") or {}).values())
+    details = {
+        "Index": source["Index"],
+        "KeysPerTarget": [expected],
+        "KeysWithTtlPerTarget": [volatile],
+        # Keys whose TTL had passed: the server drops them as it loads.
+        "KeysExpiredSkipped": max(0, expected - loaded_keys),
+        "BytesSent": 0,
+        "Seconds": round(seconds, 3),
+        "FunctionLibraries": int(source.get("Functions") or 0),
+        "ModuleKeysSkipped": [],
+        "Samples": [],
+        "Seeded": {"Nodes": 1 + len(shard.replicas), "BytesPerNode": size, "KeyCountFrom": "snapshot" if exact else
+                   "server"},
+    }  # fmt: skip
+    metrics.add_metric(name="KeysRestored", unit="Count", value=loaded_keys)
+    key = storage.restore_work_key(target, event["ExecutionName"], int(source["Index"]))
+    output = {"Index": source["Index"], "KeysLoaded": loaded_keys, "ResultKey": key}
+    _put_json(key, details | {"Output": output})
+    logger.info("seeded shard loaded", target=target, seconds=round(seconds, 3), keys=loaded_keys)
+    return output
+
+
+def _until_seeded(
+    catalog: Catalog,
+    target: str,
+    shard: restore_targets.ShardNodes,
+    creds: creds_mod.Credentials,
+    where: str,
+    deadline: float,
+    report: PartProgress,
+) -> None:
+    """Until every node of the seeded shard has loaded and every replica is in sync; RestoreFailed
+    when a task stopped (with the seed's own reason when it left one) or at the deadline."""
+    pause = _SEED_POLL_S[0]
+    while True:  # bounded by the deadline
+        state = restore_targets.seeded_state(shard, creds)
+        if "Failed" in state:
+            parts = catalog.operation_progress(RESTORE, target)
+            why = [f"{n.node_id}: {p['Error']}" for n in (shard.primary, *shard.replicas)
+                   if (p := parts.get(progress_part(n.node_id), {})).get("Error")]  # fmt: skip
+            raise RestoreFailed(
+                f"Seeding {target} from {where} failed: " + ("; ".join(why) + "; " if why else "") + state["Failed"],
+                Source=where,
+            )
+        if state["Ready"]:
+            return
+        loaded = state["Loaded"].get(shard.primary.node_id)
+        if loaded is not None:
+            report.update(loaded)
+        if time.monotonic() > deadline:
+            raise RestoreFailed(
+                f"The nodes of {target} had not loaded {where} in time (bytes loaded per node: {state['Loaded']})",
+                Source=where,
+            )
+        time.sleep(pause)
+        pause = min(_SEED_POLL_S[1], pause * 1.5)
+
+
 def load_outputs(
     task: dict[str, Any], result: LoadResult, samples: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -519,7 +679,7 @@ def load_job(event: dict[str, Any]) -> dict[str, Any]:
     if "Targets" not in event:
         key = storage.restore_targets_key(event["ReplicationGroupId"], event["ExecutionName"])
         event = {**event, "Targets": _read_json(key)}
-    return load_shard_step(event)
+    return load_shard_step(event, seed_wait_s=SEED_WAIT_JOB_S)
 
 
 def load_result_step(event: dict[str, Any]) -> dict[str, Any]:
@@ -595,8 +755,8 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
     external target (its replicas are the user's and sync by themselves) or one without replicas.
     """
     wanted = int(event["ReplicasPerNodeGroup"])
-    if event.get("TargetType") == "external" or wanted == 0:
-        return event
+    if event.get("TargetType") == "external" or wanted == 0 or event.get("Seeded"):
+        return event  # a seeded shard's replicas started with it (restore_targets.start_seeded_shard)
     catalog = Catalog(Settings.from_env())
     target = event["ReplicationGroupId"]
     cache = catalog.get_cache(target)
@@ -728,6 +888,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
         "SnapshotName": event.get("SnapshotName"),
         "ClusterMode": event["ClusterMode"],
         "NumNodeGroups": event["NumNodeGroups"],
+        "Seeded": bool(event.get("Seeded")),  # the nodes loaded the RDB themselves (seedable)
         "Verification": event["Verification"],
         "LoadSummary": event.get("LoadSummary"),
     }

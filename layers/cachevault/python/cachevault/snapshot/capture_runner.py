@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -107,19 +108,40 @@ def task_state(task_arn: str) -> dict[str, Any]:
     }
 
 
-def _node_stats(host: str, port: int, credentials: Credentials = creds_mod.NONE) -> tuple[dict[str, int], int]:
-    """Keys per database and the predicted RDB size: the dataset's memory (an RDB is rarely
-    larger; the multipart plan tolerates a prediction 16x too low)."""
+@dataclass(frozen=True)
+class NodeStats:
+    keys_per_db: dict[str, int]
+    expires_per_db: dict[str, int]
+    modules: list[str]  # modules the node has loaded: only they can put module values in its RDB
+    predicted_size: int  # the dataset's memory (an RDB is rarely larger; the multipart plan tolerates 16x too low)
+
+
+def _node_stats(host: str, port: int, credentials: Credentials = creds_mod.NONE) -> NodeStats:
+    """What the source node says of its data before the capture (INFO: counts at that moment)."""
     conn = redis.Redis(
         host=host, port=port, socket_timeout=10, socket_connect_timeout=5, **credentials.redis_kwargs()
     )
     try:
         keyspace = conn.info("keyspace")
         memory = conn.info("memory")
+        # Raw text: redis-py folds the repeated "module:" lines of INFO modules into one.
+        modules_text = conn.execute_command("INFO", "modules")
     finally:
         conn.close()
-    predicted = int(memory.get("used_memory_dataset") or memory.get("used_memory") or 0)
-    return {db.removeprefix("db"): int(info["keys"]) for db, info in keyspace.items()}, predicted
+    if isinstance(modules_text, bytes):
+        modules_text = modules_text.decode("utf-8", "replace")
+    modules = [
+        field.removeprefix("module:name=")
+        for line in str(modules_text).splitlines()
+        if line.startswith("module:")
+        for field in line.split(",")[:1]
+    ]
+    return NodeStats(
+        keys_per_db={db.removeprefix("db"): int(info["keys"]) for db, info in keyspace.items()},
+        expires_per_db={db.removeprefix("db"): int(info.get("expires", 0)) for db, info in keyspace.items()},
+        modules=modules,
+        predicted_size=int(memory.get("used_memory_dataset") or memory.get("used_memory") or 0),
+    )
 
 
 def run(
@@ -157,7 +179,7 @@ def run(
         )
 
     try:
-        keys, predicted_size = _node_stats(shard["Host"], int(shard["Port"]), credentials)
+        stats = _node_stats(shard["Host"], int(shard["Port"]), credentials)
         catalog.set_capture_progress(
             snapshot,
             group,
@@ -165,12 +187,14 @@ def run(
                 "CaptureStatus": "running",
                 "CaptureStartTime": iso(),
                 "Heartbeat": time.time(),
-                "KeysPerDb": keys,
-                "KeyCount": sum(keys.values()),
+                "KeysPerDb": stats.keys_per_db,
+                "ExpiresPerDb": stats.expires_per_db,
+                "KeyCount": sum(stats.keys_per_db.values()),
+                "Modules": stats.modules,
             },
         )
         with storage.S3MultipartWriter(
-            s3, bucket, key, extra_args=extra_args or encryption.s3_args(), expected_size=predicted_size
+            s3, bucket, key, extra_args=extra_args or encryption.s3_args(), expected_size=stats.predicted_size
         ) as writer:
             result = capture_rdb(
                 shard["Host"], int(shard["Port"]), writer.write, progress=report, credentials=credentials

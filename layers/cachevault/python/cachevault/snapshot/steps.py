@@ -390,6 +390,7 @@ _CAPTURE_FIELDS = (
     "KeyCountExact",
     "Functions",
     "ModuleKeysSkipped",
+    "Modules",
     "ReplicationId",
     "ReplicationOffset",
     "CaptureStartTime",
@@ -461,6 +462,8 @@ def build_manifest(record: dict[str, Any], cache: dict[str, Any]) -> dict[str, A
                 "KeyCountExact": bool(n.get("KeyCountExact")),
                 "Functions": n.get("Functions"),
                 "ModuleKeysSkipped": n.get("ModuleKeysSkipped"),
+                # Modules the source node had loaded (None: not recorded): none, no module values.
+                "Modules": n.get("Modules"),
                 "ReplicationId": n.get("ReplicationId"),
                 "ReplicationOffset": n.get("ReplicationOffset"),
                 "CaptureStartTime": n.get("CaptureStartTime"),
