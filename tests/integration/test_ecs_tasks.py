@@ -189,7 +189,7 @@ def test_node_task_has_its_own_address_and_stops_without_a_zombie(product: Produ
     )
     address = restore_targets.task_ip(running)
     assert address and address.startswith("127.") and address != "127.0.0.1"
-    assert running["containers"][0]["networkInterfaces"][0]["privateIpv4Address"] == address
+    assert all(c["networkInterfaces"][0]["privateIpv4Address"] == address for c in running["containers"])
     wait_until(lambda: _pings(address), 30, "redis-server at the task's address")
     (pid,) = ecs.RUNNER.pids(task["taskArn"])
 
@@ -197,8 +197,88 @@ def test_node_task_has_its_own_address_and_stops_without_a_zombie(product: Produ
     stopped = ecs_client.describe_tasks(cluster=settings.cluster, tasks=[task["taskArn"]])["tasks"][0]
     assert stopped["lastStatus"] == "STOPPED" and stopped["stopCode"] == "UserInitiated"
     assert stopped["stoppedReason"] == "test over"
-    assert stopped["containers"][0]["exitCode"] == 0  # SIGTERM: redis-server shuts down cleanly
+    seed, node = stopped["containers"]  # the node task's seed container had nothing to write
+    assert (seed["name"], seed["exitCode"]) == ("seed", 0)
+    assert (node["name"], node["exitCode"]) == ("node", 0)  # SIGTERM: redis-server shuts down cleanly
     assert _gone(pid) and not Path(f"/proc/{pid}").exists()  # reaped, not a zombie
+
+
+def _init_and_node_task(ecs_client: Any, settings: Any, exit_code: int) -> str:
+    """A task definition whose server starts only after an init container (the worker image)
+    wrote a marker into the task volume they both mount at /data and exited with ``exit_code``."""
+    node_definition = ecs_client.describe_task_definition(taskDefinition=settings.node_task_definitions["redis"])
+    worker_image = next(c["image"] for c in node_definition["taskDefinition"]["containerDefinitions"]
+                        if c["name"] == "seed")  # fmt: skip
+    mounts = [{"sourceVolume": "data", "containerPath": "/data"}]
+    return ecs_client.register_task_definition(
+        family=f"cv-init-then-node-{exit_code}",
+        networkMode="awsvpc",
+        requiresCompatibilities=["FARGATE"],
+        cpu="256",
+        memory="512",
+        volumes=[{"name": "data"}],
+        containerDefinitions=[
+            {
+                "name": "init", "image": worker_image, "essential": False, "memory": 128, "mountPoints": mounts,
+                "environment": [{"name": "MARKER", "value": "/data/marker"}],
+                "command": ["python", "-c", f"import os, sys; open(os.environ['MARKER'], 'w').write('init'); "
+                            f"sys.exit({exit_code})"],
+            },
+            {
+                "name": "node", "image": "redis:7.0", "essential": True, "memory": 384, "mountPoints": mounts,
+                "dependsOn": [{"containerName": "init", "condition": "SUCCESS"}],
+                "command": ["redis-server", "--save", ""],
+            },
+        ],
+    )["taskDefinition"]["taskDefinitionArn"]  # fmt: skip
+
+
+def test_a_container_starts_once_its_dependency_succeeded_and_shares_its_volume(product: Product) -> None:
+    ecs_client = client("ecs")
+    settings = restore_targets.TaskSettings.from_env()
+    arn = ecs_client.run_task(
+        cluster=settings.cluster, taskDefinition=_init_and_node_task(ecs_client, settings, 0), launchType="FARGATE",
+        networkConfiguration=settings.network(),
+    )["tasks"][0]["taskArn"]  # fmt: skip
+
+    def described() -> dict[str, Any]:
+        return ecs_client.describe_tasks(cluster=settings.cluster, tasks=[arn])["tasks"][0]
+
+    running = wait_until(lambda: (t := described())["lastStatus"] == "RUNNING" and t, 30, "the task to run")
+    init, node = running["containers"]
+    assert (init["lastStatus"], init["exitCode"]) == ("STOPPED", 0)  # not essential: the task runs on
+    assert node["lastStatus"] == "RUNNING"
+    address = restore_targets.task_ip(running)
+    wait_until(lambda: _pings(address), 30, "the server after its init container")
+    conn = connect(f"{address}:6379")
+    try:
+        data_dir = Path(conn.config_get("dir")["dir"])  # the image works in /data: the task's volume
+    finally:
+        conn.close()
+    assert data_dir.name == "data" and (data_dir / "marker").read_text() == "init"
+    ecs_client.stop_task(cluster=settings.cluster, task=arn, reason="test over")
+    assert described()["lastStatus"] == "STOPPED"
+    assert not data_dir.exists()  # a stopped task's storage goes with it
+
+
+def test_a_container_whose_dependency_failed_never_starts_and_the_task_stops(product: Product) -> None:
+    ecs_client = client("ecs")
+    settings = restore_targets.TaskSettings.from_env()
+    arn = ecs_client.run_task(
+        cluster=settings.cluster, taskDefinition=_init_and_node_task(ecs_client, settings, 3), launchType="FARGATE",
+        networkConfiguration=settings.network(),
+    )["tasks"][0]["taskArn"]  # fmt: skip
+    stopped = wait_until(
+        lambda: (t := ecs_client.describe_tasks(cluster=settings.cluster, tasks=[arn])["tasks"][0])["lastStatus"]
+        == "STOPPED" and t, 30, "the task to stop",
+    )  # fmt: skip
+    init, node = stopped["containers"]
+    assert init["exitCode"] == 3
+    assert "exitCode" not in node and node["reason"] == (
+        "DependencyConditionNotMet: container init exited with code 3, condition SUCCESS"
+    )
+    assert stopped["stoppedReason"].startswith("Essential container node could not start: container init exited")
+    assert ecs.RUNNER.pids(arn) == []
 
 
 def _pings(address: str) -> bool:

@@ -96,6 +96,7 @@ def test_every_state_of_a_500_shard_restore_is_below_256_kb() -> None:
     provision = preflight | {
         "Targets": targets,
         "LoadTasks": [{k: rw.load_task(s)[k] for k in ("Index", "Runner")} for s in sources],  # as provision_step
+        "Seeded": False,
     }
     sizes = {"Preflight input": _size(request), "Preflight": _size(preflight), "ProvisionCache": _size(provision)}
     sizes["AttachReplicas"] = _size(provision)  # passes its input on

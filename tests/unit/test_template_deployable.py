@@ -140,7 +140,7 @@ def test_every_api_method_requires_sigv4(expanded: dict[str, Any]) -> None:
 
 
 # The restore steps that read an RDB the user names by ARN (test_template_policies.WILDCARD_ALLOWED).
-RESTORE_SOURCE_READERS = {"RestorePreflightFunctionRole", "RestoreLoadShardFunctionRole"}
+RESTORE_SOURCE_READERS = {"RestorePreflightFunctionRole", "RestoreLoadShardFunctionRole", "NodeTaskRole"}
 
 
 def test_export_reaches_only_the_allow_listed_buckets(expanded: dict[str, Any]) -> None:

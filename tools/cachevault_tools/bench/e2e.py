@@ -109,7 +109,10 @@ def _label(pid: int) -> str:
                 return "lambda_worker"
         return "lambda_zygote"
     if "-m" in words and words.index("-m") + 1 < len(words):
-        return words[words.index("-m") + 1].rsplit(".", 1)[-1]
+        module = words[words.index("-m") + 1]
+        if module == "cachevault.worker" and words[-1] in ("capture", "load", "seed"):
+            return f"ECS worker ({words[-1]})"  # a node task's seed container, or a capture/load job
+        return module.rsplit(".", 1)[-1]
     return Path(words[0]).name if words else "?"
 
 

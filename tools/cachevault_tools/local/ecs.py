@@ -753,10 +753,27 @@ def _restore_model(record: TaskRecord) -> Any | None:
         platform_version=record.platform_version,
     )  # fmt: skip
     model.id = record.task_id
+    _model_containers(model, definition)
     if model.task_arn != record.arn:  # another ARN format setting than the one that made it
         return None
     backend.tasks.setdefault(cluster.name, {})[model.task_arn] = model
     return model
+
+
+def _model_containers(task: Any, definition: Any) -> None:
+    """One container per container definition in moto's task (it models the first one only),
+    so DescribeTasks reports each container's status, exit code and reason, as ECS does."""
+    from moto.ecs.models import Container
+
+    containers = []
+    for container_def in definition.container_definitions:
+        model = Container(definition)
+        model.image, model.name = container_def.get("image"), container_def.get("name")
+        model.cpu, model.memory = container_def.get("cpu"), container_def.get("memory")
+        model.environment, model.command = container_def.get("environment"), container_def.get("command")
+        del model.exitCode  # moto's 0 before the container ran; ECS has no exit code until it exits
+        containers.append(model)
+    task.containers = containers
 
 
 def _record_of(model: Any) -> TaskRecord:
@@ -836,6 +853,7 @@ def install(runner: TaskRunner = RUNNER) -> None:
                 args_list[net_index] = net
         tasks = real_run(self, cluster_str, task_definition_str, count, overrides, *args_list, **kwargs)
         for task in tasks:
+            _model_containers(task, definition)
             task_role = (overrides or {}).get("taskRoleArn") or getattr(definition, "task_role_arn", None) or ""
             runner.start(_record_of(task), definition.container_definitions, str(task_role), definition.volumes)
             runner.apply(task)

@@ -272,7 +272,8 @@ def seeded_state(shard: ShardNodes, creds: Credentials, settings: TaskSettings |
         if task["lastStatus"] == "STOPPED":
             node = next(n for n in nodes if n.task_arn == task["taskArn"])
             why = "; ".join(
-                f"container {c.get('name')}: exit code {c.get('exitCode')}"
+                f"container {c.get('name')}: "
+                + ("did not run" if c.get("exitCode") is None else f"exit code {c['exitCode']}")
                 + (f" ({c['reason']})" if c.get("reason") else "")
                 for c in task.get("containers", [])
             )
