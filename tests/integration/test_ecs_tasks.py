@@ -461,7 +461,8 @@ def test_a_cache_a_restore_is_still_creating_cannot_be_deleted(product: Product,
     product.control.create_snapshot(source["CacheName"], "busy-snap")
     product.control.wait_snapshot("busy-snap", timeout_s=60)
 
-    arn, name = product.control.restore("busy-target", snapshot="busy-snap", replicas=0)
+    # Two shards: a RESTORE load, which a paused primary holds (a seeded one loads by itself).
+    arn, name = product.control.restore("busy-target", snapshot="busy-snap", num_shards=2, replicas=0)
     try:
         record = wait_until(
             lambda: (c := product.control.catalog.find_cache(name)) and c.get("Nodes") and c, 60, "the new nodes"
@@ -473,7 +474,7 @@ def test_a_cache_a_restore_is_still_creating_cannot_be_deleted(product: Product,
             with pytest.raises(CacheVaultError, match="is 'creating' by restore") as refused:
                 caches.delete_local_cache(name, product.settings)
             assert refused.value.code == "InvalidReplicationGroupStateFault"
-            assert len(product.running_tasks(name)) == 1  # nothing was stopped
+            assert len(product.running_tasks(name)) == 2  # nothing was stopped
         finally:
             hold.execute_command("CLIENT", "UNPAUSE")
             hold.close()

@@ -21,7 +21,7 @@ import pytest
 import redis
 from cachevault.catalog import caches, storage
 from cachevault.core.aws import client
-from cachevault.core.errors import CacheVaultError, InvalidS3Location, RestoreFailed
+from cachevault.core.errors import CacheVaultError, ChecksumMismatch, InvalidS3Location, RestoreFailed
 from cachevault.nodes.slots import SlotRouter, key_slot
 from cachevault.restore.verify import cache_digest, combined_digest
 from cachevault_tools import datagen
@@ -373,7 +373,7 @@ def test_a_seeded_node_refuses_an_object_that_is_not_the_snapshot(
 
     targets.append("rt-tamper")
     arn, name = product.control.restore("rt-tamper", snapshot="tamper-snap", replicas=1)
-    with pytest.raises(RestoreFailed) as failure:
+    with pytest.raises(ChecksumMismatch) as failure:
         product.control.wait_restore(arn, name, timeout_s=90)
     message = str(failure.value)
     assert f"Seeding rt-tamper from s3://{product.bucket}/{key} failed" in message
@@ -631,7 +631,8 @@ def test_a_timed_out_load_step_fails_the_restore_with_its_reason(
     monkeypatch.setattr(lambda_runtime.RUNTIME, "invoke", targets_hold_writes)
     targets.append("slow-copy")
     try:
-        arn, name = product.control.restore("slow-copy", snapshot="slow-snap", replicas=0)
+        # Two shards: a RESTORE load (a seeded one has no batch to hold back, restore_workflow.seedable).
+        arn, name = product.control.restore("slow-copy", snapshot="slow-snap", num_shards=2, replicas=0)
         with pytest.raises(CacheVaultError) as failure:
             product.control.wait_restore(arn, name, timeout_s=120)
     finally:

@@ -293,15 +293,18 @@ class TaskRunner:
                 if verdict is None:
                     continue
                 progressed = True
-                container.pending = False
                 if task.stopping or task.suspending:
                     verdict = "the task is stopping"
+                # Started (or given up) before it stops pending: a reaper asking whether the task
+                # still runs must never see it neither pending nor started.
                 if verdict is True:
                     self._spawn(task, container)
+                    container.pending = False
                     self._save(task)
                     continue
                 container.reason = f"DependencyConditionNotMet: {verdict}"
                 container.gone.set()
+                container.pending = False
                 if container.essential:
                     task.stop_reason = task.stop_reason or (
                         f"Essential container {container.name} could not start: {verdict}"

@@ -50,6 +50,7 @@ from cachevault.catalog.records import Catalog
 from cachevault.core import encryption, names
 from cachevault.core.aws import client
 from cachevault.core.errors import (
+    ChecksumMismatch,
     InvalidParameterCombination,
     InvalidParameterValue,
     InvalidS3Location,
@@ -625,12 +626,12 @@ def _until_seeded(
         state = restore_targets.seeded_state(shard, creds)
         if "Failed" in state:
             parts = catalog.operation_progress(RESTORE, target)
-            why = [f"{n.node_id}: {p['Error']}" for n in (shard.primary, *shard.replicas)
-                   if (p := parts.get(progress_part(n.node_id), {})).get("Error")]  # fmt: skip
-            raise RestoreFailed(
-                f"Seeding {target} from {where} failed: " + ("; ".join(why) + "; " if why else "") + state["Failed"],
-                Source=where,
-            )
+            errors = [p["Error"] for n in (shard.primary, *shard.replicas)
+                      if (p := parts.get(progress_part(n.node_id), {})).get("Error")]  # fmt: skip
+            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), state["Failed"]])
+            # The object is not the snapshot (its digest or size): the same fault the RESTORE path raises.
+            mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
+            raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
         if state["Ready"]:
             return
         loaded = state["Loaded"].get(shard.primary.node_id)
