@@ -8,8 +8,8 @@ Lambdas use. The state machine's RunTask passes the job's input in the environme
 * ``load``: ``LOAD_EVENT``, the LoadShards Map item (JSON) of a source too big for the
   LoadShard Lambda; the result goes to the restore's S3 result object, which the state
   machine's LoadResult step hands on (``restore_workflow.load_job``/``load_result_step``).
-* ``seed``: the node task's init container (restore.seed): ``SEED_SOURCE`` (the shard's RDB
-  in S3) written to ``SEED_PATH`` before the server starts; no source, nothing to write.
+* ``seed``: the node task's seed container (restore.seed): ``SEED_SOURCE`` (the shard's RDB
+  in S3) served to the node as its first master's full resync; no source, nothing to serve.
 
 The table/bucket names come from the task definition; the exit code tells ECS how it ended.
 """
@@ -74,7 +74,6 @@ def load() -> int:
 
 def seed() -> int:
     text = os.environ.get(seeding.SEED_SOURCE_ENV, "")
-    path = os.environ.get(seeding.SEED_PATH_ENV) or seeding.DEFAULT_SEED_PATH
     if not text:
         print("nothing to seed: the node starts empty", flush=True)
         return 0
@@ -88,16 +87,18 @@ def seed() -> int:
                           phase="download", total=None)  # fmt: skip
     try:
         source = seeding.parse_source(text)
-        report.fields["Total"] = source.get("Size")
-        report.start()
-        logger.info("seeding", target=target, node=node, key=source["Key"], bytes=source.get("Size"), path=path)
-        written = seeding.seed_rdb(source, path, on_bytes=report.update)
-        report.finish(written)
-    except Exception as exc:  # the exit code keeps the server from starting (dependsOn SUCCESS)
+        with seeding.listen() as server:
+            report.fields.update(Total=int(source["Size"]), Port=server.getsockname()[1])
+            report.start()  # LoadShard reads the port here and points the node at it
+            logger.info("seed listening", target=target, node=node, key=source["Key"], port=report.fields["Port"])
+            with seeding.accept_node(server) as conn:
+                sent = seeding.serve(conn, source, on_bytes=report.update)
+        report.finish(sent)
+    except Exception as exc:  # the restore reads why from the progress part
         logger.exception("seeding failed", target=target, node=node)
-        report.fail(f"{type(exc).__name__}: {exc}")  # what LoadShard reports when the task stops
+        report.fail(f"{type(exc).__name__}: {exc}")
         return 1
-    logger.info("seeded", target=target, node=node, bytes=written)
+    logger.info("seeded", target=target, node=node, bytes=sent)
     return 0
 
 

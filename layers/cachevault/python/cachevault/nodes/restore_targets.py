@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,20 +172,26 @@ def start_node_tasks(
     creds: Credentials,
     tls: dict[str, str] | None,
     settings: TaskSettings | None = None,
+    seeds: Callable[[str], list[dict[str, str]]] | None = None,
 ) -> list[NodeTask]:
-    """RunTask one node per id; return once every node answers PING at its task's address."""
+    """RunTask one node per id; return once every node answers PING at its task's address.
+
+    ``seeds(node_id)``: the environment of that node's seed container (restore.seed), which
+    then serves it the restore's RDB once told to (``follow_seed``).
+    """
     settings = settings or TaskSettings.from_env()
     ecs = client("ecs")
     command = node_command(engine, cluster_mode=cluster_mode, creds=creds, tls=tls)
     arns: list[str] = []
     try:
         for node_id in node_ids:
-            arns.append(_run_node_task(ecs, settings, cache, node_id, engine, command, node_environment(tls)))
+            seed_env = seeds(node_id) if seeds else None
+            arns.append(_run_node_task(ecs, settings, cache, node_id, engine, command, node_environment(tls), seed_env))
         hosts = _wait_running(ecs, settings.cluster, arns)
         nodes = [NodeTask(node_id, arn, hosts[arn]) for node_id, arn in zip(node_ids, arns, strict=True)]
         _wait_ping(nodes, creds)
         for node in nodes:
-            announce(node, creds, cluster_mode)
+            _announce(node, creds, cluster_mode)
         return nodes
     except BaseException:
         stop_tasks(arns, "cache nodes did not start", settings)
@@ -222,104 +229,68 @@ def start_seeded_shard(
     cache: str,
     shard: int,
     replicas: int,
-    seed: Any,
+    seed: Callable[[str], list[dict[str, str]]],
     *,
     engine: str,
     creds: Credentials,
     tls: dict[str, str] | None,
     settings: TaskSettings | None = None,
 ) -> ShardNodes:
-    """RunTask a standalone shard whose every node loads the same RDB at start-up; return as soon
-    as every task has its address, without waiting for the loads (``wait_seeded`` does).
-
-    ``seed(node_id)`` gives the seed container's environment (restore.seed.seed_environment).
-    The replicas start as replicas of the primary's address: loading the RDB as replicas they
-    keep its replication ID and offset, which the primary, loading it as a primary, keeps as
-    its secondary ID, so each replica's first PSYNC is a partial resync (measured, Redis 7.0:
-    ``sync_partial_ok:1``, ``sync_full:0``). A replica told REPLICAOF after loading as a
-    primary asks with an ID of its own and gets a full sync of the whole dataset instead.
-    """
-    settings = settings or TaskSettings.from_env()
-    ecs = client("ecs")
-    command = node_command(engine, cluster_mode=False, creds=creds, tls=tls)
-    env = node_environment(tls)
+    """A standalone shard whose every node will load the same RDB from its task's seed container
+    (``seed(node_id)``: its environment); the nodes answer, empty and not wired, on return."""
     ids = [node_id(cache, shard, member) for member in range(1 + replicas)]
-    arns: list[str] = []
-    try:
-        arns.append(_run_node_task(ecs, settings, cache, ids[0], engine, command, env, seed(ids[0])))
-        primary_host = _wait_running(ecs, settings.cluster, arns, address_only=True)[arns[0]]
-        follower = [*command, "--replicaof", primary_host, str(NODE_PORT)]
-        for replica_id in ids[1:]:
-            arns.append(_run_node_task(ecs, settings, cache, replica_id, engine, follower, env, seed(replica_id)))
-        hosts = _wait_running(ecs, settings.cluster, arns, address_only=True)
-    except BaseException:
-        stop_tasks(arns, "cache nodes did not start", settings)
-        raise
-    nodes = [NodeTask(i, arn, hosts[arn]) for i, arn in zip(ids, arns, strict=True)]
+    nodes = start_node_tasks(
+        cache, ids, engine=engine, cluster_mode=False, creds=creds, tls=tls, settings=settings, seeds=seed
+    )
     for node in nodes[1:]:
         node.role = "replica"
     return ShardNodes(nodes[0], nodes[1:])
 
 
-def seeded_state(shard: ShardNodes, creds: Credentials, settings: TaskSettings | None = None) -> dict[str, Any]:
-    """Where a seeded shard's nodes are: ``Failed`` (a task stopped: why), else per node ``Loaded``
-    (bytes of the RDB its server has loaded; None before the server answers) and ``Ready``
-    (every server answers with nothing loading and every replica linked, in sync)."""
+def follow_seed(node: NodeTask, port: int, creds: Credentials) -> None:
+    """The node takes its task's seed, listening at ``port`` of the task's address, as its master."""
+    with _client(node, creds) as conn:
+        conn.execute_command("REPLICAOF", node.host, port)
+
+
+def seeded_node_state(node: NodeTask, creds: Credentials) -> dict[str, Any]:
+    """``Busy``: a sync or a load still under way on the node; ``Role``: as INFO replication says."""
+    with _client(node, creds, timeout=5.0) as conn:
+        replication = conn.info("replication")
+        loading = int(conn.info("persistence").get("loading", 0))
+    syncing = int(replication.get("master_sync_in_progress", 0))
+    return {"Busy": bool(loading or syncing), "Role": replication.get("role")}
+
+
+def promote_seeded_shard(shard: ShardNodes, creds: Credentials, timeout: float = READY_TIMEOUT_S) -> None:
+    """The primary stops following its seed; the replicas follow the primary and resync partially
+    (the same replication ID and offset: restore.seed); in sync on return."""
+    with _client(shard.primary, creds) as conn:
+        conn.execute_command("REPLICAOF", "NO", "ONE")
+    for replica in shard.replicas:
+        with _client(replica, creds) as conn:
+            conn.execute_command("REPLICAOF", shard.primary.host, shard.primary.port)
+    wait_in_sync(shard, creds, timeout)
+
+
+def tasks_stopped(arns: list[str], settings: TaskSettings | None = None) -> list[str]:
+    """Why each of these tasks stopped, for those that did (DescribeTasks)."""
     settings = settings or TaskSettings.from_env()
-    nodes = [shard.primary, *shard.replicas]
-    ecs = client("ecs")
-    for task in ecs.describe_tasks(cluster=settings.cluster, tasks=[n.task_arn for n in nodes])["tasks"]:
+    stopped = []
+    for task in client("ecs").describe_tasks(cluster=settings.cluster, tasks=arns)["tasks"]:
         if task["lastStatus"] == "STOPPED":
-            node = next(n for n in nodes if n.task_arn == task["taskArn"])
             why = "; ".join(
                 f"container {c.get('name')}: "
                 + ("did not run" if c.get("exitCode") is None else f"exit code {c['exitCode']}")
                 + (f" ({c['reason']})" if c.get("reason") else "")
                 for c in task.get("containers", [])
             )
-            return {"Failed": f"node {node.node_id} stopped: {task.get('stoppedReason', '')} ({why})"}
-    loaded: dict[str, int | None] = {}
-    ready = True
-    for node in nodes:
-        try:
-            with _client(node, creds, timeout=2.0) as conn:
-                info = conn.info("persistence")
-        except (redis.RedisError, OSError):  # not started yet (seeding), or busy starting
-            loaded[node.node_id], ready = None, False
-            continue
-        loading = int(info.get("loading", 0))
-        loaded[node.node_id] = int(info.get("loading_loaded_bytes", 0)) if loading else None
-        ready = ready and not loading
-    if ready and shard.replicas:
-        ready = not lagging_replicas(shard, creds)
-    return {"Loaded": loaded, "Ready": ready}
+            stopped.append(f"task {task['taskArn']} stopped: {task.get('stoppedReason', '')} ({why})")
+    return stopped
 
 
-def relink_unannounced(shard: ShardNodes, creds: Credentials) -> int:
-    """Make the primary list each replica at its task address; how many replicas had to relink.
-
-    A seeded replica links to its primary as soon as it has loaded, before anyone could tell
-    it its address (``announce``): the primary then lists it at its connection's source
-    address (on loopback, 127.0.0.1). Such a replica is told its address and drops its
-    master link; it reconnects with a partial resync of nothing and is listed right.
-    """
-    with _client(shard.primary, creds) as conn:
-        listed = {(str(v.get("ip")), int(v.get("port", 0))) for k, v in conn.info("replication").items()
-                  if k.startswith("slave") and isinstance(v, dict)}  # fmt: skip
-    relinked = 0
-    for replica in shard.replicas:
-        if (replica.host, replica.port) in listed:
-            continue
-        with _client(replica, creds) as conn:
-            conn.config_set("replica-announce-ip", replica.host)
-            conn.execute_command("CLIENT", "KILL", "TYPE", "master")
-        relinked += 1
-    return relinked
-
-
-def _wait_running(ecs: Any, cluster: str, arns: list[str], *, address_only: bool = False) -> dict[str, str]:
-    """Task ARN -> its address, once every task runs (``address_only``: once it has one, maybe still
-    PENDING, its containers waiting for their dependencies)."""
+def _wait_running(ecs: Any, cluster: str, arns: list[str]) -> dict[str, str]:
+    """Task ARN -> its address, once every task runs."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     hosts: dict[str, str] = {}
     while True:
@@ -330,8 +301,7 @@ def _wait_running(ecs: Any, cluster: str, arns: list[str], *, address_only: bool
                         f"cache node task {task['taskArn']} stopped: {task.get('stoppedReason', '')} "
                         f"(exit codes {[c.get('exitCode') for c in task.get('containers', [])]})"
                     )
-                started = task["lastStatus"] == "RUNNING" or address_only
-                if started and (ip := task_ip(task)):
+                if task["lastStatus"] == "RUNNING" and (ip := task_ip(task)):
                     hosts[task["taskArn"]] = ip
         if len(hosts) == len(arns):
             return hosts
@@ -388,7 +358,7 @@ def _wait_ping(nodes: list[NodeTask], creds: Credentials) -> None:
         time.sleep(_NODE_POLL_S)
 
 
-def announce(node: NodeTask, creds: Credentials, cluster_mode: bool) -> None:
+def _announce(node: NodeTask, creds: Credentials, cluster_mode: bool) -> None:
     """The node tells peers its task address: a connection's source address need not be it
     (on loopback every connection comes from 127.0.0.1; behind NAT from the NAT)."""
     with _client(node, creds) as conn:
@@ -621,18 +591,10 @@ def node_entries(nodes: CacheNodes) -> list[dict[str, Any]]:
     return entries
 
 
-def ecs_record(
-    nodes: CacheNodes,
-    creds: Credentials,
-    *,
-    node_type: str,
-    data_tiering: bool,
-    engine: tuple[str, str, int] | None = None,
-) -> dict[str, Any]:
-    """Registry fields of an ECS cache (``Managed: ecs``), engine read from a primary unless given
-    (``image_engine``'s, for nodes that do not answer yet)."""
+def ecs_record(nodes: CacheNodes, creds: Credentials, *, node_type: str, data_tiering: bool) -> dict[str, Any]:
+    """Registry fields of an ECS cache (``Managed: ecs``), engine read from a primary."""
     primary = nodes.shards[0].primary
-    engine, version, rdb_version = engine or topology.engine_info(primary.host, primary.port, credentials=creds)
+    engine, version, rdb_version = topology.engine_info(primary.host, primary.port, credentials=creds)
     return {
         "CacheName": nodes.name,
         "Engine": engine,

@@ -1,39 +1,53 @@
-"""A new node's RDB, written from S3 before its server starts: the node task's ``seed`` container.
+"""A new node's data, served from S3 as its first master: the node task's ``seed`` container.
 
-The node task definitions (template.yaml) run ``python -m cachevault.worker seed`` as a
-non-essential container the server's container depends on (``dependsOn`` SUCCESS), both
-mounting the task's ``data`` volume at ``/data``, where the official images' server keeps
-``dump.rdb``. ProvisionCache passes the shard's source in ``SEED_SOURCE`` (bucket, key,
-version, SHA-256, size); a node started with no source (``cache create``, a resharded
-restore) starts empty.
+The node task definitions (template.yaml) run ``python -m cachevault.worker seed`` beside
+the server, not essential. ProvisionCache passes each node's seed the shard's source in
+``SEED_SOURCE`` (bucket, key, version, SHA-256, size); a node started with no source
+(``cache create``, a resharded restore) has a seed that exits at once.
 
-The object is read with ranged GETs, its SHA-256 checked on the fly
-(``storage.S3RangeReader``), and written to ``dump.rdb.part``; only a whole, checked object
-is renamed to ``dump.rdb``, which the server loads at start-up (checking the RDB's own
-CRC64 as it goes). A short read or a wrong digest leaves no ``dump.rdb`` and exits non-zero,
-so the server never starts on bad data: the task stops, and DescribeTasks says why.
+The seed listens on an ephemeral port of its task and reports it in its progress part
+(``Port``); LoadShard then tells the node ``REPLICAOF <its own address> <port>``. To the node
+the seed is a master that answers PSYNC with a full resync: ``+FULLRESYNC <replid> 0`` and the
+RDB as the payload, read from S3 with ranged GETs and streamed as it arrives. The node
+(``repl-diskless-load on-empty-db``) parses it straight from the socket, so the download,
+the SHA-256 check and the load overlap and nothing is written to disk. The last bytes go
+out only once the whole object's SHA-256 is checked (``storage.S3RangeReader`` raises on
+the read that completes it): a wrong object never finishes loading, and a node whose load
+fails empties itself. The replication ID comes from the object's digest, so every node of a
+shard gets the same ID and offset: once the primary is promoted (REPLICAOF NO ONE, keeping
+that ID as its secondary one) its replicas resync partially, with no data sent again.
+
+Only a connection from inside the task is served: from the address it was made to (the
+task's own) or from loopback. Anyone else in the VPC who reaches the port gets nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
+import ipaddress
 import json
-import os
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
+
+import hiredis
 
 from cachevault.core.errors import InvalidParameterValue
 
 SEED_SOURCE_ENV = "SEED_SOURCE"
-SEED_PATH_ENV = "SEED_PATH"
 SEED_TARGET_ENV = "SEED_TARGET"  # the cache (progress is reported under its name)
 SEED_NODE_ENV = "SEED_NODE"
-DEFAULT_SEED_PATH = "/data/dump.rdb"
+CONNECT_TIMEOUT_S = 900.0  # no node connected by then: the restore that started it is gone
+IO_TIMEOUT_S = 120.0  # a send or a wait for the node's acknowledgement without progress
 _SOURCE_FIELDS = ("Bucket", "Key", "VersionId", "Sha256", "Size")
 
 
+class SeedFailed(Exception):
+    """The node could not be served (nobody connected, the connection broke)."""
+
+
 def progress_part(node: str) -> str:
-    """The seed's part in the restore's progress (its download, and why it failed)."""
+    """The seed's part in the restore's progress (its port, its bytes sent, why it failed)."""
     return f"seed-{node}"
 
 
@@ -54,37 +68,108 @@ def parse_source(text: str) -> dict[str, Any]:
         raise InvalidParameterValue(f"{SEED_SOURCE_ENV} is not JSON: {exc}") from exc
     if not isinstance(source, dict) or not source.get("Bucket") or not source.get("Key"):
         raise InvalidParameterValue(f"{SEED_SOURCE_ENV} must name a Bucket and a Key, got {text[:200]!r}")
-    if not source.get("Sha256"):
-        raise InvalidParameterValue(f"{SEED_SOURCE_ENV}: a node is only seeded from an object pinned by its SHA-256")
+    if not source.get("Sha256") or not source.get("Size"):
+        raise InvalidParameterValue(f"{SEED_SOURCE_ENV}: only an object pinned by SHA-256 and size seeds a node")
     return source
 
 
-def seed_rdb(source: dict[str, Any], path: str, *, on_bytes: Callable[[int], None] | None = None) -> int:
-    """Write the checked object to ``path`` (via ``path.part``); the bytes written."""
+def replication_id(source: dict[str, Any]) -> str:
+    """The same 40 hex digits for every node seeded from this object."""
+    return str(source["Sha256"]).lower()[:40]
+
+
+def listen() -> socket.socket:
+    """A listening socket on an ephemeral port of every address of the task."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("0.0.0.0", 0))  # the task's addresses; accept_node checks who connects
+    server.listen(4)
+    return server
+
+
+def _from_inside(conn: socket.socket) -> bool:
+    peer, local = conn.getpeername()[0], conn.getsockname()[0]
+    return peer == local or ipaddress.ip_address(peer).is_loopback
+
+
+def accept_node(server: socket.socket, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.socket:
+    """The first connection from inside the task (others are closed unanswered)."""
+    deadline = time.monotonic() + timeout_s
+    while True:  # bounded by the deadline
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SeedFailed(f"no node connected within {timeout_s:.0f} s")
+        server.settimeout(left)
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
+        if _from_inside(conn):
+            conn.settimeout(IO_TIMEOUT_S)
+            return conn
+        conn.close()
+
+
+def serve(
+    conn: socket.socket,
+    source: dict[str, Any],
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Answer the node's replication handshake, stream the checked RDB, wait for its ACK; bytes sent."""
     from cachevault.catalog import storage  # boto3: only a node that has something to seed loads it
     from cachevault.core.aws import client
 
-    part = path + ".part"
-    reader = storage.S3RangeReader(
+    reader = hiredis.Reader()
+    _handshake(conn, reader, source)
+    s3 = storage.S3RangeReader(
         client("s3"),
         source["Bucket"],
         source["Key"],
         expected_sha256=source["Sha256"],
-        size=source.get("Size"),
+        size=int(source["Size"]),
         version_id=source.get("VersionId"),
-        on_bytes=on_bytes,
     )
-    written = 0
-    try:
-        with reader, open(part, "wb") as out:
-            while chunk := reader.read(storage.RANGE_SIZE):  # the last read checks size and digest
-                out.write(chunk)
-                written += len(chunk)
-            if reader.sha256 is None:  # an empty object: nothing was read, so nothing was checked
-                raise InvalidParameterValue(f"s3://{source['Bucket']}/{source['Key']} is empty: not an RDB")
-        os.replace(part, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-        raise
-    return written
+    sent = 0
+    with s3:
+        conn.sendall(b"$%d\r\n" % s3.size)
+        while chunk := s3.read(storage.RANGE_SIZE):  # the read that completes the object checks it first
+            conn.sendall(chunk)
+            sent += len(chunk)
+            if on_bytes is not None:
+                on_bytes(sent)
+    _await_ack(conn, reader)
+    return sent
+
+
+def _commands(conn: socket.socket, reader: Any) -> Any:
+    while True:  # bounded: recv raises on timeout, returns b"" when the node hangs up
+        while (command := reader.gets()) is not False:
+            yield command
+        data = conn.recv(1 << 16)
+        if not data:
+            raise SeedFailed("the node closed the connection")
+        reader.feed(data)
+
+
+def _handshake(conn: socket.socket, reader: Any, source: dict[str, Any]) -> None:
+    """PING, AUTH, REPLCONF as a master answers them; returns once the node asked for a sync."""
+    for command in _commands(conn, reader):
+        name = bytes(command[0]).upper() if command else b""
+        if name == b"PING":
+            conn.sendall(b"+PONG\r\n")
+        elif name in (b"AUTH", b"REPLCONF"):
+            conn.sendall(b"+OK\r\n")  # its masterauth is the cache's: this master asks for none
+        elif name == b"PSYNC":
+            conn.sendall(b"+FULLRESYNC %s 0\r\n" % replication_id(source).encode())
+            return
+        elif name == b"SYNC":
+            return
+        else:
+            conn.sendall(b"-ERR this master only serves a full resync\r\n")
+
+
+def _await_ack(conn: socket.socket, reader: Any) -> None:
+    """The node acknowledges the stream once it has loaded it (REPLCONF ACK)."""
+    for command in _commands(conn, reader):
+        if len(command) >= 2 and bytes(command[0]).upper() == b"REPLCONF" and bytes(command[1]).upper() == b"ACK":
+            return

@@ -15,10 +15,11 @@ sends pre-packed RESTORE batches, routed by hash slot, which the primaries propa
 their replicas as they load. Verify waits until every replica's offset equals its primary's.
 
 A new standalone cache restored from one RDB is *seeded* instead (``seedable``): ProvisionCache
-starts every node of the shard with the source in its task's seed container
-(restore.seed), which writes it to the task's storage before the server starts and loads
-it at start-up, replicas as replicas of the primary (a partial resync, no data over
-replication); AttachReplicas has nothing to do and LoadShard waits for the loads.
+starts every node of the shard with the source in its task's seed container (restore.seed);
+LoadShard points each node at its seed, which serves the RDB from S3 as a master's full
+resync that the node parses as it arrives (no RESTORE, no Python pass over the keys, no
+disk), then promotes the primary, and the replicas, loaded from the same stream, resync with
+it partially; AttachReplicas has nothing to do.
 Measured (1 GB of small keys, one replica, 2 cores, the load from a local file): 11.0 s with
 the replica following the load vs 14.7 s loading the primary alone and full-syncing after.
 
@@ -89,13 +90,11 @@ REPLICA_CATCH_UP_MAX_S = 600.0  # Verify: and be in sync within this, gaining or
 LOAD_INLINE_MAX_BYTES_ENV = "LOAD_INLINE_MAX_BYTES"
 LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 
-# Seeded restores (restore.seed): a new standalone cache restored from one RDB gets it written
-# to each node's task storage before the server starts, and the server loads it itself at
-# start-up (no RESTORE, no Python pass over the keys). Measured (1 GB of small keys, one
-# replica, 2 cores, make bench): see README, Benchmarks. Fargate's task storage is 20 GiB by
-# default: a bigger source loads through RESTORE. RESTORE_SEED_NODES=false turns seeding off.
+# Seeded restores (restore.seed): each node of a new standalone cache restored from one RDB
+# loads it from its task's seed container, which serves it from S3 as a replication stream
+# (no RESTORE, no Python pass over the keys). Measured (1 GB, one replica, 2 cores, make
+# bench): see README, Benchmarks. RESTORE_SEED_NODES=false turns seeding off.
 RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
-SEED_MAX_BYTES = 18 << 30
 SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
 SEED_WAIT_JOB_S = 12 * 3600.0  # LoadShard as an ECS task
 _SEED_POLL_S = (0.02, 0.5)  # first and longest pause between looks at a seeded shard
@@ -387,21 +386,19 @@ def _checked_source(settings: Settings, target: str, index: int, source: dict[st
 # ---------------------------------------------------------------------------------- provision
 def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     """The primaries to load: a new ECS cache's (its replicas join in AttachReplicas, before the
-    load) or the external cache's, read from its nodes."""
+    load; a seeded shard's start with it) or the external cache's, read from its nodes."""
     catalog = Catalog(Settings.from_env())
     target, cluster_mode, shards = event["ReplicationGroupId"], event["ClusterMode"], event["NumNodeGroups"]
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
+    sources = restore_sources(event)
+    seeded = event.get("TargetType") != "external" and seedable(event, sources)
     if event.get("TargetType") == "external":
         topo = topology.discover(topology.seed_endpoints(cache), credentials=creds)
         targets = [
             {"Host": s.primary.host, "Port": s.primary.port, "Slots": format_slot_ranges(s.slots) or None}
             for s in topo.shards
         ]
-    sources = restore_sources(event)
-    seeded = event.get("TargetType") != "external" and seedable(event, sources)
-    if event.get("TargetType") == "external":
-        pass
     elif seeded:
         engine = str(event.get("Engine") or "redis")
         source = sources[0]
@@ -410,8 +407,7 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
             engine=engine, creds=creds, tls=creds_mod.fleet_tls(cache),
         )  # fmt: skip
         nodes = restore_targets.CacheNodes(target, False, [shard])
-        # The servers do not answer until they have loaded: the engine is the image's for now.
-        _record_nodes(catalog, nodes, event, creds, engine=restore_targets.image_engine(engine))
+        _record_nodes(catalog, nodes, event, creds)
         targets = [{"Host": shard.primary.host, "Port": shard.primary.port, "Slots": None}]
     else:
         nodes = restore_targets.create_ecs_cache(
@@ -432,9 +428,9 @@ def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
     """A new standalone cache restored from one RDB that its engine loads whole: its nodes are seeded.
 
     Everything else loads through RESTORE: several sources (merged or resharded: keys are
-    routed by slot), cluster mode (a cluster node that loads keys claims their slots at
-    start-up), a snapshot whose module values the restore skips, an RDB too big for the
-    task's storage, or seeding turned off.
+    routed by slot), cluster mode (a cluster node cannot be a replica of anything but a
+    cluster node, so it cannot follow a seed), a snapshot whose module values the restore
+    skips (the target's image has no module to load them), or seeding turned off.
     """
     if os.environ.get(RESTORE_SEED_NODES_ENV, "true").lower() in ("false", "0", "no"):
         return False
@@ -444,23 +440,15 @@ def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
     # No module values: counted in the RDB (a foreign RDB's scan), or none possible (the source
     # node had no module loaded when captured).
     no_modules = source.get("ModuleKeysSkipped") == 0 or source.get("Modules") == []
-    return (
-        no_modules
-        and bool(source.get("Sha256"))
-        and int(source.get("Size") or 0) <= SEED_MAX_BYTES
-    )
+    return no_modules and bool(source.get("Sha256")) and bool(source.get("Size"))
 
 
 def _record_nodes(
-    catalog: Catalog,
-    nodes: restore_targets.CacheNodes,
-    event: dict[str, Any],
-    creds: creds_mod.Credentials,
-    engine: tuple[str, str, int] | None = None,
+    catalog: Catalog, nodes: restore_targets.CacheNodes, event: dict[str, Any], creds: creds_mod.Credentials
 ) -> None:
     """The new cache's registry record (nodes, task ARNs, endpoints); still ``creating``."""
     record = restore_targets.ecs_record(
-        nodes, creds, node_type=event["CacheNodeType"], data_tiering="r6gd" in event["CacheNodeType"], engine=engine
+        nodes, creds, node_type=event["CacheNodeType"], data_tiering="r6gd" in event["CacheNodeType"]
     )
     record["Status"] = "creating"
     catalog.update_cache(nodes.name, **{k: v for k, v in record.items() if k != "CacheName"})
@@ -552,37 +540,57 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
 
 
 def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: float) -> dict[str, Any]:
-    """Wait while a seeded shard's nodes write the RDB from S3 and load it; report its progress.
+    """Point every node of the seeded shard at its task's seed, wait while they load the RDB it
+    serves, then promote the primary and let the replicas resync partially (restore.seed).
 
-    Done when every server answers with nothing loading and every replica is linked and in
-    sync (their partial resync, restore_targets.start_seeded_shard). A stopped task fails the
-    load with its reason (the seed container's exit: a digest mismatch, a missing object).
-    The counts Verify checks come from the source (exact when counted from the RDB) and
-    the primary's keyspace; nothing samples values (there was no pass over the keys): the
-    SHA-256 the seed checked and the CRC64 the server checked while loading stand for them.
+    A seed that fails (a digest or size that is not the snapshot's, a broken connection) says
+    why in its progress part; a task that stops says why in DescribeTasks. The counts Verify
+    checks come from the source (exact when counted from the RDB) and the primary's keyspace;
+    nothing samples values (there was no pass over the keys): the SHA-256 the seed checked and
+    the CRC64 the server checked while loading stand for them.
     """
     settings = Settings.from_env()
     catalog = Catalog(settings)
     target = event["ReplicationGroupId"]
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)
-    nodes = restore_targets.nodes_from_record(cache)
-    shard = nodes.shards[0]
+    shard = restore_targets.nodes_from_record(cache).shards[0]
+    nodes = [shard.primary, *shard.replicas]
     size = int(source["Size"])
     where = f"s3://{source['Bucket']}/{source['Key']}"
     report = PartProgress(catalog, RESTORE, target, f"load-{int(source['Index']):04d}", phase="load", total=size)
     report.start()
     started = time.monotonic()
     deadline = started + max_wait_s
-    _until_seeded(catalog, target, shard, creds, where, deadline, report)
-    for node in (shard.primary, *shard.replicas):
-        restore_targets.announce(node, creds, cluster_mode=False)
-    if restore_targets.relink_unannounced(shard, creds):
-        _until_seeded(catalog, target, shard, creds, where, deadline, report)
+    following: set[str] = set()
+    pause = _SEED_POLL_S[0]
+    while True:  # bounded by the deadline
+        parts = catalog.operation_progress(RESTORE, target)
+        seeds = {n.node_id: parts.get(progress_part(n.node_id), {}) for n in nodes}
+        errors = [p["Error"] for p in seeds.values() if p.get("Error")]
+        stopped = restore_targets.tasks_stopped([n.task_arn for n in nodes])
+        if errors or stopped:
+            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), *stopped])
+            # The object is not the snapshot (its digest or size): the fault the RESTORE path raises.
+            mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
+            raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
+        for node in nodes:
+            if node.node_id not in following and seeds[node.node_id].get("Port"):
+                restore_targets.follow_seed(node, int(seeds[node.node_id]["Port"]), creds)
+                following.add(node.node_id)
+        report.update(int(seeds[shard.primary.node_id].get("Done") or 0))
+        served = all(p.get("Status") == "done" for p in seeds.values())  # each node acknowledged its load
+        if served and not any(restore_targets.seeded_node_state(n, creds)["Busy"] for n in nodes):
+            break
+        if time.monotonic() > deadline:
+            done = {n: p.get("Done") for n, p in seeds.items()}
+            raise RestoreFailed(f"The nodes of {target} had not loaded {where} after {max_wait_s:.0f} s "
+                                f"(bytes served per node: {done})", Source=where)  # fmt: skip
+        time.sleep(pause)
+        pause = min(_SEED_POLL_S[1], pause * 1.5)
+    restore_targets.promote_seeded_shard(shard, creds, timeout=max(1.0, deadline - time.monotonic()))
     seconds = time.monotonic() - started
     report.finish(size)
-    # The engine as the servers report it (ProvisionCache recorded the image's).
-    _record_nodes(catalog, nodes, {"CacheNodeType": cache.get("CacheNodeType") or caches.DEFAULT_NODE_TYPE}, creds)
     primary = _targets(event)[0]
     loaded_keys = keyspace_keys(primary)
     exact = bool(source.get("KeyCountExact"))
@@ -592,58 +600,21 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
         "Index": source["Index"],
         "KeysPerTarget": [expected],
         "KeysWithTtlPerTarget": [volatile],
-        # Keys whose TTL had passed: the server drops them as it loads.
+        # Keys whose TTL had passed: the primary drops them as it loads.
         "KeysExpiredSkipped": max(0, expected - loaded_keys),
         "BytesSent": 0,
         "Seconds": round(seconds, 3),
         "FunctionLibraries": int(source.get("Functions") or 0),
         "ModuleKeysSkipped": [],
         "Samples": [],
-        "Seeded": {"Nodes": 1 + len(shard.replicas), "BytesPerNode": size, "KeyCountFrom": "snapshot" if exact else
-                   "server"},
-    }  # fmt: skip
+        "Seeded": {"Nodes": len(nodes), "BytesPerNode": size, "KeyCountFrom": "snapshot" if exact else "server"},
+    }
     metrics.add_metric(name="KeysRestored", unit="Count", value=loaded_keys)
     key = storage.restore_work_key(target, event["ExecutionName"], int(source["Index"]))
     output = {"Index": source["Index"], "KeysLoaded": loaded_keys, "ResultKey": key}
     _put_json(key, details | {"Output": output})
     logger.info("seeded shard loaded", target=target, seconds=round(seconds, 3), keys=loaded_keys)
     return output
-
-
-def _until_seeded(
-    catalog: Catalog,
-    target: str,
-    shard: restore_targets.ShardNodes,
-    creds: creds_mod.Credentials,
-    where: str,
-    deadline: float,
-    report: PartProgress,
-) -> None:
-    """Until every node of the seeded shard has loaded and every replica is in sync; RestoreFailed
-    when a task stopped (with the seed's own reason when it left one) or at the deadline."""
-    pause = _SEED_POLL_S[0]
-    while True:  # bounded by the deadline
-        state = restore_targets.seeded_state(shard, creds)
-        if "Failed" in state:
-            parts = catalog.operation_progress(RESTORE, target)
-            errors = [p["Error"] for n in (shard.primary, *shard.replicas)
-                      if (p := parts.get(progress_part(n.node_id), {})).get("Error")]  # fmt: skip
-            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), state["Failed"]])
-            # The object is not the snapshot (its digest or size): the same fault the RESTORE path raises.
-            mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
-            raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
-        if state["Ready"]:
-            return
-        loaded = state["Loaded"].get(shard.primary.node_id)
-        if loaded is not None:
-            report.update(loaded)
-        if time.monotonic() > deadline:
-            raise RestoreFailed(
-                f"The nodes of {target} had not loaded {where} in time (bytes loaded per node: {state['Loaded']})",
-                Source=where,
-            )
-        time.sleep(pause)
-        pause = min(_SEED_POLL_S[1], pause * 1.5)
 
 
 def load_outputs(
