@@ -30,8 +30,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import hiredis
-
 from cachevault.core.errors import InvalidParameterValue
 
 SEED_SOURCE_ENV = "SEED_SOURCE"
@@ -119,8 +117,8 @@ def serve(
     from cachevault.catalog import storage  # boto3: only a node that has something to seed loads it
     from cachevault.core.aws import client
 
-    reader = hiredis.Reader()
-    _handshake(conn, reader, source)
+    requests = _Requests(conn)
+    _handshake(conn, requests, source)
     s3 = storage.S3RangeReader(
         client("s3"),
         source["Bucket"],
@@ -137,24 +135,63 @@ def serve(
             sent += len(chunk)
             if on_bytes is not None:
                 on_bytes(sent)
-    _await_ack(conn, reader)
+    _await_ack(requests)
     return sent
 
 
-def _commands(conn: socket.socket, reader: Any) -> Any:
-    while True:  # bounded: recv raises on timeout, returns b"" when the node hangs up
-        while (command := reader.gets()) is not False:
-            yield command
-        data = conn.recv(1 << 16)
-        if not data:
-            raise SeedFailed("the node closed the connection")
-        reader.feed(data)
+class _Requests:
+    """The node's commands to its master: RESP arrays of bulk strings, between which a loading
+    replica sends bare newlines to keep its link alive (hiredis parses replies, not these)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buf = b""
+
+    def __iter__(self) -> Any:
+        while True:  # bounded: recv raises on timeout, returns b"" when the node hangs up
+            while (command := self._parse()) is not None:
+                yield command
+            data = self.conn.recv(1 << 16)
+            if not data:
+                raise SeedFailed("the node closed the connection")
+            self.buf += data
+
+    def _parse(self) -> list[bytes] | None:
+        buf = self.buf.lstrip(b"\r\n")
+        self.buf = buf
+        if not buf:
+            return None
+        if buf[:1] != b"*":  # an inline command: one line of words
+            line, sep, rest = buf.partition(b"\n")
+            if not sep:
+                return None
+            self.buf = rest
+            return line.strip().split()
+        pos, items = 0, []
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        count, pos = int(buf[1:end]), end + 2
+        for _ in range(count):
+            end = buf.find(b"\r\n", pos)
+            if end < 0 or buf[pos : pos + 1] != b"$":
+                return None if end < 0 else self._bad(buf)
+            size, pos = int(buf[pos + 1 : end]), end + 2
+            if len(buf) < pos + size + 2:
+                return None
+            items.append(buf[pos : pos + size])
+            pos += size + 2
+        self.buf = buf[pos:]
+        return items
+
+    def _bad(self, buf: bytes) -> list[bytes]:
+        raise SeedFailed(f"the node sent a request this seed does not understand: {buf[:60]!r}")
 
 
-def _handshake(conn: socket.socket, reader: Any, source: dict[str, Any]) -> None:
+def _handshake(conn: socket.socket, requests: _Requests, source: dict[str, Any]) -> None:
     """PING, AUTH, REPLCONF as a master answers them; returns once the node asked for a sync."""
-    for command in _commands(conn, reader):
-        name = bytes(command[0]).upper() if command else b""
+    for command in requests:
+        name = command[0].upper() if command else b""
         if name == b"PING":
             conn.sendall(b"+PONG\r\n")
         elif name in (b"AUTH", b"REPLCONF"):
@@ -168,8 +205,8 @@ def _handshake(conn: socket.socket, reader: Any, source: dict[str, Any]) -> None
             conn.sendall(b"-ERR this master only serves a full resync\r\n")
 
 
-def _await_ack(conn: socket.socket, reader: Any) -> None:
+def _await_ack(requests: _Requests) -> None:
     """The node acknowledges the stream once it has loaded it (REPLCONF ACK)."""
-    for command in _commands(conn, reader):
-        if len(command) >= 2 and bytes(command[0]).upper() == b"REPLCONF" and bytes(command[1]).upper() == b"ACK":
+    for command in requests:
+        if len(command) >= 2 and command[0].upper() == b"REPLCONF" and command[1].upper() == b"ACK":
             return

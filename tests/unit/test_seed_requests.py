@@ -1,0 +1,31 @@
+"""The seed's reading of its node's requests: RESP arrays, inline commands and the bare
+newlines a replica sends its master while it loads (restore/seed.py)."""
+
+from __future__ import annotations
+
+import pytest
+from cachevault.restore.seed import SeedFailed, _Requests
+
+
+class _Chunks:
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    def recv(self, _size: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def test_requests_split_anywhere_with_keepalive_newlines_between_them() -> None:
+    conn = _Chunks(b"*1\r\n$4\r\nPING\r\n\n", b"\n\n*3\r\n$8\r\nREPL", b"CONF\r\n$3\r\nACK\r\n$1\r\n0\r\n", b"PING\r\n")
+    requests = iter(_Requests(conn))  # type: ignore[arg-type]
+    assert next(requests) == [b"PING"]
+    assert next(requests) == [b"REPLCONF", b"ACK", b"0"]
+    assert next(requests) == [b"PING"]  # inline
+    with pytest.raises(SeedFailed, match="closed the connection"):
+        next(requests)
+
+
+def test_a_request_that_is_not_resp_is_refused() -> None:
+    requests = iter(_Requests(_Chunks(b"*2\r\n$4\r\nPING\r\n:12\r\n")))  # type: ignore[arg-type]
+    with pytest.raises(SeedFailed, match="does not understand"):
+        next(requests)
