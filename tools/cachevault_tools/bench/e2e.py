@@ -6,7 +6,9 @@ primary and one replica filled with seeded data, then, each timed from the outsi
 user waits for it:
 
 * ``cachevault snapshot create --wait`` vs ``redis-cli --rdb`` from the same replica;
-* ``cachevault restore --wait`` (same layout) vs redis-server loading that RDB at start-up;
+* ``cachevault restore --wait --replicas 0`` (same layout, one node) vs redis-server loading
+  that RDB at start-up, and ``cachevault restore --wait`` (the snapshot's layout: a primary and
+  its replica) vs two servers loading it at start-up in parallel;
 * ``cachevault restore --wait --shards 3`` vs the same data loaded at start-up into the
   3-shard layout (the restored primaries' own RDBs, started in parallel).
 
@@ -358,17 +360,29 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
             ops.append(_op("snapshot create --wait", "redis-cli --rdb (same replica)", cli_s, secs, "capture",
                            ok, states, sampler))  # fmt: skip
 
-            # same-layout restore: start-up load of the same RDB, then the product
+            # same-layout restores, against redis-server loading the same RDB at start-up: one node
+            # (--replicas 0), then the snapshot's layout (a primary and its replica) against two
+            # servers loading it in parallel, as that layout would come up from RDB files.
+            restore_arn = info.state_machine("RestoreSnapshotStateMachine")
             startup_s = _time_startup([anchor_rdb], workdir / "anchor-same", anchors, 3600)
             _stop(anchors)
             with PeakSampler([info.pid]) as sampler:
-                secs, _ = _cli(["restore", "snap", "same", "--wait"], env, sampler)
-            restore_arn = info.state_machine("RestoreSnapshotStateMachine")
+                secs, _ = _cli(["restore", "snap", "single", "--replicas", "0", "--wait"], env, sampler)
             states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
-            same = _nodes_of(env, "same")
-            ok = cache_digest([same[0]])[0] == source_digest
-            ops.append(_op("restore --wait (same layout)", "redis-server start-up load", startup_s, secs, "restore",
-                           ok, states, sampler))  # fmt: skip
+            ok = cache_digest(_nodes_of(env, "single"))[0] == source_digest
+            ops.append(_op("restore --wait --replicas 0 (same layout)", "redis-server start-up load", startup_s, secs,
+                           "restore", ok, states, sampler))  # fmt: skip
+            _cli(["cache", "delete", "single"], env)
+
+            pair_s = _time_startup([anchor_rdb, anchor_rdb], workdir / "anchor-pair", anchors, 3600)
+            _stop(anchors)
+            with PeakSampler([info.pid]) as sampler:
+                secs, _ = _cli(["restore", "snap", "same", "--wait"], env, sampler)
+            states = state_breakdown(sfn, _newest_execution(sfn, restore_arn))
+            same = _nodes_of(env, "same", role=None)
+            ok = len(same) == 2 and cache_digest(same) == [source_digest, source_digest]
+            ops.append(_op("restore --wait (same layout: 1 replica)", "start-up load, primary and replica in parallel",
+                           pair_s, secs, "restore", ok, states, sampler))  # fmt: skip
             _cli(["cache", "delete", "same"], env)
 
             # resharded restore: the same data loaded at start-up into the target layout
@@ -399,11 +413,11 @@ def run_e2e_bench(size_mb: int, shape: str, workdir: Path, *, seed: int = 1) -> 
     }
 
 
-def _nodes_of(env: dict[str, str], cache: str) -> list[tuple[str, int]]:
-    """The primaries of a cache, from `cachevault cache describe`."""
+def _nodes_of(env: dict[str, str], cache: str, role: str | None = "primary") -> list[tuple[str, int]]:
+    """The primaries of a cache (``role=None``: every node), from `cachevault cache describe`."""
     _, described = _cli(["cache", "describe", cache], env)
     (group,) = described["ReplicationGroups"]
-    return [_address(n["Address"]) for n in _extra(group)["Nodes"] if n["Role"] == "primary"]
+    return [_address(n["Address"]) for n in _extra(group)["Nodes"] if role is None or n["Role"] == role]
 
 
 def _extra(shape: dict[str, Any]) -> dict[str, Any]:

@@ -97,7 +97,7 @@ LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
 SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
 SEED_WAIT_JOB_S = 12 * 3600.0  # LoadShard as an ECS task
-_SEED_POLL_S = (0.02, 0.5)  # first and longest pause between looks at a seeded shard
+_SEED_POLL_S = (0.02, 0.2)  # first and longest pause between looks at a seeded shard (a Query, DescribeTasks, INFO)
 
 
 def _target_engine(external: dict[str, Any] | None, engine: str) -> tuple[str, str, int]:
