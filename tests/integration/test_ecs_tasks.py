@@ -191,13 +191,15 @@ def test_node_task_has_its_own_address_and_stops_without_a_zombie(product: Produ
     assert address and address.startswith("127.") and address != "127.0.0.1"
     assert all(c["networkInterfaces"][0]["privateIpv4Address"] == address for c in running["containers"])
     wait_until(lambda: _pings(address), 30, "redis-server at the task's address")
-    (pid,) = ecs.RUNNER.pids(task["taskArn"])
+    local = ecs.RUNNER.tasks[task["taskArn"]]
+    wait_until(lambda: local.container("seed").gone.is_set(), 30, "the seed, with nothing to serve, to exit")
+    pid = local.container("node").pid
 
     ecs_client.stop_task(cluster=settings.cluster, task=task["taskArn"], reason="test over")
     stopped = ecs_client.describe_tasks(cluster=settings.cluster, tasks=[task["taskArn"]])["tasks"][0]
     assert stopped["lastStatus"] == "STOPPED" and stopped["stopCode"] == "UserInitiated"
     assert stopped["stoppedReason"] == "test over"
-    seed, node = stopped["containers"]  # the node task's seed container had nothing to write
+    seed, node = stopped["containers"]  # the node task's seed container had nothing to serve
     assert (seed["name"], seed["exitCode"]) == ("seed", 0)
     assert (node["name"], node["exitCode"]) == ("node", 0)  # SIGTERM: redis-server shuts down cleanly
     assert _gone(pid) and not Path(f"/proc/{pid}").exists()  # reaped, not a zombie

@@ -371,7 +371,9 @@ class TaskRunner:
         task.changed.set()
         if not task.running:
             self._finish(task)
-        elif container.essential and not task.stop_requested and not task.suspending:
+            return
+        self._save(task)  # the registry names only live processes (a seed that served its node is gone)
+        if container.essential and not task.stop_requested and not task.suspending:
             # An essential container exited: ECS stops the task's other containers.
             task.stop_reason = task.stop_reason or "Essential container in task exited"
             self._stop_async(task)

@@ -248,8 +248,14 @@ def start_seeded_shard(
 
 
 def follow_seed(node: NodeTask, port: int, creds: Credentials) -> None:
-    """The node takes its task's seed, listening at ``port`` of the task's address, as its master."""
+    """The node takes its task's seed, listening at ``port`` of the task's address, as its master.
+
+    In plaintext even for a TLS cache: the seed speaks none, and the link never leaves the task
+    (the node reaches its own address); ``promote_seeded_shard`` turns TLS replication back on.
+    """
     with _client(node, creds) as conn:
+        if creds.tls is not None:
+            conn.config_set("tls-replication", "no")
         conn.execute_command("REPLICAOF", node.host, port)
 
 
@@ -267,8 +273,12 @@ def promote_seeded_shard(shard: ShardNodes, creds: Credentials, timeout: float =
     (the same replication ID and offset: restore.seed); in sync on return."""
     with _client(shard.primary, creds) as conn:
         conn.execute_command("REPLICAOF", "NO", "ONE")
+        if creds.tls is not None:
+            conn.config_set("tls-replication", "yes")
     for replica in shard.replicas:
         with _client(replica, creds) as conn:
+            if creds.tls is not None:
+                conn.config_set("tls-replication", "yes")  # the primary listens on TLS only
             conn.execute_command("REPLICAOF", shard.primary.host, shard.primary.port)
     wait_in_sync(shard, creds, timeout)
 
