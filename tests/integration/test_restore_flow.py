@@ -310,7 +310,7 @@ def test_cluster_disabled_to_same_without_the_source_cache(
     assert product.control.catalog.find_cache(standalone.cache_name) is None  # source deleted
     assert product.running_tasks(standalone.cache_name) == []  # its nodes stopped with it
     output, seconds = _restore(product, targets, "rt-same", snapshot=standalone.snapshot)
-    assert output["Seeded"] is True  # one RDB into a new standalone cache: each node loads it at start-up
+    assert output["Seeded"] is True  # one RDB into a new standalone cache: each node loads it from its seed
     assert output["LoadSummary"]["KeysLoaded"] == standalone.keys
     assert output["Status"] == "available" and output["ClusterMode"] is False
     assert output["Verification"]["Mismatches"] == []

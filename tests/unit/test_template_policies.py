@@ -24,7 +24,7 @@ WILDCARD_ALLOWED = {
     # Restore from an RDB the user names by S3 ARN (ElastiCache's SnapshotArns): read only.
     ("RestorePreflightFunctionRole", "s3:GetObject"): "restore: read the user's RDB (and its version)",
     ("RestoreLoadShardFunctionRole", "s3:GetObject"): "restore: stream the user's RDB (and its version) into the node",
-    ("NodeTaskRole", "s3:GetObject"): "seeded restore: a node task's seed container copies the user's RDB",
+    ("NodeTaskRole", "s3:GetObject"): "seeded restore: a node's seed streams the user's RDB to it",
 }
 # AWS managed policies SAM attaches: CloudWatch Logs (per-function log groups are created
 # by Lambda on first write), X-Ray (PutTraceSegments has no resource-level permission) and,

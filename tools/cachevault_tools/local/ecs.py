@@ -269,12 +269,14 @@ class TaskRunner:
                     argv += ["--shutdown-on-sigint", "save"]
             container.argv, container.env = argv, env
         record.kind = NODE if any(is_server(c.argv) for c in task.containers) else WORKER
+        # All pending first: a container that exits before the next one is spawned must not
+        # find the task with nothing running and finish it.
         for container in task.containers:
-            if not container.gone.is_set() and container.depends_on:
-                container.pending = True
+            container.pending = not container.gone.is_set()
         for container in task.containers:
-            if not container.gone.is_set() and not container.pending:
+            if container.pending and not container.depends_on:
                 self._spawn(task, container)
+                container.pending = False
         if any(c.pending for c in task.containers):
             threading.Thread(target=self._start_dependents, args=(task,), daemon=True,
                              name=f"ecs-depends-{task.arn}").start()  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from cachevault.restore import seed as seeding
@@ -77,26 +78,31 @@ def seed() -> int:
     if not text:
         print("nothing to seed: the node starts empty", flush=True)
         return 0
+    # PID 1 of its container on Fargate: without a handler SIGTERM (StopTask) would be ignored.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     from cachevault.catalog.progress_report import RESTORE, PartProgress
     from cachevault.catalog.records import Catalog
     from cachevault.core.handler import logger
     from cachevault.core.settings import Settings
 
     target, node = os.environ.get(seeding.SEED_TARGET_ENV, ""), os.environ.get(seeding.SEED_NODE_ENV, "")
-    report = PartProgress(Catalog(Settings.from_env()), RESTORE, target, seeding.progress_part(node),
-                          phase="download", total=None)  # fmt: skip
+    report = None
     try:
+        report = PartProgress(Catalog(Settings.from_env()), RESTORE, target, seeding.progress_part(node),
+                              phase="download", total=None)  # fmt: skip
+        report.fields["Execution"] = os.environ.get(seeding.SEED_EXECUTION_ENV, "")
         source = seeding.parse_source(text)
         with seeding.listen() as server:
             report.fields.update(Total=int(source["Size"]), Port=server.getsockname()[1])
-            report.start()  # LoadShard reads the port here and points the node at it
+            report.start(strict=True)  # LoadShard reads the port here: unwritten, nobody would come
             logger.info("seed listening", target=target, node=node, key=source["Key"], port=report.fields["Port"])
             with seeding.accept_node(server) as conn:
                 sent = seeding.serve(conn, source, on_bytes=report.update)
         report.finish(sent)
-    except Exception as exc:  # the restore reads why from the progress part
+    except Exception as exc:  # the restore reads why from the progress part (or the exit code)
         logger.exception("seeding failed", target=target, node=node)
-        report.fail(f"{type(exc).__name__}: {exc}")
+        if report is not None:
+            report.fail(f"{type(exc).__name__}: {exc}")
         return 1
     logger.info("seeded", target=target, node=node, bytes=sent)
     return 0

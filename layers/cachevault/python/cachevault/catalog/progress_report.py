@@ -35,8 +35,9 @@ class PartProgress:
         self.interval_s = interval_s
         self._last = 0.0
 
-    def start(self) -> None:
-        self._write(Status="running", Done=0)
+    def start(self, *, strict: bool = False) -> None:
+        """``strict``: a failed write raises (when someone waits on what this write says)."""
+        self._write(Status="running", Done=0, strict=strict)
 
     def update(self, done: int) -> None:
         now = time.monotonic()
@@ -50,10 +51,12 @@ class PartProgress:
         """The part failed: why, for whoever waits on it (a worker's exit code alone says nothing)."""
         self._write(Status="failed", Error=error[:1000])
 
-    def _write(self, **fields: Any) -> None:
+    def _write(self, strict: bool = False, **fields: Any) -> None:
         self.fields.update(fields)
         self._last = time.monotonic()
         try:
             self.catalog.set_operation_progress(self.operation, self.subject, self.part, self.fields)
         except Exception:  # display only: never fail a restore or a copy over it
+            if strict:
+                raise
             logger.warning("progress not recorded", operation=self.operation, part=self.part, exc_info=True)

@@ -61,6 +61,8 @@ class TaskSettings:
     node_task_definitions: dict[str, str]  # engine -> task definition
     subnets: list[str]
     security_groups: list[str]
+    # engine -> the definition with a seed container beside the server (restore.seed)
+    seeded_node_task_definitions: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> TaskSettings:
@@ -73,6 +75,10 @@ class TaskSettings:
             },
             subnets=_split(env.get("TASK_SUBNETS", "")),
             security_groups=_split(env.get("TASK_SECURITY_GROUPS", "")),
+            seeded_node_task_definitions={
+                "redis": env.get("REDIS_SEEDED_NODE_TASK_DEFINITION", "cachevault-redis-seeded-node"),
+                "valkey": env.get("VALKEY_SEEDED_NODE_TASK_DEFINITION", "cachevault-valkey-seeded-node"),
+            },
         )
 
     def network(self) -> dict[str, Any]:
@@ -209,11 +215,13 @@ def _run_node_task(
     seed_environment: list[dict[str, str]] | None = None,
 ) -> str:
     overrides = [{"name": "node", "command": command, "environment": environment}]
+    definitions = settings.node_task_definitions
     if seed_environment:
         overrides.append({"name": "seed", "environment": seed_environment})
+        definitions = settings.seeded_node_task_definitions
     resp = ecs.run_task(
         cluster=settings.cluster,
-        taskDefinition=settings.node_task_definitions[engine],
+        taskDefinition=definitions[engine],
         launchType="FARGATE",
         networkConfiguration=settings.network(),
         group=node_task_group(cache),
@@ -283,20 +291,35 @@ def promote_seeded_shard(shard: ShardNodes, creds: Credentials, timeout: float =
     wait_in_sync(shard, creds, timeout)
 
 
-def tasks_stopped(arns: list[str], settings: TaskSettings | None = None) -> list[str]:
-    """Why each of these tasks stopped, for those that did (DescribeTasks)."""
+def seeded_task_problems(nodes: list[NodeTask], settings: TaskSettings | None = None) -> list[str]:
+    """What went wrong with seeded node tasks (DescribeTasks): a task that stopped, or a seed
+    container that exited with an error (it is not essential: its task runs on without it)."""
     settings = settings or TaskSettings.from_env()
-    stopped = []
-    for task in client("ecs").describe_tasks(cluster=settings.cluster, tasks=arns)["tasks"]:
+    by_arn = {n.task_arn: n for n in nodes}
+    problems = []
+    for task in client("ecs").describe_tasks(cluster=settings.cluster, tasks=list(by_arn))["tasks"]:
+        node = by_arn.get(task["taskArn"])
+        name = node.node_id if node else task["taskArn"]
+        containers = task.get("containers", [])
         if task["lastStatus"] == "STOPPED":
             why = "; ".join(
                 f"container {c.get('name')}: "
                 + ("did not run" if c.get("exitCode") is None else f"exit code {c['exitCode']}")
                 + (f" ({c['reason']})" if c.get("reason") else "")
-                for c in task.get("containers", [])
+                for c in containers
             )
-            stopped.append(f"task {task['taskArn']} stopped: {task.get('stoppedReason', '')} ({why})")
-    return stopped
+            problems.append(f"the task of node {name} stopped: {task.get('stoppedReason', '')} ({why})")
+            continue
+        for c in containers:
+            if c.get("name") == "seed" and c.get("lastStatus") == "STOPPED" and c.get("exitCode") not in (0, None):
+                problems.append(f"the seed of node {name} exited with code {c['exitCode']}")
+    return problems
+
+
+def node_replid(node: NodeTask, creds: Credentials) -> str:
+    """The replication ID the node followed last (INFO replication ``master_replid``)."""
+    with _client(node, creds) as conn:
+        return str(conn.info("replication").get("master_replid", ""))
 
 
 def _wait_running(ecs: Any, cluster: str, arns: list[str]) -> dict[str, str]:

@@ -35,6 +35,7 @@ from cachevault.core.errors import InvalidParameterValue
 SEED_SOURCE_ENV = "SEED_SOURCE"
 SEED_TARGET_ENV = "SEED_TARGET"  # the cache (progress is reported under its name)
 SEED_NODE_ENV = "SEED_NODE"
+SEED_EXECUTION_ENV = "SEED_EXECUTION"  # the restore's execution: its parts are told from an earlier one's
 CONNECT_TIMEOUT_S = 900.0  # no node connected by then: the restore that started it is gone
 IO_TIMEOUT_S = 120.0  # a send or a wait for the node's acknowledgement without progress
 _SOURCE_FIELDS = ("Bucket", "Key", "VersionId", "Sha256", "Size")
@@ -49,13 +50,14 @@ def progress_part(node: str) -> str:
     return f"seed-{node}"
 
 
-def seed_environment(source: dict[str, Any], target: str, node: str) -> list[dict[str, str]]:
+def seed_environment(source: dict[str, Any], target: str, node: str, execution: str) -> list[dict[str, str]]:
     """The seed container's environment overrides for one node loading ``source`` (a restore source)."""
     document = {k: source[k] for k in _SOURCE_FIELDS if source.get(k) is not None}
     return [
         {"name": SEED_SOURCE_ENV, "value": json.dumps(document, separators=(",", ":"))},
         {"name": SEED_TARGET_ENV, "value": target},
         {"name": SEED_NODE_ENV, "value": node},
+        {"name": SEED_EXECUTION_ENV, "value": execution},
     ]
 
 
@@ -101,7 +103,11 @@ def accept_node(server: socket.socket, timeout_s: float = CONNECT_TIMEOUT_S) -> 
             conn, _ = server.accept()
         except TimeoutError:
             continue
-        if _from_inside(conn):
+        try:
+            inside = _from_inside(conn)
+        except OSError:  # reset before it was looked at
+            inside = False
+        if inside:
             conn.settimeout(IO_TIMEOUT_S)
             return conn
         conn.close()
@@ -118,7 +124,7 @@ def serve(
     from cachevault.core.aws import client
 
     requests = _Requests(conn)
-    _handshake(conn, requests, source)
+    psync = _handshake(conn, requests, source)
     s3 = storage.S3RangeReader(
         client("s3"),
         source["Bucket"],
@@ -135,7 +141,8 @@ def serve(
             sent += len(chunk)
             if on_bytes is not None:
                 on_bytes(sent)
-    _await_ack(requests)
+    if psync:  # a SYNC client (no node this product starts) acknowledges nothing
+        _await_ack(requests)
     return sent
 
 
@@ -188,8 +195,9 @@ class _Requests:
         raise SeedFailed(f"the node sent a request this seed does not understand: {buf[:60]!r}")
 
 
-def _handshake(conn: socket.socket, requests: _Requests, source: dict[str, Any]) -> None:
-    """PING, AUTH, REPLCONF as a master answers them; returns once the node asked for a sync."""
+def _handshake(conn: socket.socket, requests: _Requests, source: dict[str, Any]) -> bool:
+    """PING, AUTH, REPLCONF as a master answers them; returns once the node asked for a sync
+    (True: PSYNC, False: the old SYNC)."""
     for command in requests:
         name = command[0].upper() if command else b""
         if name == b"PING":
@@ -198,11 +206,12 @@ def _handshake(conn: socket.socket, requests: _Requests, source: dict[str, Any])
             conn.sendall(b"+OK\r\n")  # its masterauth is the cache's: this master asks for none
         elif name == b"PSYNC":
             conn.sendall(b"+FULLRESYNC %s 0\r\n" % replication_id(source).encode())
-            return
+            return True
         elif name == b"SYNC":
-            return
+            return False
         else:
             conn.sendall(b"-ERR this master only serves a full resync\r\n")
+    raise SeedFailed("the node closed the connection")  # unreachable: the requests end by raising
 
 
 def _await_ack(requests: _Requests) -> None:

@@ -68,7 +68,7 @@ from cachevault.nodes import restore_targets, topology
 from cachevault.nodes.slots import format_slot_ranges, parse_slot_ranges
 from cachevault.rdb.reader import scan_rdb
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
-from cachevault.restore.seed import progress_part, seed_environment
+from cachevault.restore.seed import progress_part, replication_id, seed_environment
 from cachevault.restore.verify import keyspace_keys, verify_restore
 
 SAMPLES_PER_SOURCE = 40
@@ -97,7 +97,10 @@ LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
 SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
 SEED_WAIT_JOB_S = 12 * 3600.0  # LoadShard as an ECS task
-_SEED_POLL_S = (0.02, 0.2)  # first and longest pause between looks at a seeded shard (a Query, DescribeTasks, INFO)
+# Pauses between looks at a seeded shard (each a Query, a DescribeTasks and INFO per node): from
+# the first to the longest, which grows after the first minute (ECS throttles DescribeTasks).
+_SEED_POLL_S = (0.02, 0.2, 2.0)
+_SEED_POLL_FAST_S = 60.0
 
 
 def _target_engine(external: dict[str, Any] | None, engine: str) -> tuple[str, str, int]:
@@ -380,6 +383,7 @@ def _checked_source(settings: Settings, target: str, index: int, source: dict[st
         "KeyCountExact": True,
         "Functions": summary.functions,
         "ModuleKeysSkipped": summary.module_keys_skipped,
+        "Modules": list(summary.modules_seen),
     }
 
 
@@ -403,7 +407,8 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         engine = str(event.get("Engine") or "redis")
         source = sources[0]
         shard = restore_targets.start_seeded_shard(
-            target, 0, int(event["ReplicasPerNodeGroup"]), lambda node: seed_environment(source, target, node),
+            target, 0, int(event["ReplicasPerNodeGroup"]),
+            lambda node: seed_environment(source, target, node, event["ExecutionName"]),
             engine=engine, creds=creds, tls=creds_mod.fleet_tls(cache),
         )  # fmt: skip
         nodes = restore_targets.CacheNodes(target, False, [shard])
@@ -437,9 +442,9 @@ def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
     if event["ClusterMode"] or len(sources) != 1:
         return False
     source = sources[0]
-    # No module values: counted in the RDB (a foreign RDB's scan), or none possible (the source
-    # node had no module loaded when captured).
-    no_modules = source.get("ModuleKeysSkipped") == 0 or source.get("Modules") == []
+    # No module data: none in the RDB (a foreign RDB's scan lists the modules it met, keys or
+    # aux), or none possible (the source node had no module loaded when captured).
+    no_modules = source.get("Modules") == [] and not source.get("ModuleKeysSkipped")
     return no_modules and bool(source.get("Sha256")) and bool(source.get("Size"))
 
 
@@ -567,10 +572,12 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
     while True:  # bounded by the deadline
         parts = catalog.operation_progress(RESTORE, target)
         seeds = {n.node_id: parts.get(progress_part(n.node_id), {}) for n in nodes}
+        # A part an earlier restore into this name left (its seed outlived it) is not this one's.
+        seeds = {n: p if p.get("Execution") == event["ExecutionName"] else {} for n, p in seeds.items()}
         errors = [p["Error"] for p in seeds.values() if p.get("Error")]
-        stopped = restore_targets.tasks_stopped([n.task_arn for n in nodes])
-        if errors or stopped:
-            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), *stopped])
+        problems = restore_targets.seeded_task_problems(nodes)
+        if errors or problems:
+            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), *problems])
             # The object is not the snapshot (its digest or size): the fault the RESTORE path raises.
             mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
             raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
@@ -587,12 +594,19 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
             raise RestoreFailed(f"The nodes of {target} had not loaded {where} after {max_wait_s:.0f} s "
                                 f"(bytes served per node: {done})", Source=where)  # fmt: skip
         time.sleep(pause)
-        pause = min(_SEED_POLL_S[1], pause * 1.5)
+        longest = _SEED_POLL_S[1] if time.monotonic() - started < _SEED_POLL_FAST_S else _SEED_POLL_S[2]
+        pause = min(longest, pause * 1.5)
+    # Every node loaded this stream (its seed's replication ID), not something else.
+    wrong = {n.node_id: rid for n in nodes if (rid := restore_targets.node_replid(n, creds)) != replication_id(source)}
+    if wrong:
+        raise RestoreFailed(f"Nodes of {target} did not load {where} from their seeds: {wrong}", Source=where)
     restore_targets.promote_seeded_shard(shard, creds, timeout=max(1.0, deadline - time.monotonic()))
     seconds = time.monotonic() - started
     report.finish(size)
     primary = _targets(event)[0]
     loaded_keys = keyspace_keys(primary)
+    if loaded_keys == 0 and int(source.get("KeyCount") or 0) > 0:
+        raise RestoreFailed(f"{target} holds no key after loading {where}, which has {source['KeyCount']}.")
     exact = bool(source.get("KeyCountExact"))
     expected = int(source["KeyCount"]) if exact else loaded_keys
     volatile = sum(int(n) for n in (source.get("ExpiresPerDb") or {}).values())
@@ -600,8 +614,9 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
         "Index": source["Index"],
         "KeysPerTarget": [expected],
         "KeysWithTtlPerTarget": [volatile],
-        # Keys whose TTL had passed: the primary drops them as it loads.
-        "KeysExpiredSkipped": max(0, expected - loaded_keys),
+        # Nodes load as replicas, which keep keys whose TTL has passed; the promoted primary
+        # expires them (and its replicas with it) as any primary does.
+        "KeysExpiredSkipped": 0,
         "BytesSent": 0,
         "Seconds": round(seconds, 3),
         "FunctionLibraries": int(source.get("Functions") or 0),

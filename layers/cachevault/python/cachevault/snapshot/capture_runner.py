@@ -116,6 +116,11 @@ class NodeStats:
     predicted_size: int  # the dataset's memory (an RDB is rarely larger; the multipart plan tolerates 16x too low)
 
 
+def module_names(info: dict[str, Any]) -> list[str]:
+    """The modules INFO modules lists, as redis-py parses it: ``{"modules": [{"name": ...}, ...]}``."""
+    return [str(m.get("name")) for m in info.get("modules") or [] if isinstance(m, dict)]
+
+
 def _node_stats(host: str, port: int, credentials: Credentials = creds_mod.NONE) -> NodeStats:
     """What the source node says of its data before the capture (INFO: counts at that moment)."""
     conn = redis.Redis(
@@ -124,18 +129,9 @@ def _node_stats(host: str, port: int, credentials: Credentials = creds_mod.NONE)
     try:
         keyspace = conn.info("keyspace")
         memory = conn.info("memory")
-        # Raw text: redis-py folds the repeated "module:" lines of INFO modules into one.
-        modules_text = conn.execute_command("INFO", "modules")
+        modules = module_names(conn.info("modules"))
     finally:
         conn.close()
-    if isinstance(modules_text, bytes):
-        modules_text = modules_text.decode("utf-8", "replace")
-    modules = [
-        field.removeprefix("module:name=")
-        for line in str(modules_text).splitlines()
-        if line.startswith("module:")
-        for field in line.split(",")[:1]
-    ]
     return NodeStats(
         keys_per_db={db.removeprefix("db"): int(info["keys"]) for db, info in keyspace.items()},
         expires_per_db={db.removeprefix("db"): int(info.get("expires", 0)) for db, info in keyspace.items()},

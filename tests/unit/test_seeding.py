@@ -29,3 +29,15 @@ def test_a_request_that_is_not_resp_is_refused() -> None:
     requests = iter(_Requests(_Chunks(b"*2\r\n$4\r\nPING\r\n:12\r\n")))  # type: ignore[arg-type]
     with pytest.raises(SeedFailed, match="does not understand"):
         next(requests)
+
+
+def test_module_names_from_info_modules_as_redis_py_parses_it() -> None:
+    from cachevault.snapshot.capture_runner import module_names
+    from redis._parsers.helpers import parse_info
+
+    text = (
+        "# Modules\r\nmodule:name=search,ver=20603,api=1,filters=0,usedby=[],using=[],options=[]\r\n"
+        "module:name=ReJSON,ver=20606,api=1,filters=0,usedby=[],using=[],options=[]\r\n"
+    )
+    assert module_names(parse_info(text)) == ["search", "ReJSON"]
+    assert module_names(parse_info("# Modules\r\n")) == []  # what a node without modules answers
