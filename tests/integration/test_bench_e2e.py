@@ -56,3 +56,15 @@ def test_cpu_seconds_of_a_process_match_its_own_clock() -> None:
         pass
     assert abs(_cpu_s(os.getpid()) - time.process_time()) < 0.05  # a clock tick is 10 ms
     assert _cpu_s(2**22 + 1) is None  # above pid_max's limit: no such process
+
+
+def test_large_shard_run_at_a_tiny_size(tmp_path: Path) -> None:
+    """The large-shard memory run (bench/large_shard.py) end to end at 16 MB: digests equal,
+    a seeded restore, and the peaks of the processes it reports."""
+    from cachevault_tools.bench.large_shard import run_large_shard
+
+    result = run_large_shard(16, tmp_path / "run")
+    assert result["digest_equal"] is True and result["keys"] > 0
+    assert result["snapshot"]["rdb_bytes"] > 16 << 20
+    assert {"embedded AWS", "cachevault CLI", "redis-server"} <= set(result["snapshot"]["peak_rss_mb"])
+    assert "ECS worker (seed)" in result["restore"]["peak_rss_mb"]  # the restore was seeded

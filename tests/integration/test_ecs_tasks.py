@@ -233,13 +233,19 @@ def _init_and_node_task(ecs_client: Any, settings: Any, exit_code: int) -> str:
     )["taskDefinition"]["taskDefinitionArn"]  # fmt: skip
 
 
-def test_a_container_starts_once_its_dependency_succeeded_and_shares_its_volume(product: Product) -> None:
+def _run_init_and_node_task(exit_code: int) -> tuple[Any, Any, str]:
+    """(ECS client, task settings, task ARN) of a task of ``_init_and_node_task`` just run."""
     ecs_client = client("ecs")
     settings = restore_targets.TaskSettings.from_env()
     arn = ecs_client.run_task(
-        cluster=settings.cluster, taskDefinition=_init_and_node_task(ecs_client, settings, 0), launchType="FARGATE",
-        networkConfiguration=settings.network(),
+        cluster=settings.cluster, taskDefinition=_init_and_node_task(ecs_client, settings, exit_code),
+        launchType="FARGATE", networkConfiguration=settings.network(),
     )["tasks"][0]["taskArn"]  # fmt: skip
+    return ecs_client, settings, arn
+
+
+def test_a_container_starts_once_its_dependency_succeeded_and_shares_its_volume(product: Product) -> None:
+    ecs_client, settings, arn = _run_init_and_node_task(0)
 
     def described() -> dict[str, Any]:
         return ecs_client.describe_tasks(cluster=settings.cluster, tasks=[arn])["tasks"][0]
@@ -262,12 +268,7 @@ def test_a_container_starts_once_its_dependency_succeeded_and_shares_its_volume(
 
 
 def test_a_container_whose_dependency_failed_never_starts_and_the_task_stops(product: Product) -> None:
-    ecs_client = client("ecs")
-    settings = restore_targets.TaskSettings.from_env()
-    arn = ecs_client.run_task(
-        cluster=settings.cluster, taskDefinition=_init_and_node_task(ecs_client, settings, 3), launchType="FARGATE",
-        networkConfiguration=settings.network(),
-    )["tasks"][0]["taskArn"]  # fmt: skip
+    ecs_client, settings, arn = _run_init_and_node_task(3)
     stopped = wait_until(
         lambda: (t := ecs_client.describe_tasks(cluster=settings.cluster, tasks=[arn])["tasks"][0])["lastStatus"]
         == "STOPPED" and t, 30, "the task to stop",
