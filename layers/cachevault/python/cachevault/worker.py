@@ -24,8 +24,8 @@ import sys
 
 from cachevault.restore import seed as seeding
 
-# Each job imports what it uses: every cache node task runs ``seed``, mostly with nothing to
-# write, and its server should not wait for the capture, load and logging code to load.
+# Each job imports what it uses: a seed starts beside a node that waits for it, and should not
+# first load the capture and load code.
 
 
 def capture() -> int:

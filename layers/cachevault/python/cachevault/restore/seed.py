@@ -1,9 +1,10 @@
 """A new node's data, served from S3 as its first master: the node task's ``seed`` container.
 
-The node task definitions (template.yaml) run ``python -m cachevault.worker seed`` beside
-the server, not essential. ProvisionCache passes each node's seed the shard's source in
-``SEED_SOURCE`` (bucket, key, version, SHA-256, size); a node started with no source
-(``cache create``, a resharded restore) has a seed that exits at once.
+The seeded node task definitions (template.yaml, ``*SeededNodeTaskDefinition``) run
+``python -m cachevault.worker seed`` beside the server, not essential. ProvisionCache passes
+each node's seed the shard's source in ``SEED_SOURCE`` (bucket, key, version, SHA-256, size)
+and the restore's execution name; other nodes (``cache create``, a resharded restore) run the
+plain definitions, without a seed.
 
 The seed listens on an ephemeral port of its task and reports it in its progress part
 (``Port``); LoadShard then tells the node ``REPLICAOF <its own address> <port>``. To the node
