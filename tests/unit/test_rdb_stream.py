@@ -4,6 +4,7 @@ and storage.S3RangeReader (ranged GETs, SHA-256 on the fly) against moto's S3.""
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import tracemalloc
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.response import StreamingBody
 from cachevault.catalog import storage
 from cachevault.core.errors import ChecksumMismatch, RdbFormatError
 from cachevault.rdb.reader import RdbAux, RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, RdbStream, scan_rdb
@@ -166,3 +168,49 @@ def test_range_reader_refuses_other_bytes(s3: Any, dump: Path) -> None:
         scan_rdb(storage.S3RangeReader(s3, BUCKET, "x/dump.rdb", expected_sha256=wrong, range_size=100_000))
     with pytest.raises(ChecksumMismatch, match="size"):
         storage.S3RangeReader(s3, BUCKET, "x/dump.rdb", size=len(data) + 1)
+
+
+class _DroppingClient:
+    """Moto's S3 client, except that the first GET of each range named in ``drop`` is cut short."""
+
+    def __init__(self, s3: Any, drop: set[int]) -> None:
+        self.s3, self.drop, self.calls = s3, set(drop), 0
+
+    def head_object(self, **kwargs: Any) -> Any:
+        return self.s3.head_object(**kwargs)
+
+    def get_object(self, **kwargs: Any) -> Any:
+        self.calls += 1
+        start = int(kwargs["Range"].removeprefix("bytes=").split("-")[0])
+        answer = self.s3.get_object(**kwargs)
+        if start in self.drop:
+            self.drop.discard(start)
+            whole = answer["Body"].read()
+            answer["Body"] = StreamingBody(io.BytesIO(whole[: len(whole) // 2]), len(whole) // 2)
+        return answer
+
+
+def test_range_reader_asks_again_for_a_range_cut_short(s3: Any, dump: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(storage, "RANGE_RETRY_PAUSE_S", 0.0)
+    data = dump.read_bytes()
+    s3.put_object(Bucket=BUCKET, Key="x/dump.rdb", Body=data)
+    digest = hashlib.sha256(data).hexdigest()
+    client = _DroppingClient(s3, {0, 100_000})
+    reader = storage.S3RangeReader(client, BUCKET, "x/dump.rdb", expected_sha256=digest, range_size=100_000)
+    assert scan_rdb(reader) == scan_rdb(dump) and reader.sha256 == digest
+    assert client.calls == -(-len(data) // 100_000) + 2  # the two ranges cut short were asked for twice
+
+
+def test_range_reader_gives_up_on_a_range_always_cut_short(s3: Any, dump: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(storage, "RANGE_RETRY_PAUSE_S", 0.0)
+    s3.put_object(Bucket=BUCKET, Key="x/dump.rdb", Body=dump.read_bytes())
+
+    class Always(_DroppingClient):
+        def get_object(self, **kwargs: Any) -> Any:
+            self.drop.add(0)
+            return super().get_object(**kwargs)
+
+    client = Always(s3, set())
+    with pytest.raises(ChecksumMismatch, match="returned"):
+        scan_rdb(storage.S3RangeReader(client, BUCKET, "x/dump.rdb", range_size=100_000))
+    assert client.calls == storage.RANGE_ATTEMPTS

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,10 @@ MAX_PARTS = 10_000
 DEFAULT_PART_SIZE = 16 * MiB
 DOWNLOAD_CHUNK = MiB
 RANGE_SIZE = 8 * MiB  # bytes per ranged GET when streaming an object
+# A range cut short or not answered is asked for again (the digest only sees whole ranges);
+# the reader's caller (a node's replication link: repl-timeout 60 s) waits meanwhile.
+RANGE_ATTEMPTS = 3
+RANGE_RETRY_PAUSE_S = 0.5
 
 # Snapshot names reach S3 keys: allow ElastiCache's alphabet plus the dots of
 # "automatic.<cache>-YYYY-MM-DD-HH-MM", and nothing that could leave the prefix.
@@ -535,21 +540,31 @@ class S3RangeReader:
         }
         if self.etag:
             args["IfMatch"] = self.etag
-        self.gets += 1
         want = end - start + 1
-        body = self.client.get_object(**args)["Body"]
-        chunks: list[bytes] = []
-        got = 0
-        try:
-            for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
-                chunks.append(chunk)
-                got += len(chunk)
-        except Exception as exc:  # a dropped connection, botocore's own checksum of the response
-            raise self._short(start, end, got, exc) from exc
-        finally:
-            body.close()
-        if got != want:
-            raise self._short(start, end, got, None)
+        for attempt in range(RANGE_ATTEMPTS):  # bounded: a range is asked for at most RANGE_ATTEMPTS times
+            self.gets += 1
+            chunks: list[bytes] = []
+            got, failure = 0, None
+            try:
+                body = self.client.get_object(**args)["Body"]
+            except ClientError:  # an answer (the object changed: IfMatch, or is gone): not retried
+                raise
+            except Exception as exc:  # no answer: a connection refused or dropped, a timeout
+                failure = exc
+            else:
+                try:
+                    for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+                        chunks.append(chunk)
+                        got += len(chunk)
+                except Exception as exc:  # a dropped connection, botocore's own checksum of the response
+                    failure = exc
+                finally:
+                    body.close()
+            if failure is None and got == want:
+                break
+            if attempt + 1 == RANGE_ATTEMPTS:
+                raise self._short(start, end, got, failure) from failure
+            time.sleep(RANGE_RETRY_PAUSE_S * (attempt + 1))  # a blip: the same range again, same ETag
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._digest.update(data)
         return data
