@@ -267,13 +267,12 @@ def follow_seed(node: NodeTask, port: int, creds: Credentials) -> None:
         conn.execute_command("REPLICAOF", node.host, port)
 
 
-def seeded_node_state(node: NodeTask, creds: Credentials) -> dict[str, Any]:
-    """``Busy``: a sync or a load still under way on the node; ``Role``: as INFO replication says."""
+def seeded_node_busy(node: NodeTask, creds: Credentials) -> bool:
+    """A sync or a load still under way on the node."""
     with _client(node, creds, timeout=5.0) as conn:
-        replication = conn.info("replication")
+        syncing = int(conn.info("replication").get("master_sync_in_progress", 0))
         loading = int(conn.info("persistence").get("loading", 0))
-    syncing = int(replication.get("master_sync_in_progress", 0))
-    return {"Busy": bool(loading or syncing), "Role": replication.get("role")}
+    return bool(loading or syncing)
 
 
 def promote_seeded_shard(shard: ShardNodes, creds: Credentials, timeout: float = READY_TIMEOUT_S) -> None:

@@ -587,7 +587,7 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
                 following.add(node.node_id)
         report.update(int(seeds[shard.primary.node_id].get("Done") or 0))
         served = all(p.get("Status") == "done" for p in seeds.values())  # each node acknowledged its load
-        if served and not any(restore_targets.seeded_node_state(n, creds)["Busy"] for n in nodes):
+        if served and not any(restore_targets.seeded_node_busy(n, creds) for n in nodes):
             break
         if time.monotonic() > deadline:
             done = {n: p.get("Done") for n, p in seeds.items()}
