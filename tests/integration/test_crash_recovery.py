@@ -51,7 +51,9 @@ from tests.product_fixtures import connect, fill, slow_down_saves, wait_until
 
 WAIT_S = 90
 # Captures and loads in ECS worker tasks: processes of their own that outlive the killed service.
-OVERRIDES = {PARAMETER_OVERRIDES_ENV: "InlineCaptureMaxSeconds=0 LoadInlineMaxBytes=0"}
+# Restores load through RESTORE from a load worker (RestoreSeedNodes=false): a batch a paused
+# node holds keeps the load in flight for the kill.
+OVERRIDES = {PARAMETER_OVERRIDES_ENV: "InlineCaptureMaxSeconds=0 LoadInlineMaxBytes=0 RestoreSeedNodes=false"}
 SOURCE, BASE = "crash-src", "crash-base"  # a 1-shard cache and its snapshot: restored and copied
 # What a person reads on every operation the start after the kill ended.
 GONE = "no longer exists (the embedded AWS was restarted, or its history expired)"

@@ -437,11 +437,15 @@ def test_restore_into_a_new_ecs_cache_with_another_shard_count(product: Product,
         output = product.control.wait_restore(arn, name, timeout_s=120)
         assert output["Status"] == "available" and output["NumNodeGroups"] == 2
         assert output["Verification"]["Mismatches"] == []
-        # Every source loaded in a worker task (LoadShardTask, then LoadResult read its S3 result).
+        # Seeded: one LoadShard waits for every primary's seed, in a worker task here (the sources
+        # together are bigger than this module's inline limit); LoadResult reads its S3 result back,
+        # then JoinSeededCluster wires the primaries and adds the replicas.
+        assert output["Seeded"] is True
         history = client("stepfunctions").get_execution_history(executionArn=arn, maxResults=1000)["events"]
         entered = [e["stateEnteredEventDetails"]["name"] for e in history if "stateEnteredEventDetails" in e]
-        assert entered.count("LoadShardTask") == 3 and entered.count("LoadResult") == 3
-        assert "LoadShard" not in entered
+        assert entered.count("LoadShardTask") == 1 and entered.count("LoadResult") == 1
+        assert "LoadShard" not in entered and "AttachReplicas" not in entered
+        assert entered.index("JoinSeededCluster") > entered.index("LoadResult")
         assert output["LoadSummary"]["KeysLoaded"] == expected_keys
         record = product.control.catalog.get_cache("ecs-two")
         assert record["Managed"] == "ecs" and record["NumNodeGroups"] == 2

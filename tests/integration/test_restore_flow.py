@@ -10,6 +10,8 @@ catalog says afterwards and that the snapshot's S3 objects were not touched.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from cachevault.catalog import caches, storage
 from cachevault.core.aws import client
 from cachevault.core.errors import CacheVaultError, ChecksumMismatch, InvalidS3Location, RestoreFailed
 from cachevault.nodes.slots import SlotRouter, key_slot
+from cachevault.rdb.reader import RdbFile
 from cachevault.restore.verify import cache_digest, combined_digest
 from cachevault_tools import datagen
 from cachevault_tools.local import ecs, lambda_runtime
@@ -333,19 +336,26 @@ def test_cluster_disabled_to_same_without_the_source_cache(
     print(f"restore cluster-disabled -> same (seeded): {seconds:.2f} s")
 
 
-def test_cluster_disabled_to_same_through_restore_when_seeding_is_off(
-    product: Product, standalone: Source, targets: list[str]
-) -> None:
-    """RESTORE_SEED_NODES=false: the same restore goes through RESTORE into empty nodes, replicas following."""
+@contextlib.contextmanager
+def _seeding_off(product: Product) -> Iterator[None]:
+    """RESTORE_SEED_NODES=false on ProvisionCache, for the restores started inside."""
     provision = product.env.deployed.function_name("RestoreProvisionFunction")
     lam = client("lambda")
     env = lam.get_function_configuration(FunctionName=provision)["Environment"]["Variables"]
     unseeded = {**env, "RESTORE_SEED_NODES": "false"}
     lam.update_function_configuration(FunctionName=provision, Environment={"Variables": unseeded})
     try:
-        output, _ = _restore(product, targets, "rt-unseeded", snapshot=standalone.snapshot)
+        yield
     finally:
         lam.update_function_configuration(FunctionName=provision, Environment={"Variables": env})
+
+
+def test_cluster_disabled_to_same_through_restore_when_seeding_is_off(
+    product: Product, standalone: Source, targets: list[str]
+) -> None:
+    """RESTORE_SEED_NODES=false: the same restore goes through RESTORE into empty nodes, replicas following."""
+    with _seeding_off(product):
+        output, _ = _restore(product, targets, "rt-unseeded", snapshot=standalone.snapshot)
     assert output["Seeded"] is False
     assert output["LoadSummary"]["BytesSent"] > 0  # loaded over the network
     _check_restored(product, standalone, "rt-unseeded", shards=1, cluster=False)
@@ -389,14 +399,83 @@ def test_a_seeded_node_refuses_an_object_that_is_not_the_snapshot(
 def test_three_shards_to_any_shard_count(
     product: Product, clustered: Source, targets: list[str], shards: int
 ) -> None:
-    """3 -> 3, 3 -> 2 and 3 -> 4 all load over the network into new ECS nodes."""
+    """3 -> 3, 3 -> 2 and 3 -> 4: each new primary's seed cuts its slots out of the sources
+    whose recorded slots meet its own and the node loads them (restore.seed_cluster)."""
     target = f"rt-{shards}"
     output, seconds = _restore(product, targets, target, snapshot=clustered.snapshot, num_shards=shards, replicas=0)
     assert output["NumNodeGroups"] == shards and output["ClusterMode"] is True
+    assert output["Seeded"] is True
     assert output["LoadSummary"]["KeysLoaded"] == clustered.keys
+    assert output["LoadSummary"]["BytesSent"] == 0  # no RESTORE went over the network
     assert output["Verification"]["Mismatches"] == []
     _check_restored(product, clustered, target, shards=shards, cluster=True)
-    print(f"restore 3 -> {shards} shards: {seconds:.2f} s")
+    plans = _seed_plans(product, target)
+    assert len(plans) == shards
+    # A seed reads only the sources its slots need: 3 -> 3 is one each; 3 -> 2 splits the middle shard.
+    expected_reads = {3: [1, 1, 1], 2: [2, 2], 4: [1, 2, 2, 1]}[shards]
+    assert [len(p["Sources"]) for p in plans] == expected_reads
+    print(f"restore 3 -> {shards} shards (seeded): {seconds:.2f} s")
+
+
+def _seed_plans(product: Product, target: str) -> list[dict[str, Any]]:
+    """What each primary's seed was given (its RunTask overrides), in shard order."""
+    ecs = client("ecs")
+    cluster = os.environ["ECS_CLUSTER"]
+    arns = [n["TaskArn"] for n in product.control.catalog.get_cache(target)["Nodes"] if n["Role"] == "primary"]
+    plans = []
+    tasks = ecs.describe_tasks(cluster=cluster, tasks=arns)["tasks"]
+    for task in sorted(tasks, key=lambda t: arns.index(t["taskArn"])):
+        (seed,) = [o for o in task["overrides"]["containerOverrides"] if o["name"] == "seed"]
+        env = {e["name"]: e["value"] for e in seed["environment"]}
+        plans.append(json.loads(env["SEED_CUT"]))
+    return plans
+
+
+def _inside_a_short_string(rdb: bytes, tmp_path: Path) -> int:
+    """An offset inside the bytes of a short raw string value (not a length, not a boundary)."""
+    path = tmp_path / "shard.rdb"
+    path.write_bytes(rdb)
+    with RdbFile(path) as reader:
+        for item in reader.iter_raw():
+            if type(item) is tuple:
+                _, _, op, vstart, vend, *_ = item
+                if op == 0 and 4 <= rdb[vstart] < 0x40 and vend == vstart + 1 + rdb[vstart]:
+                    return int(vstart) + 2
+    raise AssertionError("no short raw string value in the RDB")
+
+
+def test_three_shards_to_two_through_restore_when_seeding_is_off(
+    product: Product, clustered: Source, targets: list[str]
+) -> None:
+    with _seeding_off(product):
+        output, _ = _restore(product, targets, "rt-2-unseeded", snapshot=clustered.snapshot, num_shards=2, replicas=0)
+    assert output["Seeded"] is False
+    assert output["LoadSummary"]["BytesSent"] > 0  # RESTORE commands, routed by slot
+    _check_restored(product, clustered, "rt-2-unseeded", shards=2, cluster=True)
+
+
+def test_a_seeded_cluster_refuses_an_object_that_is_not_the_snapshot(
+    product: Product, clustered: Source, targets: list[str], tmp_path: Path
+) -> None:
+    """A seed cutting a changed RDB stops before the trailer: the node never completes the load,
+    and the restore fails as a checksum mismatch with the seed's reason; nothing is left running."""
+    s3 = client("s3")
+    name = "rt-tamper-cluster"
+    # A copy of the snapshot with one shard's RDB changed (the shared snapshot stays as it is).
+    product.control.copy_snapshot(clustered.snapshot, "rsc-tampered", wait=True, timeout_s=60)
+    key = sorted(k for k in _s3_objects(product, "rsc-tampered") if k.endswith(".rdb"))[1]
+    body = s3.get_object(Bucket=product.bucket, Key=key)["Body"].read()
+    at = _inside_a_short_string(body, tmp_path)  # still parses: only the digests can tell
+    s3.put_object(Bucket=product.bucket, Key=key, Body=body[:at] + bytes([body[at] ^ 1]) + body[at + 1 :])
+    targets.append(name)
+    arn, _ = product.control.restore(name, snapshot="rsc-tampered", num_shards=2, replicas=0)
+    with pytest.raises(ChecksumMismatch) as failure:
+        product.control.wait_restore(arn, name, timeout_s=90)
+    message = str(failure.value)
+    assert f"Seeding {name} from " in message and "sha256" in message
+    failed = product.control.catalog.get_cache(name)
+    assert failed["Status"] == "failed" and failed["Nodes"] == []
+    assert product.running_tasks(name) == []
 
 
 def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, targets: list[str]) -> None:
@@ -544,12 +623,13 @@ def test_node_killed_during_load_fails_cleanly_and_a_retry_succeeds(
     objects = _s3_objects(product, "big-snap")
 
     targets.append("rt-kill")
-    arn, name = product.control.restore("rt-kill", snapshot="big-snap", num_shards=2, replicas=0)
-    record = wait_until(
-        lambda: (c := product.control.catalog.find_cache(name)) and c.get("Nodes") and c,
-        timeout=60,
-        what="the target's nodes to be provisioned",
-    )
+    with _seeding_off(product):  # a RESTORE load, routed by slot (a seeded node loads by itself)
+        arn, name = product.control.restore("rt-kill", snapshot="big-snap", num_shards=2, replicas=0)
+        record = wait_until(
+            lambda: (c := product.control.catalog.find_cache(name)) and c.get("Nodes") and c,
+            timeout=60,
+            what="the target's nodes to be provisioned",
+        )
     pids = product.node_pids(name)
     assert pids and all(process_alive(pid) for pid in pids)
     victim = next(n for n in record["Nodes"] if n["Role"] == "primary" and n["NodeGroupId"] == "0002")
@@ -631,9 +711,9 @@ def test_a_timed_out_load_step_fails_the_restore_with_its_reason(
     monkeypatch.setattr(lambda_runtime.RUNTIME, "invoke", targets_hold_writes)
     targets.append("slow-copy")
     try:
-        # Two shards: a RESTORE load (a seeded one has no batch to hold back, restore_workflow.seedable).
-        arn, name = product.control.restore("slow-copy", snapshot="slow-snap", num_shards=2, replicas=0)
-        with pytest.raises(CacheVaultError) as failure:
+        # A RESTORE load (a seeded one has no batch to hold back, restore_workflow.seedable).
+        with _seeding_off(product), pytest.raises(CacheVaultError) as failure:
+            arn, name = product.control.restore("slow-copy", snapshot="slow-snap", num_shards=2, replicas=0)
             product.control.wait_restore(arn, name, timeout_s=120)
     finally:
         lam.update_function_configuration(FunctionName=load_shard, Timeout=900)

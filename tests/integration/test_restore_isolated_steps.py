@@ -82,13 +82,15 @@ def _restore_steps(environments: Environments, product: Product, request: dict[s
     assert "Path" not in json.dumps(state)  # names only, never a path of this step's disk
     state = environments.run(product, "restore_provision", state)
     assert state["LoadTasks"] and state["Targets"]  # nodes are ECS tasks: every restore loads over the network
-    state = environments.run(product, "restore_attach_replicas", state)  # before the load, as the ASL runs it
+    if not state["Seeded"]:  # ReplicasStarted?: before the load, as the ASL runs it
+        state = environments.run(product, "restore_attach_replicas", state)
     results = []
     for task in state["LoadTasks"]:
         item = {
             "Task": task,
             "Targets": state["Targets"],
             "ClusterMode": state["ClusterMode"],
+            "Seeded": state["Seeded"],
             "SourcesKey": state["SourcesKey"],
             "ReplicationGroupId": state["ReplicationGroupId"],
             "ExecutionName": execution,
@@ -96,7 +98,10 @@ def _restore_steps(environments: Environments, product: Product, request: dict[s
         results.append(environments.run(product, "restore_load_shard", item))
         # What a LoadShard run as a worker job hands back (read from its S3 result alone).
         assert restore_workflow.load_result_step(item) == results[-1]
-    state = environments.run(product, "restore_verify", state | {"LoadResults": results})
+    state = state | {"LoadResults": results}
+    if state["Seeded"] and state["ClusterMode"]:  # ClusterJoined?: JoinSeededCluster
+        state = environments.run(product, "restore_attach_replicas", state)
+    state = environments.run(product, "restore_verify", state)
     assert state["Verification"]["Mismatches"] == []
     done = environments.run(product, "restore_complete", state)
     assert done["Status"] == "available"

@@ -23,6 +23,7 @@ from cachevault.core.handler import logger
 from cachevault.nodes import credentials
 from cachevault.nodes.credentials import Credentials, Tls
 from cachevault.ops.control_plane import RESTORE_SNAPSHOT
+from cachevault.restore.verify import combined_digest
 from cachevault.snapshot import capture_runner
 from cachevault.snapshot.capture import capture_rdb
 from cachevault_tools.local.deployer import deploy
@@ -161,6 +162,14 @@ def test_auth_cache_snapshot_and_restore_never_show_the_password(product: Produc
         with pytest.raises(redis.AuthenticationError):  # the restored cache is protected too
             _client(target, credentials.NONE).ping()
         assert _digest(target, creds) == _digest(primary, creds)
+        # A cluster's seeds AUTH as the ACL user on their node's unix socket (restore.seed_cluster).
+        arn, _ = product.control.restore(
+            "sec-auth-cluster", snapshot="sec-auth-snap", num_shards=2, cluster_mode="enabled", replicas=0,
+            security={"AuthSecretArn": cache["AuthSecretArn"]},
+        )  # fmt: skip
+        assert product.control.wait_restore(arn, "sec-auth-cluster", timeout_s=90)["Seeded"] is True
+        shards = product.control.catalog.get_cache("sec-auth-cluster")["Endpoints"]
+        assert sum(_digest(p, creds)[1] for p in shards) == _digest(primary, creds)[1]
 
         logs = "\n".join(captured_logs.lines)
         assert "sec-auth-snap" in logs  # the steps did log (at DEBUG, with their inputs)
@@ -169,7 +178,7 @@ def test_auth_cache_snapshot_and_restore_never_show_the_password(product: Produc
         assert cache["AuthSecretArn"] in recorded  # the reference is there, the value is not
         assert password not in recorded
     finally:
-        for name in ("sec-auth-copy", "sec-auth"):
+        for name in ("sec-auth-copy", "sec-auth-cluster", "sec-auth"):
             if product.control.catalog.find_cache(name):
                 caches.delete_local_cache(name, product.settings)
     # The secret cachevault made for the cache goes with it.
@@ -287,6 +296,25 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
         with pytest.raises(redis.ConnectionError):
             _client(target, Credentials(None, password)).ping()
 
+        # Into a 2-shard cluster: each seed fills its node through the node's unix socket, which
+        # speaks no TLS (restore.seed_cluster); the cluster itself talks TLS only.
+        arn, _ = product.control.restore(
+            "sec-tls-cluster", snapshot="sec-tls-snap", num_shards=2, cluster_mode="enabled", replicas=0,
+            security={"AuthSecretArn": cache["AuthSecretArn"], "TransitEncryptionEnabled": True,
+                      "TlsCaBundle": ca_pem, "TlsServerName": "localhost",
+                      "TlsCertificateFile": tls_files.cert_file, "TlsKeyFile": tls_files.key_file},
+        )  # fmt: skip
+        output = product.control.wait_restore(arn, "sec-tls-cluster", timeout_s=90)
+        assert output["Seeded"] is True and output["ClusterMode"] is True
+        shards = product.control.catalog.get_cache("sec-tls-cluster")["Endpoints"]
+        parts = [_digest(p, creds) for p in shards]
+        assert all(keys for _, keys in parts)  # both shards hold keys
+        source_digest, source_keys = _digest(primary, creds)
+        assert sum(keys for _, keys in parts) == source_keys
+        assert combined_digest([d.decode() if isinstance(d, bytes) else d for d, _ in parts]) == (
+            source_digest.decode() if isinstance(source_digest, bytes) else source_digest
+        )
+
         # A CA that did not sign the nodes' certificate is refused, clearly.
         with pytest.raises(InvalidReplicationGroupState, match="certificate verify failed"):
             caches.register_external_cache(
@@ -302,7 +330,7 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
         with pytest.raises(CaptureFailed, match=re.escape(f"TLS certificate of {host} refused")):
             capture_rdb(host, int(port), bytearray().extend, credentials=wrong)
     finally:
-        for name in ("sec-tls-copy", "sec-tls"):
+        for name in ("sec-tls-copy", "sec-tls-cluster", "sec-tls"):
             if product.control.catalog.find_cache(name):
                 caches.delete_local_cache(name, product.settings)
 

@@ -111,10 +111,12 @@ def operation_parts(progress: dict[str, dict[str, Any]]) -> list[Part]:
     for key, row in rows:
         phase = row.get("Phase", key.split("-")[0])
         index = key.rsplit("-", 1)[-1]
+        # A seed's part is its node's (restore.seed.progress_part): name the node, not a shard.
+        label = f"seed of {key[5:]}" if key.startswith("seed-") else f"{phase} shard {index}"
         parts.append(
             Part(
                 key=key,
-                label=f"{phase} shard {index}",
+                label=label,
                 done=_int(row.get("Done")) or 0,
                 total=_int(row.get("Total")),
                 unit=row.get("Unit", "bytes"),

@@ -8,8 +8,10 @@ Lambdas use. The state machine's RunTask passes the job's input in the environme
 * ``load``: ``LOAD_EVENT``, the LoadShards Map item (JSON) of a source too big for the
   LoadShard Lambda; the result goes to the restore's S3 result object, which the state
   machine's LoadResult step hands on (``restore_workflow.load_job``/``load_result_step``).
-* ``seed``: the node task's seed container (restore.seed): ``SEED_SOURCE`` (the shard's RDB
-  in S3) served to the node as its first master's full resync; no source, nothing to serve.
+* ``seed``: the node task's seed container: ``SEED_SOURCE`` (the shard's RDB in S3) served to
+  the node as its first master's full resync (restore.seed), or ``SEED_CUT`` (a cluster node's
+  slots of the sources) written into the FIFO the node loads (restore.seed_cluster); neither,
+  nothing to serve.
 
 The table/bucket names come from the task definition; the exit code tells ECS how it ended.
 """
@@ -21,8 +23,10 @@ import json
 import os
 import signal
 import sys
+from typing import Any
 
 from cachevault.restore import seed as seeding
+from cachevault.restore import seed_cluster
 
 # Each job imports what it uses: a seed starts beside a node that waits for it, and should not
 # first load the capture and load code.
@@ -75,6 +79,8 @@ def load() -> int:
 
 def seed() -> int:
     text = os.environ.get(seeding.SEED_SOURCE_ENV, "")
+    if os.environ.get(seed_cluster.SEED_CUT_ENV):
+        return seed_cluster_node()
     if not text:
         print("nothing to seed: the node starts empty", flush=True)
         return 0
@@ -105,6 +111,57 @@ def seed() -> int:
             report.fail(f"{type(exc).__name__}: {exc}")
         return 1
     logger.info("seeded", target=target, node=node, bytes=sent)
+    return 0
+
+
+def seed_cluster_node() -> int:
+    """The seed of a cluster node (restore.seed_cluster): its slots of the sources, through a FIFO."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    from cachevault.catalog import storage
+    from cachevault.catalog.progress_report import RESTORE, PartProgress
+    from cachevault.catalog.records import Catalog
+    from cachevault.core.aws import client
+    from cachevault.core.handler import logger
+    from cachevault.core.settings import Settings
+    from cachevault.rdb.reader import RdbStream
+
+    target, node = os.environ.get(seeding.SEED_TARGET_ENV, ""), os.environ.get(seeding.SEED_NODE_ENV, "")
+    report = None
+    try:
+        report = PartProgress(Catalog(Settings.from_env()), RESTORE, target, seeding.progress_part(node),
+                              phase="load", total=None)  # fmt: skip
+        report.fields["Execution"] = os.environ.get(seeding.SEED_EXECUTION_ENV, "")
+        plan = seed_cluster.parse_plan(os.environ[seed_cluster.SEED_CUT_ENV])
+        auth = json.loads(os.environ.get(seed_cluster.SEED_AUTH_ENV) or "{}")
+        report.fields["Total"] = sum(int(s["Size"]) for s in plan["Sources"])
+        report.start(strict=True)
+        os.chdir(os.environ.get(seed_cluster.SEED_DIR_ENV) or seed_cluster.SEED_DIR)
+        s3, read = client("s3"), [0] * len(plan["Sources"])
+
+        def opener(i: int, source: dict[str, str]) -> Any:
+            def counted(n: int) -> None:
+                read[i] = n
+                report.update(sum(read))
+
+            return lambda: RdbStream(storage.S3RangeReader(
+                s3, source["Bucket"], source["Key"], expected_sha256=source["Sha256"], size=int(source["Size"]),
+                version_id=source.get("VersionId"), on_bytes=counted,
+            ))  # fmt: skip
+
+        logger.info("seed cutting", target=target, node=node, slots=plan["Slots"], sources=len(plan["Sources"]))
+        stats = seed_cluster.load(plan, auth, [opener(i, s) for i, s in enumerate(plan["Sources"])])
+        report.fields.update(
+            Keys=stats.keys, KeysWithTtl=stats.keys_with_ttl, KeysExpiredSkipped=stats.keys_expired_skipped,
+            Functions=stats.functions, BytesWritten=stats.bytes_written,
+            SourceKeys=[[s["Key"], n] for s, n in zip(plan["Sources"], stats.per_source, strict=True)],
+        )  # fmt: skip
+        report.finish(report.fields["Total"])
+    except Exception as exc:  # the restore reads why from the progress part (or the exit code)
+        logger.exception("seeding failed", target=target, node=node)
+        if report is not None:
+            report.fail(f"{type(exc).__name__}: {exc}")
+        return 1
+    logger.info("seeded", target=target, node=node, keys=stats.keys, bytes=stats.bytes_written)
     return 0
 
 

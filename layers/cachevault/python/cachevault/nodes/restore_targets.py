@@ -29,7 +29,7 @@ from cachevault.core.errors import CacheVaultError, InvalidParameterValue, Inval
 from cachevault.nodes import credentials as creds_mod
 from cachevault.nodes import topology
 from cachevault.nodes.credentials import Credentials
-from cachevault.nodes.slots import even_split, format_slot_ranges
+from cachevault.nodes.slots import even_split, format_slot_ranges, parse_slot_ranges
 
 NODE_PORT = 6379
 ENGINES = ("redis", "valkey")
@@ -253,6 +253,66 @@ def start_seeded_shard(
     for node in nodes[1:]:
         node.role = "replica"
     return ShardNodes(nodes[0], nodes[1:])
+
+
+def start_seeded_cluster(
+    cache: str,
+    num_shards: int,
+    seed: Callable[[str, str], list[dict[str, str]]],
+    node_arguments: list[str],
+    *,
+    engine: str,
+    creds: Credentials,
+    tls: dict[str, str] | None,
+    settings: TaskSettings | None = None,
+) -> CacheNodes:
+    """The primaries of a new cluster, each loaded by its task's seed (restore.seed_cluster).
+
+    ``seed(node_id, slots)``: that node's seed environment; ``node_arguments``: what its server
+    needs for it. Returns once every task runs, without a word to the nodes: their seeds load
+    them at once, and LoadShard wires them when they have (``finish_seeded_cluster``).
+    """
+    settings = settings or TaskSettings.from_env()
+    ecs = client("ecs")
+    command = node_command(engine, cluster_mode=True, creds=creds, tls=tls) + node_arguments
+    shards = [ShardNodes(NodeTask(node_id(cache, i, 0), "", ""), [], format_slot_ranges([r]))
+              for i, r in enumerate(even_split(num_shards))]  # fmt: skip
+    arns: list[str] = []
+    try:
+        for shard in shards:
+            node = shard.primary
+            env = seed(node.node_id, str(shard.slots))
+            node.task_arn = _run_node_task(ecs, settings, cache, node.node_id, engine, command,
+                                           node_environment(tls), env)  # fmt: skip
+            arns.append(node.task_arn)
+        hosts = _wait_running(ecs, settings.cluster, arns)
+    except BaseException:
+        stop_tasks(arns, "cache nodes did not start", settings)
+        raise
+    for shard in shards:
+        shard.primary.host = hosts[shard.primary.task_arn]
+    return CacheNodes(cache, True, shards)
+
+
+def finish_seeded_cluster(nodes: CacheNodes, creds: Credentials, timeout: float = READY_TIMEOUT_S) -> None:
+    """Loaded primaries into one cluster: each announces its address and takes its planned slots
+    (``start_seeded_cluster``), then they meet; settled (cluster_state:ok everywhere) on return."""
+    primaries = [s.primary for s in nodes.shards]
+    _wait_ping(primaries, creds)
+    for node in primaries:
+        _announce(node, creds, True)
+    conns = [_client(n, creds) for n in primaries]
+    try:
+        for conn, shard in zip(conns, nodes.shards, strict=True):
+            for start, end in parse_slot_ranges(str(shard.slots)):
+                conn.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
+        for epoch, conn in enumerate(conns, start=1):
+            conn.execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+        _meet_primaries(conns, primaries)
+    finally:
+        for conn in conns:
+            conn.close()
+    wire(nodes, creds, new_replicas={}, sync_timeout=timeout)  # waits for the view to converge
 
 
 def follow_seed(node: NodeTask, port: int, creds: Credentials) -> None:

@@ -164,6 +164,11 @@ class RdbFile:
 
     window = view
 
+    @property
+    def window_offset(self) -> int:
+        """The file offset of ``window[0]`` (a key tuple's ``offset`` minus this indexes the window)."""
+        return self._base
+
     def _refill(self, keep_from: int) -> tuple[mmap.mmap | bytes, int, bool]:
         """Slide the window to start at ``keep_from`` and read more: (buffer, length, final)."""
         raise AssertionError("an mmapped file is one final window")

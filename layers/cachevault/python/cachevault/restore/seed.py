@@ -51,11 +51,15 @@ def progress_part(node: str) -> str:
     return f"seed-{node}"
 
 
-def seed_environment(source: dict[str, Any], target: str, node: str, execution: str) -> list[dict[str, str]]:
-    """The seed container's environment overrides for one node loading ``source`` (a restore source)."""
-    document = {k: source[k] for k in _SOURCE_FIELDS if source.get(k) is not None}
+def seed_environment(source: dict[str, Any] | None, target: str, node: str, execution: str) -> list[dict[str, str]]:
+    """The seed container's environment overrides for one node loading ``source`` (a restore
+    source; None for a cluster node's seed, whose plan restore.seed_cluster adds)."""
+    entries = []
+    if source is not None:
+        document = {k: source[k] for k in _SOURCE_FIELDS if source.get(k) is not None}
+        entries.append({"name": SEED_SOURCE_ENV, "value": json.dumps(document, separators=(",", ":"))})
     return [
-        {"name": SEED_SOURCE_ENV, "value": json.dumps(document, separators=(",", ":"))},
+        *entries,
         {"name": SEED_TARGET_ENV, "value": target},
         {"name": SEED_NODE_ENV, "value": node},
         {"name": SEED_EXECUTION_ENV, "value": execution},

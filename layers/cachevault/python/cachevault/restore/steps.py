@@ -67,6 +67,7 @@ from cachevault.nodes import credentials as creds_mod
 from cachevault.nodes import restore_targets, topology
 from cachevault.nodes.slots import format_slot_ranges, parse_slot_ranges
 from cachevault.rdb.reader import scan_rdb
+from cachevault.restore import seed_cluster
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
 from cachevault.restore.seed import progress_part, replication_id, seed_environment
 from cachevault.restore.verify import keyspace_keys, verify_restore
@@ -93,7 +94,7 @@ LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 # Seeded restores (restore.seed): each node of a new standalone cache restored from one RDB
 # loads it from its task's seed container, which serves it from S3 as a replication stream
 # (no RESTORE, no Python pass over the keys). Measured (1 GB, one replica, 2 cores, make
-# bench): see README, Benchmarks. RESTORE_SEED_NODES=false turns seeding off.
+# bench): see README, Benchmarks. RESTORE_SEED_NODES=false (template RestoreSeedNodes) turns seeding off.
 RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
 SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
 SEED_WAIT_JOB_S = 12 * 3600.0  # LoadShard as an ECS task
@@ -403,6 +404,14 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
             {"Host": s.primary.host, "Port": s.primary.port, "Slots": format_slot_ranges(s.slots) or None}
             for s in topo.shards
         ]
+    elif seeded and cluster_mode:
+        nodes = restore_targets.start_seeded_cluster(
+            target, shards, lambda node, slots: _cluster_seed_environment(event, sources, node, slots, creds),
+            seed_cluster.node_arguments(), engine=str(event.get("Engine") or "redis"), creds=creds,
+            tls=creds_mod.fleet_tls(cache),
+        )  # fmt: skip
+        _record_nodes(catalog, nodes, event, creds)
+        targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
     elif seeded:
         engine = str(event.get("Engine") or "redis")
         source = sources[0]
@@ -423,6 +432,9 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
     # The Map's items stay small (Index, Runner): each LoadShard reads its source from SourcesKey.
     tasks = [{k: t[k] for k in ("Index", "Runner")} for t in map(load_task, sources)]
+    if seeded and cluster_mode:  # one LoadShard waits for all the seeds, which read every source
+        whole = load_task({**sources[0], "Size": sum(int(s["Size"]) for s in sources)})
+        tasks = [{"Index": whole["Index"], "Runner": whole["Runner"]}]
     if any(t["Runner"] == "ecs" for t in tasks):  # worker tasks read the targets from S3 (load_job)
         _put_json(storage.restore_targets_key(target, event["ExecutionName"]), targets)
     logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets), seeded=seeded)
@@ -439,13 +451,32 @@ def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
     """
     if os.environ.get(RESTORE_SEED_NODES_ENV, "true").lower() in ("false", "0", "no"):
         return False
-    if event["ClusterMode"] or len(sources) != 1:
+    if not event["ClusterMode"] and len(sources) != 1:
         return False
-    source = sources[0]
     # No module data: none in the RDB (a foreign RDB's scan lists the modules it met, keys or
     # aux), or none possible (the source node had no module loaded when captured).
-    no_modules = source.get("Modules") == [] and not source.get("ModuleKeysSkipped")
-    return no_modules and bool(source.get("Sha256")) and bool(source.get("Size"))
+    return all(
+        s.get("Modules") == [] and not s.get("ModuleKeysSkipped") and s.get("Sha256") and s.get("Size")
+        for s in sources
+    )
+
+
+def _cluster_seed_environment(
+    event: dict[str, Any], sources: list[dict[str, Any]], node: str, slots: str, creds: creds_mod.Credentials
+) -> list[dict[str, str]]:
+    """A cluster node's seed: the sources whose recorded slots meet the node's (all of them when
+    a source recorded none), its slots, and the highest RDB version among them."""
+    owned = set(parse_slot_ranges(slots))
+    mine = [s for s in sources if not s.get("Slots") or _meet(parse_slot_ranges(str(s["Slots"])), owned)]
+    version = max(int(s["RdbVersion"]) for s in sources)
+    return [
+        *seed_environment(None, event["ReplicationGroupId"], node, event["ExecutionName"]),
+        *seed_cluster.plan_environment(mine, slots, version, creds.username, creds.password),
+    ]
+
+
+def _meet(ranges: list[tuple[int, int]], others: set[tuple[int, int]]) -> bool:
+    return any(lo <= o_hi and o_lo <= hi for lo, hi in ranges for o_lo, o_hi in others)
 
 
 def _record_nodes(
@@ -499,6 +530,8 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
     """
     index = int(event["Task"]["Index"])
     source = next(s for s in restore_sources(event) if int(s["Index"]) == index)
+    if event.get("Seeded") and event["ClusterMode"]:
+        return _seeded_cluster_load(event, seed_wait_s)
     if event.get("Seeded"):
         return _seeded_load(event, source, seed_wait_s)
     task = load_task(source)
@@ -632,6 +665,104 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
     return output
 
 
+def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any]:
+    """Wait while every primary's seed cuts its slots out of the sources and the node loads them
+    (restore.seed_cluster); JoinSeededCluster wires them next (``attach_replicas_step``).
+
+    The counts Verify checks are the seeds' own (keys written per node); a source whose keys the
+    seeds did not all account for (keys outside the slots its shard recorded) fails the load.
+    """
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = event["ReplicationGroupId"]
+    primaries = [s.primary for s in restore_targets.nodes_from_record(catalog.get_cache(target)).shards]
+    sources = restore_sources(event)
+    where = ", ".join(f"s3://{s['Bucket']}/{s['Key']}" for s in sources)
+    report = PartProgress(catalog, RESTORE, target, f"load-{int(sources[0]['Index']):04d}", phase="load",
+                          total=sum(int(s["Size"]) * len(primaries) for s in sources))  # fmt: skip
+    report.start()
+    started = time.monotonic()
+    seeds = _await_seeds(catalog, event, primaries, where, report, started + max_wait_s)
+    seconds = time.monotonic() - started
+    report.finish(report.fields["Total"])
+    parts = [seeds[n.node_id] for n in primaries]
+    _check_accounted(sources, parts)
+    loaded_keys = sum(keyspace_keys(t) for t in _targets(event))
+    details = {
+        "Index": sources[0]["Index"],
+        "KeysPerTarget": [int(p["Keys"]) for p in parts],
+        "KeysWithTtlPerTarget": [int(p["KeysWithTtl"]) for p in parts],
+        "KeysExpiredSkipped": sum(int(p["KeysExpiredSkipped"]) for p in parts),
+        "BytesSent": 0,
+        "Seconds": round(seconds, 3),
+        "FunctionLibraries": max(int(p["Functions"]) for p in parts),
+        "ModuleKeysSkipped": [],
+        "Samples": [],
+        "Seeded": {
+            "Nodes": len(primaries),
+            "BytesPerNode": [int(p["BytesWritten"]) for p in parts],
+            "KeyCountFrom": "seeds",
+        },
+    }
+    metrics.add_metric(name="KeysRestored", unit="Count", value=loaded_keys)
+    key = storage.restore_work_key(target, event["ExecutionName"], int(sources[0]["Index"]))
+    output = {"Index": sources[0]["Index"], "KeysLoaded": loaded_keys, "ResultKey": key}
+    _put_json(key, details | {"Output": output})
+    logger.info("seeded cluster loaded", target=target, seconds=round(seconds, 3), keys=loaded_keys)
+    return output
+
+
+def _check_accounted(sources: list[dict[str, Any]], parts: list[dict[str, Any]]) -> None:
+    """Every key of every source went to some node (or expired): a seed reads only the sources
+    whose recorded slots meet its own, so a key outside them would otherwise go unseen."""
+    seen: dict[str, int] = {}
+    for part in parts:
+        for key, count in part.get("SourceKeys") or []:
+            seen[key] = seen.get(key, 0) + int(count)
+    for source in sources:
+        if source.get("KeyCountExact") and seen.get(source["Key"], 0) != int(source["KeyCount"]):
+            raise RestoreFailed(
+                f"s3://{source['Bucket']}/{source['Key']} holds {source['KeyCount']} keys, but the nodes' seeds "
+                f"found {seen.get(source['Key'], 0)} in the slots its shard recorded ({source.get('Slots')}).",
+                Source=f"s3://{source['Bucket']}/{source['Key']}",
+            )
+
+
+def _await_seeds(
+    catalog: Catalog,
+    event: dict[str, Any],
+    nodes: list[restore_targets.NodeTask],
+    where: str,
+    report: PartProgress,
+    deadline: float,
+) -> dict[str, dict[str, Any]]:
+    """Each seed's progress part once all of them are done (restore.seed_cluster); raises with
+    their reasons when one fails or its task stops."""
+    target = event["ReplicationGroupId"]
+    pause, started = _SEED_POLL_S[0], time.monotonic()
+    while True:  # bounded by the deadline
+        parts = catalog.operation_progress(RESTORE, target)
+        seeds = {n.node_id: parts.get(progress_part(n.node_id), {}) for n in nodes}
+        # A part an earlier restore into this name left (its seed outlived it) is not this one's.
+        seeds = {n: p if p.get("Execution") == event["ExecutionName"] else {} for n, p in seeds.items()}
+        errors = [p["Error"] for p in seeds.values() if p.get("Error")]
+        problems = restore_targets.seeded_task_problems(nodes)
+        if errors or problems:
+            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), *problems])
+            mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
+            raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
+        report.update(sum(int(p.get("Done") or 0) for p in seeds.values()))
+        if all(p.get("Status") == "done" for p in seeds.values()):
+            return seeds
+        if time.monotonic() > deadline:
+            done = {n: p.get("Done") for n, p in seeds.items()}
+            raise RestoreFailed(f"The nodes of {target} had not loaded {where} after "
+                                f"{deadline - started:.0f} s (bytes read per node: {done})", Source=where)  # fmt: skip
+        time.sleep(pause)
+        longest = _SEED_POLL_S[1] if time.monotonic() - started < _SEED_POLL_FAST_S else _SEED_POLL_S[2]
+        pause = min(longest, pause * 1.5)
+
+
 def load_outputs(
     task: dict[str, Any], result: LoadResult, samples: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -740,17 +871,25 @@ def attach_replicas_step(event: dict[str, Any]) -> dict[str, Any]:
     The sync of an empty primary is immediate; from then on the replicas follow the load
     through the replication stream, and Verify checks that they caught up. A no-op for an
     external target (its replicas are the user's and sync by themselves) or one without replicas.
+
+    As JoinSeededCluster, after the load (``LoadResults`` in the state): a seeded cluster's
+    primaries loaded themselves unwired (restore.seed_cluster); they get their slots and meet
+    first, then the replicas join and take a full sync of the loaded data.
     """
     wanted = int(event["ReplicasPerNodeGroup"])
-    if event.get("TargetType") == "external" or wanted == 0 or event.get("Seeded"):
-        return event  # a seeded shard's replicas started with it (restore_targets.start_seeded_shard)
+    joining = bool(event.get("Seeded") and event["ClusterMode"] and "LoadResults" in event)
+    if event.get("TargetType") == "external" or (event.get("Seeded") and not joining) or not (wanted or joining):
+        return event  # a seeded standalone shard's replicas started with it (restore_targets.start_seeded_shard)
     catalog = Catalog(Settings.from_env())
     target = event["ReplicationGroupId"]
     cache = catalog.get_cache(target)
     creds = creds_mod.for_cache(cache)
-    nodes = restore_targets.add_ecs_replicas(
-        cache, wanted, creds, creds_mod.fleet_tls(cache), restore_targets.READY_TIMEOUT_S
-    )
+    if joining:
+        restore_targets.finish_seeded_cluster(restore_targets.nodes_from_record(cache), creds)
+        if not wanted:
+            return event
+    sync_timeout = REPLICA_CATCH_UP_MAX_S if joining else restore_targets.READY_TIMEOUT_S
+    nodes = restore_targets.add_ecs_replicas(cache, wanted, creds, creds_mod.fleet_tls(cache), sync_timeout)
     _record_nodes(catalog, nodes, event, creds)
     logger.info("replicas attached", target=target, replicas_per_shard=wanted, shards=len(nodes.shards))
     return event
