@@ -466,14 +466,14 @@ def test_a_cache_a_restore_is_still_creating_cannot_be_deleted(product: Product,
     product.control.create_snapshot(source["CacheName"], "busy-snap")
     product.control.wait_snapshot("busy-snap", timeout_s=60)
 
-    # Two shards: a RESTORE load, which a paused primary holds (a seeded one loads by itself).
+    # Two shards, seeded: JoinSeededCluster must reach every primary, which a paused one holds.
     arn, name = product.control.restore("busy-target", snapshot="busy-snap", num_shards=2, replicas=0)
     try:
         record = wait_until(
             lambda: (c := product.control.catalog.find_cache(name)) and c.get("Nodes") and c, 60, "the new nodes"
         )
         hold = connect(record["Endpoints"][0])
-        hold.execute_command("CLIENT", "PAUSE", 20000, "WRITE")  # LoadShard cannot finish meanwhile
+        hold.execute_command("CLIENT", "PAUSE", 20000, "ALL")  # the restore cannot finish meanwhile
         try:
             assert product.control.catalog.get_cache(name)["Status"] == "creating"
             with pytest.raises(CacheVaultError, match="is 'creating' by restore") as refused:

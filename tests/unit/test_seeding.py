@@ -4,7 +4,9 @@ newlines a replica sends its master while it loads (restore/seed.py)."""
 from __future__ import annotations
 
 import pytest
+from cachevault.core.errors import RestoreFailed
 from cachevault.restore.seed import SeedFailed, _Requests
+from cachevault.restore.steps import _check_accounted, _seed_sources
 
 
 class _Chunks:
@@ -41,3 +43,22 @@ def test_module_names_from_info_modules_as_redis_py_parses_it() -> None:
     )
     assert module_names(parse_info(text)) == ["search", "ReJSON"]
     assert module_names(parse_info("# Modules\r\n")) == []  # what a node without modules answers
+
+
+def _source(key: str, slots: str | None, keys: int, exact: bool = True) -> dict[str, object]:
+    return {"Bucket": "b", "Key": key, "Slots": slots, "KeyCount": keys, "KeyCountExact": exact, "Size": 10}
+
+
+def test_a_cluster_seed_reads_the_sources_its_slots_need() -> None:
+    three = [_source("a", "0-5460", 1), _source("b", "5461-10922", 1), _source("c", "10923-16383", 1)]
+    assert [s["Key"] for s in _seed_sources(three, "0-8191")] == ["a", "b"]
+    assert [s["Key"] for s in _seed_sources(three, "10923-12000,100")] == ["a", "c"]
+    assert [s["Key"] for s in _seed_sources([_source("all", None, 1)], "0-100")] == ["all"]  # no slots recorded
+
+
+def test_keys_the_seeds_did_not_account_for_fail_the_load() -> None:
+    sources = [_source("a", "0-5460", 10), _source("b", "5461-16383", 7, exact=False)]
+    parts = [{"SourceKeys": [["a", 6]]}, {"SourceKeys": [["a", 4], ["b", 5]]}]
+    _check_accounted(sources, parts)  # b's count is INFO's at capture: not compared
+    with pytest.raises(RestoreFailed, match="holds 10 keys, but the nodes' seeds found 6"):
+        _check_accounted(sources, parts[:1])

@@ -53,7 +53,9 @@ _SOURCE_FIELDS = ("Bucket", "Key", "VersionId", "Sha256", "Size")
 
 def node_arguments() -> list[str]:
     """What a node whose seed loads it needs on its command line."""
-    return ["--unixsocket", NODE_SOCKET, "--unixsocketperm", "700"]
+    # Only the task's containers see the volume, and the seed's user is the worker image's,
+    # not the server's: the socket is open to any user that sees it (AUTH still applies).
+    return ["--unixsocket", NODE_SOCKET, "--unixsocketperm", "777"]
 
 
 def plan_environment(
@@ -97,6 +99,9 @@ class _Node:
             try:
                 sock.connect(NODE_SOCKET)
                 break
+            except PermissionError as exc:  # waiting does not change it
+                sock.close()
+                raise SeedFailed(f"the node's socket refused this seed: {exc}") from exc
             except OSError as exc:
                 sock.close()
                 if time.monotonic() > deadline:
@@ -166,6 +171,7 @@ def load(
     (one RdbStream each, in ``plan['Sources']`` order); the counts of what it was given."""
     owned = rdb_cut.owned_slots(parse_slot_ranges(plan["Slots"]))
     node = _Node(auth)
+    fd = -1
     try:
         os.mkfifo(LOAD_FILE, 0o644)
         try:
@@ -191,11 +197,20 @@ def load(
                 # Still open while the server finishes: see the module's docstring.
                 node.expect_ok("DEBUG RELOAD")
         finally:
+            if fd < 0:
+                _release_reader()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(LOAD_FILE)
     finally:
         node.close()
     return stats
+
+
+def _release_reader() -> None:
+    """A server that opened the FIFO after the seed gave up waits for a writer: one that comes and
+    goes at once ends its load with a short read (an error reply, never a loaded node)."""
+    with contextlib.suppress(OSError):  # ENXIO: nobody is waiting
+        os.close(os.open(LOAD_FILE, os.O_WRONLY | os.O_NONBLOCK))
 
 
 def _reply_or(node: _Node, exc: BaseException) -> str:

@@ -466,17 +466,23 @@ def _cluster_seed_environment(
 ) -> list[dict[str, str]]:
     """A cluster node's seed: the sources whose recorded slots meet the node's (all of them when
     a source recorded none), its slots, and the highest RDB version among them."""
-    owned = set(parse_slot_ranges(slots))
-    mine = [s for s in sources if not s.get("Slots") or _meet(parse_slot_ranges(str(s["Slots"])), owned)]
     version = max(int(s["RdbVersion"]) for s in sources)
     return [
         *seed_environment(None, event["ReplicationGroupId"], node, event["ExecutionName"]),
-        *seed_cluster.plan_environment(mine, slots, version, creds.username, creds.password),
+        *seed_cluster.plan_environment(_seed_sources(sources, slots), slots, version, creds.username, creds.password),
     ]
 
 
-def _meet(ranges: list[tuple[int, int]], others: set[tuple[int, int]]) -> bool:
-    return any(lo <= o_hi and o_lo <= hi for lo, hi in ranges for o_lo, o_hi in others)
+def _seed_sources(sources: list[dict[str, Any]], slots: str) -> list[dict[str, Any]]:
+    """The sources a node owning ``slots`` reads: those whose recorded slots meet them, and every
+    source that recorded none (a cluster-mode-disabled shard holds every slot)."""
+    owned = parse_slot_ranges(slots)
+
+    def meets(source: dict[str, Any]) -> bool:
+        theirs = parse_slot_ranges(str(source["Slots"]))
+        return any(lo <= o_hi and o_lo <= hi for lo, hi in theirs for o_lo, o_hi in owned)
+
+    return [s for s in sources if not s.get("Slots") or meets(s)]
 
 
 def _record_nodes(
@@ -675,11 +681,12 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
     settings = Settings.from_env()
     catalog = Catalog(settings)
     target = event["ReplicationGroupId"]
-    primaries = [s.primary for s in restore_targets.nodes_from_record(catalog.get_cache(target)).shards]
+    shards = restore_targets.nodes_from_record(catalog.get_cache(target)).shards
+    primaries = [s.primary for s in shards]
     sources = restore_sources(event)
     where = ", ".join(f"s3://{s['Bucket']}/{s['Key']}" for s in sources)
-    report = PartProgress(catalog, RESTORE, target, f"load-{int(sources[0]['Index']):04d}", phase="load",
-                          total=sum(int(s["Size"]) * len(primaries) for s in sources))  # fmt: skip
+    total = sum(int(s["Size"]) for shard in shards for s in _seed_sources(sources, str(shard.slots)))
+    report = PartProgress(catalog, RESTORE, target, f"load-{int(sources[0]['Index']):04d}", phase="load", total=total)
     report.start()
     started = time.monotonic()
     seeds = _await_seeds(catalog, event, primaries, where, report, started + max_wait_s)
