@@ -74,7 +74,7 @@ def test_three_cuts_load_into_redis_and_together_give_back_every_key(tmp_path: P
             assert node.client.function_list()[0][1] == b"cutlib"  # [library_name, name, ...]
             string = next(k for k in mine if b":s:" in k)
             assert node.client.fcall("cut_get", 1, string) == node.client.get(string)
-        assert stats.per_source == [len(mine)]
+        assert stats.per_source == [(len(mine), len(keys))]
         assert stats.keys + stats.keys_elsewhere == len(keys)
         seen += mine
     assert sorted(seen) == keys
@@ -106,9 +106,9 @@ def test_several_sources_streamed_one_library_each(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_bytes(out.getvalue())
     assert stats.functions == 1
-    assert stats.per_source == [scan_rdb(p).total_keys for p in sources]
+    assert stats.per_source == [(scan_rdb(p).total_keys,) * 2 for p in sources]
     with redis_server(path.parent) as node:
-        assert node.client.dbsize() == stats.keys == sum(stats.per_source)
+        assert node.client.dbsize() == stats.keys == sum(mine for mine, _ in stats.per_source)
         assert len(node.client.function_list()) == 1
 
 
@@ -125,7 +125,7 @@ def test_keys_expired_before_the_cut_are_left_out_and_counted(tmp_path: Path) ->
     path = tmp_path / "cut" / "dump.rdb"
     path.parent.mkdir()
     stats = _cut_to(path, [source], [(0, 16383)], now_ms=now)
-    assert (stats.keys, stats.keys_with_ttl, stats.keys_expired_skipped, stats.per_source) == (2, 1, 1, [3])
+    assert (stats.keys, stats.keys_with_ttl, stats.keys_expired_skipped, stats.per_source) == (2, 1, 1, [(3, 3)])
     with redis_server(path.parent, "--maxmemory-policy", "allkeys-lfu") as node:
         assert sorted(node.client.keys("*")) == [b"lfu", b"stays"]
         assert node.client.object("freq", "lfu") == 7  # the LFU opcode went along

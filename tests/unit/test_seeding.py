@@ -58,7 +58,10 @@ def test_a_cluster_seed_reads_the_sources_its_slots_need() -> None:
 
 def test_keys_the_seeds_did_not_account_for_fail_the_load() -> None:
     sources = [_source("a", "0-5460", 10), _source("b", "5461-16383", 7, exact=False)]
-    parts = [{"SourceKeys": [["a", 6]]}, {"SourceKeys": [["a", 4], ["b", 5]]}]
-    _check_accounted(sources, parts)  # b's count is INFO's at capture: not compared
-    with pytest.raises(RestoreFailed, match="holds 10 keys, but the nodes' seeds found 6"):
+    # [source, keys in the reader's slots, keys in the source]
+    parts = [{"SourceKeys": [["a", 6, 10]]}, {"SourceKeys": [["a", 4, 10], ["b", 7, 7]]}]
+    _check_accounted(sources, parts)
+    with pytest.raises(RestoreFailed, match="holds 10 keys, but only 6 lie in the slots"):
         _check_accounted(sources, parts[:1])
+    with pytest.raises(RestoreFailed, match="holds 7 keys, but only 5"):  # a key of a slot b did not record
+        _check_accounted(sources, [parts[0], {"SourceKeys": [["a", 4, 10], ["b", 5, 7]]}])

@@ -150,10 +150,12 @@ def seed_cluster_node() -> int:
 
         logger.info("seed cutting", target=target, node=node, slots=plan["Slots"], sources=len(plan["Sources"]))
         stats = seed_cluster.load(plan, auth, [opener(i, s) for i, s in enumerate(plan["Sources"])])
+        # Per source: its key, its keys in this node's slots, all its keys (restore.steps._check_accounted).
+        counted = zip(plan["Sources"], stats.per_source, strict=True)
         report.fields.update(
             Keys=stats.keys, KeysWithTtl=stats.keys_with_ttl, KeysExpiredSkipped=stats.keys_expired_skipped,
             Functions=stats.functions, BytesWritten=stats.bytes_written,
-            SourceKeys=[[s["Key"], n] for s, n in zip(plan["Sources"], stats.per_source, strict=True)],
+            SourceKeys=[[s["Key"], mine, every] for s, (mine, every) in counted],
         )  # fmt: skip
         report.finish(report.fields["Total"])
     except Exception as exc:  # the restore reads why from the progress part (or the exit code)

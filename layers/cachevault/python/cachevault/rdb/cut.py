@@ -35,7 +35,8 @@ class CutStats:
     keys_elsewhere: int = 0  # records of slots this node does not own
     functions: int = 0  # libraries written
     bytes_written: int = 0
-    per_source: list[int] = field(default_factory=list)  # keys of the owned slots (written or expired), by source
+    # By source: (keys of the owned slots, written or expired; every key the source holds).
+    per_source: list[tuple[int, int]] = field(default_factory=list)
 
 
 def owned_slots(ranges: Iterable[tuple[int, int]]) -> bytearray:
@@ -119,11 +120,13 @@ def cut(
     libraries: set[str] = set()
     for index, opener in enumerate(sources):
         before = stats.keys + stats.keys_expired_skipped
+        before_all = before + stats.keys_elsewhere
         with opener() as rdb:
             _cut_one(rdb, owned, writer, now, stats, libraries)
             if not rdb.complete:
                 raise RdbFormatError(f"source {index} ended before its EOF opcode")
-        stats.per_source.append(stats.keys + stats.keys_expired_skipped - before)
+        owned_keys = stats.keys + stats.keys_expired_skipped
+        stats.per_source.append((owned_keys - before, owned_keys + stats.keys_elsewhere - before_all))
         if on_source_done is not None:
             on_source_done(index)
     writer.flush()

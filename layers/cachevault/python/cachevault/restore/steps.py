@@ -721,17 +721,22 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
 
 def _check_accounted(sources: list[dict[str, Any]], parts: list[dict[str, Any]]) -> None:
     """Every key of every source went to some node (or expired): a seed reads only the sources
-    whose recorded slots meet its own, so a key outside them would otherwise go unseen."""
-    seen: dict[str, int] = {}
+    whose recorded slots meet its own, so a key outside them (a slot being migrated when the
+    snapshot was taken) would otherwise go unseen. Each seed that read a source counted all its
+    keys and those of its own slots; the owned counts of its readers add up to the total."""
+    owned: dict[str, int] = {}
+    every: dict[str, int] = {}
     for part in parts:
-        for key, count in part.get("SourceKeys") or []:
-            seen[key] = seen.get(key, 0) + int(count)
+        for key, mine, total in part.get("SourceKeys") or []:
+            owned[key] = owned.get(key, 0) + int(mine)
+            every[key] = int(total)
     for source in sources:
-        if source.get("KeyCountExact") and seen.get(source["Key"], 0) != int(source["KeyCount"]):
+        key = source["Key"]
+        if owned.get(key, 0) != every.get(key, 0):
             raise RestoreFailed(
-                f"s3://{source['Bucket']}/{source['Key']} holds {source['KeyCount']} keys, but the nodes' seeds "
-                f"found {seen.get(source['Key'], 0)} in the slots its shard recorded ({source.get('Slots')}).",
-                Source=f"s3://{source['Bucket']}/{source['Key']}",
+                f"s3://{source['Bucket']}/{key} holds {every.get(key, 0)} keys, but only {owned.get(key, 0)} lie in "
+                f"the slots of the nodes that read it (its shard recorded slots {source.get('Slots')}).",
+                Source=f"s3://{source['Bucket']}/{key}",
             )
 
 
