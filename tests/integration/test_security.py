@@ -22,8 +22,8 @@ from cachevault.core.errors import CaptureFailed, InvalidParameterValue, Invalid
 from cachevault.core.handler import logger
 from cachevault.nodes import credentials
 from cachevault.nodes.credentials import Credentials, Tls
+from cachevault.nodes.slots import key_slot
 from cachevault.ops.control_plane import RESTORE_SNAPSHOT
-from cachevault.restore.verify import combined_digest
 from cachevault.snapshot import capture_runner
 from cachevault.snapshot.capture import capture_rdb
 from cachevault_tools.local.deployer import deploy
@@ -162,14 +162,6 @@ def test_auth_cache_snapshot_and_restore_never_show_the_password(product: Produc
         with pytest.raises(redis.AuthenticationError):  # the restored cache is protected too
             _client(target, credentials.NONE).ping()
         assert _digest(target, creds) == _digest(primary, creds)
-        # A cluster's seeds AUTH as the ACL user on their node's unix socket (restore.seed_cluster).
-        arn, _ = product.control.restore(
-            "sec-auth-cluster", snapshot="sec-auth-snap", num_shards=2, cluster_mode="enabled", replicas=0,
-            security={"AuthSecretArn": cache["AuthSecretArn"]},
-        )  # fmt: skip
-        assert product.control.wait_restore(arn, "sec-auth-cluster", timeout_s=90)["Seeded"] is True
-        shards = product.control.catalog.get_cache("sec-auth-cluster")["Endpoints"]
-        assert sum(_digest(p, creds)[1] for p in shards) == _digest(primary, creds)[1]
 
         logs = "\n".join(captured_logs.lines)
         assert "sec-auth-snap" in logs  # the steps did log (at DEBUG, with their inputs)
@@ -178,7 +170,7 @@ def test_auth_cache_snapshot_and_restore_never_show_the_password(product: Produc
         assert cache["AuthSecretArn"] in recorded  # the reference is there, the value is not
         assert password not in recorded
     finally:
-        for name in ("sec-auth-copy", "sec-auth-cluster", "sec-auth"):
+        for name in ("sec-auth-copy", "sec-auth"):
             if product.control.catalog.find_cache(name):
                 caches.delete_local_cache(name, product.settings)
     # The secret cachevault made for the cache goes with it.
@@ -296,25 +288,6 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
         with pytest.raises(redis.ConnectionError):
             _client(target, Credentials(None, password)).ping()
 
-        # Into a 2-shard cluster: each seed fills its node through the node's unix socket, which
-        # speaks no TLS (restore.seed_cluster); the cluster itself talks TLS only.
-        arn, _ = product.control.restore(
-            "sec-tls-cluster", snapshot="sec-tls-snap", num_shards=2, cluster_mode="enabled", replicas=0,
-            security={"AuthSecretArn": cache["AuthSecretArn"], "TransitEncryptionEnabled": True,
-                      "TlsCaBundle": ca_pem, "TlsServerName": "localhost",
-                      "TlsCertificateFile": tls_files.cert_file, "TlsKeyFile": tls_files.key_file},
-        )  # fmt: skip
-        output = product.control.wait_restore(arn, "sec-tls-cluster", timeout_s=90)
-        assert output["Seeded"] is True and output["ClusterMode"] is True
-        shards = product.control.catalog.get_cache("sec-tls-cluster")["Endpoints"]
-        parts = [_digest(p, creds) for p in shards]
-        assert all(keys for _, keys in parts)  # both shards hold keys
-        source_digest, source_keys = _digest(primary, creds)
-        assert sum(keys for _, keys in parts) == source_keys
-        assert combined_digest([d.decode() if isinstance(d, bytes) else d for d, _ in parts]) == (
-            source_digest.decode() if isinstance(source_digest, bytes) else source_digest
-        )
-
         # A CA that did not sign the nodes' certificate is refused, clearly.
         with pytest.raises(InvalidReplicationGroupState, match="certificate verify failed"):
             caches.register_external_cache(
@@ -330,7 +303,7 @@ def test_tls_only_cache_snapshot_restore_and_wrong_ca(product: Product, tls_file
         with pytest.raises(CaptureFailed, match=re.escape(f"TLS certificate of {host} refused")):
             capture_rdb(host, int(port), bytearray().extend, credentials=wrong)
     finally:
-        for name in ("sec-tls-copy", "sec-tls-cluster", "sec-tls"):
+        for name in ("sec-tls-copy", "sec-tls"):
             if product.control.catalog.find_cache(name):
                 caches.delete_local_cache(name, product.settings)
 
@@ -440,3 +413,57 @@ def test_unreadable_secret_is_a_clear_error(product: Product) -> None:
         credentials.for_cache({"AuthSecretArn": arn})
     assert '"x"' not in str(info.value)
     assert Path(__file__).exists()
+
+
+def test_tls_cluster_with_an_acl_user_restores_seeded(product: Product, tls_files: TlsFiles) -> None:
+    """A cluster's seeds AUTH as the cache's ACL user on their node's unix socket, which speaks no
+    TLS (restore.seed_cluster); the restored cluster talks TLS only, and holds the same data."""
+    password = "tlsc-" + secrets.token_hex(8)
+    cache = caches.create_local_cache(
+        "sec-tlsc", cluster_mode=True, num_shards=2, replicas=0, auth_password=password, auth_username="admin",
+        tls={**tls_files.fleet(), "server_name": "localhost"}, settings=product.settings,
+    )  # fmt: skip
+    try:
+        creds = credentials.for_cache(cache)
+        for primary in cache["Endpoints"]:
+            conn = _client(primary, creds)
+            try:
+                mine = _slots_of(conn)
+                for i in range(300):
+                    if key_slot(f"k{i}") in mine:
+                        conn.set(f"k{i}", f"v{i}" * 10)
+            finally:
+                conn.close()
+        source = {p: _digest(p, creds) for p in cache["Endpoints"]}
+        product.control.create_snapshot("sec-tlsc", "sec-tlsc-snap")
+        assert product.control.wait_snapshot("sec-tlsc-snap", timeout_s=60)["SnapshotStatus"] == "available"
+
+        ca_pem = Path(tls_files.ca_file).read_text()
+        arn, target = product.control.restore(
+            "sec-tlsc-copy", snapshot="sec-tlsc-snap", replicas=0,
+            security={"AuthSecretArn": cache["AuthSecretArn"], "TransitEncryptionEnabled": True,
+                      "TlsCaBundle": ca_pem, "TlsServerName": "localhost",
+                      "TlsCertificateFile": tls_files.cert_file, "TlsKeyFile": tls_files.key_file},
+        )  # fmt: skip
+        output = product.control.wait_restore(arn, target, timeout_s=90)
+        assert output["Seeded"] is True and output["ClusterMode"] is True
+        restored = product.control.catalog.get_cache(target)["Endpoints"]
+        assert sorted(_digest(p, creds) for p in restored) == sorted(source.values())  # shard for shard
+        assert all(keys for _, keys in source.values())
+        with pytest.raises(redis.ConnectionError):  # no plaintext listener on the restored nodes
+            _client(restored[0], Credentials("admin", password)).ping()
+    finally:
+        for name in ("sec-tlsc-copy", "sec-tlsc"):
+            if product.control.catalog.find_cache(name):
+                caches.delete_local_cache(name, product.settings)
+
+
+def _slots_of(conn: redis.Redis) -> set[int]:
+    nodes = conn.execute_command("CLUSTER", "NODES")
+    nodes = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    myself = next(line for line in nodes.splitlines() if "myself" in line)
+    owned: set[int] = set()
+    for part in myself.split()[8:]:
+        lo, _, hi = part.partition("-")
+        owned.update(range(int(lo), int(hi or lo) + 1))
+    return owned

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cachevault.core.errors import RestoreFailed
 from cachevault.restore.seed import SeedFailed, _Requests
-from cachevault.restore.steps import _check_accounted, _seed_sources
+from cachevault.restore.steps import SEED_CLUSTER_MAX_READS, _check_accounted, _seed_sources, seed_reads
 
 
 class _Chunks:
@@ -54,6 +54,11 @@ def test_a_cluster_seed_reads_the_sources_its_slots_need() -> None:
     assert [s["Key"] for s in _seed_sources(three, "0-8191")] == ["a", "b"]
     assert [s["Key"] for s in _seed_sources(three, "10923-12000,100")] == ["a", "c"]
     assert [s["Key"] for s in _seed_sources([_source("all", None, 1)], "0-100")] == ["all"]  # no slots recorded
+    # How many times over the seeds would read the sources, and so which layouts are seeded.
+    reads = {n: seed_reads(three, n) for n in (1, 2, 3, 4)}
+    assert reads == {1: 1.0, 2: 4 / 3, 3: 1.0, 4: 2.0}
+    assert [n for n, r in reads.items() if r <= SEED_CLUSTER_MAX_READS] == [1, 2, 3]
+    assert [seed_reads([_source("all", None, 1)], n) for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
 
 
 def test_keys_the_seeds_did_not_account_for_fail_the_load() -> None:

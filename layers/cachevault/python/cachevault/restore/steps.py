@@ -65,7 +65,7 @@ from cachevault.core.settings import Settings
 from cachevault.core.timeutil import iso
 from cachevault.nodes import credentials as creds_mod
 from cachevault.nodes import restore_targets, topology
-from cachevault.nodes.slots import format_slot_ranges, parse_slot_ranges
+from cachevault.nodes.slots import even_split, format_slot_ranges, parse_slot_ranges
 from cachevault.rdb.reader import scan_rdb
 from cachevault.restore import seed_cluster
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
@@ -96,6 +96,10 @@ LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 # (no RESTORE, no Python pass over the keys). Measured (1 GB, one replica, 2 cores, make
 # bench): see README, Benchmarks. RESTORE_SEED_NODES=false (template RestoreSeedNodes) turns seeding off.
 RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
+# A seeded cluster only when its seeds read the sources at most this many times over. Each seed
+# parses every source its slots meet: 1 GB, ~1 M keys, 1 -> 3 shards on 2 cores (three full
+# reads), make bench: 27.1 s seeded against 11.1 s through one LoadShard's RESTORE batches.
+SEED_CLUSTER_MAX_READS = 1.5
 SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
 SEED_WAIT_JOB_S = 12 * 3600.0  # LoadShard as an ECS task
 # Pauses between looks at a seeded shard (each a Query, a DescribeTasks and INFO per node): from
@@ -442,16 +446,19 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
-    """A new standalone cache restored from one RDB that its engine loads whole: its nodes are seeded.
+    """Whether a new cache's nodes load the sources themselves, from their tasks' seed containers:
+    a standalone cache restored from one RDB (restore.seed), or a cluster whose seeds read the
+    sources at most SEED_CLUSTER_MAX_READS times over (restore.seed_cluster).
 
-    Everything else loads through RESTORE: several sources (merged or resharded: keys are
-    routed by slot), cluster mode (a cluster node cannot be a replica of anything but a
-    cluster node, so it cannot follow a seed), a snapshot whose module values the restore
-    skips (the target's image has no module to load them), or seeding turned off.
+    Everything else loads through RESTORE: several sources into a standalone cache, a reshard
+    that would read its sources too many times over (1 -> 3 shards), a snapshot whose module
+    values the restore skips (the target's image has no module to load them), or seeding off.
     """
     if os.environ.get(RESTORE_SEED_NODES_ENV, "true").lower() in ("false", "0", "no"):
         return False
     if not event["ClusterMode"] and len(sources) != 1:
+        return False
+    if event["ClusterMode"] and seed_reads(sources, int(event["NumNodeGroups"])) > SEED_CLUSTER_MAX_READS:
         return False
     # No module data: none in the RDB (a foreign RDB's scan lists the modules it met, keys or
     # aux), or none possible (the source node had no module loaded when captured).
@@ -459,6 +466,15 @@ def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
         s.get("Modules") == [] and not s.get("ModuleKeysSkipped") and s.get("Sha256") and s.get("Size")
         for s in sources
     )
+
+
+def seed_reads(sources: list[dict[str, Any]], shards: int) -> float:
+    """How many times over a seeded cluster's seeds would read the sources (restore.seed_cluster):
+    every seed reads each source its slots meet. 1 for the same layout, 4/3 for 3 -> 2 shards,
+    2 for 3 -> 4 or 1 -> 2, 3 for 1 -> 3."""
+    total = sum(int(s["Size"]) for s in sources) or 1
+    read = sum(int(s["Size"]) for r in even_split(shards) for s in _seed_sources(sources, format_slot_ranges([r])))
+    return read / total
 
 
 def _cluster_seed_environment(
