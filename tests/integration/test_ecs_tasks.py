@@ -466,7 +466,8 @@ def test_a_cache_a_restore_is_still_creating_cannot_be_deleted(product: Product,
     product.control.create_snapshot(source["CacheName"], "busy-snap")
     product.control.wait_snapshot("busy-snap", timeout_s=60)
 
-    # Two shards, seeded: JoinSeededCluster must reach every primary, which a paused one holds.
+    # Two shards (RESTORE batches: seeds would read the RDB twice over), which a paused primary
+    # holds; a seeded load's JoinSeededCluster would wait for it the same way.
     arn, name = product.control.restore("busy-target", snapshot="busy-snap", num_shards=2, replicas=0)
     try:
         record = wait_until(

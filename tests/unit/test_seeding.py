@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cachevault.core.errors import RestoreFailed
 from cachevault.restore.seed import SeedFailed, _Requests
-from cachevault.restore.steps import SEED_CLUSTER_MAX_READS, _check_accounted, _seed_sources, seed_reads
+from cachevault.restore.steps import SEED_CLUSTER_MAX_READS, _check_accounted, _seed_sources, seed_reads, seedable
 
 
 class _Chunks:
@@ -45,8 +45,8 @@ def test_module_names_from_info_modules_as_redis_py_parses_it() -> None:
     assert module_names(parse_info("# Modules\r\n")) == []  # what a node without modules answers
 
 
-def _source(key: str, slots: str | None, keys: int, exact: bool = True) -> dict[str, object]:
-    return {"Bucket": "b", "Key": key, "Slots": slots, "KeyCount": keys, "KeyCountExact": exact, "Size": 10}
+def _source(key: str, slots: str | None, keys: int) -> dict[str, object]:
+    return {"Bucket": "b", "Key": key, "Slots": slots, "KeyCount": keys, "Size": 10}
 
 
 def test_a_cluster_seed_reads_the_sources_its_slots_need() -> None:
@@ -62,11 +62,29 @@ def test_a_cluster_seed_reads_the_sources_its_slots_need() -> None:
 
 
 def test_keys_the_seeds_did_not_account_for_fail_the_load() -> None:
-    sources = [_source("a", "0-5460", 10), _source("b", "5461-16383", 7, exact=False)]
+    sources = [_source("a", "0-5460", 10), _source("b", "5461-16383", 7)]
+    a, b = "s3://b/a", "s3://b/b"
     # [source, keys in the reader's slots, keys in the source]
-    parts = [{"SourceKeys": [["a", 6, 10]]}, {"SourceKeys": [["a", 4, 10], ["b", 7, 7]]}]
+    parts = [{"SourceKeys": [[a, 6, 10]]}, {"SourceKeys": [[a, 4, 10], [b, 7, 7]]}]
     _check_accounted(sources, parts)
     with pytest.raises(RestoreFailed, match="holds 10 keys, but only 6 lie in the slots"):
         _check_accounted(sources, parts[:1])
     with pytest.raises(RestoreFailed, match="holds 7 keys, but only 5"):  # a key of a slot b did not record
-        _check_accounted(sources, [parts[0], {"SourceKeys": [["a", 4, 10], ["b", 5, 7]]}])
+        _check_accounted(sources, [parts[0], {"SourceKeys": [[a, 4, 10], [b, 5, 7]]}])
+    # Two versions of one key are two sources.
+    versions = [{**_source("a", None, 3), "VersionId": "1"}, {**_source("a", None, 3), "VersionId": "2"}]
+    one, two = "s3://b/a?versionId=1", "s3://b/a?versionId=2"
+    _check_accounted(versions, [{"SourceKeys": [[one, 3, 3], [two, 3, 3]]}])
+    with pytest.raises(RestoreFailed, match="versionId=2 holds 3 keys, but only 2"):
+        _check_accounted(versions, [{"SourceKeys": [[one, 3, 3], [two, 2, 3]]}])
+
+
+def test_a_merge_of_many_sources_is_not_seeded_past_the_overrides_limit() -> None:
+    def shards(n: int) -> list[dict[str, object]]:
+        ranges = [(i * 16384 // n, (i + 1) * 16384 // n - 1) for i in range(n)]
+        return [{**_source(f"snapshots/merge/shard-{i:04d}.rdb", f"{lo}-{hi}", 1), "Sha256": "ab" * 32,
+                 "Modules": [], "RdbVersion": 10} for i, (lo, hi) in enumerate(ranges)]  # fmt: skip
+
+    event = {"ClusterMode": True, "NumNodeGroups": 1}
+    assert seedable(event, shards(8))  # one node reads all 8: its plan fits RunTask's overrides
+    assert not seedable(event, shards(40))  # 40 sources would not: RESTORE batches instead

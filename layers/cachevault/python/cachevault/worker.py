@@ -155,7 +155,7 @@ def seed_cluster_node() -> int:
         report.fields.update(
             Keys=stats.keys, KeysWithTtl=stats.keys_with_ttl, KeysExpiredSkipped=stats.keys_expired_skipped,
             Functions=stats.functions, BytesWritten=stats.bytes_written,
-            SourceKeys=[[s["Key"], mine, every] for s, (mine, every) in counted],
+            SourceKeys=[[seed_cluster.source_id(s), mine, every] for s, (mine, every) in counted],
         )  # fmt: skip
         report.finish(report.fields["Total"])
     except Exception as exc:  # the restore reads why from the progress part (or the exit code)

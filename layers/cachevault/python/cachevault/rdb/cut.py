@@ -34,7 +34,7 @@ class CutStats:
     keys_expired_skipped: int = 0
     keys_elsewhere: int = 0  # records of slots this node does not own
     functions: int = 0  # libraries written
-    bytes_written: int = 0
+    bytes_written: int = 0  # the whole file's, once the writer is closed (RdbWriter.close)
     # By source: (keys of the owned slots, written or expired; every key the source holds).
     per_source: list[tuple[int, int]] = field(default_factory=list)
 
@@ -108,11 +108,9 @@ def cut(
     writer: RdbWriter,
     *,
     now_ms: int | None = None,
-    on_source_done: Callable[[int], None] | None = None,
 ) -> CutStats:
     """Copy the records of the ``owned`` slots from each source (opened in turn) into ``writer``.
 
-    ``on_source_done(i)`` is called once source ``i`` was read to its end (its trailer checked).
     The writer is flushed as it fills, not closed: the caller closes it once all is well.
     """
     stats = CutStats()
@@ -127,10 +125,7 @@ def cut(
                 raise RdbFormatError(f"source {index} ended before its EOF opcode")
         owned_keys = stats.keys + stats.keys_expired_skipped
         stats.per_source.append((owned_keys - before, owned_keys + stats.keys_elsewhere - before_all))
-        if on_source_done is not None:
-            on_source_done(index)
     writer.flush()
-    stats.bytes_written = writer.written
     return stats
 
 

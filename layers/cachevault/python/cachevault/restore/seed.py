@@ -39,7 +39,7 @@ SEED_NODE_ENV = "SEED_NODE"
 SEED_EXECUTION_ENV = "SEED_EXECUTION"  # the restore's execution: its parts are told from an earlier one's
 CONNECT_TIMEOUT_S = 900.0  # no node connected by then: the restore that started it is gone
 IO_TIMEOUT_S = 120.0  # a send or a wait for the node's acknowledgement without progress
-_SOURCE_FIELDS = ("Bucket", "Key", "VersionId", "Sha256", "Size")
+SOURCE_FIELDS = ("Bucket", "Key", "VersionId", "Sha256", "Size")  # what pins a source object
 
 
 class SeedFailed(Exception):
@@ -56,7 +56,7 @@ def seed_environment(source: dict[str, Any] | None, target: str, node: str, exec
     source; None for a cluster node's seed, whose plan restore.seed_cluster adds)."""
     entries = []
     if source is not None:
-        document = {k: source[k] for k in _SOURCE_FIELDS if source.get(k) is not None}
+        document = {k: source[k] for k in SOURCE_FIELDS if source.get(k) is not None}
         entries.append({"name": SEED_SOURCE_ENV, "value": json.dumps(document, separators=(",", ":"))})
     return [
         *entries,

@@ -40,7 +40,7 @@ from typing import Any
 from cachevault.core.errors import InvalidParameterValue
 from cachevault.nodes.slots import parse_slot_ranges
 from cachevault.rdb import cut as rdb_cut
-from cachevault.restore.seed import CONNECT_TIMEOUT_S, IO_TIMEOUT_S, SeedFailed
+from cachevault.restore.seed import CONNECT_TIMEOUT_S, IO_TIMEOUT_S, SOURCE_FIELDS, SeedFailed
 
 SEED_CUT_ENV = "SEED_CUT"  # {"Sources": [...], "Slots": "0-5460", "RdbVersion": 10}
 SEED_AUTH_ENV = "SEED_NODE_AUTH"  # {"Username": ..., "Password": ...}: the node's AUTH
@@ -48,7 +48,6 @@ SEED_DIR_ENV = "SEED_DIR"  # the task volume the node works in
 SEED_DIR = "/seed"  # where the seed container mounts it (template.yaml)
 NODE_SOCKET = "node.sock"  # relative: the node's working dir (a unix socket path has 107 bytes at most)
 LOAD_FILE = "dump.rdb"  # the node's dbfilename (the image's default)
-_SOURCE_FIELDS = ("Bucket", "Key", "VersionId", "Sha256", "Size")
 
 
 def node_arguments() -> list[str]:
@@ -63,7 +62,7 @@ def plan_environment(
 ) -> list[dict[str, str]]:
     """The seed container's environment entries for one cluster node (besides restore.seed's)."""
     plan = {
-        "Sources": [{k: s[k] for k in _SOURCE_FIELDS if s.get(k) is not None} for s in sources],
+        "Sources": [{k: s[k] for k in SOURCE_FIELDS if s.get(k) is not None} for s in sources],
         "Slots": slots,
         "RdbVersion": int(rdb_version),
     }
@@ -73,6 +72,12 @@ def plan_environment(
         {"name": SEED_AUTH_ENV, "value": json.dumps(auth, separators=(",", ":"))},
         {"name": SEED_DIR_ENV, "value": SEED_DIR},
     ]
+
+
+def source_id(source: dict[str, Any]) -> str:
+    """One source among a restore's (two may share a key: other buckets, other versions)."""
+    version = f"?versionId={source['VersionId']}" if source.get("VersionId") else ""
+    return f"s3://{source['Bucket']}/{source['Key']}{version}"
 
 
 def parse_plan(text: str) -> dict[str, Any]:
@@ -160,13 +165,7 @@ def _open_fifo(node: _Node, timeout_s: float = IO_TIMEOUT_S) -> int:
         time.sleep(0.005)
 
 
-def load(
-    plan: dict[str, Any],
-    auth: dict[str, Any],
-    openers: list[Callable[[], Any]],
-    *,
-    on_bytes: Callable[[int], None] | None = None,
-) -> rdb_cut.CutStats:
+def load(plan: dict[str, Any], auth: dict[str, Any], openers: list[Callable[[], Any]]) -> rdb_cut.CutStats:
     """Fill the node (run in its working dir) with the records of its slots from ``openers``
     (one RdbStream each, in ``plan['Sources']`` order); the counts of what it was given."""
     owned = rdb_cut.owned_slots(parse_slot_ranges(plan["Slots"]))
@@ -177,25 +176,19 @@ def load(
         try:
             node.command("DEBUG", "RELOAD", "NOSAVE")
             fd = _open_fifo(node)
-            with open(fd, "wb", buffering=1 << 20) as fifo:
-                sent = 0
-
-                def sink(data: bytes) -> None:
-                    nonlocal sent
-                    fifo.write(data)
-                    sent += len(data)
-                    if on_bytes is not None:
-                        on_bytes(sent)
-
-                writer = rdb_cut.RdbWriter(sink, int(plan["RdbVersion"]))
+            try:
+                # Unbuffered (the writer sends ~1 MiB at a time): nothing left to flush at close,
+                # where a broken pipe would hide the server's reply.
+                writer = rdb_cut.RdbWriter(lambda data: _write_all(fd, data), int(plan["RdbVersion"]))
                 try:
                     stats = rdb_cut.cut(openers, owned, writer)
                     stats.bytes_written = writer.close()
-                    fifo.flush()
                 except BrokenPipeError as exc:  # the server stopped reading: its reply says why
                     raise SeedFailed(f"the node stopped reading its RDB: {_reply_or(node, exc)}") from exc
                 # Still open while the server finishes: see the module's docstring.
                 node.expect_ok("DEBUG RELOAD")
+            finally:
+                os.close(fd)
         finally:
             if fd < 0:
                 _release_reader()
@@ -204,6 +197,13 @@ def load(
     finally:
         node.close()
     return stats
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):  # bounded: each write moves at least one byte or raises
+            done += os.write(fd, view[done:])
 
 
 def _release_reader() -> None:

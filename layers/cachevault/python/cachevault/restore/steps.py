@@ -69,7 +69,7 @@ from cachevault.nodes.slots import even_split, format_slot_ranges, parse_slot_ra
 from cachevault.rdb.reader import scan_rdb
 from cachevault.restore import seed_cluster
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
-from cachevault.restore.seed import progress_part, replication_id, seed_environment
+from cachevault.restore.seed import SOURCE_FIELDS, progress_part, replication_id, seed_environment
 from cachevault.restore.verify import keyspace_keys, verify_restore
 
 SAMPLES_PER_SOURCE = 40
@@ -100,6 +100,7 @@ RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
 # parses every source its slots meet: 1 GB, ~1 M keys, 1 -> 3 shards on 2 cores (three full
 # reads), make bench: 27.1 s seeded against 11.1 s through one LoadShard's RESTORE batches.
 SEED_CLUSTER_MAX_READS = 1.5
+SEED_PLAN_MAX_BYTES = 4096  # a seed's source list in its RunTask overrides (8 KiB with the rest): ~16 sources
 SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
 SEED_WAIT_JOB_S = 12 * 3600.0  # LoadShard as an ECS task
 # Pauses between looks at a seeded shard (each a Query, a DescribeTasks and INFO per node): from
@@ -460,11 +461,21 @@ def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
         return False
     if event["ClusterMode"] and seed_reads(sources, int(event["NumNodeGroups"])) > SEED_CLUSTER_MAX_READS:
         return False
+    if event["ClusterMode"] and _largest_seed_plan(sources, int(event["NumNodeGroups"])) > SEED_PLAN_MAX_BYTES:
+        return False  # RunTask's overrides (the plan, the server's command, the CA) hold 8 KiB
     # No module data: none in the RDB (a foreign RDB's scan lists the modules it met, keys or
     # aux), or none possible (the source node had no module loaded when captured).
     return all(
         s.get("Modules") == [] and not s.get("ModuleKeysSkipped") and s.get("Sha256") and s.get("Size")
         for s in sources
+    )
+
+
+def _largest_seed_plan(sources: list[dict[str, Any]], shards: int) -> int:
+    """Bytes of the longest source list a seed of this layout would get (restore.seed_cluster)."""
+    return max(
+        len(json.dumps([{k: s[k] for k in SOURCE_FIELDS if s.get(k) is not None} for s in mine]))
+        for mine in (_seed_sources(sources, format_slot_ranges([r])) for r in even_split(shards))
     )
 
 
@@ -550,10 +561,10 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
     The per-target counts, totals and sample keys go to a small S3 object under the
     restore's prefix (``ResultKey``); the returned state holds only that key and the count.
     """
-    index = int(event["Task"]["Index"])
-    source = next(s for s in restore_sources(event) if int(s["Index"]) == index)
     if event.get("Seeded") and event["ClusterMode"]:
         return _seeded_cluster_load(event, seed_wait_s)
+    index = int(event["Task"]["Index"])
+    source = next(s for s in restore_sources(event) if int(s["Index"]) == index)
     if event.get("Seeded"):
         return _seeded_load(event, source, seed_wait_s)
     task = load_task(source)
@@ -578,7 +589,9 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
         if event["ClusterMode"]:
             # A new cluster may still be settling (ProvisionCache does not wait, see
             # restore_targets.wire): the wait overlaps this step's start and first GET.
-            restore_targets.wait_cluster_ok([(t.host, t.port) for t in targets], targets[0].credentials)
+            # Its nodes' settings are cachevault's to touch only when cachevault started them.
+            ours = Catalog(Settings.from_env()).get_cache(event["ReplicationGroupId"]).get("Managed") == "ecs"
+            restore_targets.wait_cluster_ok([(t.host, t.port) for t in targets], targets[0].credentials, ours=ours)
         result = load_rdb_file(
             source,
             targets,
@@ -747,12 +760,12 @@ def _check_accounted(sources: list[dict[str, Any]], parts: list[dict[str, Any]])
             owned[key] = owned.get(key, 0) + int(mine)
             every[key] = int(total)
     for source in sources:
-        key = source["Key"]
+        key = seed_cluster.source_id(source)
         if owned.get(key, 0) != every.get(key, 0):
             raise RestoreFailed(
-                f"s3://{source['Bucket']}/{key} holds {every.get(key, 0)} keys, but only {owned.get(key, 0)} lie in "
-                f"the slots of the nodes that read it (its shard recorded slots {source.get('Slots')}).",
-                Source=f"s3://{source['Bucket']}/{key}",
+                f"{key} holds {every.get(key, 0)} keys, but only {owned.get(key, 0)} lie in the slots of the "
+                f"nodes that read it (its shard recorded slots {source.get('Slots')}).",
+                Source=key,
             )
 
 
