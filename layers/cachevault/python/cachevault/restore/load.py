@@ -32,6 +32,7 @@ import redis
 from cachevault.core.errors import InvalidParameterCombination, InvalidParameterValue, RestoreFailed
 from cachevault.nodes.credentials import Credentials, Tls
 from cachevault.nodes.slots import SlotRange, SlotRouter
+from cachevault.rdb.cut import library_name
 from cachevault.rdb.dump_payload import TYPE_BYTE_CRC, crc64_calc, restore_payload
 from cachevault.rdb.reader import ByteSource, RdbFile, RdbFunction, RdbKey, RdbModuleSkipped, RdbStream, open_rdb
 
@@ -527,14 +528,6 @@ def load_entries(
     return LoadResult(stats, keys_expired_skipped=expired, seconds=time.perf_counter() - started)
 
 
-def _library_name(code: bytes) -> str:
-    first = code.split(b"\n", 1)[0].decode("utf-8", "replace")
-    for word in first.split():
-        if word.startswith("name="):
-            return word[5:]
-    return first[:80]
-
-
 def load_functions(
     codes: Iterable[bytes],
     targets: Sequence[TargetShard],
@@ -562,9 +555,9 @@ def load_functions(
                     client.execute_command("FUNCTION", "LOAD", "REPLACE", code)
                 except redis.RedisError as exc:
                     raise RestoreFailed(
-                        f"FUNCTION LOAD of library {_library_name(code)!r} failed on {t.address}: {exc}",
+                        f"FUNCTION LOAD of library {library_name(code)!r} failed on {t.address}: {exc}",
                         Target=t.address,
-                        Library=_library_name(code),
+                        Library=library_name(code),
                     ) from exc
         finally:
             client.close()

@@ -638,17 +638,7 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
     following: set[str] = set()
     pause = _SEED_POLL_S[0]
     while True:  # bounded by the deadline
-        parts = catalog.operation_progress(RESTORE, target)
-        seeds = {n.node_id: parts.get(progress_part(n.node_id), {}) for n in nodes}
-        # A part an earlier restore into this name left (its seed outlived it) is not this one's.
-        seeds = {n: p if p.get("Execution") == event["ExecutionName"] else {} for n, p in seeds.items()}
-        errors = [p["Error"] for p in seeds.values() if p.get("Error")]
-        problems = restore_targets.seeded_task_problems(nodes)
-        if errors or problems:
-            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), *problems])
-            # The object is not the snapshot (its digest or size): the fault the RESTORE path raises.
-            mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
-            raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
+        seeds = _seed_parts(catalog, event, nodes, where)
         for node in nodes:
             if node.node_id not in following and seeds[node.node_id].get("Port"):
                 restore_targets.follow_seed(node, int(seeds[node.node_id]["Port"]), creds)
@@ -748,6 +738,26 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
     return output
 
 
+def _seed_parts(
+    catalog: Catalog, event: dict[str, Any], nodes: list[restore_targets.NodeTask], where: str
+) -> dict[str, dict[str, Any]]:
+    """Node -> its seed's progress part of this restore; raises with the reasons when a seed
+    failed or a node's task stopped (DescribeTasks)."""
+    target = event["ReplicationGroupId"]
+    parts = catalog.operation_progress(RESTORE, target)
+    seeds = {n.node_id: parts.get(progress_part(n.node_id), {}) for n in nodes}
+    # A part an earlier restore into this name left (its seed outlived it) is not this one's.
+    seeds = {n: p if p.get("Execution") == event["ExecutionName"] else {} for n, p in seeds.items()}
+    errors = [p["Error"] for p in seeds.values() if p.get("Error")]
+    problems = restore_targets.seeded_task_problems(nodes)
+    if errors or problems:
+        message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), *problems])
+        # The object is not the snapshot (its digest or size): the fault the RESTORE path raises.
+        mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
+        raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
+    return seeds
+
+
 def _check_accounted(sources: list[dict[str, Any]], parts: list[dict[str, Any]]) -> None:
     """Every key of every source went to some node (or expired): a seed reads only the sources
     whose recorded slots meet its own, so a key outside them (a slot being migrated when the
@@ -782,16 +792,7 @@ def _await_seeds(
     target = event["ReplicationGroupId"]
     pause, started = _SEED_POLL_S[0], time.monotonic()
     while True:  # bounded by the deadline
-        parts = catalog.operation_progress(RESTORE, target)
-        seeds = {n.node_id: parts.get(progress_part(n.node_id), {}) for n in nodes}
-        # A part an earlier restore into this name left (its seed outlived it) is not this one's.
-        seeds = {n: p if p.get("Execution") == event["ExecutionName"] else {} for n, p in seeds.items()}
-        errors = [p["Error"] for p in seeds.values() if p.get("Error")]
-        problems = restore_targets.seeded_task_problems(nodes)
-        if errors or problems:
-            message = f"Seeding {target} from {where} failed: " + "; ".join([*dict.fromkeys(errors), *problems])
-            mismatch = bool(errors) and all(e.startswith("ChecksumMismatch") for e in errors)
-            raise (ChecksumMismatch if mismatch else RestoreFailed)(message, Source=where)
+        seeds = _seed_parts(catalog, event, nodes, where)
         report.update(sum(int(p.get("Done") or 0) for p in seeds.values()))
         if all(p.get("Status") == "done" for p in seeds.values()):
             return seeds
