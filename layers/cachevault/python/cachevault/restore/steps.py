@@ -109,6 +109,16 @@ _SEED_POLL_S = (0.02, 0.2, 2.0)
 _SEED_POLL_FAST_S = 60.0
 
 
+def _seed_pauses() -> Iterator[float]:
+    """The pauses between looks at seeded nodes: growing by half from the first to the longest."""
+    started = time.monotonic()
+    pause = _SEED_POLL_S[0]
+    while True:  # the caller's deadline ends it
+        yield pause
+        longest = _SEED_POLL_S[1] if time.monotonic() - started < _SEED_POLL_FAST_S else _SEED_POLL_S[2]
+        pause = min(longest, pause * 1.5)
+
+
 def _target_engine(external: dict[str, Any] | None, engine: str) -> tuple[str, str, int]:
     """(engine, version, highest RDB version) the target accepts: the external nodes', or the image's."""
     if external is not None:
@@ -636,7 +646,7 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
     started = time.monotonic()
     deadline = started + max_wait_s
     following: set[str] = set()
-    pause = _SEED_POLL_S[0]
+    pauses = _seed_pauses()
     while True:  # bounded by the deadline
         seeds = _seed_parts(catalog, event, nodes, where)
         for node in nodes:
@@ -651,9 +661,7 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
             done = {n: p.get("Done") for n, p in seeds.items()}
             raise RestoreFailed(f"The nodes of {target} had not loaded {where} after {max_wait_s:.0f} s "
                                 f"(bytes served per node: {done})", Source=where)  # fmt: skip
-        time.sleep(pause)
-        longest = _SEED_POLL_S[1] if time.monotonic() - started < _SEED_POLL_FAST_S else _SEED_POLL_S[2]
-        pause = min(longest, pause * 1.5)
+        time.sleep(next(pauses))
     # Every node loaded this stream (its seed's replication ID), not something else.
     wrong = {n.node_id: rid for n in nodes if (rid := restore_targets.node_replid(n, creds)) != replication_id(source)}
     if wrong:
@@ -790,7 +798,7 @@ def _await_seeds(
     """Each seed's progress part once all of them are done (restore.seed_cluster); raises with
     their reasons when one fails or its task stops."""
     target = event["ReplicationGroupId"]
-    pause, started = _SEED_POLL_S[0], time.monotonic()
+    started, pauses = time.monotonic(), _seed_pauses()
     while True:  # bounded by the deadline
         seeds = _seed_parts(catalog, event, nodes, where)
         report.update(sum(int(p.get("Done") or 0) for p in seeds.values()))
@@ -800,9 +808,7 @@ def _await_seeds(
             done = {n: p.get("Done") for n, p in seeds.items()}
             raise RestoreFailed(f"The nodes of {target} had not loaded {where} after "
                                 f"{deadline - started:.0f} s (bytes read per node: {done})", Source=where)  # fmt: skip
-        time.sleep(pause)
-        longest = _SEED_POLL_S[1] if time.monotonic() - started < _SEED_POLL_FAST_S else _SEED_POLL_S[2]
-        pause = min(longest, pause * 1.5)
+        time.sleep(next(pauses))
 
 
 def load_outputs(
