@@ -401,36 +401,49 @@ def test_three_shards_to_any_shard_count(
 ) -> None:
     """3 -> 3 and 3 -> 2: each new primary's seed cuts its slots out of the sources whose
     recorded slots meet its own and the node loads them (restore.seed_cluster). 3 -> 4 would
-    read the sources twice over: RESTORE batches routed by slot (restore_workflow.seed_reads)."""
+    have the seeds read the sources twice over (restore_workflow.seed_reads): LoadShard cuts
+    them once and streams each node its records through its seed (restore.cutter)."""
     target = f"rt-{shards}"
     output, seconds = _restore(product, targets, target, snapshot=clustered.snapshot, num_shards=shards, replicas=0)
     assert output["NumNodeGroups"] == shards and output["ClusterMode"] is True
     assert output["LoadSummary"]["KeysLoaded"] == clustered.keys
     assert output["Verification"]["Mismatches"] == []
     _check_restored(product, clustered, target, shards=shards, cluster=True)
-    if shards == 4:
-        assert output["Seeded"] is False and output["LoadSummary"]["BytesSent"] > 0
-        return
     assert output["Seeded"] is True
     assert output["LoadSummary"]["BytesSent"] == 0  # no RESTORE went over the network
+    if shards == 4:
+        _check_cut_once(product, target, output)
+        return
     plans = _seed_plans(product, target)
     # A seed reads only the sources its slots need: 3 -> 3 is one each; 3 -> 2 splits the middle shard.
     assert [len(p["Sources"]) for p in plans] == {3: [1, 1, 1], 2: [2, 2]}[shards]
     print(f"restore 3 -> {shards} shards (seeded): {seconds:.2f} s")
 
 
-def _seed_plans(product: Product, target: str) -> list[dict[str, Any]]:
-    """What each primary's seed was given (its RunTask overrides), in shard order."""
+def _check_cut_once(product: Product, target: str, output: dict[str, Any]) -> None:
+    """The seeds relayed one cutter's stream: none was given sources, all got the same token."""
+    envs = _seed_envs(product, target)
+    assert envs and all("SEED_CUT" not in env for env in envs)
+    assert len({json.loads(env["SEED_RELAY"])["Token"] for env in envs}) == 1
+    assert output["Seeded"] is True and output["LoadSummary"]["BytesSent"] == 0  # no RESTORE sent
+
+
+def _seed_envs(product: Product, target: str) -> list[dict[str, str]]:
+    """Each primary's seed environment (its RunTask overrides), in shard order."""
     ecs = client("ecs")
     cluster = os.environ["ECS_CLUSTER"]
     arns = [n["TaskArn"] for n in product.control.catalog.get_cache(target)["Nodes"] if n["Role"] == "primary"]
-    plans = []
+    envs = []
     tasks = ecs.describe_tasks(cluster=cluster, tasks=arns)["tasks"]
     for task in sorted(tasks, key=lambda t: arns.index(t["taskArn"])):
         (seed,) = [o for o in task["overrides"]["containerOverrides"] if o["name"] == "seed"]
-        env = {e["name"]: e["value"] for e in seed["environment"]}
-        plans.append(json.loads(env["SEED_CUT"]))
-    return plans
+        envs.append({e["name"]: e["value"] for e in seed["environment"]})
+    return envs
+
+
+def _seed_plans(product: Product, target: str) -> list[dict[str, Any]]:
+    """What each primary's seed was given (its RunTask overrides), in shard order."""
+    return [json.loads(env["SEED_CUT"]) for env in _seed_envs(product, target)]
 
 
 def _inside_a_short_string(rdb: bytes, tmp_path: Path) -> int:
@@ -486,7 +499,8 @@ def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, 
         product, targets, "rt-up", snapshot=standalone.snapshot, num_shards=3, cluster_mode="enabled"
     )
     assert output["ClusterMode"] is True
-    assert output["Seeded"] is False  # three seeds would each read the whole RDB: RESTORE routed by slot
+    assert output["Seeded"] is True  # cut once by LoadShard: three seeds would each read the whole RDB
+    _check_cut_once(product, "rt-up", output)
     primaries = _check_restored(product, standalone, "rt-up", shards=3, cluster=True)
     assert output["Verification"]["ReplicasInSync"] == 3
     assert "every replica linked and in sync" in output["Verification"]["Compared"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cachevault.core.errors import RdbFormatError
 from cachevault.nodes.slots import even_split, key_slot
-from cachevault.rdb.cut import RdbWriter, cut, encode_len, library_name, owned_slots
+from cachevault.rdb.cut import RdbWriter, cut, cut_routed, encode_len, library_name, owned_slots, route_slots
 from cachevault.rdb.encoding import read_len
 from cachevault.rdb.reader import RdbFile, RdbStream, scan_rdb
 from rdbgen import enc_str, ms_time, rdb_file, redis_server
@@ -110,6 +110,31 @@ def test_several_sources_streamed_one_library_each(tmp_path: Path) -> None:
     with redis_server(path.parent) as node:
         assert node.client.dbsize() == stats.keys == sum(mine for mine, _ in stats.per_source)
         assert len(node.client.function_list()) == 1
+
+
+def test_one_routed_pass_writes_each_node_what_its_own_cut_would(tmp_path: Path) -> None:
+    sources = []
+    for name in ("a", "b"):
+        with redis_server(tmp_path / name) as src:
+            _fill(src.client, name)
+            src.client.function_load(LIBRARY)
+            sources.append(_saved(src))
+    ranges = even_split(3)
+    outs = [io.BytesIO() for _ in ranges]
+    writers = [RdbWriter(out.write, 10, flush_bytes=4096) for out in outs]  # many small sends
+    now = int(time.time() * 1000)
+    routed = cut_routed([lambda p=p: RdbFile(p) for p in sources], route_slots([[r] for r in ranges]), writers,
+                        now_ms=now)  # fmt: skip
+    for writer, stats in zip(writers, routed, strict=True):
+        stats.bytes_written = writer.close()
+    every = [total for _, total in routed[0].per_source]
+    for part, (r, out, stats) in enumerate(zip(ranges, outs, routed, strict=True)):
+        alone = _cut_to(tmp_path / f"alone{part}.rdb", sources, [r], now_ms=now)
+        assert out.getvalue() == (tmp_path / f"alone{part}.rdb").read_bytes()  # byte for byte
+        assert (stats.keys, stats.keys_elsewhere, stats.functions, stats.per_source) == (
+            alone.keys, alone.keys_elsewhere, 1, alone.per_source)  # fmt: skip
+    for i, total in enumerate(every):  # every key of every source went to exactly one node
+        assert sum(stats.per_source[i][0] for stats in routed) == total > 0
 
 
 def test_keys_expired_before_the_cut_are_left_out_and_counted(tmp_path: Path) -> None:

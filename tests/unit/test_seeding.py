@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cachevault.core.errors import RestoreFailed
 from cachevault.restore.seed import SeedFailed, _Requests
-from cachevault.restore.steps import SEED_CLUSTER_MAX_READS, _check_accounted, _seed_sources, seed_reads, seedable
+from cachevault.restore.steps import _check_accounted, _seed_sources, cut_once, seed_reads, seedable
 
 
 class _Chunks:
@@ -54,11 +54,13 @@ def test_a_cluster_seed_reads_the_sources_its_slots_need() -> None:
     assert [s["Key"] for s in _seed_sources(three, "0-8191")] == ["a", "b"]
     assert [s["Key"] for s in _seed_sources(three, "10923-12000,100")] == ["a", "c"]
     assert [s["Key"] for s in _seed_sources([_source("all", None, 1)], "0-100")] == ["all"]  # no slots recorded
-    # How many times over the seeds would read the sources, and so which layouts are seeded.
+    # How many times over the seeds would read the sources, and so which layouts LoadShard cuts once.
     reads = {n: seed_reads(three, n) for n in (1, 2, 3, 4)}
     assert reads == {1: 1.0, 2: 4 / 3, 3: 1.0, 4: 2.0}
-    assert [n for n, r in reads.items() if r <= SEED_CLUSTER_MAX_READS] == [1, 2, 3]
-    assert [seed_reads([_source("all", None, 1)], n) for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert [n for n in reads if cut_once(three, n)] == [4]
+    one = [{**_source("all", None, 1), "Sha256": "ab" * 32}]
+    assert [seed_reads(one, n) for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert [cut_once(one, n) for n in (1, 2, 3)] == [False, True, True]
 
 
 def test_keys_the_seeds_did_not_account_for_fail_the_load() -> None:
@@ -79,12 +81,13 @@ def test_keys_the_seeds_did_not_account_for_fail_the_load() -> None:
         _check_accounted(versions, [{"SourceKeys": [[one, 3, 3], [two, 2, 3]]}])
 
 
-def test_a_merge_of_many_sources_is_not_seeded_past_the_overrides_limit() -> None:
+def test_a_merge_of_many_sources_is_cut_once_past_the_overrides_limit() -> None:
     def shards(n: int) -> list[dict[str, object]]:
         ranges = [(i * 16384 // n, (i + 1) * 16384 // n - 1) for i in range(n)]
         return [{**_source(f"snapshots/merge/shard-{i:04d}.rdb", f"{lo}-{hi}", 1), "Sha256": "ab" * 32,
                  "Modules": [], "RdbVersion": 10} for i, (lo, hi) in enumerate(ranges)]  # fmt: skip
 
     event = {"ClusterMode": True, "NumNodeGroups": 1}
-    assert seedable(event, shards(8))  # one node reads all 8: its plan fits RunTask's overrides
-    assert not seedable(event, shards(40))  # 40 sources would not: RESTORE batches instead
+    assert seedable(event, shards(8)) and seedable(event, shards(40))
+    assert not cut_once(shards(8), 1)  # one node's seed reads all 8: its plan fits RunTask's overrides
+    assert cut_once(shards(40), 1)  # 40 sources would not: LoadShard cuts them and the seed relays

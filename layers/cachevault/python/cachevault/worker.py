@@ -10,8 +10,9 @@ Lambdas use. The state machine's RunTask passes the job's input in the environme
   machine's LoadResult step hands on (``restore_workflow.load_job``/``load_result_step``).
 * ``seed``: the node task's seed container: ``SEED_SOURCE`` (the shard's RDB in S3) served to
   the node as its first master's full resync (restore.seed), or ``SEED_CUT`` (a cluster node's
-  slots of the sources) written into the FIFO the node loads (restore.seed_cluster); neither,
-  nothing to serve.
+  slots of the sources) written into the FIFO the node loads (restore.seed_cluster), or
+  ``SEED_RELAY``: what the restore's cutter sends, relayed into that FIFO (restore.seed_relay);
+  none of them, nothing to serve.
 
 The table/bucket names come from the task definition; the exit code tells ECS how it ended.
 """
@@ -23,10 +24,11 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from cachevault.restore import seed as seeding
-from cachevault.restore import seed_cluster
+from cachevault.restore import seed_cluster, seed_relay
 
 # Each job imports what it uses: a seed starts beside a node that waits for it, and should not
 # first load the capture and load code.
@@ -78,12 +80,19 @@ def load() -> int:
 
 
 def seed() -> int:
-    text = os.environ.get(seeding.SEED_SOURCE_ENV, "")
+    if os.environ.get(seed_relay.SEED_RELAY_ENV):
+        return _seed_job(_relay_node)
     if os.environ.get(seed_cluster.SEED_CUT_ENV):
-        return seed_cluster_node()
-    if not text:
+        return _seed_job(_cut_node)
+    if not os.environ.get(seeding.SEED_SOURCE_ENV):
         print("nothing to seed: the node starts empty", flush=True)
         return 0
+    return _seed_job(_serve_node)
+
+
+def _seed_job(work: Callable[[Any], dict[str, Any]]) -> int:
+    """A seed's frame: its progress part (restore.seed ``progress_part``) under the restore's
+    execution, ``work(report)`` filling it, and why it failed, in the part and the exit code."""
     # PID 1 of its container on Fargate: without a handler SIGTERM (StopTask) would be ignored.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     from cachevault.catalog.progress_report import RESTORE, PartProgress
@@ -95,76 +104,75 @@ def seed() -> int:
     report = None
     try:
         report = PartProgress(Catalog(Settings.from_env()), RESTORE, target, seeding.progress_part(node),
-                              phase="download", total=None)  # fmt: skip
-        report.fields["Execution"] = os.environ.get(seeding.SEED_EXECUTION_ENV, "")
-        source = seeding.parse_source(text)
-        with seeding.listen() as server:
-            report.fields.update(Total=int(source["Size"]), Port=server.getsockname()[1])
-            report.start(strict=True)  # LoadShard reads the port here: unwritten, nobody would come
-            logger.info("seed listening", target=target, node=node, key=source["Key"], port=report.fields["Port"])
-            with seeding.accept_node(server) as conn:
-                sent = seeding.serve(conn, source, on_bytes=report.update)
-        report.finish(sent)
-    except Exception as exc:  # the restore reads why from the progress part (or the exit code)
-        logger.exception("seeding failed", target=target, node=node)
-        if report is not None:
-            report.fail(f"{type(exc).__name__}: {exc}")
-        return 1
-    logger.info("seeded", target=target, node=node, bytes=sent)
-    return 0
-
-
-def seed_cluster_node() -> int:
-    """The seed of a cluster node (restore.seed_cluster): its slots of the sources, through a FIFO."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    from cachevault.catalog import storage
-    from cachevault.catalog.progress_report import RESTORE, PartProgress
-    from cachevault.catalog.records import Catalog
-    from cachevault.core.aws import client
-    from cachevault.core.handler import logger
-    from cachevault.core.settings import Settings
-    from cachevault.rdb.reader import RdbStream
-
-    target, node = os.environ.get(seeding.SEED_TARGET_ENV, ""), os.environ.get(seeding.SEED_NODE_ENV, "")
-    report = None
-    try:
-        report = PartProgress(Catalog(Settings.from_env()), RESTORE, target, seeding.progress_part(node),
                               phase="load", total=None)  # fmt: skip
         report.fields["Execution"] = os.environ.get(seeding.SEED_EXECUTION_ENV, "")
-        plan = seed_cluster.parse_plan(os.environ[seed_cluster.SEED_CUT_ENV])
-        auth = json.loads(os.environ.get(seed_cluster.SEED_AUTH_ENV) or "{}")
-        report.fields["Total"] = sum(int(s["Size"]) for s in plan["Sources"])
-        report.start(strict=True)
-        os.chdir(os.environ.get(seed_cluster.SEED_DIR_ENV) or seed_cluster.SEED_DIR)
-        s3, read = client("s3"), [0] * len(plan["Sources"])
-
-        def opener(i: int, source: dict[str, str]) -> Any:
-            def counted(n: int) -> None:
-                read[i] = n
-                report.update(sum(read))
-
-            return lambda: RdbStream(storage.S3RangeReader(
-                s3, source["Bucket"], source["Key"], expected_sha256=source["Sha256"], size=int(source["Size"]),
-                version_id=source.get("VersionId"), on_bytes=counted,
-            ))  # fmt: skip
-
-        logger.info("seed cutting", target=target, node=node, slots=plan["Slots"], sources=len(plan["Sources"]))
-        stats = seed_cluster.load(plan, auth, [opener(i, s) for i, s in enumerate(plan["Sources"])])
-        # Per source: its key, its keys in this node's slots, all its keys (restore.steps._check_accounted).
-        counted = zip(plan["Sources"], stats.per_source, strict=True)
-        report.fields.update(
-            Keys=stats.keys, KeysWithTtl=stats.keys_with_ttl, KeysExpiredSkipped=stats.keys_expired_skipped,
-            Functions=stats.functions, BytesWritten=stats.bytes_written,
-            SourceKeys=[[seed_cluster.source_id(s), mine, every] for s, (mine, every) in counted],
-        )  # fmt: skip
-        report.finish(report.fields["Total"])
+        done = work(report)
     except Exception as exc:  # the restore reads why from the progress part (or the exit code)
         logger.exception("seeding failed", target=target, node=node)
         if report is not None:
             report.fail(f"{type(exc).__name__}: {exc}")
         return 1
-    logger.info("seeded", target=target, node=node, keys=stats.keys, bytes=stats.bytes_written)
+    logger.info("seeded", target=target, node=node, **done)
     return 0
+
+
+def _serve_node(report: Any) -> dict[str, Any]:
+    """A standalone node's seed: the shard's RDB served as its first master's full resync (restore.seed)."""
+    report.fields["Phase"] = "download"
+    source = seeding.parse_source(os.environ[seeding.SEED_SOURCE_ENV])
+    with seeding.listen() as server:
+        report.fields.update(Total=int(source["Size"]), Port=server.getsockname()[1])
+        report.start(strict=True)  # LoadShard reads the port here: unwritten, nobody would come
+        with seeding.accept_node(server) as conn:
+            sent = seeding.serve(conn, source, on_bytes=report.update)
+    report.finish(sent)
+    return {"key": source["Key"], "bytes": sent}
+
+
+def _cut_node(report: Any) -> dict[str, Any]:
+    """A cluster node's seed: its slots of the sources, through a FIFO (restore.seed_cluster)."""
+    from cachevault.core.aws import client
+
+    plan = seed_cluster.parse_plan(os.environ[seed_cluster.SEED_CUT_ENV])
+    auth = json.loads(os.environ.get(seed_cluster.SEED_AUTH_ENV) or "{}")
+    report.fields["Total"] = sum(int(s["Size"]) for s in plan["Sources"])
+    report.start(strict=True)
+    os.chdir(os.environ.get(seed_cluster.SEED_DIR_ENV) or seed_cluster.SEED_DIR)
+    s3, read = client("s3"), [0] * len(plan["Sources"])
+
+    def counter(i: int) -> Callable[[int], None]:
+        def count(n: int) -> None:
+            read[i] = n
+            report.update(sum(read))
+
+        return count
+
+    openers = [seed_cluster.source_opener(s3, s, counter(i)) for i, s in enumerate(plan["Sources"])]
+    stats = seed_cluster.load(plan, auth, openers)
+    # Per source: its key, its keys in this node's slots, all its keys (restore.steps._check_accounted).
+    counted = zip(plan["Sources"], stats.per_source, strict=True)
+    report.fields.update(
+        Keys=stats.keys, KeysWithTtl=stats.keys_with_ttl, KeysExpiredSkipped=stats.keys_expired_skipped,
+        Functions=stats.functions, BytesWritten=stats.bytes_written,
+        SourceKeys=[[seed_cluster.source_id(s), mine, every] for s, (mine, every) in counted],
+    )  # fmt: skip
+    report.finish(report.fields["Total"])
+    return {"keys": stats.keys, "bytes": stats.bytes_written}
+
+
+def _relay_node(report: Any) -> dict[str, Any]:
+    """A cluster node's seed fed by the restore's cutter (restore.seed_relay)."""
+    token = seed_relay.parse_relay(os.environ[seed_relay.SEED_RELAY_ENV])
+    auth = json.loads(os.environ.get(seed_cluster.SEED_AUTH_ENV) or "{}")
+    os.chdir(os.environ.get(seed_cluster.SEED_DIR_ENV) or seed_cluster.SEED_DIR)
+
+    def listening(port: int) -> None:
+        report.fields["Port"] = port
+        report.start(strict=True)  # the cutter connects once it reads the port here
+
+    relayed = seed_relay.relay(token, auth, on_listening=listening, on_bytes=report.update)
+    report.finish(relayed)
+    return {"bytes": relayed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,6 +108,11 @@ def restore_targets_key(target: str, execution: str) -> str:
     return f"{restore_prefix(target, execution)}targets.json"
 
 
+def restore_relay_key(target: str, execution: str) -> str:
+    """The token a resharded seeded restore's cutter gives the nodes' seeds (restore.seed_relay)."""
+    return f"{restore_prefix(target, execution)}relay.json"
+
+
 def restore_sources_key(target: str, execution: str) -> str:
     """The checked sources of one restore execution (Preflight writes it, the later steps read it)."""
     return f"{restore_prefix(target, execution)}sources.json"

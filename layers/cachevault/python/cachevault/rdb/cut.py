@@ -1,7 +1,9 @@
-"""One cluster node's part of one or more RDBs, as a new RDB: the records of the slots it owns.
+"""Cluster nodes' parts of one or more RDBs, each a new RDB: the records of the slots it owns.
 
 A resharded (or cluster-mode) seeded restore gives every new primary the keys of its slots
-from every source RDB (restore.seed). Records are copied as they are, never decoded or
+from every source RDB: a node's seed cuts its own part (restore.seed_cluster, ``cut``), or one
+cutter reads each source once and routes every record to its node (restore.cutter,
+``cut_routed``). Records are copied as they are, never decoded or
 re-encoded: the reader finds their boundaries (rdb.reader), the key's slot decides, and the
 bytes from the type byte to the value's end go out behind the record's expire, LRU and LFU
 opcodes. The new file has one header (the highest RDB version of the sources: each target
@@ -14,8 +16,9 @@ Keys whose TTL passed before the cut are left out and counted, as the RESTORE pa
 from __future__ import annotations
 
 import time
+from array import array
 from binascii import crc_hqx
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cachevault.core.errors import RdbFormatError
@@ -25,6 +28,7 @@ from cachevault.rdb.reader import RdbAux, RdbFile, RdbFunction, RdbModuleSkipped
 
 FLUSH_BYTES = 1 << 20  # bytes gathered before they go to the sink
 _SLOT_MASK = 16383
+Route = Sequence[int]  # slot -> 1 + the index of the writer that takes its records; 0: none
 
 
 @dataclass
@@ -68,21 +72,22 @@ def library_name(code: bytes) -> str:
 
 
 class RdbWriter:
-    """A new RDB, written through ``sink`` in chunks of about FLUSH_BYTES, CRC64 as it goes."""
+    """A new RDB, written through ``sink`` in chunks of about ``flush_bytes``, CRC64 as it goes."""
 
-    def __init__(self, sink: Callable[[bytes], None], version: int) -> None:
+    def __init__(self, sink: Callable[[bytes], None], version: int, flush_bytes: int = FLUSH_BYTES) -> None:
         if not 1 <= version <= f.MAX_VERSION:
             raise ValueError(f"RDB version {version} is not one this writer knows (1..{f.MAX_VERSION})")
         self.sink = sink
+        self.flush_bytes = flush_bytes
         self.crc = 0
         self.written = 0
-        self.buf = bytearray(b"%s%04d" % (f.MAGIC, version))
+        self.buf = bytearray(b"%s%04d" % (f.MAGIC, version))  # emptied in place: cut keeps a reference
         self.buf += bytes((f.OP_SELECTDB, 0))
 
     def flush(self) -> None:
         if self.buf:
             data = bytes(self.buf)
-            self.buf = bytearray()
+            self.buf.clear()
             self.crc = crc64(data, self.crc)
             self.written += len(data)
             self.sink(data)
@@ -109,72 +114,103 @@ def cut(
     *,
     now_ms: int | None = None,
 ) -> CutStats:
-    """Copy the records of the ``owned`` slots from each source (opened in turn) into ``writer``.
+    """Copy the records of the ``owned`` slots (``owned_slots``) from each source (opened in
+    turn) into ``writer``. The writer is flushed as it fills, not closed: the caller closes it
+    once all is well."""
+    return cut_routed(sources, owned, [writer], now_ms=now_ms)[0]
 
-    The writer is flushed as it fills, not closed: the caller closes it once all is well.
-    """
-    stats = CutStats()
+
+def route_slots(parts: Sequence[Iterable[tuple[int, int]]]) -> Route:
+    """The route giving each writer the slot ranges at its index in ``parts``."""
+    route = array("I", bytes(4 * (_SLOT_MASK + 1)))
+    for index, ranges in enumerate(parts, start=1):
+        for start, end in ranges:
+            route[start : end + 1] = array("I", [index]) * (end - start + 1)
+    return route
+
+
+def cut_routed(
+    sources: Iterable[Callable[[], RdbFile]],
+    route: Route,
+    writers: Sequence[RdbWriter],
+    *,
+    now_ms: int | None = None,
+) -> list[CutStats]:
+    """Copy every record of each source (opened in turn, read once) into the writer its slot is
+    routed to; each writer's counts. Every writer gets the function libraries. The writers are
+    flushed, not closed: the caller closes them once all is well (every source checked)."""
+    stats = [CutStats() for _ in writers]
     now = int(time.time() * 1000) if now_ms is None else now_ms
     libraries: set[str] = set()
     for index, opener in enumerate(sources):
-        before = stats.keys + stats.keys_expired_skipped
-        before_all = before + stats.keys_elsewhere
+        before = [s.keys + s.keys_expired_skipped for s in stats]
         with opener() as rdb:
-            _cut_one(rdb, owned, writer, now, stats, libraries)
+            every = _cut_one(rdb, route, writers, now, stats, libraries)
             if not rdb.complete:
                 raise RdbFormatError(f"source {index} ended before its EOF opcode")
-        owned_keys = stats.keys + stats.keys_expired_skipped
-        stats.per_source.append((owned_keys - before, owned_keys + stats.keys_elsewhere - before_all))
-    writer.flush()
+        for part, start in zip(stats, before, strict=True):
+            mine = part.keys + part.keys_expired_skipped - start
+            part.keys_elsewhere += every - mine
+            part.per_source.append((mine, every))
+    for writer in writers:
+        writer.flush()
     return stats
 
 
-def _cut_one(rdb: RdbFile, owned: bytearray, writer: RdbWriter, now: int, stats: CutStats, libraries: set[str]) -> None:
-    # The hot loop: one tuple per key (RdbFile.iter_raw), locals only.
-    buf = writer.buf
-    keys = ttl = expired = elsewhere = 0
-    flush_at = FLUSH_BYTES
+def _cut_one(
+    rdb: RdbFile, route: Route, writers: Sequence[RdbWriter], now: int, stats: list[CutStats], libraries: set[str]
+) -> int:
+    """One source's records into their writers; how many keys it holds."""
+    # The hot loop: one tuple per key (RdbFile.iter_raw), locals and lists only.
+    bufs = [w.buf for w in writers]
+    limits = [w.flush_bytes for w in writers]
+    n = len(writers)
+    keys, ttl, expired = [0] * n, [0] * n, [0] * n
+    every = 0
     try:
         for item in rdb.iter_raw():
             if type(item) is tuple:
                 db, key, _op, _vstart, vend, expire, offset, idle, freq = item
+                every += 1
                 i = key.find(b"{")
                 if i >= 0 and (j := key.find(b"}", i + 1)) > i + 1:
                     slot = crc_hqx(key[i + 1 : j], 0) & _SLOT_MASK
                 else:
                     slot = crc_hqx(key, 0) & _SLOT_MASK
-                if not owned[slot]:
-                    elsewhere += 1
+                to = route[slot] - 1
+                if to < 0:
                     continue
                 if db != 0:
                     raise RdbFormatError(f"key {key[:80]!r} is in database {db}: a cluster node has database 0 only")
+                buf = bufs[to]
                 if expire is not None:
                     if expire < now:
-                        expired += 1
+                        expired[to] += 1
                         continue
                     buf += b"\xfc" + expire.to_bytes(8, "little", signed=True)
-                    ttl += 1
+                    ttl[to] += 1
                 if idle is not None:
                     buf += b"\xf8" + encode_len(idle)
                 if freq is not None:
                     buf += bytes((f.OP_FREQ, freq))
                 buf += rdb.window[offset - rdb.window_offset : vend]
-                keys += 1
-                if len(buf) >= flush_at:
-                    writer.flush()
-                    buf = writer.buf
+                keys[to] += 1
+                if len(buf) >= limits[to]:
+                    writers[to].flush()
             elif isinstance(item, RdbFunction):
                 name = library_name(item.code)
                 if name not in libraries:  # every shard of a cluster holds the same libraries
                     libraries.add(name)
-                    writer.function(item.code)
-                    stats.functions += 1
+                    for writer, part in zip(writers, stats, strict=True):
+                        writer.function(item.code)
+                        part.functions += 1
             elif isinstance(item, RdbModuleSkipped):
                 raise RdbFormatError(f"module data ({item.module_name}) at offset {item.offset} cannot be copied")
             elif not isinstance(item, RdbAux):  # aux fields describe the source, not this file
                 raise RdbFormatError(f"unexpected record {item!r}")
     finally:
-        stats.keys += keys
-        stats.keys_with_ttl += ttl
-        stats.keys_expired_skipped += expired
-        stats.keys_elsewhere += elsewhere
+        for to, part in enumerate(stats):
+            part.keys += keys[to]
+            part.keys_with_ttl += ttl[to]
+            part.keys_expired_skipped += expired[to]
+    return every

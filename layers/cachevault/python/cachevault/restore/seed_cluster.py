@@ -34,7 +34,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cachevault.core.errors import InvalidParameterValue
@@ -80,6 +80,18 @@ def source_id(source: dict[str, Any]) -> str:
     return f"s3://{source['Bucket']}/{source['Key']}{version}"
 
 
+def source_opener(s3: Any, source: dict[str, Any], on_bytes: Callable[[int], None]) -> Callable[[], Any]:
+    """Opens ``source`` (pinned by SHA-256 and size) as an RdbStream of ranged GETs: the read
+    that completes the object checks its digest first."""
+    from cachevault.catalog import storage  # boto3 and the reader: only a seed that reads S3 loads them
+    from cachevault.rdb.reader import RdbStream
+
+    return lambda: RdbStream(storage.S3RangeReader(
+        s3, source["Bucket"], source["Key"], expected_sha256=source["Sha256"], size=int(source["Size"]),
+        version_id=source.get("VersionId"), on_bytes=on_bytes,
+    ))  # fmt: skip
+
+
 def parse_plan(text: str) -> dict[str, Any]:
     try:
         plan = json.loads(text)
@@ -94,7 +106,7 @@ def parse_plan(text: str) -> dict[str, Any]:
     return dict(plan)
 
 
-class _Node:
+class Node:
     """The node's unix socket: AUTH, then one command whose reply comes when its load ends."""
 
     def __init__(self, auth: dict[str, Any], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -131,21 +143,36 @@ class _Node:
         """A reply (or the end of the connection) is waiting to be read."""
         return bool(self.buf) or bool(select.select([self.sock], [], [], 0)[0])
 
-    def expect_ok(self, what: str) -> None:
+    def _line(self, what: str) -> bytes:
         while b"\r\n" not in self.buf:  # bounded: recv raises on timeout, b"" ends it
             data = self.sock.recv(4096)
             if not data:
                 raise SeedFailed(f"the node closed its socket before answering {what}")
             self.buf += data
         line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def expect_ok(self, what: str) -> None:
+        line = self._line(what)
         if line != b"+OK":
             raise SeedFailed(f"the node answered {what} with {line.decode(errors='replace')[:200]}")
+
+    def config(self, name: str) -> str:
+        """One setting's value (``CONFIG GET``; none of the settings asked for holds a newline)."""
+        what = f"CONFIG GET {name}"
+        self.command("CONFIG", "GET", name)
+        head = self._line(what)
+        if head != b"*2":
+            raise SeedFailed(f"the node answered {what} with {head.decode(errors='replace')[:200]}")
+        self._line(what), self._line(what)  # $<n>, the name
+        self._line(what)  # $<n>
+        return self._line(what).decode()
 
     def close(self) -> None:
         self.sock.close()
 
 
-def _open_fifo(node: _Node, timeout_s: float = IO_TIMEOUT_S) -> int:
+def _open_fifo(node: Node, timeout_s: float = IO_TIMEOUT_S) -> int:
     """The FIFO's write end, once the server opened it to read (or why it never will)."""
     deadline = time.monotonic() + timeout_s
     while True:  # bounded by the deadline
@@ -169,34 +196,41 @@ def load(plan: dict[str, Any], auth: dict[str, Any], openers: list[Callable[[], 
     """Fill the node (run in its working dir) with the records of its slots from ``openers``
     (one RdbStream each, in ``plan['Sources']`` order); the counts of what it was given."""
     owned = rdb_cut.owned_slots(parse_slot_ranges(plan["Slots"]))
-    node = _Node(auth)
-    fd = -1
+    node = Node(auth)
     try:
-        os.mkfifo(LOAD_FILE, 0o644)
-        try:
-            node.command("DEBUG", "RELOAD", "NOSAVE")
-            fd = _open_fifo(node)
-            try:
-                # Unbuffered (the writer sends ~1 MiB at a time): nothing left to flush at close,
-                # where a broken pipe would hide the server's reply.
-                writer = rdb_cut.RdbWriter(lambda data: _write_all(fd, data), int(plan["RdbVersion"]))
-                try:
-                    stats = rdb_cut.cut(openers, owned, writer)
-                    stats.bytes_written = writer.close()
-                except BrokenPipeError as exc:  # the server stopped reading: its reply says why
-                    raise SeedFailed(f"the node stopped reading its RDB: {_reply_or(node, exc)}") from exc
-                # Still open while the server finishes: see the module's docstring.
-                node.expect_ok("DEBUG RELOAD")
-            finally:
-                os.close(fd)
-        finally:
-            if fd < 0:
-                _release_reader()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(LOAD_FILE)
+        with loading(node) as write:
+            writer = rdb_cut.RdbWriter(write, int(plan["RdbVersion"]))
+            stats = rdb_cut.cut(openers, owned, writer)
+            stats.bytes_written = writer.close()
     finally:
         node.close()
     return stats
+
+
+@contextlib.contextmanager
+def loading(node: Node) -> Iterator[Callable[[bytes], None]]:
+    """The node loading an RDB from its FIFO (run in its working dir): yields the writer of the
+    RDB's bytes; on leaving, the server's reply (SeedFailed with its reason, if it refused)."""
+    fd = -1
+    os.mkfifo(LOAD_FILE, 0o644)
+    try:
+        node.command("DEBUG", "RELOAD", "NOSAVE")
+        fd = _open_fifo(node)
+        try:
+            # Unbuffered (writers send ~1 MiB at a time): nothing left to flush at close,
+            # where a broken pipe would hide the server's reply.
+            yield lambda data: _write_all(fd, data)
+        except BrokenPipeError as exc:  # the server stopped reading: its reply says why
+            raise SeedFailed(f"the node stopped reading its RDB: {_reply_or(node, exc)}") from exc
+        else:
+            node.expect_ok("DEBUG RELOAD")  # the FIFO is still open: see the module's docstring
+        finally:
+            os.close(fd)
+    finally:
+        if fd < 0:
+            _release_reader()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(LOAD_FILE)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -213,7 +247,7 @@ def _release_reader() -> None:
         os.close(os.open(LOAD_FILE, os.O_WRONLY | os.O_NONBLOCK))
 
 
-def _reply_or(node: _Node, exc: BaseException) -> str:
+def _reply_or(node: Node, exc: BaseException) -> str:
     try:
         node.sock.settimeout(5.0)
         node.expect_ok("DEBUG RELOAD")

@@ -19,7 +19,10 @@ starts every node of the shard with the source in its task's seed container (res
 LoadShard points each node at its seed, which serves the RDB from S3 as a master's full
 resync that the node parses as it arrives (no RESTORE, no Python pass over the keys, no
 disk), then promotes the primary, and the replicas, loaded from the same stream, resync with
-it partially; AttachReplicas has nothing to do.
+it partially; AttachReplicas has nothing to do. A new cluster is seeded too: each primary loads
+its slots through a FIFO its seed fills, cut by the seed itself (restore.seed_cluster) or, when
+the seeds would read the sources several times over (``cut_once``), by LoadShard in one pass
+over each source, streamed to the seeds (restore.cutter, restore.seed_relay).
 Measured (1 GB of small keys, one replica, 2 cores, the load from a local file): 11.0 s with
 the replica following the load vs 14.7 s loading the primary alone and full-syncing after.
 
@@ -38,6 +41,7 @@ import base64
 import contextlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,10 +70,11 @@ from cachevault.core.timeutil import iso
 from cachevault.nodes import credentials as creds_mod
 from cachevault.nodes import restore_targets, topology
 from cachevault.nodes.slots import even_split, format_slot_ranges, parse_slot_ranges
+from cachevault.rdb import cut as rdb_cut
 from cachevault.rdb.reader import scan_rdb
-from cachevault.restore import seed_cluster
+from cachevault.restore import cutter, seed_cluster, seed_relay
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
-from cachevault.restore.seed import SOURCE_FIELDS, progress_part, replication_id, seed_environment
+from cachevault.restore.seed import SOURCE_FIELDS, SeedFailed, progress_part, replication_id, seed_environment
 from cachevault.restore.verify import keyspace_keys, verify_restore
 
 SAMPLES_PER_SOURCE = 40
@@ -96,9 +101,10 @@ LOAD_INLINE_MAX_BYTES = 600 * 50 * MiB
 # (no RESTORE, no Python pass over the keys). Measured (1 GB, one replica, 2 cores, make
 # bench): see README, Benchmarks. RESTORE_SEED_NODES=false (template RestoreSeedNodes) turns seeding off.
 RESTORE_SEED_NODES_ENV = "RESTORE_SEED_NODES"
-# A seeded cluster only when its seeds read the sources at most this many times over. Each seed
-# parses every source its slots meet: 1 GB, ~1 M keys, 1 -> 3 shards on 2 cores (three full
-# reads), make bench: 27.1 s seeded against 11.1 s through one LoadShard's RESTORE batches.
+# A seeded cluster's seeds cut the sources themselves only when they read them at most this many
+# times over; past it LoadShard cuts them once (cut_once). Each seed parses every source its slots
+# meet: 1 GB, ~1 M keys, 1 -> 3 shards on 2 cores (three full reads), make bench: 27.1 s with
+# every seed cutting against 11.1 s through one LoadShard's RESTORE batches.
 SEED_CLUSTER_MAX_READS = 1.5
 SEED_PLAN_MAX_BYTES = 4096  # a seed's source list in its RunTask overrides (8 KiB with the rest): ~16 sources
 SEED_WAIT_INLINE_S = 840.0  # LoadShard as a Lambda (15 minutes at most) waits this long for a seeded shard
@@ -420,10 +426,21 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
             for s in topo.shards
         ]
     elif seeded and cluster_mode:
+        if routed := cut_once(sources, shards):
+            token = secrets.token_hex(24)  # the seeds take a stream only from who knows it
+            _put_json(storage.restore_relay_key(target, event["ExecutionName"]), {"Token": token})
+
+            def seed(node: str, slots: str) -> list[dict[str, str]]:
+                return [*seed_environment(None, target, node, event["ExecutionName"]),
+                        *seed_relay.relay_environment(token, creds.username, creds.password)]  # fmt: skip
+        else:
+
+            def seed(node: str, slots: str) -> list[dict[str, str]]:
+                return _cluster_seed_environment(event, sources, node, slots, creds)
+
         nodes = restore_targets.start_seeded_cluster(
-            target, shards, lambda node, slots: _cluster_seed_environment(event, sources, node, slots, creds),
-            seed_cluster.node_arguments(), engine=str(event.get("Engine") or "redis"), creds=creds,
-            tls=creds_mod.fleet_tls(cache),
+            target, shards, seed, seed_cluster.node_arguments(), engine=str(event.get("Engine") or "redis"),
+            creds=creds, tls=creds_mod.fleet_tls(cache),
         )  # fmt: skip
         _record_nodes(catalog, nodes, event, creds)
         targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
@@ -447,9 +464,9 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
         targets = [{"Host": s.primary.host, "Port": s.primary.port, "Slots": s.slots} for s in nodes.shards]
     # The Map's items stay small (Index, Runner): each LoadShard reads its source from SourcesKey.
     tasks = [{k: t[k] for k in ("Index", "Runner")} for t in map(load_task, sources)]
-    if seeded and cluster_mode:  # one LoadShard waits for all the seeds, which read every source
+    if seeded and cluster_mode:  # one LoadShard: it waits for all the seeds, or cuts for them
         whole = load_task({**sources[0], "Size": sum(int(s["Size"]) for s in sources)})
-        tasks = [{"Index": whole["Index"], "Runner": whole["Runner"]}]
+        tasks = [{"Index": whole["Index"], "Runner": whole["Runner"], "Cutter": routed}]
     if any(t["Runner"] == "ecs" for t in tasks):  # worker tasks read the targets from S3 (load_job)
         _put_json(storage.restore_targets_key(target, event["ExecutionName"]), targets)
     logger.info("target provisioned", target=target, kind=event.get("TargetType"), shards=len(targets), seeded=seeded)
@@ -458,26 +475,33 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
 
 def seedable(event: dict[str, Any], sources: list[dict[str, Any]]) -> bool:
     """Whether a new cache's nodes load the sources themselves, from their tasks' seed containers:
-    a standalone cache restored from one RDB (restore.seed), or a cluster whose seeds read the
-    sources at most SEED_CLUSTER_MAX_READS times over (restore.seed_cluster).
+    a standalone cache restored from one RDB (restore.seed), or a cluster (restore.seed_cluster;
+    ``cut_once`` says whether the seeds cut or relay one cutter's cut).
 
-    Everything else loads through RESTORE: several sources into a standalone cache, a reshard
-    that would read its sources too many times over (1 -> 3 shards), a snapshot whose module
-    values the restore skips (the target's image has no module to load them), or seeding off.
+    Everything else loads through RESTORE: several sources into a standalone cache, a snapshot
+    whose module values the restore skips (the target's image has no module to load them), or
+    seeding off.
     """
     if os.environ.get(RESTORE_SEED_NODES_ENV, "true").lower() in ("false", "0", "no"):
         return False
     if not event["ClusterMode"] and len(sources) != 1:
         return False
-    if event["ClusterMode"] and seed_reads(sources, int(event["NumNodeGroups"])) > SEED_CLUSTER_MAX_READS:
-        return False
-    if event["ClusterMode"] and _largest_seed_plan(sources, int(event["NumNodeGroups"])) > SEED_PLAN_MAX_BYTES:
-        return False  # RunTask's overrides (the plan, the server's command, the CA) hold 8 KiB
     # No module data: none in the RDB (a foreign RDB's scan lists the modules it met, keys or
     # aux), or none possible (the source node had no module loaded when captured).
     return all(
         s.get("Modules") == [] and not s.get("ModuleKeysSkipped") and s.get("Sha256") and s.get("Size")
         for s in sources
+    )
+
+
+def cut_once(sources: list[dict[str, Any]], shards: int) -> bool:
+    """Whether a seeded cluster's sources are cut once, by LoadShard (restore.cutter), rather than
+    by every node's seed: when the seeds would read them more than SEED_CLUSTER_MAX_READS times
+    over (1 -> 3 shards reads the one RDB three times), or a seed's source list would not fit in
+    RunTask's overrides (the plan, the server's command, the CA: 8 KiB)."""
+    return (
+        seed_reads(sources, shards) > SEED_CLUSTER_MAX_READS
+        or _largest_seed_plan(sources, shards) > SEED_PLAN_MAX_BYTES
     )
 
 
@@ -572,6 +596,8 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
     restore's prefix (``ResultKey``); the returned state holds only that key and the count.
     """
     if event.get("Seeded") and event["ClusterMode"]:
+        if event["Task"].get("Cutter"):
+            return _cut_cluster_load(event, seed_wait_s)
         return _seeded_cluster_load(event, seed_wait_s)
     index = int(event["Task"]["Index"])
     source = next(s for s in restore_sources(event) if int(s["Index"]) == index)
@@ -705,8 +731,7 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
     The counts Verify checks are the seeds' own (keys written per node); a source whose keys the
     seeds did not all account for (keys outside the slots its shard recorded) fails the load.
     """
-    settings = Settings.from_env()
-    catalog = Catalog(settings)
+    catalog = Catalog(Settings.from_env())
     target = event["ReplicationGroupId"]
     shards = restore_targets.nodes_from_record(catalog.get_cache(target)).shards
     primaries = [s.primary for s in shards]
@@ -717,9 +742,75 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
     report.start()
     started = time.monotonic()
     seeds = _await_seeds(catalog, event, primaries, where, report, started + max_wait_s)
-    seconds = time.monotonic() - started
     report.finish(report.fields["Total"])
-    parts = [seeds[n.node_id] for n in primaries]
+    return _cluster_loaded(event, sources, [seeds[n.node_id] for n in primaries], started, "seeds")
+
+
+def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any]:
+    """Read each source once and stream every record to the seed of the node that owns its slot
+    (restore.cutter); each seed relays it into its node's load (restore.seed_relay).
+    JoinSeededCluster wires the nodes next, as after the seeds' own cuts."""
+    settings = Settings.from_env()
+    catalog = Catalog(settings)
+    target = event["ReplicationGroupId"]
+    shards = restore_targets.nodes_from_record(catalog.get_cache(target)).shards
+    primaries = [s.primary for s in shards]
+    sources = restore_sources(event)
+    where = ", ".join(f"s3://{s['Bucket']}/{s['Key']}" for s in sources)
+    token = str(_read_json(storage.restore_relay_key(target, event["ExecutionName"]))["Token"])
+    report = PartProgress(catalog, RESTORE, target, f"load-{int(sources[0]['Index']):04d}", phase="load",
+                          total=sum(int(s["Size"]) for s in sources))  # fmt: skip
+    report.start()
+    started = time.monotonic()
+    deadline = started + max_wait_s
+
+    def listening() -> set[str]:
+        return {n for n, part in _seed_parts(catalog, event, primaries, where).items() if part.get("Port")}
+
+    read = [0] * len(sources)
+
+    def counter(i: int) -> Callable[[int], None]:
+        def count(n: int) -> None:
+            read[i] = n
+            report.update(sum(read))
+
+        return count
+
+    s3 = client("s3")
+    openers = [seed_cluster.source_opener(s3, s, counter(i)) for i, s in enumerate(sources)]
+    route = rdb_cut.route_slots([parse_slot_ranges(str(s.slots)) for s in shards])
+    version = max(int(s["RdbVersion"]) for s in sources)
+    try:
+        links = cutter.connect([(n.node_id, n.host) for n in primaries], token, listening, deadline, _seed_pauses())
+        stats = cutter.stream(links, openers, route, version, max(1.0, deadline - time.monotonic()))
+    except SeedFailed as exc:
+        _seed_parts(catalog, event, primaries, where)  # a seed's own reason, or its stopped task's, says more
+        raise RestoreFailed(f"Loading {target} from {where} failed: {exc}", Source=where) from exc
+    report.finish(report.fields["Total"])
+    parts = [_cut_part(sources, part) for part in stats]
+    return _cluster_loaded(event, sources, parts, started, "cutter")
+
+
+def _cut_part(sources: list[dict[str, Any]], part: rdb_cut.CutStats) -> dict[str, Any]:
+    """What the cutter gave one node, as a seed that cut it reports it (worker ``_cut_node``)."""
+    by_source = zip(sources, part.per_source, strict=True)
+    return {
+        "Keys": part.keys,
+        "KeysWithTtl": part.keys_with_ttl,
+        "KeysExpiredSkipped": part.keys_expired_skipped,
+        "Functions": part.functions,
+        "BytesWritten": part.bytes_written,
+        "SourceKeys": [[seed_cluster.source_id(s), mine, every] for s, (mine, every) in by_source],
+    }
+
+
+def _cluster_loaded(
+    event: dict[str, Any], sources: list[dict[str, Any]], parts: list[dict[str, Any]], started: float, by: str
+) -> dict[str, Any]:
+    """The result of a seeded cluster's load (``parts``: what each primary was given, in order),
+    once every key of every source is accounted for."""
+    target = event["ReplicationGroupId"]
+    seconds = time.monotonic() - started
     _check_accounted(sources, parts)
     loaded_keys = sum(keyspace_keys(t) for t in _targets(event))
     details = {
@@ -733,16 +824,16 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
         "ModuleKeysSkipped": [],
         "Samples": [],
         "Seeded": {
-            "Nodes": len(primaries),
+            "Nodes": len(parts),
             "BytesPerNode": [int(p["BytesWritten"]) for p in parts],
-            "KeyCountFrom": "seeds",
+            "KeyCountFrom": by,
         },
     }
     metrics.add_metric(name="KeysRestored", unit="Count", value=loaded_keys)
     key = storage.restore_work_key(target, event["ExecutionName"], int(sources[0]["Index"]))
     output = {"Index": sources[0]["Index"], "KeysLoaded": loaded_keys, "ResultKey": key}
     _put_json(key, details | {"Output": output})
-    logger.info("seeded cluster loaded", target=target, seconds=round(seconds, 3), keys=loaded_keys)
+    logger.info("seeded cluster loaded", target=target, seconds=round(seconds, 3), keys=loaded_keys, by=by)
     return output
 
 
