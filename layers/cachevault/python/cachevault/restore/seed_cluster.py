@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import select
@@ -48,6 +49,7 @@ SEED_DIR_ENV = "SEED_DIR"  # the task volume the node works in
 SEED_DIR = "/seed"  # where the seed container mounts it (template.yaml)
 NODE_SOCKET = "node.sock"  # relative: the node's working dir (a unix socket path has 107 bytes at most)
 LOAD_FILE = "dump.rdb"  # the node's dbfilename (the image's default)
+PIPE_BYTES = 1 << 20  # the FIFO's buffer (Linux's default limit for an unprivileged process)
 
 
 def node_arguments() -> list[str]:
@@ -183,6 +185,8 @@ def _open_fifo(node: Node, timeout_s: float = IO_TIMEOUT_S) -> int:
                 raise
         else:
             os.set_blocking(fd, True)
+            with contextlib.suppress(OSError):  # 64 KiB by default: fewer wake-ups on both ends
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             return fd
         if node.replied():
             node.expect_ok("DEBUG RELOAD")  # an answer before any byte was read: an error
@@ -198,8 +202,10 @@ def load(plan: dict[str, Any], auth: dict[str, Any], openers: list[Callable[[], 
     owned = rdb_cut.owned_slots(parse_slot_ranges(plan["Slots"]))
     node = Node(auth)
     try:
-        with loading(node) as write:
-            writer = rdb_cut.RdbWriter(write, int(plan["RdbVersion"]))
+        with loading(node) as fifo:
+            # Unbuffered (the writer sends ~1 MiB at a time): nothing left to flush at close,
+            # where a broken pipe would hide the server's reply.
+            writer = rdb_cut.RdbWriter(lambda data: _write_all(fifo, data), int(plan["RdbVersion"]))
             stats = rdb_cut.cut(openers, owned, writer)
             stats.bytes_written = writer.close()
     finally:
@@ -208,18 +214,16 @@ def load(plan: dict[str, Any], auth: dict[str, Any], openers: list[Callable[[], 
 
 
 @contextlib.contextmanager
-def loading(node: Node) -> Iterator[Callable[[bytes], None]]:
-    """The node loading an RDB from its FIFO (run in its working dir): yields the writer of the
-    RDB's bytes; on leaving, the server's reply (SeedFailed with its reason, if it refused)."""
+def loading(node: Node) -> Iterator[int]:
+    """The node loading an RDB from its FIFO (run in its working dir): yields the FIFO's write
+    end; on leaving, the server's reply (SeedFailed with its reason, if it refused)."""
     fd = -1
     os.mkfifo(LOAD_FILE, 0o644)
     try:
         node.command("DEBUG", "RELOAD", "NOSAVE")
         fd = _open_fifo(node)
         try:
-            # Unbuffered (writers send ~1 MiB at a time): nothing left to flush at close,
-            # where a broken pipe would hide the server's reply.
-            yield lambda data: _write_all(fd, data)
+            yield fd
         except BrokenPipeError as exc:  # the server stopped reading: its reply says why
             raise SeedFailed(f"the node stopped reading its RDB: {_reply_or(node, exc)}") from exc
         else:

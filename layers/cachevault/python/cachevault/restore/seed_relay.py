@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import os
 import select
 import socket
 import time
@@ -136,21 +137,43 @@ def _hello(conn: socket.socket, size: int) -> bytes:
 
 def _relay(node: Node, conn: socket.socket, on_bytes: Callable[[int], None]) -> int:
     relayed = 0
-    with loading(node) as write, conn.makefile("rb", buffering=RELAY_CHUNK) as stream:
+    with loading(node) as fifo:
         _tell(conn, "+READY")
-        while True:  # bounded: reads raise on timeout; the cutter's end is a frame of 0 bytes
-            head = stream.read(4)
-            size = int.from_bytes(head, "big") if len(head) == 4 else -1
+        while True:  # bounded: reads give up after IO_TIMEOUT_S; the cutter's end is a frame of 0 bytes
+            size = int.from_bytes(_exactly(conn, 4, relayed), "big")
             if size == 0:
                 break
-            data = stream.read(size) if size > 0 else b""
-            if size < 0 or len(data) != size:
-                # The FIFO closes as this leaves: the server's load ends with a short read.
-                raise SeedFailed(f"the cutter's stream broke off after {relayed} bytes")
-            write(data)
+            _splice(conn, fifo, size, relayed)
             relayed += size
             on_bytes(relayed)
     return relayed
+
+
+def _exactly(conn: socket.socket, size: int, relayed: int) -> bytes:
+    data = b""
+    while len(data) < size:  # bounded: recv raises on timeout, b"" ends it
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            # The FIFO closes as this leaves: the server's load ends with a short read.
+            raise SeedFailed(f"the cutter's stream broke off after {relayed} bytes")
+        data += chunk
+    return data
+
+
+def _splice(conn: socket.socket, fifo: int, size: int, relayed: int) -> None:
+    """``size`` bytes from the cutter's socket into the FIFO, in the kernel (no copy through
+    Python: relaying 1 GB to three nodes took 3.4 s of the seeds' CPU through recv and write)."""
+    left = size
+    while left:  # bounded: each round moves bytes, or waits at most IO_TIMEOUT_S for them
+        try:
+            moved = os.splice(conn.fileno(), fifo, left)
+        except BlockingIOError:  # the socket has a timeout, so it does not block: wait here
+            if not select.select([conn], [], [], IO_TIMEOUT_S)[0]:
+                raise SeedFailed(f"the cutter sent nothing for {IO_TIMEOUT_S:.0f} s") from None
+            continue
+        if not moved:
+            raise SeedFailed(f"the cutter's stream broke off after {relayed + size - left} bytes")
+        left -= moved
 
 
 def _tell(conn: socket.socket, line: str) -> None:
