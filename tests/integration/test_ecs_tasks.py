@@ -425,39 +425,54 @@ def _any_rdb(product: Product) -> str:
     return f"s3://{product.bucket}/{key}"
 
 
-def test_restore_into_a_new_ecs_cache_with_another_shard_count(product: Product, new_cache: Any) -> None:
-    source = new_cache("ecssrc", cluster_mode=True, num_shards=3, replicas=0)
-    fill_cluster(source, keys=2000)
-    expected_keys = sum(node_digest(e)[1] for e in source["Endpoints"])
-    product.control.create_snapshot(source["CacheName"], "ecs-3")
-    product.control.wait_snapshot("ecs-3", timeout_s=120)
+@pytest.fixture(scope="module")
+def three_shard_snapshot(product: Product) -> tuple[str, int]:
+    """A 3-shard cluster's snapshot and its key count."""
+    source = caches.create_local_cache("ecssrc", cluster_mode=True, num_shards=3, replicas=0, settings=product.settings)
+    try:
+        fill_cluster(source, keys=2000)
+        expected_keys = sum(node_digest(e)[1] for e in source["Endpoints"])
+        product.control.create_snapshot(source["CacheName"], "ecs-3")
+        product.control.wait_snapshot("ecs-3", timeout_s=120)
+    finally:
+        caches.delete_local_cache("ecssrc", product.settings)
+    return "ecs-3", expected_keys
 
-    arn, name = product.control.restore("ecs-two", snapshot="ecs-3", num_shards=2, replicas=1)
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_restore_into_a_new_ecs_cache_with_another_shard_count(
+    product: Product, three_shard_snapshot: tuple[str, int], shards: int
+) -> None:
+    snapshot, expected_keys = three_shard_snapshot
+    name = f"ecs-{shards}-shards"
+    arn, name = product.control.restore(name, snapshot=snapshot, num_shards=shards, replicas=1)
     try:
         output = product.control.wait_restore(arn, name, timeout_s=120)
-        assert output["Status"] == "available" and output["NumNodeGroups"] == 2
+        assert output["Status"] == "available" and output["NumNodeGroups"] == shards
         assert output["Verification"]["Mismatches"] == []
-        # Seeded: one LoadShard waits for every primary's seed, in a worker task here (the sources
-        # together are bigger than this module's inline limit); LoadResult reads its S3 result back,
-        # then JoinSeededCluster wires the primaries and adds the replicas.
-        assert output["Seeded"] is True
+        # Seeded, with one LoadShard in a worker task here (the sources together are bigger than
+        # this module's inline limit): 3 -> 2, it waits for every primary's seed to cut its part;
+        # 3 -> 4, it cuts the sources itself and streams each primary's part to its seed over the
+        # network (restore.cutter). LoadResult reads its S3 result back, then JoinSeededCluster
+        # wires the primaries and adds the replicas.
+        assert output["Seeded"] is True and output["LoadSummary"]["BytesSent"] == 0
         history = client("stepfunctions").get_execution_history(executionArn=arn, maxResults=1000)["events"]
         entered = [e["stateEnteredEventDetails"]["name"] for e in history if "stateEnteredEventDetails" in e]
         assert entered.count("LoadShardTask") == 1 and entered.count("LoadResult") == 1
         assert "LoadShard" not in entered and "AttachReplicas" not in entered
         assert entered.index("JoinSeededCluster") > entered.index("LoadResult")
         assert output["LoadSummary"]["KeysLoaded"] == expected_keys
-        record = product.control.catalog.get_cache("ecs-two")
-        assert record["Managed"] == "ecs" and record["NumNodeGroups"] == 2
-        assert len(record["Nodes"]) == 4 and all(n["TaskArn"] for n in record["Nodes"])
-        assert len({n["Address"].rpartition(":")[0] for n in record["Nodes"]}) == 4  # one address per task
+        record = product.control.catalog.get_cache(name)
+        assert record["Managed"] == "ecs" and record["NumNodeGroups"] == shards
+        assert len(record["Nodes"]) == 2 * shards and all(n["TaskArn"] for n in record["Nodes"])
+        assert len({n["Address"].rpartition(":")[0] for n in record["Nodes"]}) == 2 * shards  # one address per task
         assert all(n["Address"].endswith(":6379") for n in record["Nodes"])
-        assert len(product.running_tasks("ecs-two")) == 4
+        assert len(product.running_tasks(name)) == 2 * shards
         assert sum(node_digest(e)[1] for e in record["Endpoints"]) == expected_keys
     finally:
-        if product.control.catalog.find_cache("ecs-two"):
-            caches.delete_local_cache("ecs-two", product.settings)
-    assert product.running_tasks("ecs-two") == []
+        if product.control.catalog.find_cache(name):
+            caches.delete_local_cache(name, product.settings)
+    assert product.running_tasks(name) == []
 
 
 def test_a_cache_a_restore_is_still_creating_cannot_be_deleted(product: Product, new_cache: Any) -> None:
@@ -466,8 +481,8 @@ def test_a_cache_a_restore_is_still_creating_cannot_be_deleted(product: Product,
     product.control.create_snapshot(source["CacheName"], "busy-snap")
     product.control.wait_snapshot("busy-snap", timeout_s=60)
 
-    # Two shards (RESTORE batches: seeds would read the RDB twice over), which a paused primary
-    # holds; a seeded load's JoinSeededCluster would wait for it the same way.
+    # Two shards (seeded, cut once by LoadShard), which a paused primary holds: its seed's
+    # DEBUG RELOAD waits, and so does the restore.
     arn, name = product.control.restore("busy-target", snapshot="busy-snap", num_shards=2, replicas=0)
     try:
         record = wait_until(

@@ -161,7 +161,10 @@ def _cut_one(
     rdb: RdbFile, route: Route, writers: Sequence[RdbWriter], now: int, stats: list[CutStats], libraries: set[str]
 ) -> int:
     """One source's records into their writers; how many keys it holds."""
-    # The hot loop: one tuple per key (RdbFile.iter_raw), locals and lists only.
+    # The hot loop: one tuple per key (RdbFile.iter_raw), locals and lists only. The window is
+    # read from the reader's own fields (this package's): two property calls per key cost 0.36 s
+    # of the 4.3 s a 1.1 GB RDB of 1.2 M keys took; a list indexes faster than the array.
+    table = list(route)
     bufs = [w.buf for w in writers]
     limits = [w.flush_bytes for w in writers]
     n = len(writers)
@@ -177,7 +180,7 @@ def _cut_one(
                     slot = crc_hqx(key[i + 1 : j], 0) & _SLOT_MASK
                 else:
                     slot = crc_hqx(key, 0) & _SLOT_MASK
-                to = route[slot] - 1
+                to = table[slot] - 1
                 if to < 0:
                     continue
                 if db != 0:
@@ -193,7 +196,7 @@ def _cut_one(
                     buf += b"\xf8" + encode_len(idle)
                 if freq is not None:
                     buf += bytes((f.OP_FREQ, freq))
-                buf += rdb.window[offset - rdb.window_offset : vend]
+                buf += rdb._view[offset - rdb._base : vend]
                 keys[to] += 1
                 if len(buf) >= limits[to]:
                     writers[to].flush()
