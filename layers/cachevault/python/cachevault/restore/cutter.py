@@ -133,7 +133,10 @@ def connect(
             ready = listening()
             for name, host in nodes:
                 if name not in links and name in ready:
-                    links[name] = RelayLink(name, host, token)
+                    try:
+                        links[name] = RelayLink(name, host, token)
+                    except OSError as exc:  # it listened: it took another cutter, or it is gone
+                        raise SeedFailed(f"the seed of {name} at {host}:{RELAY_PORT} refused the cutter: {exc}") from exc
             if len(links) == len(nodes):
                 break
             if time.monotonic() > deadline:
