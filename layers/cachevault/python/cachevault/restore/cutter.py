@@ -136,7 +136,8 @@ def connect(
                     try:
                         links[name] = RelayLink(name, host, token)
                     except OSError as exc:  # it listened: it took another cutter, or it is gone
-                        raise SeedFailed(f"the seed of {name} at {host}:{RELAY_PORT} refused the cutter: {exc}") from exc
+                        where = f"{host}:{RELAY_PORT}"
+                        raise SeedFailed(f"the seed of {name} at {where} refused the cutter: {exc}") from exc
             if len(links) == len(nodes):
                 break
             if time.monotonic() > deadline:
