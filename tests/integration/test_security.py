@@ -439,12 +439,10 @@ def test_tls_cluster_with_an_acl_user_restores_seeded(product: Product, tls_file
         assert product.control.wait_snapshot("sec-tlsc-snap", timeout_s=60)["SnapshotStatus"] == "available"
 
         ca_pem = Path(tls_files.ca_file).read_text()
-        arn, target = product.control.restore(
-            "sec-tlsc-copy", snapshot="sec-tlsc-snap", replicas=0,
-            security={"AuthSecretArn": cache["AuthSecretArn"], "TransitEncryptionEnabled": True,
-                      "TlsCaBundle": ca_pem, "TlsServerName": "localhost",
-                      "TlsCertificateFile": tls_files.cert_file, "TlsKeyFile": tls_files.key_file},
-        )  # fmt: skip
+        security = {"AuthSecretArn": cache["AuthSecretArn"], "TransitEncryptionEnabled": True,
+                    "TlsCaBundle": ca_pem, "TlsServerName": "localhost",
+                    "TlsCertificateFile": tls_files.cert_file, "TlsKeyFile": tls_files.key_file}  # fmt: skip
+        arn, target = product.control.restore("sec-tlsc-copy", snapshot="sec-tlsc-snap", replicas=0, security=security)
         output = product.control.wait_restore(arn, target, timeout_s=90)
         assert output["Seeded"] is True and output["ClusterMode"] is True
         restored = product.control.catalog.get_cache(target)["Endpoints"]
@@ -452,8 +450,17 @@ def test_tls_cluster_with_an_acl_user_restores_seeded(product: Product, tls_file
         assert all(keys for _, keys in source.values())
         with pytest.raises(redis.ConnectionError):  # no plaintext listener on the restored nodes
             _client(restored[0], Credentials("admin", password)).ping()
+        # 2 -> 4 would be cut once by LoadShard and streamed to the seeds over plain TCP
+        # (restore.cutter): a cache with transit encryption loads through RESTORE over TLS instead.
+        arn, wide = product.control.restore("sec-tlsc-wide", snapshot="sec-tlsc-snap", replicas=0, num_shards=4,
+                                            security=security)  # fmt: skip
+        output = product.control.wait_restore(arn, wide, timeout_s=90)
+        assert output["Seeded"] is False and output["LoadSummary"]["BytesSent"] > 0
+        widened = product.control.catalog.get_cache(wide)["Endpoints"]
+        assert len(widened) == 4
+        assert sum(_digest(p, creds)[1] for p in widened) == sum(keys for _, keys in source.values())
     finally:
-        for name in ("sec-tlsc-copy", "sec-tlsc"):
+        for name in ("sec-tlsc-wide", "sec-tlsc-copy", "sec-tlsc"):
             if product.control.catalog.find_cache(name):
                 caches.delete_local_cache(name, product.settings)
 

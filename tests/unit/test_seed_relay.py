@@ -94,7 +94,7 @@ def test_the_cutter_loads_a_node_through_its_seed_and_strangers_get_nothing(tmp_
                 assert stranger.recv(100) == b""  # closed unanswered
         with _links(address, relay) as links:
             route = rdb_cut.route_slots([[(0, 8191)]])
-            [stats] = cutter.stream(links, [lambda: RdbFile(source)], route, 10, 60)
+            [stats] = cutter.stream(links, [lambda: RdbFile(source)], route, 10, time.monotonic() + 60)
         assert relay.done() == stats.bytes_written > 0
         assert conn.dbsize() == stats.keys > 0 and stats.keys + stats.keys_elsewhere == 300
         assert not (node_dir / seed_cluster.LOAD_FILE).exists()
@@ -112,7 +112,9 @@ def test_a_node_that_refuses_debug_is_reported_to_the_cutter(tmp_path: Path, nod
 
 
 def test_a_source_that_breaks_midway_never_completes_the_load(tmp_path: Path, node_dir: Path) -> None:
-    good = _source(tmp_path, 50)
+    good = tmp_path / "good.rdb"  # 3 MB: the node was sent chunks before the break
+    records = b"".join(b"\x00" + enc_str(b"k%d" % i) + enc_str(b"v" * 1000) for i in range(3000))
+    good.write_bytes(rdb_file(10, b"\xfe\x00" + records))
 
     def broken() -> RdbFile:
         raise OSError("the range GET failed")
@@ -121,11 +123,40 @@ def test_a_source_that_breaks_midway_never_completes_the_load(tmp_path: Path, no
     with _node(node_dir, "--bind", address, "--requirepass", "pw", "--enable-debug-command", "local") as conn:
         relay = _Relay({"Password": "pw"})
         with _links(address, relay) as links, pytest.raises(OSError, match="range GET failed"):
-            cutter.stream(links, [lambda: RdbFile(good), broken], rdb_cut.route_slots([[(0, 16383)]]), 10, 60)
-        # No trailer went out: the server's DEBUG RELOAD failed, the seed says so, the server lives.
-        assert isinstance(relay.done(), Exception)
+            cutter.stream(links, [lambda: RdbFile(good), broken], rdb_cut.route_slots([[(0, 16383)]]), 10,
+                          time.monotonic() + 60)  # fmt: skip
+        # No trailer went out: the seed says the stream broke off, the server's DEBUG RELOAD
+        # failed (it keeps what it read: the failed restore stops the node's task), it lives.
+        failure = relay.done()
+        assert isinstance(failure, SeedFailed) and "broke off after" in str(failure)
+        assert int(str(failure).split("after ")[1].split()[0]) > 1 << 20
         assert conn.ping()
         assert not (node_dir / seed_cluster.LOAD_FILE).exists()
+
+
+def test_a_node_that_waits_long_for_its_slots_is_kept_alive(
+    tmp_path: Path, node_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose slots the current source does not hold hears nothing but keepalives: with
+    the seed's idle limit shorter than the source takes, the load still completes."""
+    monkeypatch.setattr(seed_relay, "IO_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(cutter, "KEEPALIVE_S", 0.2)
+    source = _source(tmp_path, 300)
+
+    class Slow(RdbFile):
+        def iter_raw(self) -> Any:
+            deadline = time.monotonic() + 3.0  # three idle limits without a byte for the node
+            while time.monotonic() < deadline:  # bounded by the deadline
+                time.sleep(0.05)
+            yield from super().iter_raw()
+
+    address = _address()
+    with _node(node_dir, "--bind", address, "--requirepass", "pw", "--enable-debug-command", "local") as conn:
+        relay = _Relay({"Password": "pw"})
+        with _links(address, relay) as links:
+            [stats] = cutter.stream(links, [lambda: Slow(source)], rdb_cut.route_slots([[(0, 16383)]]), 10,
+                                    time.monotonic() + 60)  # fmt: skip
+        assert relay.done() == stats.bytes_written and conn.dbsize() == stats.keys == 300
 
 
 def test_the_relay_needs_a_real_token() -> None:
@@ -133,6 +164,11 @@ def test_the_relay_needs_a_real_token() -> None:
     for text in ("{}", '{"Token": "short"}', "not json", "[1]"):
         with pytest.raises(SeedFailed):
             seed_relay.parse_relay(text)
+
+
+def test_a_frame_header_is_a_length_an_end_or_a_keepalive() -> None:
+    assert int.from_bytes(seed_relay.END_FRAME, "big") == 0
+    assert int.from_bytes(seed_relay.KEEPALIVE_FRAME, "big") > seed_relay.MAX_FRAME
 
 
 def test_chunks_shrink_with_many_nodes() -> None:

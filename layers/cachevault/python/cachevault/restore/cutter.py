@@ -12,7 +12,6 @@ sends from its own thread, behind a bounded queue.
 from __future__ import annotations
 
 import contextlib
-import queue
 import select
 import socket
 import threading
@@ -22,11 +21,13 @@ from typing import Any
 
 from cachevault.rdb import cut as rdb_cut
 from cachevault.restore.seed import IO_TIMEOUT_S, SeedFailed
-from cachevault.restore.seed_relay import HELLO, RELAY_PORT
+from cachevault.restore.seed_relay import END_FRAME, HELLO, KEEPALIVE_FRAME, MAX_FRAME, RELAY_PORT
 
 QUEUED_CHUNKS = 4  # per node, besides the chunk being sent
-MEMORY_BUDGET = 64 << 20  # bytes of chunks the cutter holds for all nodes together, about
+MEMORY_BUDGET = 64 << 20  # bytes of chunks the cutter holds for all nodes together (to ~170 nodes)
 MIN_CHUNK = 64 << 10
+CONNECT_TIMEOUT_S = 10.0  # a seed that listens answers at once; past this, the network says no
+KEEPALIVE_S = 5.0  # a node whose slots the current source does not hold still hears this often
 
 
 def chunk_bytes(nodes: int) -> int:
@@ -35,18 +36,30 @@ def chunk_bytes(nodes: int) -> int:
 
 
 class RelayLink:
-    """The connection to one node's seed: ``link(data)`` queues bytes, a thread sends them."""
+    """The connection to one node's seed: ``link(data)`` queues bytes, a thread sends them.
 
-    def __init__(self, name: str, host: str, token: str, *, port: int = RELAY_PORT,
-                 timeout_s: float = IO_TIMEOUT_S) -> None:  # fmt: skip
+    At most ``QUEUED_CHUNKS`` chunks' bytes wait per node, or one record bigger than that
+    (rdb.cut sends such a record alone): a slow node holds the cutter back instead of its memory.
+    """
+
+    def __init__(self, name: str, host: str, token: str, *, port: int = RELAY_PORT, chunk: int = MIN_CHUNK) -> None:
         self.name = name
-        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        where = f"{host}:{port}"
+        try:
+            self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:  # it said it listens: the network (a security group) is in the way
+            raise SeedFailed(f"the seed of {name} at {where} cannot be reached ({exc}): the node tasks' security "
+                             "group must let LoadShard in on TCP 6380 (template TaskSecurityGroups)") from exc
         self.buf = b""
         self.error: BaseException | None = None
         self.aborted = False
-        self.queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_CHUNKS)
+        self.budget = chunk * QUEUED_CHUNKS
+        self.queued = 0  # bytes waiting in ``pending``
+        self.pending: list[bytes | None] = []
+        self.ready = threading.Condition()
         self.thread: threading.Thread | None = None
         try:
+            self.sock.settimeout(IO_TIMEOUT_S)
             self.sock.sendall(HELLO + token.encode() + b"\n")
             self._expect("+READY")
         except BaseException:
@@ -70,39 +83,77 @@ class RelayLink:
         self.thread.join(IO_TIMEOUT_S * 2)
         if self.error is not None or self.thread.is_alive():
             raise SeedFailed(f"the seed of {self.name}: {self.error or 'the stream did not drain'}")
-        return int(self._expect("+OK", timeout_s).split()[1])
+        try:
+            return int(self._expect("+OK", max(1.0, timeout_s)).split()[1])
+        except OSError as exc:  # a timeout, a reset: the seed's progress part may say more
+            raise SeedFailed(f"the seed of {self.name} did not say its node loaded: {exc}") from exc
+
+    def close(self) -> None:
+        self.sock.close()
 
     def _put(self, data: bytes | None) -> None:
-        while True:  # bounded: the sender takes a chunk or fails within IO_TIMEOUT_S
-            if self.error is not None:
-                raise SeedFailed(f"the seed of {self.name}: {self.error}") from self.error
-            with contextlib.suppress(queue.Full):
-                self.queue.put(data, timeout=0.5)
-                return
+        size = 0 if data is None else len(data)
+        with self.ready:
+            while True:  # bounded: the sender takes bytes or fails within IO_TIMEOUT_S
+                if self.error is not None:
+                    raise SeedFailed(f"the seed of {self.name}: {self.error}") from self.error
+                if not self.pending or self.queued + size <= self.budget:
+                    self.pending.append(data)
+                    self.queued += size
+                    self.ready.notify_all()
+                    return
+                self.ready.wait(0.5)
+
+    def _take(self) -> tuple[bool, bytes | None]:
+        """(True, the next chunk or None for the end), or (False, None) after KEEPALIVE_S of nothing."""
+        with self.ready:
+            if not self.pending and not self.aborted:
+                self.ready.wait(KEEPALIVE_S)
+            if not self.pending:
+                return self.aborted, None
+            data = self.pending.pop(0)
+            self.queued -= 0 if data is None else len(data)
+            self.ready.notify_all()
+            return True, data
 
     def abort(self) -> None:
         """The stream ends unfinished (no trailer, no end frame): the node's load fails."""
-        self.aborted = True
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(None)
+        with self.ready:
+            self.aborted = True
+            self.ready.notify_all()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     def _send(self) -> None:
         try:
-            while (data := self.queue.get()) is not None:  # bounded: the producer ends with None
-                self.sock.sendall(len(data).to_bytes(4, "big"))  # restore.seed_relay's frames
-                self.sock.sendall(data)
+            while True:  # bounded: the producer ends with None (or aborts)
+                taken, data = self._take()
+                if self.aborted:
+                    return
+                if not taken:
+                    self.sock.sendall(KEEPALIVE_FRAME)  # the seed's idle timeout is IO_TIMEOUT_S
+                elif data is None:
+                    break
+                else:
+                    with memoryview(data) as view:
+                        for at in range(0, len(view), MAX_FRAME):  # a record may pass 4 GiB
+                            frame = view[at : at + MAX_FRAME]
+                            self.sock.sendall(len(frame).to_bytes(4, "big"))
+                            self.sock.sendall(frame)
                 if select.select([self.sock], [], [], 0)[0]:  # the seed speaks only to stop it
                     self._expect("+OK")
                     raise SeedFailed("the seed answered before the stream ended")
-            if self.aborted:
-                return
-            self.sock.sendall(bytes(4))  # the frame that says the stream is whole
+            self.sock.sendall(END_FRAME)
             self.sock.shutdown(socket.SHUT_WR)
         except BaseException as exc:  # the producer raises it on its next chunk
+            if isinstance(exc, OSError):  # the seed may have said why before it hung up
+                with contextlib.suppress(SeedFailed, OSError):
+                    self._expect("+OK", 1.0)
+                    exc = SeedFailed(f"the seed hung up: {exc}")
             self.error = exc
+            with self.ready:
+                self.ready.notify_all()
 
     def _expect(self, status: str, timeout_s: float = IO_TIMEOUT_S) -> str:
         self.sock.settimeout(timeout_s)
@@ -133,11 +184,7 @@ def connect(
             ready = listening()
             for name, host in nodes:
                 if name not in links and name in ready:
-                    try:
-                        links[name] = RelayLink(name, host, token)
-                    except OSError as exc:  # it listened: it took another cutter, or it is gone
-                        where = f"{host}:{RELAY_PORT}"
-                        raise SeedFailed(f"the seed of {name} at {where} refused the cutter: {exc}") from exc
+                    links[name] = RelayLink(name, host, token, chunk=chunk_bytes(len(nodes)))
             if len(links) == len(nodes):
                 break
             if time.monotonic() > deadline:
@@ -156,10 +203,11 @@ def stream(
     openers: Sequence[Callable[[], Any]],
     route: rdb_cut.Route,
     rdb_version: int,
-    finish_timeout_s: float,
+    deadline: float,
 ) -> list[rdb_cut.CutStats]:
     """Cut the sources into the links (``route``: slot -> 1 + link index), end every RDB once all
-    sources were checked, and wait for every node's load; each node's counts."""
+    sources were checked, and wait until ``deadline`` (monotonic) for every node's load; each
+    node's counts."""
     try:
         writers = [rdb_cut.RdbWriter(link, rdb_version, chunk_bytes(len(links))) for link in links]
         for link in links:
@@ -169,10 +217,14 @@ def stream(
             part.bytes_written = writer.close()
         for link in links:
             link.end()
-        for link in links:
-            link.result(finish_timeout_s)
+        for link, part in zip(links, stats, strict=True):
+            relayed = link.result(deadline - time.monotonic())
+            if relayed != part.bytes_written:
+                raise SeedFailed(f"the seed of {link.name} relayed {relayed} bytes of {part.bytes_written}")
     except BaseException:
         for link in links:
             link.abort()
         raise
+    for link in links:
+        link.close()
     return stats

@@ -13,8 +13,9 @@ into a FIFO (restore.seed_cluster ``loading``); here the seed only relays the cu
   to the seeds in ``SEED_RELAY`` and to LoadShard in S3) is the cutter; any other connection
   is closed unanswered. Only then does the node start loading (``DEBUG RELOAD NOSAVE``), and
   the seed answers ``+READY``;
-* it copies what the cutter sends (frames: 4 bytes of length, big-endian, then the bytes)
-  into the FIFO until a frame of 0 bytes ends the stream, then answers ``+OK <bytes>`` once
+* it copies what the cutter sends (frames: 4 bytes of length, big-endian, then the bytes;
+  ``KEEPALIVE_FRAME`` every few seconds while it has nothing for this node) into the FIFO
+  until a frame of 0 bytes ends the stream, then answers ``+OK <bytes>`` once
   the server replied that it loaded them, or ``-ERR <why>``. A stream that ends without
   that frame (the cutter failed or died) closes the FIFO at once: the server's load fails.
 
@@ -41,7 +42,10 @@ from cachevault.restore.seed_cluster import SEED_AUTH_ENV, SEED_DIR, SEED_DIR_EN
 SEED_RELAY_ENV = "SEED_RELAY"  # {"Token": "<hex>"}
 RELAY_PORT = 6380  # template.yaml: the seed container's port; the tasks' security group opens it
 HELLO = b"CACHEVAULT-SEED/1 "  # then the token and a newline
-HELLO_WAIT_S = 10.0  # a connection that has not said who it is by then is closed
+HELLO_WAIT_S = 2.0  # a connection that has not said who it is by then is closed (one at a time)
+MAX_FRAME = 1 << 30  # bytes in one frame (its length is 4 bytes); a bigger record takes several
+END_FRAME = bytes(4)  # a frame of 0 bytes: the stream is whole
+KEEPALIVE_FRAME = b"\xff" * 4  # no bytes, only a sign of life (past MAX_FRAME: never a length)
 RELAY_CHUNK = 1 << 20
 _DRAIN_S = 30.0  # after an error: how long the seed reads on, so the cutter sees the reason
 
@@ -88,7 +92,9 @@ def relay(
     the bytes relayed."""
     node = Node(auth)
     try:
-        with socket.create_server((listen_address(node), RELAY_PORT), backlog=8) as server:
+        address = listen_address(node)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.create_server((address, RELAY_PORT), family=family, backlog=8) as server:
             on_listening(RELAY_PORT)
             conn = accept_cutter(server, token, timeout_s)
         with conn:
@@ -140,9 +146,14 @@ def _relay(node: Node, conn: socket.socket, on_bytes: Callable[[int], None]) -> 
     with loading(node) as fifo:
         _tell(conn, "+READY")
         while True:  # bounded: reads give up after IO_TIMEOUT_S; the cutter's end is a frame of 0 bytes
-            size = int.from_bytes(_exactly(conn, 4, relayed), "big")
-            if size == 0:
+            head = _exactly(conn, 4, relayed)
+            if head == END_FRAME:
                 break
+            if head == KEEPALIVE_FRAME:
+                continue
+            size = int.from_bytes(head, "big")
+            if size > MAX_FRAME:
+                raise SeedFailed(f"the cutter sent a frame of {size} bytes (at most {MAX_FRAME})")
             _splice(conn, fifo, size, relayed)
             relayed += size
             on_bytes(relayed)
@@ -184,6 +195,6 @@ def _tell(conn: socket.socket, line: str) -> None:
         if line.startswith("-"):
             conn.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _DRAIN_S
-            while time.monotonic() < deadline and select.select([conn], [], [], 1.0)[0]:
-                if not conn.recv(RELAY_CHUNK):
+            while (left := deadline - time.monotonic()) > 0:  # bounded by the deadline
+                if select.select([conn], [], [], left)[0] and not conn.recv(RELAY_CHUNK):
                     break

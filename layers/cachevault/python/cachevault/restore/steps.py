@@ -419,6 +419,8 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
     sources = restore_sources(event)
     seeded = event.get("TargetType") != "external" and seedable(event, sources)
+    if seeded and cluster_mode and cache.get("TransitEncryptionEnabled") and cut_once(sources, shards):
+        seeded = False  # the cutter's stream to the seeds is plain TCP: RESTORE over TLS instead
     if event.get("TargetType") == "external":
         topo = topology.discover(topology.seed_endpoints(cache), credentials=creds)
         targets = [
@@ -782,8 +784,8 @@ def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any
     version = max(int(s["RdbVersion"]) for s in sources)
     try:
         links = cutter.connect([(n.node_id, n.host) for n in primaries], token, listening, deadline, _seed_pauses())
-        stats = cutter.stream(links, openers, route, version, max(1.0, deadline - time.monotonic()))
-    except SeedFailed as exc:
+        stats = cutter.stream(links, openers, route, version, deadline)
+    except (SeedFailed, OSError) as exc:
         _seed_parts(catalog, event, primaries, where)  # a seed's own reason, or its stopped task's, says more
         raise RestoreFailed(f"Loading {target} from {where} failed: {exc}", Source=where) from exc
     report.finish(report.fields["Total"])
