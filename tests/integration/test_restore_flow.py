@@ -410,22 +410,25 @@ def test_three_shards_to_any_shard_count(
     assert output["Verification"]["Mismatches"] == []
     _check_restored(product, clustered, target, shards=shards, cluster=True)
     assert output["Seeded"] is True
-    assert output["LoadSummary"]["BytesSent"] == 0  # no RESTORE went over the network
     if shards == 4:
-        _check_cut_once(product, target, output)
+        _check_cut_once(product, target, output, clustered.snapshot)
         return
+    assert output["LoadSummary"]["BytesSent"] == 0  # each seed read S3 itself: nothing went over the network
     plans = _seed_plans(product, target)
     # A seed reads only the sources its slots need: 3 -> 3 is one each; 3 -> 2 splits the middle shard.
     assert [len(p["Sources"]) for p in plans] == {3: [1, 1, 1], 2: [2, 2]}[shards]
     print(f"restore 3 -> {shards} shards (seeded): {seconds:.2f} s")
 
 
-def _check_cut_once(product: Product, target: str, output: dict[str, Any]) -> None:
+def _check_cut_once(product: Product, target: str, output: dict[str, Any], snapshot: str) -> None:
     """The seeds relayed one cutter's stream: none was given sources, all got the same token."""
     envs = _seed_envs(product, target)
     assert envs and all("SEED_CUT" not in env for env in envs)
     assert len({json.loads(env["SEED_RELAY"])["Token"] for env in envs}) == 1
-    assert output["Seeded"] is True and output["LoadSummary"]["BytesSent"] == 0  # no RESTORE sent
+    # LoadShard sent each seed its node's RDB: more than the keys' values, less than twice the sources.
+    sent = output["LoadSummary"]["BytesSent"]
+    size = sum(n for key, (_, n) in _s3_objects(product, snapshot).items() if key.endswith(".rdb"))
+    assert output["Seeded"] is True and 0.5 * size < sent < 2 * size
 
 
 def _seed_envs(product: Product, target: str) -> list[dict[str, str]]:
@@ -509,7 +512,7 @@ def test_cluster_disabled_to_three_shards(product: Product, standalone: Source, 
     )
     assert output["ClusterMode"] is True
     assert output["Seeded"] is True  # cut once by LoadShard: three seeds would each read the whole RDB
-    _check_cut_once(product, "rt-up", output)
+    _check_cut_once(product, "rt-up", output, standalone.snapshot)
     primaries = _check_restored(product, standalone, "rt-up", shards=3, cluster=True)
     assert output["Verification"]["ReplicasInSync"] == 3
     assert "every replica linked and in sync" in output["Verification"]["Compared"]

@@ -20,16 +20,9 @@ from cachevault.restore import cutter, seed_cluster, seed_relay
 from cachevault.restore.seed import SeedFailed
 from rdbgen import enc_str, rdb_file
 from test_seed_cluster import _node
+from test_seed_cluster import node_dir as node_dir  # the fixture, shared
 
 TOKEN = "0123456789abcdef" * 3
-
-
-@pytest.fixture
-def node_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    work = tmp_path / "volume"
-    work.mkdir()
-    monkeypatch.chdir(work)  # the seed works in the node's working dir (the shared volume)
-    return work
 
 
 def _address() -> str:
@@ -51,16 +44,20 @@ class _Relay:
     def __init__(self, auth: dict[str, Any]) -> None:
         self.listening = threading.Event()
         self.result: Any = None
+        self.relayed = 0
         self.thread = threading.Thread(target=self._run, args=(auth,), daemon=True)
         self.thread.start()
 
     def _run(self, auth: dict[str, Any]) -> None:
         try:
             self.result = seed_relay.relay(TOKEN, auth, on_listening=lambda _port: self.listening.set(),
-                                           on_bytes=lambda _n: None, timeout_s=30)  # fmt: skip
+                                           on_bytes=self._count, timeout_s=30)  # fmt: skip
         except Exception as exc:  # the test reads it
             self.result = exc
         self.listening.set()
+
+    def _count(self, relayed: int) -> None:
+        self.relayed = relayed
 
     def done(self) -> Any:
         self.thread.join(60)
@@ -116,12 +113,17 @@ def test_a_source_that_breaks_midway_never_completes_the_load(tmp_path: Path, no
     records = b"".join(b"\x00" + enc_str(b"k%d" % i) + enc_str(b"v" * 1000) for i in range(3000))
     good.write_bytes(rdb_file(10, b"\xfe\x00" + records))
 
-    def broken() -> RdbFile:
-        raise OSError("the range GET failed")
-
     address = _address()
     with _node(node_dir, "--bind", address, "--requirepass", "pw", "--enable-debug-command", "local") as conn:
         relay = _Relay({"Password": "pw"})
+
+        def broken() -> RdbFile:
+            # Once the node was sent two chunks of the first source (bounded: 30 s at most).
+            deadline = time.monotonic() + 30
+            while relay.relayed < 2 << 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise OSError("the range GET failed")
+
         with _links(address, relay) as links, pytest.raises(OSError, match="range GET failed"):
             cutter.stream(links, [lambda: RdbFile(good), broken], rdb_cut.route_slots([[(0, 16383)]]), 10,
                           time.monotonic() + 60)  # fmt: skip
@@ -129,7 +131,7 @@ def test_a_source_that_breaks_midway_never_completes_the_load(tmp_path: Path, no
         # failed (it keeps what it read: the failed restore stops the node's task), it lives.
         failure = relay.done()
         assert isinstance(failure, SeedFailed) and "broke off after" in str(failure)
-        assert int(str(failure).split("after ")[1].split()[0]) > 1 << 20
+        assert int(str(failure).split("after ")[1].split()[0]) >= 2 << 20
         assert conn.ping()
         assert not (node_dir / seed_cluster.LOAD_FILE).exists()
 

@@ -98,21 +98,28 @@ def _from_inside(conn: socket.socket) -> bool:
 
 def accept_node(server: socket.socket, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.socket:
     """The first connection from inside the task (others are closed unanswered)."""
+    return accept_first(server, _from_inside, timeout_s, "no node connected")
+
+
+def accept_first(
+    server: socket.socket, admit: Callable[[socket.socket], bool], timeout_s: float, nobody: str
+) -> socket.socket:
+    """The first connection ``admit`` lets in (the others are closed unanswered), within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:  # bounded by the deadline
         left = deadline - time.monotonic()
         if left <= 0:
-            raise SeedFailed(f"no node connected within {timeout_s:.0f} s")
+            raise SeedFailed(f"{nobody} within {timeout_s:.0f} s")
         server.settimeout(left)
         try:
             conn, _ = server.accept()
         except TimeoutError:
             continue
         try:
-            inside = _from_inside(conn)
+            admitted = admit(conn)
         except OSError:  # reset before it was looked at
-            inside = False
-        if inside:
+            admitted = False
+        if admitted:
             conn.settimeout(IO_TIMEOUT_S)
             return conn
         conn.close()

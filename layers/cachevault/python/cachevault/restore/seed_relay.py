@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cachevault.restore.seed import CONNECT_TIMEOUT_S, IO_TIMEOUT_S, SeedFailed
+from cachevault.restore.seed import CONNECT_TIMEOUT_S, IO_TIMEOUT_S, SeedFailed, accept_first
 from cachevault.restore.seed_cluster import SEED_AUTH_ENV, SEED_DIR, SEED_DIR_ENV, Node, loading
 
 SEED_RELAY_ENV = "SEED_RELAY"  # {"Token": "<hex>"}
@@ -97,6 +97,7 @@ def relay(
         with socket.create_server((address, RELAY_PORT), family=family, backlog=8) as server:
             on_listening(RELAY_PORT)
             conn = accept_cutter(server, token, timeout_s)
+        conn.settimeout(IO_TIMEOUT_S)  # the longest wait between frames (the cutter sends keepalives)
         with conn:
             try:
                 relayed = _relay(node, conn, on_bytes)
@@ -111,21 +112,9 @@ def relay(
 
 def accept_cutter(server: socket.socket, token: str, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.socket:
     """The first connection that gives the restore's token; the others are closed unanswered."""
-    deadline = time.monotonic() + timeout_s
     expected = HELLO + token.encode() + b"\n"
-    while True:  # bounded by the deadline
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise SeedFailed(f"the cutter did not connect within {timeout_s:.0f} s")
-        server.settimeout(left)
-        try:
-            conn, _ = server.accept()
-        except TimeoutError:
-            continue
-        if hmac.compare_digest(_hello(conn, len(expected)), expected):
-            conn.settimeout(IO_TIMEOUT_S)
-            return conn
-        conn.close()
+    return accept_first(server, lambda conn: hmac.compare_digest(_hello(conn, len(expected)), expected),
+                        timeout_s, "the cutter did not connect")  # fmt: skip
 
 
 def _hello(conn: socket.socket, size: int) -> bytes:

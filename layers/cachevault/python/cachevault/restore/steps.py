@@ -745,7 +745,7 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
     started = time.monotonic()
     seeds = _await_seeds(catalog, event, primaries, where, report, started + max_wait_s)
     report.finish(report.fields["Total"])
-    return _cluster_loaded(event, sources, [seeds[n.node_id] for n in primaries], started, "seeds")
+    return _cluster_loaded(event, sources, [seeds[n.node_id] for n in primaries], started, "seeds", sent=0)
 
 
 def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any]:
@@ -790,7 +790,8 @@ def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any
         raise RestoreFailed(f"Loading {target} from {where} failed: {exc}", Source=where) from exc
     report.finish(report.fields["Total"])
     parts = [_cut_part(sources, part) for part in stats]
-    return _cluster_loaded(event, sources, parts, started, "cutter")
+    # What LoadShard sent the seeds over the network, as the RESTORE path counts its batches.
+    return _cluster_loaded(event, sources, parts, started, "cutter", sent=sum(p.bytes_written for p in stats))
 
 
 def _cut_part(sources: list[dict[str, Any]], part: rdb_cut.CutStats) -> dict[str, Any]:
@@ -807,7 +808,8 @@ def _cut_part(sources: list[dict[str, Any]], part: rdb_cut.CutStats) -> dict[str
 
 
 def _cluster_loaded(
-    event: dict[str, Any], sources: list[dict[str, Any]], parts: list[dict[str, Any]], started: float, by: str
+    event: dict[str, Any], sources: list[dict[str, Any]], parts: list[dict[str, Any]], started: float, by: str,
+    *, sent: int,
 ) -> dict[str, Any]:
     """The result of a seeded cluster's load (``parts``: what each primary was given, in order),
     once every key of every source is accounted for."""
@@ -820,7 +822,7 @@ def _cluster_loaded(
         "KeysPerTarget": [int(p["Keys"]) for p in parts],
         "KeysWithTtlPerTarget": [int(p["KeysWithTtl"]) for p in parts],
         "KeysExpiredSkipped": sum(int(p["KeysExpiredSkipped"]) for p in parts),
-        "BytesSent": 0,
+        "BytesSent": sent,
         "Seconds": round(seconds, 3),
         "FunctionLibraries": max(int(p["Functions"]) for p in parts),
         "ModuleKeysSkipped": [],
