@@ -28,6 +28,7 @@ MEMORY_BUDGET = 64 << 20  # bytes of chunks the cutter holds for all nodes toget
 MIN_CHUNK = 64 << 10
 CONNECT_TIMEOUT_S = 10.0  # a seed that listens answers at once; past this, the network says no
 KEEPALIVE_S = 5.0  # a node whose slots the current source does not hold still hears this often
+_CLOSED = "the seed closed the connection"
 
 
 def chunk_bytes(nodes: int) -> int:
@@ -148,19 +149,27 @@ class RelayLink:
             self.sock.shutdown(socket.SHUT_WR)
         except BaseException as exc:  # the producer raises it on its next chunk
             if isinstance(exc, OSError):  # the seed may have said why before it hung up
-                with contextlib.suppress(SeedFailed, OSError):
-                    self._expect("+OK", 1.0)
-                    exc = SeedFailed(f"the seed hung up: {exc}")
+                exc = self._reason_for(exc)
             self.error = exc
             with self.ready:
                 self.ready.notify_all()
+
+    def _reason_for(self, exc: OSError) -> BaseException:
+        """The seed's ``-ERR`` line, when it sent one before the connection broke; else ``exc``."""
+        try:
+            self._expect("+OK", 1.0)
+        except SeedFailed as said:
+            return exc if str(said) == _CLOSED else said
+        except OSError:
+            return exc
+        return SeedFailed(f"the seed answered before the stream ended, then hung up: {exc}")
 
     def _expect(self, status: str, timeout_s: float = IO_TIMEOUT_S) -> str:
         self.sock.settimeout(timeout_s)
         while b"\r\n" not in self.buf:  # bounded: recv raises on timeout, b"" ends it
             data = self.sock.recv(4096)
             if not data:
-                raise SeedFailed("the seed closed the connection")
+                raise SeedFailed(_CLOSED)
             self.buf += data
         line, _, self.buf = self.buf.partition(b"\r\n")
         text = line.decode(errors="replace")
