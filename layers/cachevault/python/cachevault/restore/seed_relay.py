@@ -118,11 +118,15 @@ def accept_cutter(server: socket.socket, token: str, timeout_s: float = CONNECT_
 
 
 def _hello(conn: socket.socket, size: int) -> bytes:
-    """The first line a connection sends (at most ``size`` bytes, within HELLO_WAIT_S)."""
-    conn.settimeout(HELLO_WAIT_S)
+    """The first line a connection sends (at most ``size`` bytes, within HELLO_WAIT_S in all)."""
+    deadline = time.monotonic() + HELLO_WAIT_S
     data = b""
     with contextlib.suppress(OSError):
-        while len(data) < size and not data.endswith(b"\n"):  # bounded: size bytes, or a timeout
+        while len(data) < size and not data.endswith(b"\n"):  # bounded: size bytes, or the deadline
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn.settimeout(left)
             chunk = conn.recv(size - len(data))
             if not chunk:
                 break
