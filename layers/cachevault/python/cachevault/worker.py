@@ -138,24 +138,9 @@ def _cut_node(report: Any) -> dict[str, Any]:
     report.fields["Total"] = sum(int(s["Size"]) for s in plan["Sources"])
     report.start(strict=True)
     os.chdir(os.environ.get(seed_cluster.SEED_DIR_ENV) or seed_cluster.SEED_DIR)
-    s3, read = client("s3"), [0] * len(plan["Sources"])
-
-    def counter(i: int) -> Callable[[int], None]:
-        def count(n: int) -> None:
-            read[i] = n
-            report.update(sum(read))
-
-        return count
-
-    openers = [seed_cluster.source_opener(s3, s, counter(i)) for i, s in enumerate(plan["Sources"])]
+    openers = seed_cluster.source_openers(client("s3"), plan["Sources"], report.update)
     stats = seed_cluster.load(plan, auth, openers)
-    # Per source: its key, its keys in this node's slots, all its keys (restore.steps._check_accounted).
-    counted = zip(plan["Sources"], stats.per_source, strict=True)
-    report.fields.update(
-        Keys=stats.keys, KeysWithTtl=stats.keys_with_ttl, KeysExpiredSkipped=stats.keys_expired_skipped,
-        Functions=stats.functions, BytesWritten=stats.bytes_written,
-        SourceKeys=[[seed_cluster.source_id(s), mine, every] for s, (mine, every) in counted],
-    )  # fmt: skip
+    report.fields.update(seed_cluster.cut_fields(plan["Sources"], stats))
     report.finish(report.fields["Total"])
     return {"keys": stats.keys, "bytes": stats.bytes_written}
 

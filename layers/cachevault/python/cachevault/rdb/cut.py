@@ -88,18 +88,18 @@ class RdbWriter:
         if self.buf:
             data = bytes(self.buf)
             self.buf.clear()
-            self.crc = crc64(data, self.crc)
-            self.written += len(data)
-            self.sink(data)
+            self._emit(data)
 
     def record(self, data: memoryview) -> None:
         """A record of ``flush_bytes`` or more: sent alone after what was gathered, copied once
         (through the gathering buffer, a 19 MB value took three fresh copies)."""
         self.flush()
-        chunk = bytes(data)
-        self.crc = crc64(chunk, self.crc)
-        self.written += len(chunk)
-        self.sink(chunk)
+        self._emit(bytes(data))
+
+    def _emit(self, data: bytes) -> None:
+        self.crc = crc64(data, self.crc)
+        self.written += len(data)
+        self.sink(data)
 
     def function(self, code: bytes) -> None:
         self.buf += bytes((f.OP_FUNCTION2,))

@@ -82,16 +82,39 @@ def source_id(source: dict[str, Any]) -> str:
     return f"s3://{source['Bucket']}/{source['Key']}{version}"
 
 
-def source_opener(s3: Any, source: dict[str, Any], on_bytes: Callable[[int], None]) -> Callable[[], Any]:
-    """Opens ``source`` (pinned by SHA-256 and size) as an RdbStream of ranged GETs: the read
-    that completes the object checks its digest first."""
+def source_openers(s3: Any, sources: list[dict[str, Any]], on_total: Callable[[int], None]) -> list[Callable[[], Any]]:
+    """Opens each source (pinned by SHA-256 and size) as an RdbStream of ranged GETs (the read that
+    completes an object checks its digest first); ``on_total``: the bytes read of all of them."""
     from cachevault.catalog import storage  # boto3 and the reader: only a seed that reads S3 loads them
     from cachevault.rdb.reader import RdbStream
 
-    return lambda: RdbStream(storage.S3RangeReader(
-        s3, source["Bucket"], source["Key"], expected_sha256=source["Sha256"], size=int(source["Size"]),
-        version_id=source.get("VersionId"), on_bytes=on_bytes,
-    ))  # fmt: skip
+    read = [0] * len(sources)
+
+    def opener(i: int, source: dict[str, Any]) -> Callable[[], Any]:
+        def count(n: int) -> None:
+            read[i] = n
+            on_total(sum(read))
+
+        return lambda: RdbStream(storage.S3RangeReader(
+            s3, source["Bucket"], source["Key"], expected_sha256=source["Sha256"], size=int(source["Size"]),
+            version_id=source.get("VersionId"), on_bytes=count,
+        ))  # fmt: skip
+
+    return [opener(i, s) for i, s in enumerate(sources)]
+
+
+def cut_fields(sources: list[dict[str, Any]], stats: rdb_cut.CutStats) -> dict[str, Any]:
+    """What one node was given, as its load reports it (restore.steps ``_check_accounted`` and Verify
+    read these): per source its id, its keys in the node's slots and all its keys."""
+    by_source = zip(sources, stats.per_source, strict=True)
+    return {
+        "Keys": stats.keys,
+        "KeysWithTtl": stats.keys_with_ttl,
+        "KeysExpiredSkipped": stats.keys_expired_skipped,
+        "Functions": stats.functions,
+        "BytesWritten": stats.bytes_written,
+        "SourceKeys": [[source_id(s), mine, every] for s, (mine, every) in by_source],
+    }
 
 
 def parse_plan(text: str) -> dict[str, Any]:

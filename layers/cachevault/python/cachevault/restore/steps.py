@@ -419,8 +419,9 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
     creds = creds_mod.for_cache(cache)  # the target's AUTH/TLS, from its record, never the payload
     sources = restore_sources(event)
     seeded = event.get("TargetType") != "external" and seedable(event, sources)
-    if seeded and cluster_mode and cache.get("TransitEncryptionEnabled") and cut_once(sources, shards):
-        seeded = False  # the cutter's stream to the seeds is plain TCP: RESTORE over TLS instead
+    routed = seeded and cluster_mode and cut_once(sources, shards)
+    if routed and cache.get("TransitEncryptionEnabled"):
+        seeded = routed = False  # the cutter's stream to the seeds is plain TCP: RESTORE over TLS instead
     if event.get("TargetType") == "external":
         topo = topology.discover(topology.seed_endpoints(cache), credentials=creds)
         targets = [
@@ -428,7 +429,7 @@ def provision_step(event: dict[str, Any]) -> dict[str, Any]:
             for s in topo.shards
         ]
     elif seeded and cluster_mode:
-        if routed := cut_once(sources, shards):
+        if routed:
             token = secrets.token_hex(24)  # the seeds take a stream only from who knows it
             _put_json(storage.restore_relay_key(target, event["ExecutionName"]), {"Token": token})
 
@@ -752,8 +753,7 @@ def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any
     """Read each source once and stream every record to the seed of the node that owns its slot
     (restore.cutter); each seed relays it into its node's load (restore.seed_relay).
     JoinSeededCluster wires the nodes next, as after the seeds' own cuts."""
-    settings = Settings.from_env()
-    catalog = Catalog(settings)
+    catalog = Catalog(Settings.from_env())
     target = event["ReplicationGroupId"]
     shards = restore_targets.nodes_from_record(catalog.get_cache(target)).shards
     primaries = [s.primary for s in shards]
@@ -769,17 +769,7 @@ def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any
     def listening() -> set[str]:
         return {n for n, part in _seed_parts(catalog, event, primaries, where).items() if part.get("Port")}
 
-    read = [0] * len(sources)
-
-    def counter(i: int) -> Callable[[int], None]:
-        def count(n: int) -> None:
-            read[i] = n
-            report.update(sum(read))
-
-        return count
-
-    s3 = client("s3")
-    openers = [seed_cluster.source_opener(s3, s, counter(i)) for i, s in enumerate(sources)]
+    openers = seed_cluster.source_openers(client("s3"), sources, report.update)
     route = rdb_cut.route_slots([parse_slot_ranges(str(s.slots)) for s in shards])
     version = max(int(s["RdbVersion"]) for s in sources)
     try:
@@ -789,22 +779,9 @@ def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any
         _seed_parts(catalog, event, primaries, where)  # a seed's own reason, or its stopped task's, says more
         raise RestoreFailed(f"Loading {target} from {where} failed: {exc}", Source=where) from exc
     report.finish(report.fields["Total"])
-    parts = [_cut_part(sources, part) for part in stats]
+    parts = [seed_cluster.cut_fields(sources, part) for part in stats]
     # What LoadShard sent the seeds over the network, as the RESTORE path counts its batches.
     return _cluster_loaded(event, sources, parts, started, "cutter", sent=sum(p.bytes_written for p in stats))
-
-
-def _cut_part(sources: list[dict[str, Any]], part: rdb_cut.CutStats) -> dict[str, Any]:
-    """What the cutter gave one node, as a seed that cut it reports it (worker ``_cut_node``)."""
-    by_source = zip(sources, part.per_source, strict=True)
-    return {
-        "Keys": part.keys,
-        "KeysWithTtl": part.keys_with_ttl,
-        "KeysExpiredSkipped": part.keys_expired_skipped,
-        "Functions": part.functions,
-        "BytesWritten": part.bytes_written,
-        "SourceKeys": [[seed_cluster.source_id(s), mine, every] for s, (mine, every) in by_source],
-    }
 
 
 def _cluster_loaded(
