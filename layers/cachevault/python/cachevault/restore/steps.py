@@ -599,8 +599,6 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
     restore's prefix (``ResultKey``); the returned state holds only that key and the count.
     """
     if event.get("Seeded") and event["ClusterMode"]:
-        if event["Task"].get("Cutter"):
-            return _cut_cluster_load(event, seed_wait_s)
         return _seeded_cluster_load(event, seed_wait_s)
     index = int(event["Task"]["Index"])
     source = next(s for s in restore_sources(event) if int(s["Index"]) == index)
@@ -728,11 +726,14 @@ def _seeded_load(event: dict[str, Any], source: dict[str, Any], max_wait_s: floa
 
 
 def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any]:
-    """Wait while every primary's seed cuts its slots out of the sources and the node loads them
-    (restore.seed_cluster); JoinSeededCluster wires them next (``attach_replicas_step``).
+    """Load a new cluster's primaries from their tasks' seeds; JoinSeededCluster wires them next
+    (``attach_replicas_step``).
 
-    The counts Verify checks are the seeds' own (keys written per node); a source whose keys the
-    seeds did not all account for (keys outside the slots its shard recorded) fails the load.
+    Each seed cuts its node's slots out of the sources (restore.seed_cluster), or, for a
+    ``Task.Cutter``, LoadShard reads each source once and streams every record to the seed of
+    the node that owns its slot, which relays it (restore.cutter, restore.seed_relay). The counts
+    Verify checks are what each node was given; a source whose keys were not all accounted for
+    (keys outside the slots its shard recorded) fails the load.
     """
     catalog = Catalog(Settings.from_env())
     target = event["ReplicationGroupId"]
@@ -740,57 +741,22 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
     primaries = [s.primary for s in shards]
     sources = restore_sources(event)
     where = ", ".join(f"s3://{s['Bucket']}/{s['Key']}" for s in sources)
-    total = sum(int(s["Size"]) for shard in shards for s in _seed_sources(sources, str(shard.slots)))
+    cut_here = bool(event["Task"].get("Cutter"))
+    if cut_here:  # the bytes read: each source once, or each seed's sources
+        total = sum(int(s["Size"]) for s in sources)
+    else:
+        total = sum(int(s["Size"]) for shard in shards for s in _seed_sources(sources, str(shard.slots)))
     report = PartProgress(catalog, RESTORE, target, f"load-{int(sources[0]['Index']):04d}", phase="load", total=total)
     report.start()
     started = time.monotonic()
-    seeds = _await_seeds(catalog, event, primaries, where, report, started + max_wait_s)
-    report.finish(report.fields["Total"])
-    return _cluster_loaded(event, sources, [seeds[n.node_id] for n in primaries], started, "seeds", sent=0)
-
-
-def _cut_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, Any]:
-    """Read each source once and stream every record to the seed of the node that owns its slot
-    (restore.cutter); each seed relays it into its node's load (restore.seed_relay).
-    JoinSeededCluster wires the nodes next, as after the seeds' own cuts."""
-    catalog = Catalog(Settings.from_env())
-    target = event["ReplicationGroupId"]
-    shards = restore_targets.nodes_from_record(catalog.get_cache(target)).shards
-    primaries = [s.primary for s in shards]
-    sources = restore_sources(event)
-    where = ", ".join(f"s3://{s['Bucket']}/{s['Key']}" for s in sources)
-    token = str(_read_json(storage.restore_relay_key(target, event["ExecutionName"]))["Token"])
-    report = PartProgress(catalog, RESTORE, target, f"load-{int(sources[0]['Index']):04d}", phase="load",
-                          total=sum(int(s["Size"]) for s in sources))  # fmt: skip
-    report.start()
-    started = time.monotonic()
-    deadline = started + max_wait_s
-
-    def listening() -> set[str]:
-        return {n for n, part in _seed_parts(catalog, event, primaries, where).items() if part.get("Port")}
-
-    openers = seed_cluster.source_openers(client("s3"), sources, report.update)
-    route = rdb_cut.route_slots([parse_slot_ranges(str(s.slots)) for s in shards])
-    version = max(int(s["RdbVersion"]) for s in sources)
-    try:
-        links = cutter.connect([(n.node_id, n.host) for n in primaries], token, listening, deadline, _seed_pauses())
-        stats = cutter.stream(links, openers, route, version, deadline)
-    except (SeedFailed, OSError) as exc:
-        _seed_parts(catalog, event, primaries, where)  # a seed's own reason, or its stopped task's, says more
-        raise RestoreFailed(f"Loading {target} from {where} failed: {exc}", Source=where) from exc
-    report.finish(report.fields["Total"])
-    parts = [seed_cluster.cut_fields(sources, part) for part in stats]
-    # What LoadShard sent the seeds over the network, as the RESTORE path counts its batches.
-    return _cluster_loaded(event, sources, parts, started, "cutter", sent=sum(p.bytes_written for p in stats))
-
-
-def _cluster_loaded(
-    event: dict[str, Any], sources: list[dict[str, Any]], parts: list[dict[str, Any]], started: float, by: str,
-    *, sent: int,
-) -> dict[str, Any]:
-    """The result of a seeded cluster's load (``parts``: what each primary was given, in order),
-    once every key of every source is accounted for."""
-    target = event["ReplicationGroupId"]
+    if cut_here:
+        stats = _cut_for_seeds(catalog, event, shards, sources, where, report, started + max_wait_s)
+        parts = [seed_cluster.cut_fields(sources, part) for part in stats]
+        sent = sum(part.bytes_written for part in stats)  # over the network, as RESTORE batches count
+    else:
+        seeds = _await_seeds(catalog, event, primaries, where, report, started + max_wait_s)
+        parts, sent = [seeds[n.node_id] for n in primaries], 0
+    report.finish(total)
     seconds = time.monotonic() - started
     _check_accounted(sources, parts)
     loaded_keys = sum(keyspace_keys(t) for t in _targets(event))
@@ -807,15 +773,44 @@ def _cluster_loaded(
         "Seeded": {
             "Nodes": len(parts),
             "BytesPerNode": [int(p["BytesWritten"]) for p in parts],
-            "KeyCountFrom": by,
+            "KeyCountFrom": "cutter" if cut_here else "seeds",
         },
     }
     metrics.add_metric(name="KeysRestored", unit="Count", value=loaded_keys)
     key = storage.restore_work_key(target, event["ExecutionName"], int(sources[0]["Index"]))
     output = {"Index": sources[0]["Index"], "KeysLoaded": loaded_keys, "ResultKey": key}
     _put_json(key, details | {"Output": output})
-    logger.info("seeded cluster loaded", target=target, seconds=round(seconds, 3), keys=loaded_keys, by=by)
+    logger.info("seeded cluster loaded", target=target, seconds=round(seconds, 3), keys=loaded_keys, cut_here=cut_here)
     return output
+
+
+def _cut_for_seeds(
+    catalog: Catalog,
+    event: dict[str, Any],
+    shards: list[restore_targets.ShardNodes],
+    sources: list[dict[str, Any]],
+    where: str,
+    report: PartProgress,
+    deadline: float,
+) -> list[rdb_cut.CutStats]:
+    """Each source read once, every record streamed to the seed of the node that owns its slot
+    (restore.cutter); what each node was given, once every node loaded it."""
+    target = event["ReplicationGroupId"]
+    primaries = [s.primary for s in shards]
+    token = str(_read_json(storage.restore_relay_key(target, event["ExecutionName"]))["Token"])
+
+    def listening() -> set[str]:
+        return {n for n, part in _seed_parts(catalog, event, primaries, where).items() if part.get("Port")}
+
+    openers = seed_cluster.source_openers(client("s3"), sources, report.update)
+    route = rdb_cut.route_slots([parse_slot_ranges(str(s.slots)) for s in shards])
+    version = max(int(s["RdbVersion"]) for s in sources)
+    try:
+        links = cutter.connect([(n.node_id, n.host) for n in primaries], token, listening, deadline, _seed_pauses())
+        return cutter.stream(links, openers, route, version, deadline)
+    except (SeedFailed, OSError) as exc:
+        _seed_parts(catalog, event, primaries, where)  # a seed's own reason, or its stopped task's, says more
+        raise RestoreFailed(f"Loading {target} from {where} failed: {exc}", Source=where) from exc
 
 
 def _seed_parts(
