@@ -14,6 +14,7 @@ from cachevault_tools import datagen
 from cachevault_tools.bench.e2e import GOALS, SHAPES, _cpu_s, run_e2e_bench
 from cachevault_tools.bench.report import write_results
 from cachevault_tools.cli import bench_cmd
+from cachevault_tools.local.redis_process import start_node
 
 
 def test_e2e_bench_small_run_and_report(tmp_path: Path) -> None:
@@ -68,3 +69,22 @@ def test_large_shard_run_at_a_tiny_size(tmp_path: Path) -> None:
     assert result["snapshot"]["rdb_bytes"] > 16 << 20
     assert {"embedded AWS", "cachevault CLI", "redis-server"} <= set(result["snapshot"]["peak_rss_mb"])
     assert "ECS worker (seed)" in result["restore"]["peak_rss_mb"]  # the restore was seeded
+
+
+def test_large_strings_take_one_byte_of_server_memory_per_byte(tmp_path: Path) -> None:
+    """large_shard's data: written by SET and loaded from an RDB, each value is one allocation
+    of its size class, so 20 GB of it fits a 24 GB machine (README, Benchmarks)."""
+    node = start_node(tmp_path / "node")
+    try:
+        conn = node.client(timeout=30)
+        empty = conn.info("memory")["used_memory"]
+        stats = datagen.generate(node.host, node.port, 48, shape="large-strings")
+        assert stats.keys == 7 and stats.payload_bytes == 7 * datagen.EXACT_STRING_BYTES
+        written = conn.info("memory")["used_memory"] - empty
+        conn.execute_command("DEBUG", "RELOAD")  # as a restore's node loads it
+        loaded = conn.info("memory")["used_memory"] - empty
+        assert stats.payload_bytes <= written < 1.001 * stats.payload_bytes
+        assert stats.payload_bytes <= loaded < 1.001 * stats.payload_bytes
+        assert conn.dbsize() == stats.keys
+    finally:
+        node.stop()

@@ -221,7 +221,30 @@ def _large_values(rnd: random.Random, target: int, stats: DatasetStats) -> Itera
         stats.by_type[kind] = stats.by_type.get(kind, 0) + 1
 
 
-SHAPES = {"mixed": _commands, "small-keys": _small_keys, "large-values": _large_values}
+# A string whose body is allocated exactly once as one 8 MiB block: a SET's big-argument
+# buffer (sds header + value + CRLF + NUL) and the RDB loader's string (header + value + NUL)
+# both fit the 8 MiB size class, so redis-server holds ~1 byte per byte of data.
+EXACT_STRING_BYTES = 8 * MiB - 12
+
+
+def _large_strings(rnd: random.Random, target: int, stats: DatasetStats) -> Iterator[bytes]:
+    """Strings of ``EXACT_STRING_BYTES``: as much data as this machine's memory can hold (large_shard)."""
+    pool = _Pool(rnd)
+    while stats.payload_bytes < target:
+        stats.keys += 1
+        value = b"".join(pool.take(min(MiB, EXACT_STRING_BYTES - at)) for at in range(0, EXACT_STRING_BYTES, MiB))
+        yield pack("SET", b"string:%d" % stats.keys, value)
+        stats.commands += 1
+        stats.payload_bytes += len(value)
+    stats.by_type["string"] = stats.keys
+
+
+SHAPES = {
+    "mixed": _commands,
+    "small-keys": _small_keys,
+    "large-values": _large_values,
+    "large-strings": _large_strings,
+}
 
 
 def _read_replies(sock: socket.socket, reader: hiredis.Reader, count: int, timeout: float) -> None:
