@@ -28,6 +28,7 @@ from cachevault.nodes.slots import SlotRouter, key_slot
 from cachevault.rdb.reader import RdbFile
 from cachevault.restore.verify import cache_digest, combined_digest
 from cachevault_tools import datagen
+from cachevault_tools.cli.restore_cmd import how_loaded
 from cachevault_tools.local import ecs, lambda_runtime
 from cachevault_tools.local.redis_process import process_alive
 
@@ -358,6 +359,7 @@ def test_cluster_disabled_to_same_through_restore_when_seeding_is_off(
         output, _ = _restore(product, targets, "rt-unseeded", snapshot=standalone.snapshot)
     assert output["Seeded"] is False
     assert output["LoadSummary"]["BytesSent"] > 0  # loaded over the network
+    assert how_loaded(output) == "loaded over the network (RESTORE)"
     _check_restored(product, standalone, "rt-unseeded", shards=1, cluster=False)
     record = product.control.catalog.get_cache("rt-unseeded")
     replica = next(n["Address"] for n in record["Nodes"] if n["Role"] == "replica")
@@ -414,6 +416,7 @@ def test_three_shards_to_any_shard_count(
         _check_cut_once(product, target, output, clustered.snapshot)
         return
     assert output["LoadSummary"]["BytesSent"] == 0  # each seed read S3 itself: nothing went over the network
+    assert how_loaded(output) == "seeded: each node loaded the snapshot from S3 itself"
     plans = _seed_plans(product, target)
     # A seed reads only the sources its slots need: 3 -> 3 is one each; 3 -> 2 splits the middle shard.
     assert [len(p["Sources"]) for p in plans] == {3: [1, 1, 1], 2: [2, 2]}[shards]
@@ -429,6 +432,7 @@ def _check_cut_once(product: Product, target: str, output: dict[str, Any], snaps
     sent = output["LoadSummary"]["BytesSent"]
     size = sum(n for key, (_, n) in _s3_objects(product, snapshot).items() if key.endswith(".rdb"))
     assert output["Seeded"] is True and 0.5 * size < sent < 2 * size
+    assert how_loaded(output) == "seeded: the snapshot read once, each node's slots streamed to its loader"
 
 
 def _seed_envs(product: Product, target: str) -> list[dict[str, str]]:

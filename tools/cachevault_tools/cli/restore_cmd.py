@@ -166,12 +166,21 @@ def restored_group(control: Any, result: dict[str, Any], arn: str) -> dict[str, 
     return group
 
 
+def how_loaded(result: dict[str, Any]) -> str:
+    """How the data reached the nodes, from CompleteRestore's output (README, Seeded clusters)."""
+    if not result.get("Seeded"):
+        return "loaded over the network (RESTORE)"
+    if (result.get("LoadSummary") or {}).get("BytesSent"):
+        return "seeded: the snapshot read once, each node's slots streamed to its loader"
+    return "seeded: each node loaded the snapshot from S3 itself"
+
+
 def restore_summary(result: dict[str, Any]) -> str:
     verification = result.get("Verification", {})
     mode = "enabled" if result["ClusterMode"] else "disabled"
     lines = [
         f"{result['ReplicationGroupId']}: {result['Status']}  {result['NumNodeGroups']} shard(s), "
-        f"cluster mode {mode}, loaded over the network",
+        f"cluster mode {mode}, {how_loaded(result)}",
         f"  verified: {verification.get('Compared', '')}",
     ]
     for count in verification.get("KeyCounts", []):
