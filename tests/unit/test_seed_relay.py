@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -18,6 +20,7 @@ from cachevault.rdb import cut as rdb_cut
 from cachevault.rdb.reader import RdbFile
 from cachevault.restore import cutter, seed_cluster, seed_relay
 from cachevault.restore.seed import SeedFailed
+from cachevault_tools.local.redis_process import process_alive
 from rdbgen import enc_str, rdb_file
 from test_seed_cluster import _node
 from test_seed_cluster import node_dir as node_dir  # the fixture, shared
@@ -133,6 +136,38 @@ def test_a_source_that_breaks_midway_never_completes_the_load(tmp_path: Path, no
         assert isinstance(failure, SeedFailed) and "broke off after" in str(failure)
         assert int(str(failure).split("after ")[1].split()[0]) >= 2 << 20
         assert conn.ping()
+        assert not (node_dir / seed_cluster.LOAD_FILE).exists()
+
+
+def test_a_node_that_dies_midway_fails_the_cut_with_the_seeds_reason(tmp_path: Path, node_dir: Path) -> None:
+    good = tmp_path / "good.rdb"  # 3 MB per source: the node was sent chunks before it died
+    records = b"".join(b"\x00" + enc_str(b"k%d" % i) + enc_str(b"v" * 1000) for i in range(3000))
+    good.write_bytes(rdb_file(10, b"\xfe\x00" + records))
+
+    address = _address()
+    with _node(node_dir, "--bind", address, "--requirepass", "pw", "--enable-debug-command", "local") as conn:
+        pid = int(conn.info("server")["process_id"])
+        relay = _Relay({"Password": "pw"})
+
+        def after_the_node_died() -> RdbFile:
+            # Once the node was sent two chunks (bounded: 30 s at most), it is killed, as an OOM
+            # kill or a stopped task would; the cutter then goes on sending the next source.
+            deadline = time.monotonic() + 30
+            while relay.relayed < 2 << 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+            while process_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return RdbFile(good)
+
+        with _links(address, relay) as links, pytest.raises(SeedFailed) as failed:
+            cutter.stream(links, [lambda: RdbFile(good), after_the_node_died], rdb_cut.route_slots([[(0, 16383)]]),
+                          10, time.monotonic() + 60)  # fmt: skip
+        # The cutter names the node and says what its seed saw, not a bare broken pipe.
+        assert "node-1" in str(failed.value)
+        failure = relay.done()
+        assert isinstance(failure, SeedFailed)
+        assert str(failure) in str(failed.value)
         assert not (node_dir / seed_cluster.LOAD_FILE).exists()
 
 
