@@ -412,11 +412,15 @@ def test_three_shards_to_any_shard_count(
     assert output["Verification"]["Mismatches"] == []
     _check_restored(product, clustered, target, shards=shards, cluster=True)
     assert output["Seeded"] is True
+    assert "replica" not in output["Verification"]["Compared"]  # --replicas 0: none to claim in sync
     if shards == 4:
         _check_cut_once(product, target, output, clustered.snapshot)
         return
     assert output["LoadSummary"]["BytesSent"] == 0  # each seed read S3 itself: nothing went over the network
     assert how_loaded(output) == "seeded: each node loaded the snapshot from S3 itself"
+    # Nothing passed through LoadShard to sample: Verify says it compared the key counts only.
+    assert output["Verification"]["SampledKeys"] == 0
+    assert "DUMP" not in output["Verification"]["Compared"]
     plans = _seed_plans(product, target)
     # A seed reads only the sources its slots need: 3 -> 3 is one each; 3 -> 2 splits the middle shard.
     assert [len(p["Sources"]) for p in plans] == {3: [1, 1, 1], 2: [2, 2]}[shards]
@@ -433,6 +437,10 @@ def _check_cut_once(product: Product, target: str, output: dict[str, Any], snaps
     size = sum(n for key, (_, n) in _s3_objects(product, snapshot).items() if key.endswith(".rdb"))
     assert output["Seeded"] is True and 0.5 * size < sent < 2 * size
     assert how_loaded(output) == "seeded: the snapshot read once, each node's slots streamed to its loader"
+    # The cutter kept samples of what it sent; Verify compared them with DUMP on the nodes.
+    verification = output["Verification"]
+    assert verification["SampledKeys"] > 0 and verification["Mismatches"] == []
+    assert "DUMP of sampled keys" in verification["Compared"]
 
 
 def _seed_envs(product: Product, target: str) -> list[dict[str, str]]:

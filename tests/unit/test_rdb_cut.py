@@ -10,6 +10,7 @@ import pytest
 from cachevault.core.errors import RdbFormatError
 from cachevault.nodes.slots import even_split, key_slot
 from cachevault.rdb.cut import RdbWriter, cut, cut_routed, encode_len, library_name, owned_slots, route_slots
+from cachevault.rdb.dump_payload import restore_payload
 from cachevault.rdb.encoding import read_len
 from cachevault.rdb.reader import RdbFile, RdbStream, scan_rdb
 from rdbgen import enc_str, ms_time, rdb_file, redis_server
@@ -135,6 +136,28 @@ def test_one_routed_pass_writes_each_node_what_its_own_cut_would(tmp_path: Path)
             alone.keys, alone.keys_elsewhere, 1, alone.per_source)  # fmt: skip
     for i, total in enumerate(every):  # every key of every source went to exactly one node
         assert sum(stats.per_source[i][0] for stats in routed) == total > 0
+
+
+def test_samples_are_the_first_key_of_each_source_then_one_in_n_as_dump_gives_them(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "src") as src:
+        _fill(src.client, "a")
+        source = _saved(src)
+        keys = src.client.dbsize()
+        version = RdbFile(source).version
+        samples: list[tuple[int, bytes, bytes, int | None]] = []
+
+        def keep(db: int, key: bytes, type_byte: int, value: memoryview, expire_ms: int | None) -> None:
+            samples.append((db, bytes(key), restore_payload(type_byte, value, version), expire_ms))
+
+        writers = [RdbWriter(io.BytesIO().write, 10) for _ in range(3)]
+        cut_routed([lambda: RdbFile(source)] * 2, route_slots([[r] for r in even_split(3)]), writers,
+                   sample_every=97, on_sample=keep)  # fmt: skip
+        # Each source from its first key: keys 1, 98, 195, ... of both.
+        half = len(samples) // 2
+        assert len(samples) == 2 * (1 + (keys - 1) // 97) and samples[:half] == samples[half:]
+        for db, key, payload, expire_ms in samples:  # what Verify compares with the node
+            assert db == 0 and src.client.dump(key) == payload
+            assert expire_ms == (src.client.pexpiretime(key) if expire_ms is not None else None)
 
 
 def test_keys_expired_before_the_cut_are_left_out_and_counted(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from cachevault.rdb.reader import RdbAux, RdbFile, RdbFunction, RdbModuleSkipped
 FLUSH_BYTES = 1 << 20  # bytes gathered before they go to the sink
 _SLOT_MASK = 16383
 Route = Sequence[int]  # slot -> 1 + the index of the writer that takes its records; 0: none
+Sampler = Callable[[int, bytes, int, memoryview, int | None], None]  # db, key, type byte, value, expire_ms
 
 
 @dataclass
@@ -144,17 +145,24 @@ def cut_routed(
     writers: Sequence[RdbWriter],
     *,
     now_ms: int | None = None,
+    sample_every: int = 0,
+    on_sample: Sampler | None = None,
 ) -> list[CutStats]:
     """Copy every record of each source (opened in turn, read once) into the writer its slot is
     routed to; each writer's counts. Every writer gets the function libraries. The writers are
-    flushed, not closed: the caller closes them once all is well (every source checked)."""
+    flushed, not closed: the caller closes them once all is well (every source checked).
+
+    ``on_sample(db, key, type_byte, value, expire_ms)`` gets the first key each source writes
+    and then about one in ``sample_every`` (the value is a view into the reader's window: copy
+    what you keep), for Verify to compare with what the node holds.
+    """
     stats = [CutStats() for _ in writers]
     now = int(time.time() * 1000) if now_ms is None else now_ms
     libraries: set[str] = set()
     for index, opener in enumerate(sources):
         before = [s.keys + s.keys_expired_skipped for s in stats]
         with opener() as rdb:
-            every = _cut_one(rdb, route, writers, now, stats, libraries)
+            every = _cut_one(rdb, route, writers, now, stats, libraries, sample_every if on_sample else 0, on_sample)
             if not rdb.complete:
                 raise RdbFormatError(f"source {index} ended before its EOF opcode")
         for part, start in zip(stats, before, strict=True):
@@ -167,7 +175,14 @@ def cut_routed(
 
 
 def _cut_one(
-    rdb: RdbFile, route: Route, writers: Sequence[RdbWriter], now: int, stats: list[CutStats], libraries: set[str]
+    rdb: RdbFile,
+    route: Route,
+    writers: Sequence[RdbWriter],
+    now: int,
+    stats: list[CutStats],
+    libraries: set[str],
+    sample_every: int,
+    on_sample: Sampler | None,
 ) -> int:
     """One source's records into their writers; how many keys it holds."""
     # The hot loop: one tuple per key (RdbFile.iter_raw), locals and lists only. The window is
@@ -179,6 +194,7 @@ def _cut_one(
     n = len(writers)
     keys, ttl, expired = [0] * n, [0] * n, [0] * n
     every = 0
+    next_sample = 1 if sample_every > 0 else 1 << 62  # one comparison per key: off is "never"
     try:
         for item in rdb.iter_raw():
             if type(item) is tuple:
@@ -206,6 +222,9 @@ def _cut_one(
                 if freq is not None:
                     buf += bytes((f.OP_FREQ, freq))
                 keys[to] += 1
+                if every >= next_sample:
+                    on_sample(db, key, _op, rdb._view[vstart:vend], expire)  # type: ignore[misc]
+                    next_sample = every + sample_every
                 if vend - vstart < limits[to]:
                     buf += rdb._view[offset - rdb._base : vend]
                     if len(buf) >= limits[to]:

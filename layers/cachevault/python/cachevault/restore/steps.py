@@ -71,6 +71,7 @@ from cachevault.nodes import credentials as creds_mod
 from cachevault.nodes import restore_targets, topology
 from cachevault.nodes.slots import even_split, format_slot_ranges, parse_slot_ranges
 from cachevault.rdb import cut as rdb_cut
+from cachevault.rdb.dump_payload import restore_payload
 from cachevault.rdb.reader import scan_rdb
 from cachevault.restore import cutter, seed_cluster, seed_relay
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
@@ -749,8 +750,9 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
     report = PartProgress(catalog, RESTORE, target, f"load-{int(sources[0]['Index']):04d}", phase="load", total=total)
     report.start()
     started = time.monotonic()
+    samples: list[dict[str, Any]] = []  # the seeds loaded what they read themselves: none to compare
     if cut_here:
-        stats = _cut_for_seeds(catalog, event, shards, sources, where, report, started + max_wait_s)
+        stats, samples = _cut_for_seeds(catalog, event, shards, sources, where, report, started + max_wait_s)
         parts = [seed_cluster.cut_fields(sources, part) for part in stats]
         sent = sum(part.bytes_written for part in stats)  # over the network, as RESTORE batches count
     else:
@@ -769,7 +771,7 @@ def _seeded_cluster_load(event: dict[str, Any], max_wait_s: float) -> dict[str, 
         "Seconds": round(seconds, 3),
         "FunctionLibraries": max(int(p["Functions"]) for p in parts),
         "ModuleKeysSkipped": [],
-        "Samples": [],
+        "Samples": samples,
         "Seeded": {
             "Nodes": len(parts),
             "BytesPerNode": [int(p["BytesWritten"]) for p in parts],
@@ -792,9 +794,10 @@ def _cut_for_seeds(
     where: str,
     report: PartProgress,
     deadline: float,
-) -> list[rdb_cut.CutStats]:
+) -> tuple[list[rdb_cut.CutStats], list[dict[str, Any]]]:
     """Each source read once, every record streamed to the seed of the node that owns its slot
-    (restore.cutter); what each node was given, once every node loaded it."""
+    (restore.cutter); what each node was given, once every node loaded it, and samples of the
+    records for Verify (as the RESTORE path keeps, ``load_shard_step``)."""
     target = event["ReplicationGroupId"]
     primaries = [s.primary for s in shards]
     token = str(_read_json(storage.restore_relay_key(target, event["ExecutionName"]))["Token"])
@@ -805,9 +808,21 @@ def _cut_for_seeds(
     openers = seed_cluster.source_openers(client("s3"), sources, report.update)
     route = rdb_cut.route_slots([parse_slot_ranges(str(s.slots)) for s in shards])
     version = max(int(s["RdbVersion"]) for s in sources)
+    samples: list[dict[str, Any]] = []
+    wanted = SAMPLES_PER_SOURCE * len(sources)
+
+    def keep_sample(db: int, key: bytes, type_byte: int, value: memoryview, expire_ms: int | None) -> None:
+        if len(samples) < wanted and len(value) < SAMPLE_MAX_PAYLOAD:  # never copy a large value
+            payload = restore_payload(type_byte, value, version)
+            if len(payload) <= SAMPLE_MAX_PAYLOAD:
+                samples.append(_sample(db, key, payload, expire_ms))
+
+    keys = sum(int(s.get("KeyCount") or 0) for s in sources)
+    every = max(1, keys // wanted)
     try:
         links = cutter.connect([(n.node_id, n.host) for n in primaries], token, listening, deadline, _seed_pauses())
-        return cutter.stream(links, openers, route, version, deadline)
+        stats = cutter.stream(links, openers, route, version, deadline, sample_every=every, on_sample=keep_sample)
+        return stats, samples
     except (SeedFailed, OSError) as exc:
         _seed_parts(catalog, event, primaries, where)  # a seed's own reason, or its stopped task's, says more
         raise RestoreFailed(f"Loading {target} from {where} failed: {exc}", Source=where) from exc
@@ -1057,7 +1072,8 @@ def _check_replicas(target: str, report: dict[str, Any]) -> int:
         shards: list[Any] = topology.discover(topology.seed_endpoints(cache), credentials=creds).shards
     else:
         shards = restore_targets.nodes_from_record(cache).shards
-    report["Compared"] += "; every replica linked and in sync (replication offset equal to its primary's)"
+    if any(s.replicas for s in shards):  # a cache without replicas has none to compare
+        report["Compared"] += "; every replica linked and in sync (replication offset equal to its primary's)"
 
     def lagging() -> dict[str, int | None]:
         return {n: lag for shard in shards for n, lag in restore_targets.replica_lag(shard, creds).items() if lag != 0}

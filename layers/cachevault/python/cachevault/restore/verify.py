@@ -140,7 +140,8 @@ def verify_restore(
             client.close()
 
     report = {
-        "Compared": "keys per primary (INFO keyspace) and DUMP of sampled keys vs restored payload",
+        "Compared": "keys per primary (INFO keyspace)"
+        + (" and DUMP of sampled keys vs restored payload" if sampled else ""),
         "KeyCounts": counts,
         "SampledKeys": sampled,
         "SampledExpired": expired,
