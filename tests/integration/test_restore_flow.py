@@ -403,7 +403,7 @@ def test_three_shards_to_any_shard_count(
 ) -> None:
     """3 -> 3 and 3 -> 2: each new primary's seed cuts its slots out of the sources whose
     recorded slots meet its own and the node loads them (restore.seed_cluster). 3 -> 4 would
-    have the seeds read the sources twice over (restore_workflow.seed_reads): LoadShard cuts
+    have the seeds read the sources twice over (restore.seeded.seed_reads): LoadShard cuts
     them once and streams each node its records through its seed (restore.cutter)."""
     target = f"rt-{shards}"
     output, seconds = _restore(product, targets, target, snapshot=clustered.snapshot, num_shards=shards, replicas=0)
@@ -752,7 +752,7 @@ def test_a_timed_out_load_step_fails_the_restore_with_its_reason(
     monkeypatch.setattr(lambda_runtime.RUNTIME, "invoke", targets_hold_writes)
     targets.append("slow-copy")
     try:
-        # A RESTORE load (a seeded one has no batch to hold back, restore_workflow.seedable).
+        # A RESTORE load (a seeded one has no batch to hold back, restore.seeded.seedable).
         with _seeding_off(product), pytest.raises(CacheVaultError) as failure:
             arn, name = product.control.restore("slow-copy", snapshot="slow-snap", num_shards=2, replicas=0)
             product.control.wait_restore(arn, name, timeout_s=120)

@@ -18,6 +18,7 @@ from cachevault.nodes.slots import even_split, format_slot_ranges
 from cachevault.rdb.reader import RdbModuleSkipped
 from cachevault.restore import steps as rw
 from cachevault.restore.load import LoadResult, LoadStats
+from cachevault.restore.verify import SAMPLE_MAX_PAYLOAD, SAMPLES_PER_SOURCE, sample_record
 
 SHARDS = 500
 LIMIT = 256 * 1024
@@ -125,7 +126,7 @@ def test_every_state_of_a_500_shard_restore_is_below_256_kb() -> None:
             modules_skipped=[RdbModuleSkipped(0, b"k" * 200, "ReJSON-RL", 10**12 + n) for n in range(1000)],
             function_libraries_loaded=12 * SHARDS,
         )
-        samples = [rw._sample(0, b"k" * 100, b"v" * rw.SAMPLE_MAX_PAYLOAD, 1_795_653_761_165)] * rw.SAMPLES_PER_SOURCE
+        samples = [sample_record(0, b"k" * 100, b"v" * SAMPLE_MAX_PAYLOAD, 1_795_653_761_165)] * SAMPLES_PER_SOURCE
         details, output = rw.load_outputs(task, result, samples)
         assert "Samples" not in output and "KeysPerTarget" not in output and "ModuleKeysSkipped" not in output
         assert len(details["ModuleKeysSkipped"]) == 1000 and len(details["KeysPerTarget"]) == SHARDS

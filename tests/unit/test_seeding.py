@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cachevault.core.errors import RestoreFailed
 from cachevault.restore.seed import SeedFailed, _Requests
-from cachevault.restore.steps import _check_accounted, _seed_sources, cut_once, seed_reads, seedable
+from cachevault.restore.seeded import check_accounted, cut_once, seed_reads, seed_sources, seedable
 
 
 class _Chunks:
@@ -51,9 +51,9 @@ def _source(key: str, slots: str | None, keys: int) -> dict[str, object]:
 
 def test_a_cluster_seed_reads_the_sources_its_slots_need() -> None:
     three = [_source("a", "0-5460", 1), _source("b", "5461-10922", 1), _source("c", "10923-16383", 1)]
-    assert [s["Key"] for s in _seed_sources(three, "0-8191")] == ["a", "b"]
-    assert [s["Key"] for s in _seed_sources(three, "10923-12000,100")] == ["a", "c"]
-    assert [s["Key"] for s in _seed_sources([_source("all", None, 1)], "0-100")] == ["all"]  # no slots recorded
+    assert [s["Key"] for s in seed_sources(three, "0-8191")] == ["a", "b"]
+    assert [s["Key"] for s in seed_sources(three, "10923-12000,100")] == ["a", "c"]
+    assert [s["Key"] for s in seed_sources([_source("all", None, 1)], "0-100")] == ["all"]  # no slots recorded
     # How many times over the seeds would read the sources, and so which layouts LoadShard cuts once.
     reads = {n: seed_reads(three, n) for n in (1, 2, 3, 4)}
     assert reads == {1: 1.0, 2: 4 / 3, 3: 1.0, 4: 2.0}
@@ -68,17 +68,17 @@ def test_keys_the_seeds_did_not_account_for_fail_the_load() -> None:
     a, b = "s3://b/a", "s3://b/b"
     # [source, keys in the reader's slots, keys in the source]
     parts = [{"SourceKeys": [[a, 6, 10]]}, {"SourceKeys": [[a, 4, 10], [b, 7, 7]]}]
-    _check_accounted(sources, parts)
+    check_accounted(sources, parts)
     with pytest.raises(RestoreFailed, match="holds 10 keys, but only 6 lie in the slots"):
-        _check_accounted(sources, parts[:1])
+        check_accounted(sources, parts[:1])
     with pytest.raises(RestoreFailed, match="holds 7 keys, but only 5"):  # a key of a slot b did not record
-        _check_accounted(sources, [parts[0], {"SourceKeys": [[a, 4, 10], [b, 5, 7]]}])
+        check_accounted(sources, [parts[0], {"SourceKeys": [[a, 4, 10], [b, 5, 7]]}])
     # Two versions of one key are two sources.
     versions = [{**_source("a", None, 3), "VersionId": "1"}, {**_source("a", None, 3), "VersionId": "2"}]
     one, two = "s3://b/a?versionId=1", "s3://b/a?versionId=2"
-    _check_accounted(versions, [{"SourceKeys": [[one, 3, 3], [two, 3, 3]]}])
+    check_accounted(versions, [{"SourceKeys": [[one, 3, 3], [two, 3, 3]]}])
     with pytest.raises(RestoreFailed, match="versionId=2 holds 3 keys, but only 2"):
-        _check_accounted(versions, [{"SourceKeys": [[one, 3, 3], [two, 2, 3]]}])
+        check_accounted(versions, [{"SourceKeys": [[one, 3, 3], [two, 2, 3]]}])
 
 
 def test_a_merge_of_many_sources_is_cut_once_past_the_overrides_limit() -> None:

@@ -243,7 +243,7 @@ def restore_steps(sources: int) -> dict[str, Any]:
             "Targets": targets,
             # restore_workflow.load_task: half the sources too big for a Lambda load in worker tasks
             "LoadTasks": [{"Index": i, "Runner": "ecs" if i % 2 else "inline"} for i in range(1, sources + 1)],
-            "Seeded": False,  # several sources: loaded through RESTORE (restore_workflow.seedable)
+            "Seeded": False,  # several sources: loaded through RESTORE (restore.seeded.seedable)
         }
 
     def load_shard(event: dict[str, Any], clock: float) -> dict[str, Any]:

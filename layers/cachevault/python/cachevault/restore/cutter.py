@@ -1,7 +1,7 @@
 """One pass over a reshard's sources, each record streamed to the seed of the node that owns it.
 
 LoadShard runs this for a resharded seeded restore whose nodes' seeds would otherwise each
-read the sources several times over (restore.steps ``seed_reads``). Each new primary's seed
+read the sources several times over (restore.seeded ``seed_reads``). Each new primary's seed
 relays what it is sent into the FIFO its node loads from (restore.seed_relay); this side
 opens one connection per node, writes each node a whole RDB (rdb.cut ``cut_routed``: records
 copied, never re-encoded) and closes every RDB with its trailer only after the last source

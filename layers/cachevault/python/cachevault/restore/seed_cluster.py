@@ -1,7 +1,7 @@
 """A new cluster node's data, cut from the restore's RDBs by its task's seed container.
 
 A cluster node cannot follow a seed as a replica (``REPLICAOF`` is refused in cluster mode),
-so a cluster-mode seeded restore (restore.steps ``seedable``) loads each new primary the way
+so a cluster-mode seeded restore (restore.seeded ``seedable``) loads each new primary the way
 a server loads at start-up: from an RDB file. The file is a FIFO, so nothing goes to disk:
 
 * the seeded node task definitions (template.yaml) share a task volume between the ``seed``
@@ -22,7 +22,7 @@ a server loads at start-up: from an RDB file. The file is a FIFO, so nothing goe
 The seed keeps its end of the FIFO open until that reply: a server that opens its RDB again
 after loading (Redis 7.2+ and Valkey drop its page cache that way) must not wait for a
 writer. Then it removes the FIFO, so no later start of the server finds one. LoadShard waits
-for every seed, then wires the cluster (restore.steps ``_seeded_cluster_load``).
+for every seed, then wires the cluster (restore.seeded ``load_cluster``).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def source_openers(s3: Any, sources: list[dict[str, Any]], on_total: Callable[[i
 
 
 def cut_fields(sources: list[dict[str, Any]], stats: rdb_cut.CutStats) -> dict[str, Any]:
-    """What one node was given, as its load reports it (restore.steps ``_check_accounted`` and Verify
+    """What one node was given, as its load reports it (restore.seeded ``check_accounted`` and Verify
     read these): per source its id, its keys in the node's slots and all its keys."""
     by_source = zip(sources, stats.per_source, strict=True)
     return {

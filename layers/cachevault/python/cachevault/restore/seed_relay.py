@@ -1,7 +1,7 @@
 """A new cluster node's data, streamed to its task's seed by the restore's cutter.
 
 A reshard that would make every node's seed read the sources several times over (1 -> 3
-shards reads the one RDB three times, restore.steps ``seed_reads``) is cut once instead: one
+shards reads the one RDB three times, restore.seeded ``seed_reads``) is cut once instead: one
 cutter, LoadShard (restore.cutter), reads each source once and routes every record to the
 node that owns its slot. The node still loads as at start-up, from an RDB its seed feeds
 into a FIFO (restore.seed_cluster ``loading``); here the seed only relays the cutter's bytes:

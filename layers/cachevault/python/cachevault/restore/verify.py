@@ -11,6 +11,7 @@ an equal type byte and equal size is what can be checked without decoding;
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import time
@@ -62,6 +63,20 @@ def _compare(expected: bytes | memoryview, actual: bytes) -> str | None:
     if want[:1] == actual[:1] and want[0] in _UNORDERED_TYPES and len(want) == len(actual):
         return None
     return "ValueDiffers"
+
+
+SAMPLES_PER_SOURCE = 40  # sampled keys a load keeps per source for Verify
+SAMPLE_MAX_PAYLOAD = 2048  # bytes of one sample's DUMP payload kept for Verify
+
+
+def sample_record(db: int, key: bytes, payload: bytes, expire_ms: int | None) -> dict[str, Any]:
+    """One sampled key as a load keeps it for Verify (JSON, in the load's details in S3)."""
+    return {
+        "Db": db,
+        "Key": base64.b64encode(bytes(key)).decode(),
+        "Payload": base64.b64encode(payload).decode(),
+        "ExpireMs": expire_ms,
+    }
 
 
 def verify_restore(
