@@ -259,6 +259,28 @@ def test_standalone_restore_is_identical(tmp_path: Path, source: tuple[Node, lis
         _stop([target])
 
 
+def test_a_sample_the_target_holds_in_another_encoding_is_counted_not_a_mismatch(tmp_path: Path) -> None:
+    """A server loads a value into the encoding its own limits say (an older RDB's ziplist as a
+    listpack; here a hashtable where the target keeps a listpack): the type is compared, not the bytes."""
+    source, target = _start(tmp_path / "source"), _start(tmp_path / "target")
+    try:
+        source.client().config_set("hash-max-listpack-entries", 0)  # a hashtable, type byte 4
+        for node in (source, target):
+            node.client().hset("h", mapping={f"f{i}": i for i in range(10)})  # the target's: a listpack
+            node.client().set("s", "a string")
+        hashtable, string = source.client().dump("h"), source.client().dump("s")
+        assert hashtable[0] == 4 and target.client().dump("h")[0] == 16
+        shard = [TargetShard("127.0.0.1", target.port)]
+        report = verify_restore(shard, expected_keys_per_target=[2], samples=[(0, b"h", hashtable), (0, b"s", string)])
+        assert report["Mismatches"] == [] and report["SampledKeys"] == 2 and report["SampledReEncoded"] == 1
+        # Another type under the key is still a mismatch.
+        with pytest.raises(RestoreFailed) as err:
+            verify_restore(shard, expected_keys_per_target=[2], samples=[(0, b"h", string)])
+        assert [m["Reason"] for m in err.value.details["Mismatches"]] == ["ValueDiffers"]
+    finally:
+        _stop([source, target])
+
+
 @pytest.mark.parametrize("shards", [3, 2])
 def test_cluster_restore_routes_by_slot(
     tmp_path: Path, source: tuple[Node, list[RestoreEntry]], shards: int

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from cachevault.core.errors import RdbFormatError
 from cachevault.nodes.slots import even_split, key_slot
-from cachevault.rdb.cut import RdbWriter, cut, cut_routed, encode_len, library_name, owned_slots, route_slots
+from cachevault.rdb.cut import (
+    RdbWriter,
+    Sampling,
+    cut,
+    cut_routed,
+    encode_len,
+    library_name,
+    owned_slots,
+    route_slots,
+)
 from cachevault.rdb.dump_payload import restore_payload
 from cachevault.rdb.encoding import read_len
 from cachevault.rdb.reader import RdbFile, RdbStream, scan_rdb
@@ -149,15 +158,26 @@ def test_samples_are_the_first_key_of_each_source_then_one_in_n_as_dump_gives_th
         def keep(db: int, key: bytes, type_byte: int, value: memoryview, expire_ms: int | None) -> None:
             samples.append((db, bytes(key), restore_payload(type_byte, value, version), expire_ms))
 
-        writers = [RdbWriter(io.BytesIO().write, 10) for _ in range(3)]
-        cut_routed([lambda: RdbFile(source)] * 2, route_slots([[r] for r in even_split(3)]), writers,
-                   sample_every=97, on_sample=keep)  # fmt: skip
+        def cut(every: list[int], per_source: int) -> None:
+            writers = [RdbWriter(io.BytesIO().write, 10) for _ in range(3)]
+            cut_routed([lambda: RdbFile(source)] * len(every), route_slots([[r] for r in even_split(3)]), writers,
+                       sampling=Sampling(keep, every, per_source))  # fmt: skip
+
+        cut([97, 97], 1000)
         # Each source from its first key: keys 1, 98, 195, ... of both.
         half = len(samples) // 2
         assert len(samples) == 2 * (1 + (keys - 1) // 97) and samples[:half] == samples[half:]
         for db, key, payload, expire_ms in samples:  # what Verify compares with the node
             assert db == 0 and src.client.dump(key) == payload
             assert expire_ms == (src.client.pexpiretime(key) if expire_ms is not None else None)
+
+        # Each source's own spread, at most per_source of each: a count of 0 (unknown) samples the
+        # first keys, and a source sampled to its cap leaves the next one its share.
+        samples.clear()
+        cut([0, keys // 5, 1], 5)
+        firsts, spread, last = samples[:5], samples[5:10], samples[10:]
+        assert len(samples) == 15 and firsts == last  # keys 1-5 of the first and the third source
+        assert spread[0] == firsts[0] and spread[1] != firsts[1]  # keys 1, 1 + keys // 5, ...
 
 
 def test_keys_expired_before_the_cut_are_left_out_and_counted(tmp_path: Path) -> None:

@@ -18,7 +18,13 @@ from cachevault.nodes.slots import even_split, format_slot_ranges
 from cachevault.rdb.reader import RdbModuleSkipped
 from cachevault.restore import steps as rw
 from cachevault.restore.load import LoadResult, LoadStats
-from cachevault.restore.verify import SAMPLE_MAX_PAYLOAD, SAMPLES_PER_SOURCE, sample_record
+from cachevault.restore.verify import (
+    SAMPLE_LIMIT,
+    SAMPLE_MAX_PAYLOAD,
+    SAMPLES_PER_SOURCE,
+    sample_record,
+    samples_per_source,
+)
 
 SHARDS = 500
 LIMIT = 256 * 1024
@@ -159,3 +165,9 @@ def test_every_state_of_a_500_shard_restore_is_below_256_kb() -> None:
     assert not too_big, too_big
     # Headroom: the largest state uses well under the limit.
     assert max(sizes.values()) < LIMIT * 0.75, sizes
+
+
+def test_every_source_keeps_its_share_of_what_verify_compares() -> None:
+    """Verify compares SAMPLE_LIMIT samples in all: with many sources each keeps fewer, never none."""
+    assert [samples_per_source(n) for n in (1, 25, 26, 500, 2000)] == [40, 40, 38, 2, 1]
+    assert all(n * samples_per_source(n) <= SAMPLE_LIMIT for n in range(1, 1001))

@@ -33,6 +33,17 @@ Sampler = Callable[[int, bytes, int, memoryview, int | None], None]  # db, key, 
 
 
 @dataclass
+class Sampling:
+    """Which written records a cut hands to ``on_sample`` (the value is a view into the reader's
+    window: copy what you keep): the first key of source ``i``, then one in ``every[i]``, at most
+    ``per_source`` of each source, whatever its key count turns out to be."""
+
+    on_sample: Sampler
+    every: Sequence[int]
+    per_source: int
+
+
+@dataclass
 class CutStats:
     keys: int = 0  # records written
     keys_with_ttl: int = 0
@@ -145,16 +156,13 @@ def cut_routed(
     writers: Sequence[RdbWriter],
     *,
     now_ms: int | None = None,
-    sample_every: int = 0,
-    on_sample: Sampler | None = None,
+    sampling: Sampling | None = None,
 ) -> list[CutStats]:
     """Copy every record of each source (opened in turn, read once) into the writer its slot is
     routed to; each writer's counts. Every writer gets the function libraries. The writers are
     flushed, not closed: the caller closes them once all is well (every source checked).
 
-    ``on_sample(db, key, type_byte, value, expire_ms)`` gets the first key each source writes
-    and then about one in ``sample_every`` (the value is a view into the reader's window: copy
-    what you keep), for Verify to compare with what the node holds.
+    ``sampling``: the records handed on for Verify to compare with what the nodes hold.
     """
     stats = [CutStats() for _ in writers]
     now = int(time.time() * 1000) if now_ms is None else now_ms
@@ -162,7 +170,7 @@ def cut_routed(
     for index, opener in enumerate(sources):
         before = [s.keys + s.keys_expired_skipped for s in stats]
         with opener() as rdb:
-            every = _cut_one(rdb, route, writers, now, stats, libraries, sample_every if on_sample else 0, on_sample)
+            every = _cut_one(rdb, route, writers, now, stats, libraries, sampling, index)
             if not rdb.complete:
                 raise RdbFormatError(f"source {index} ended before its EOF opcode")
         for part, start in zip(stats, before, strict=True):
@@ -181,8 +189,8 @@ def _cut_one(
     now: int,
     stats: list[CutStats],
     libraries: set[str],
-    sample_every: int,
-    on_sample: Sampler | None,
+    sampling: Sampling | None,
+    index: int,
 ) -> int:
     """One source's records into their writers; how many keys it holds."""
     # The hot loop: one tuple per key (RdbFile.iter_raw), locals and lists only. The window is
@@ -194,7 +202,8 @@ def _cut_one(
     n = len(writers)
     keys, ttl, expired = [0] * n, [0] * n, [0] * n
     every = 0
-    next_sample = 1 if sample_every > 0 else 1 << 62  # one comparison per key: off is "never"
+    never = 1 << 62  # one comparison per key: sampling off (or done) is "never"
+    next_sample, taken = (1, 0) if sampling and sampling.per_source > 0 else (never, 0)
     try:
         for item in rdb.iter_raw():
             if type(item) is tuple:
@@ -223,8 +232,10 @@ def _cut_one(
                     buf += bytes((f.OP_FREQ, freq))
                 keys[to] += 1
                 if every >= next_sample:
-                    on_sample(db, key, _op, rdb._view[vstart:vend], expire)  # type: ignore[misc]
-                    next_sample = every + sample_every
+                    assert sampling is not None
+                    sampling.on_sample(db, key, _op, rdb._view[vstart:vend], expire)
+                    taken += 1
+                    next_sample = every + max(1, sampling.every[index]) if taken < sampling.per_source else never
                 if vend - vstart < limits[to]:
                     buf += rdb._view[offset - rdb._base : vend]
                     if len(buf) >= limits[to]:

@@ -84,6 +84,22 @@ TYPE_NAMES: dict[int, str] = {
     T_HASH_LISTPACK_EX: "hash-listpack-ex",
 }
 
+# The data type each encoding holds: a server may load a value into another encoding of the same
+# type (an older RDB's ziplist as a listpack, a set past its listpack limits as a hashtable).
+TYPE_FAMILY: dict[int, str] = {
+    T_STRING: "string",
+    **dict.fromkeys((T_LIST, T_LIST_ZIPLIST, T_LIST_QUICKLIST, T_LIST_QUICKLIST_2), "list"),
+    **dict.fromkeys((T_SET, T_SET_INTSET, T_SET_LISTPACK), "set"),
+    **dict.fromkeys((T_ZSET, T_ZSET_2, T_ZSET_ZIPLIST, T_ZSET_LISTPACK), "zset"),
+    **dict.fromkeys(
+        (T_HASH, T_HASH_ZIPMAP, T_HASH_ZIPLIST, T_HASH_LISTPACK, T_HASH_METADATA_PRE_GA, T_HASH_LISTPACK_EX_PRE_GA,
+         T_HASH_METADATA, T_HASH_LISTPACK_EX),
+        "hash",
+    ),
+    **dict.fromkeys((T_STREAM_LISTPACKS, T_STREAM_LISTPACKS_2, T_STREAM_LISTPACKS_3), "stream"),
+    **dict.fromkeys((T_MODULE_PRE_GA, T_MODULE_2), "module"),
+}
+
 # Module value opcodes (RDB_MODULE_OPCODE_*), written by modules with RDB_TYPE_MODULE_2.
 MOD_EOF = 0
 MOD_SINT = 1

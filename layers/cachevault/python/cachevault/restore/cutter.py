@@ -214,17 +214,16 @@ def stream(
     rdb_version: int,
     deadline: float,
     *,
-    sample_every: int = 0,
-    on_sample: rdb_cut.Sampler | None = None,
+    sampling: rdb_cut.Sampling | None = None,
 ) -> list[rdb_cut.CutStats]:
     """Cut the sources into the links (``route``: slot -> 1 + link index), end every RDB once all
     sources were checked, and wait until ``deadline`` (monotonic) for every node's load; each
-    node's counts. ``on_sample``: rdb.cut ``cut_routed``'s."""
+    node's counts. ``sampling``: rdb.cut ``cut_routed``'s."""
     try:
         writers = [rdb_cut.RdbWriter(link, rdb_version, chunk_bytes(len(links))) for link in links]
         for link in links:
             link.start()
-        stats = rdb_cut.cut_routed(openers, route, writers, sample_every=sample_every, on_sample=on_sample)
+        stats = rdb_cut.cut_routed(openers, route, writers, sampling=sampling)
         for writer, part in zip(writers, stats, strict=True):
             part.bytes_written = writer.close()
         for link in links:

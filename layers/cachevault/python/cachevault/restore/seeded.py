@@ -28,7 +28,7 @@ from cachevault.rdb.dump_payload import restore_payload
 from cachevault.restore import cutter, seed_cluster
 from cachevault.restore.load import TargetShard
 from cachevault.restore.seed import SOURCE_FIELDS, SeedFailed, progress_part, replication_id, seed_environment
-from cachevault.restore.verify import SAMPLE_MAX_PAYLOAD, SAMPLES_PER_SOURCE, keyspace_keys, sample_record
+from cachevault.restore.verify import SAMPLE_MAX_PAYLOAD, keyspace_keys, sample_record, samples_per_source
 
 # Seeded restores (restore.seed): each node of a new standalone cache restored from one RDB
 # loads it from its task's seed container, which serves it from S3 as a replication stream
@@ -290,19 +290,20 @@ def _cut_for_seeds(
     route = rdb_cut.route_slots([parse_slot_ranges(str(s.slots)) for s in shards])
     version = max(int(s["RdbVersion"]) for s in sources)
     samples: list[dict[str, Any]] = []
-    wanted = SAMPLES_PER_SOURCE * len(sources)
 
     def keep_sample(db: int, key: bytes, type_byte: int, value: memoryview, expire_ms: int | None) -> None:
-        if len(samples) < wanted and len(value) < SAMPLE_MAX_PAYLOAD:  # never copy a large value
+        if len(value) < SAMPLE_MAX_PAYLOAD:  # never copy a large value
             payload = restore_payload(type_byte, value, version)
             if len(payload) <= SAMPLE_MAX_PAYLOAD:
                 samples.append(sample_record(db, key, payload, expire_ms))
 
-    keys = sum(int(s.get("KeyCount") or 0) for s in sources)
-    every = max(1, keys // wanted)
+    # Spread over each source by its own key count (a count of 0 or an estimate only shortens the spread).
+    per_source = samples_per_source(len(sources))
+    every = [int(s.get("KeyCount") or 0) // per_source for s in sources]
+    sampling = rdb_cut.Sampling(keep_sample, every, per_source)
     try:
         links = cutter.connect([(n.node_id, n.host) for n in primaries], token, listening, deadline, _seed_pauses())
-        stats = cutter.stream(links, openers, route, version, deadline, sample_every=every, on_sample=keep_sample)
+        stats = cutter.stream(links, openers, route, version, deadline, sampling=sampling)
         return stats, samples
     except (SeedFailed, OSError) as exc:
         _seed_parts(catalog, event, primaries, where)  # a seed's own reason, or its stopped task's, says more

@@ -21,7 +21,7 @@ resync that the node parses as it arrives (no RESTORE, no Python pass over the k
 disk), then promotes the primary, and the replicas, loaded from the same stream, resync with
 it partially; AttachReplicas has nothing to do. A new cluster is seeded too: each primary loads
 its slots through a FIFO its seed fills, cut by the seed itself (restore.seed_cluster) or, when
-the seeds would read the sources several times over (``cut_once``), by LoadShard in one pass
+the seeds would read the sources several times over (restore.seeded ``cut_once``), by LoadShard in one pass
 over each source, streamed to the seeds (restore.cutter, restore.seed_relay).
 Measured (1 GB of small keys, one replica, 2 cores, the load from a local file): 11.0 s with
 the replica following the load vs 14.7 s loading the primary alone and full-syncing after.
@@ -73,7 +73,7 @@ from cachevault.rdb.reader import scan_rdb
 from cachevault.restore import seed_cluster, seed_relay, seeded
 from cachevault.restore.load import LoadResult, RestoreEntry, TargetShard, load_rdb_file
 from cachevault.restore.seed import seed_environment
-from cachevault.restore.verify import SAMPLE_MAX_PAYLOAD, SAMPLES_PER_SOURCE, sample_record, verify_restore
+from cachevault.restore.verify import SAMPLE_MAX_PAYLOAD, sample_record, samples_per_source, verify_restore
 
 MODULE_KEYS_LISTED = 20  # module values skipped: named in the state up to this many, then counted
 MISMATCHES_LISTED = 20  # Verify's mismatches named in its report (and error), then counted
@@ -502,16 +502,18 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
         details, keys = seeded.load_cluster(event, sources, _targets(event), token, seed_wait_s)
         return _seeded_output(event, int(sources[0]["Index"]), details, keys)
     index = int(event["Task"]["Index"])
-    source = next(s for s in restore_sources(event) if int(s["Index"]) == index)
+    sources = restore_sources(event)
+    source = next(s for s in sources if int(s["Index"]) == index)
     if event.get("Seeded"):
         details, keys = seeded.load_shard(event, source, _targets(event)[0], seed_wait_s)
         return _seeded_output(event, index, details, keys)
     task = load_task(source)
     targets = _targets(event)
     samples: list[dict[str, Any]] = []
+    per_source = samples_per_source(len(sources))  # each source's share of what Verify compares
 
     def keep_sample(entry: RestoreEntry) -> None:
-        if len(samples) < SAMPLES_PER_SOURCE and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
+        if len(samples) < per_source and len(entry.payload) <= SAMPLE_MAX_PAYLOAD:
             samples.append(sample_record(entry.db, entry.key, bytes(entry.payload), entry.expire_ms))
 
     report = PartProgress(
@@ -535,7 +537,7 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
             source,
             targets,
             cluster_mode=event["ClusterMode"],
-            sample_every=max(1, int(task.get("KeyCount") or 0) // SAMPLES_PER_SOURCE),
+            sample_every=max(1, int(task.get("KeyCount") or 0) // per_source),
             on_sample=keep_sample,
             progress=lambda seen, _expired: report.update(seen),
             progress_every=LOAD_PROGRESS_EVERY,
@@ -805,7 +807,7 @@ def complete_step(event: dict[str, Any]) -> dict[str, Any]:
         "SnapshotName": event.get("SnapshotName"),
         "ClusterMode": event["ClusterMode"],
         "NumNodeGroups": event["NumNodeGroups"],
-        "Seeded": bool(event.get("Seeded")),  # the nodes loaded the RDB themselves (seedable)
+        "Seeded": bool(event.get("Seeded")),  # the nodes loaded the RDB themselves (restore.seeded ``seedable``)
         "Verification": event["Verification"],
         "LoadSummary": event.get("LoadSummary"),
     }
