@@ -63,6 +63,9 @@ class RelayLink:
             self.sock.settimeout(IO_TIMEOUT_S)
             self.sock.sendall(HELLO + token.encode() + b"\n")
             self._expect("+READY")
+        except (SeedFailed, OSError) as exc:  # which node's seed, whatever it said
+            self.sock.close()
+            raise SeedFailed(f"the seed of {name} at {where}: {exc}") from exc
         except BaseException:
             self.sock.close()
             raise
@@ -86,6 +89,8 @@ class RelayLink:
             raise SeedFailed(f"the seed of {self.name}: {self.error or 'the stream did not drain'}")
         try:
             return int(self._expect("+OK", max(1.0, timeout_s)).split()[1])
+        except SeedFailed as exc:  # its -ERR: the whole stream was sent before the node failed
+            raise SeedFailed(f"the seed of {self.name}: {exc}") from exc
         except OSError as exc:  # a timeout, a reset: the seed's progress part may say more
             raise SeedFailed(f"the seed of {self.name} did not say its node loaded: {exc}") from exc
 
