@@ -84,27 +84,31 @@ def cut_once(sources: list[dict[str, Any]], shards: int) -> bool:
     by every node's seed: when the seeds would read them more than SEED_CLUSTER_MAX_READS times
     over (1 -> 3 shards reads the one RDB three times), or a seed's source list would not fit in
     RunTask's overrides (the plan, the server's command, the CA: 8 KiB)."""
-    return (
-        seed_reads(sources, shards) > SEED_CLUSTER_MAX_READS
-        or _largest_seed_plan(sources, shards) > SEED_PLAN_MAX_BYTES
-    )
-
-
-def _largest_seed_plan(sources: list[dict[str, Any]], shards: int) -> int:
-    """Bytes of the longest source list a seed of this layout would get (restore.seed_cluster)."""
-    return max(
-        len(json.dumps([{k: s[k] for k in SOURCE_FIELDS if s.get(k) is not None} for s in mine]))
-        for mine in (seed_sources(sources, format_slot_ranges([r])) for r in even_split(shards))
-    )
+    per_seed = _per_seed_sources(sources, shards)
+    return _times_read(sources, per_seed) > SEED_CLUSTER_MAX_READS or _largest_plan(per_seed) > SEED_PLAN_MAX_BYTES
 
 
 def seed_reads(sources: list[dict[str, Any]], shards: int) -> float:
     """How many times over a seeded cluster's seeds would read the sources (restore.seed_cluster):
     every seed reads each source its slots meet. 1 for the same layout, 4/3 for 3 -> 2 shards,
     2 for 3 -> 4 or 1 -> 2, 3 for 1 -> 3."""
+    return _times_read(sources, _per_seed_sources(sources, shards))
+
+
+def _per_seed_sources(sources: list[dict[str, Any]], shards: int) -> list[list[dict[str, Any]]]:
+    """The sources each seed of ``shards`` even shards would read."""
+    return [seed_sources(sources, format_slot_ranges([r])) for r in even_split(shards)]
+
+
+def _times_read(sources: list[dict[str, Any]], per_seed: list[list[dict[str, Any]]]) -> float:
     total = sum(int(s["Size"]) for s in sources) or 1
-    read = sum(int(s["Size"]) for r in even_split(shards) for s in seed_sources(sources, format_slot_ranges([r])))
-    return read / total
+    return sum(int(s["Size"]) for mine in per_seed for s in mine) / total
+
+
+def _largest_plan(per_seed: list[list[dict[str, Any]]]) -> int:
+    """Bytes of the longest source list a seed would get (restore.seed_cluster)."""
+    return max(len(json.dumps([{k: s[k] for k in SOURCE_FIELDS if s.get(k) is not None} for s in mine]))
+               for mine in per_seed)  # fmt: skip
 
 
 def cluster_seed_environment(

@@ -497,8 +497,10 @@ def load_shard_step(event: dict[str, Any], seed_wait_s: float = SEED_WAIT_INLINE
     """
     if event.get("Seeded") and event["ClusterMode"]:
         sources = restore_sources(event)
-        relay = storage.restore_relay_key(event["ReplicationGroupId"], event["ExecutionName"])
-        token = str(_read_json(relay)["Token"]) if event["Task"].get("Cutter") else None
+        token = None  # the seeds cut for themselves, or ProvisionCache gave them this for the cutter
+        if event["Task"].get("Cutter"):
+            relay = storage.restore_relay_key(event["ReplicationGroupId"], event["ExecutionName"])
+            token = str(_read_json(relay)["Token"])
         details, keys = seeded.load_cluster(event, sources, _targets(event), token, seed_wait_s)
         return _seeded_output(event, int(sources[0]["Index"]), details, keys)
     index = int(event["Task"]["Index"])
